@@ -1,0 +1,47 @@
+"""Reference executor: runs a spiking program's FX graph with the `snn` reference kernels.
+
+Batched over time inside each kernel, on CPU or CUDA. `mode="fused"` decodes a spike train
+once before a synaptic layer (exact by linearity); `mode="unrolled"` does one synaptic
+matmul per time step, as a time-stepped machine would. Both give the same outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from snncc.errors import InputError
+from snncc.ir.ops import execution_mode
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device, refusing CUDA with a clear error where none is present."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' requested but no CUDA GPU is available here: use --device cpu")
+    return dev
+
+
+class ReferenceExecutor:
+    """Owns a graph on one device and runs it without autograd."""
+
+    def __init__(self, gm: fx.GraphModule, device: str | torch.device = "cpu", mode: str = "fused"):
+        self.device = resolve_device(device)
+        self.gm = _place_on(gm, self.device)
+        self.mode = mode
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), execution_mode(self.mode):
+            return self.gm(input_ids.to(self.device))
+
+
+def _place_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """Move weights to `device` and point tensor factories (arange, zeros...) at it too."""
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
+            node.update_kwarg("device", device)
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm.to(device)

@@ -1,0 +1,116 @@
+"""encode: every input of every linear layer and activation-activation matmul becomes a
+T-step multi-threshold (MT) spike train with per-channel ranges from calibration.
+
+    aten.linear(x, W, b)  ->  snn.spike_linear(snn.mt_encode(x, r, T), W * r, b)
+    aten.addmm(b, x, W)   ->  snn.spike_linear(snn.mt_encode(x, r, T), (W * r[:, None]).T, b)
+    aten.matmul(a, b)     ->  snn.spike_matmul(snn.mt_encode(a, ra, T), ra, snn.mt_encode(b, rb, T), rb)
+
+r is the per-input-channel max |x| recorded on the calibration text (times `headroom`). For
+linear layers it folds into the weight columns, so the spikes are unit events. For a
+spike x spike product the ranges keep every static dim (per head and channel) and stay in the
+code. Error bound per encoded value: |x - x_hat| <= r * 2^-T for |x| <= r (half that away
+from the range's top); values beyond r clip to r * (1 - 2^-T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from snncc.calibration import CalibrationContext
+from snncc.errors import PipelineError
+from snncc.ir.analysis import LINEAR_TARGETS, MATMUL_TARGETS, data_dependent_nodes, matmul_operands
+from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor
+from snncc.pipeline import Pass, PassResult, register_pass
+
+snn = torch.ops.snn
+_RANGE_FLOOR = 1e-6  # relative to the tensor's largest range: channels that never fired in calibration
+
+
+def _ranges(ctx: CalibrationContext, node: fx.Node, per_last_dim: bool, headroom: float) -> torch.Tensor:
+    stats = ctx.stats.get(node.name)
+    if stats is None:
+        raise PipelineError(f"no calibration range for '{node.name}': run encode on graph nodes the ANN recorded")
+    r = stats.absmax
+    if per_last_dim:
+        r = r.reshape(-1, r.shape[-1]).amax(0)
+    return (r.clamp(min=float(r.max()) * _RANGE_FLOOR + 1e-12) * headroom).float()
+
+
+@register_pass
+@dataclass
+class EncodePass(Pass):
+    name = "encode"
+    stage = 50
+    summary = "matmul inputs -> T-step multi-threshold spike trains (per-channel calibrated ranges)"
+    lowers = frozenset(LINEAR_TARGETS | MATMUL_TARGETS)
+
+    T: int = 16
+    headroom: float = 1.0
+
+    def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        graph = gm.graph
+        dependent = data_dependent_nodes(graph)
+        encoders: dict[tuple[str, bool], tuple[fx.Node, fx.Node]] = {}
+
+        def encode(x: fx.Node, before: fx.Node, per_last_dim: bool) -> tuple[fx.Node, fx.Node]:
+            key = (x.name, per_last_dim)
+            if key not in encoders:
+                r = _ranges(ctx, x, per_last_dim, self.headroom)
+                r_node = add_constant(gm, f"{x.name}_range", r, before)
+                with graph.inserting_before(before):
+                    spikes = graph.call_function(snn.mt_encode.default, (x, r_node, self.T))
+                spikes._rename(f"{x.name}_spikes")
+                spikes.meta.update(source=x.meta.get("source", ""), created_by=self.name,
+                                   snn={"code": "mt", "T": self.T, "range": tuple(r.shape)})
+                encoders[key] = (spikes, r_node)
+            return encoders[key]
+
+        modified = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node not in dependent:
+                continue
+            if node.target in LINEAR_TARGETS or (node.target in MATMUL_TARGETS and matmul_operands(node)[1].op == "get_attr"):
+                new = self._lower_linear(gm, node, encode)
+            elif node.target in MATMUL_TARGETS:
+                a, b = matmul_operands(node)
+                sa, ra = encode(a, node, per_last_dim=False)
+                sb, rb = encode(b, node, per_last_dim=False)
+                with graph.inserting_before(node):
+                    new = graph.call_function(snn.spike_matmul.default, (sa, ra, sb, rb))
+            else:
+                continue
+            new.meta.update(source=node.meta.get("source", ""), created_by=self.name)
+            node.replace_all_uses_with(new)
+            name = node.name
+            graph.erase_node(node)
+            new._rename(name)
+            modified = True
+        drop_unused_constants(gm)
+        return PassResult(gm, modified)
+
+    def _lower_linear(self, gm: fx.GraphModule, node: fx.Node, encode) -> fx.Node:
+        x, w_node = matmul_operands(node)
+        if w_node.op != "get_attr":
+            raise PipelineError(f"'{node.name}' ({node.meta.get('source')}): weight operand "
+                                f"'{w_node.name}' is computed, not a parameter; encode cannot fold it")
+        weight = get_tensor(gm, w_node)
+        if node.target == torch.ops.aten.linear.default:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        elif node.target == torch.ops.aten.addmm.default:
+            bias, weight = node.args[0], weight.t()
+        else:
+            bias, weight = None, weight.t()
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            raise PipelineError(f"'{node.name}': addmm with alpha/beta is not supported by encode")
+        spikes, _ = encode(x, node, per_last_dim=True)
+        r = _ranges_of(gm, spikes)
+        folded = add_constant(gm, f"{w_node.target}_folded", weight * r, node)
+        with gm.graph.inserting_before(node):
+            return gm.graph.call_function(snn.spike_linear.default, (spikes, folded, bias))
+
+
+def _ranges_of(gm: fx.GraphModule, spikes: fx.Node) -> torch.Tensor:
+    return get_tensor(gm, spikes.args[1])

@@ -1,0 +1,5 @@
+"""`python -m snncc` is the `snncc` command."""
+
+from snncc.cli import main
+
+main()

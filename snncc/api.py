@@ -1,0 +1,91 @@
+"""The Python API: compile, load, and the pieces the CLI is a thin layer over."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from snncc import passes as _passes  # noqa: F401  (registers the passes)
+from snncc.calibration import CalibrationContext, make_context
+from snncc.frontend import trace
+from snncc.ir.verify import coverage_report, verify
+from snncc.models import CAUSAL_LM, LoadedModel, load_model
+from snncc.pipeline import Instrument, PassManager, parse_pipeline
+from snncc.program import ProgramInfo, SpikingProgram
+from snncc.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_T = 16
+CALIB_SEQ_LEN = 128
+CALIB_TOKENS = 2048
+
+
+def _vocab_size(ann: fx.GraphModule, model: LoadedModel) -> int:
+    config = getattr(getattr(model.module, "model", None), "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        return int(config.vocab_size)
+    for node in ann.graph.nodes:  # the embedding table's rows
+        if node.op == "call_function" and node.target == torch.ops.aten.embedding.default:
+            return int(node.args[0].meta["val"].shape[0])
+    return 2**31 - 1
+
+
+def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None = None,
+            calib_tokens: int = CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN,
+            tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM,
+            progress: bool = False) -> tuple[LoadedModel, fx.GraphModule, CalibrationContext]:
+    """Load, trace and record the ANN once: everything every pipeline starts from."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, tokenizer, task)
+    ann = trace(loaded)
+    verify(ann)
+    ctx = make_context(loaded.tokenizer, calib, min(seq_len, loaded.max_positions), calib_tokens)
+    ctx.record(ann, progress=progress)
+    return loaded, ann, ctx
+
+
+def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext,
+                  passes: str = "encode", T: int = DEFAULT_T, debug: bool = False,
+                  instrument: Instrument | None = None, device: str = "cpu") -> SpikingProgram:
+    """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched)."""
+    pipeline = parse_pipeline(passes, T)
+    gm = fx.GraphModule(ann, _copy_graph(ann.graph))
+    manager = PassManager(pipeline, debug=debug, instrument=instrument)
+    gm = manager.run(gm, ctx)
+    used_T = next((p.T for p in pipeline if hasattr(p, "T")), T)
+    info = ProgramInfo(
+        model=loaded.name, task=loaded.task, pipeline=passes, T=used_T if pipeline else 0,
+        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
+        passes=[dict(vars(r)) for r in manager.records], calibration=ctx.summary(),
+        coverage=coverage_report(gm).to_dict(),
+    )
+    return SpikingProgram(gm, info, loaded.tokenizer, device=device)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    output = new.graph_copy(graph, {})
+    new.output(output)
+    return new
+
+
+def compile(model: str | torch.nn.Module, passes: str = "encode", T: int = DEFAULT_T,
+            calib: str | Path | None = None, calib_tokens: int = CALIB_TOKENS,
+            tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM, device: str = "cpu",
+            debug: bool = False, progress: bool = False,
+            instrument: Callable | None = None) -> SpikingProgram:
+    """Trace `model`, calibrate on `calib` text, run the `passes` pipeline, return the program."""
+    loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,
+                               progress=progress)
+    return compile_graph(loaded, ann, ctx, passes, T, debug, instrument, device)
+
+
+def load(path: str | Path, device: str = "cpu") -> SpikingProgram:
+    """Load an artifact written by `SpikingProgram.save`, checking format and integrity."""
+    from snncc.artifact import load_program
+
+    return load_program(Path(path), device)

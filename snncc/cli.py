@@ -1,0 +1,246 @@
+"""The `snncc` command line: a thin layer over snncc.api that renders results."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from snncc.errors import InputError, SnnccError
+
+HELDOUT_HELP = "held-out text (default: snncc's packaged heldout.txt, never used for calibration)"
+
+
+def _fail_cleanly(fn):
+    """Turn SnnccError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SnnccError as exc:
+            click.echo(f"snncc: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("snncc: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _model_options(fn):
+    fn = click.option("--passes", "-p", default="encode", show_default=True,
+                      help="pipeline name (none, encode, ...) or comma list of passes, e.g. 'encode{T=8}'")(fn)
+    fn = click.option("-T", "T", type=int, default=16, show_default=True, help="time steps per spike train")(fn)
+    fn = click.option("--calib", type=click.Path(dir_okay=False), default=None,
+                      help="calibration text file (default: snncc's packaged dev text)")(fn)
+    fn = click.option("--calib-tokens", type=int, default=2048, show_default=True,
+                      help="tokens of calibration text to record")(fn)
+    fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda")(fn)
+    return fn
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _prepare(model, calib, calib_tokens):
+    from snncc.api import prepare
+
+    if calib_tokens < 2:
+        raise InputError(f"--calib-tokens must be at least 2, got {calib_tokens}")
+    return prepare(model, calib, calib_tokens, progress=_progress())
+
+
+def _eval_chunks(tokenizer, text_path, max_tokens, seq_len, max_positions):
+    from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
+
+    if max_tokens < 2:
+        raise InputError(f"--max-tokens must be at least 2, got {max_tokens}")
+    return token_chunks(tokenizer, read_text(text_path or HELDOUT_TEXT), min(seq_len, max_positions), max_tokens)
+
+
+def _check_output_path(output: str) -> Path:
+    path = Path(output)
+    if path.exists() and path.is_dir():
+        raise InputError(f"output '{output}' is a directory: give a file name such as out.snn")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"cannot write '{output}': '{parent}' is not a directory")
+    return path
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="log what the compiler does (-vv: debug)")
+@click.version_option(package_name="snncc")
+def main(verbose: int) -> None:
+    """snncc: compile transformer LLMs into spiking neural networks."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- compile ------------------------------------------------------------------------------
+
+
+@main.command("compile")
+@click.argument("model")
+@_model_options
+@click.option("-o", "--output", default=None, help="write the artifact here (e.g. out.snn)")
+@click.option("--eval-tokens", type=int, default=512, show_default=True,
+              help="held-out tokens for the fidelity check printed after compiling (0: skip)")
+@_fail_cleanly
+def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens):
+    """Compile MODEL (builtin name, HF id or directory) with a pipeline; print fidelity and profile."""
+    from snncc.api import compile_graph
+    from snncc.pipeline import parse_pipeline
+    from snncc.render import print_eval, print_profile_summary
+
+    parse_pipeline(passes, T)  # fail on a bad spec before the slow part
+    out_path = _check_output_path(output) if output else None
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+    program = compile_graph(loaded, ann, ctx, passes, T, device=device)
+    cov = program.info.coverage
+    click.echo(f"compiled {loaded.name} with '{passes}' (T={program.T}): {len(program.graph_module.graph.nodes)} nodes, "
+               f"spike-driven coverage {100 * cov['coverage']:.2f}% of matmul MACs "
+               f"({len(cov['analog_sites'])} analog matmul sites)")
+    if eval_tokens:
+        from snncc.evaluate import evaluate
+
+        chunks = _eval_chunks(loaded.tokenizer, None, eval_tokens, 128, loaded.max_positions)
+        print_eval(evaluate(program, loaded.module, chunks, progress=_progress()))
+        print_profile_summary(program.profile(chunks[0]))
+    if out_path:
+        program.save(out_path)
+        click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB)")
+
+
+# --- eval ---------------------------------------------------------------------------------
+
+
+@main.command("eval")
+@click.argument("model")
+@_model_options
+@click.option("--text", type=click.Path(dir_okay=False), default=None, help=HELDOUT_HELP)
+@click.option("--max-tokens", type=int, default=2048, show_default=True, help="tokens of text to score")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per evaluated sequence")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@_fail_cleanly
+def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json):
+    """Fidelity of MODEL's spiking program vs the ANN on held-out text."""
+    from snncc.api import compile_graph
+    from snncc.evaluate import evaluate
+    from snncc.pipeline import parse_pipeline
+    from snncc.render import print_eval
+
+    parse_pipeline(passes, T)
+    if text:
+        from snncc.calibration import read_text
+
+        read_text(text)  # refuse a missing or empty file before loading the model
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+    program = compile_graph(loaded, ann, ctx, passes, T, device=device)
+    chunks = _eval_chunks(loaded.tokenizer, text, max_tokens, seq_len, loaded.max_positions)
+    result = evaluate(program, loaded.module, chunks, progress=_progress())
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        print_eval(result)
+
+
+# --- debug --------------------------------------------------------------------------------
+
+
+@main.command("debug")
+@click.argument("model")
+@_model_options
+@click.option("--dump", type=click.Path(file_okay=False), default=None,
+              help="write each changed graph as NN_pass.txt and a passes.jsonl here")
+@click.option("--text", type=click.Path(dir_okay=False), default=None, help=HELDOUT_HELP)
+@_fail_cleanly
+def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text):
+    """Run the pipeline pass by pass: time, nodes, coverage and error vs the ANN after each."""
+    from snncc.api import compile_graph
+    from snncc.debug import PassTable
+    from snncc.pipeline import parse_pipeline
+
+    parse_pipeline(passes, T)
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+    sample = _eval_chunks(loaded.tokenizer, text, 128, 128, loaded.max_positions)[0]
+    table = PassTable(loaded, sample, Path(dump) if dump else None, device)
+    compile_graph(loaded, ann, ctx, passes, T, instrument=table, device=device)
+    table.print()
+
+
+# --- inspect ------------------------------------------------------------------------------
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="print the inventory as JSON")
+@_fail_cleanly
+def inspect_cmd(model, as_json):
+    """Op inventory of MODEL (or of an .snn artifact) and what each pipeline lowers."""
+    from snncc.inventory import artifact_inventory, model_inventory
+    from snncc.render import print_inventory
+
+    inventory = artifact_inventory(Path(model)) if model.endswith(".snn") or Path(model).is_file() \
+        else model_inventory(model)
+    if as_json:
+        click.echo(json.dumps(inventory, indent=1))
+    else:
+        print_inventory(inventory)
+
+
+# --- run / profile --------------------------------------------------------------------------
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--prompt", required=True, help="text to continue")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@_fail_cleanly
+def run_cmd(artifact, prompt, max_new_tokens, device):
+    """Generate text greedily with a compiled artifact."""
+    import snncc
+
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    program = snncc.load(artifact, device=device)
+    click.echo(prompt + program.generate(prompt, max_new_tokens, progress=_progress()))
+
+
+@main.command("profile")
+@click.argument("model")
+@_model_options
+@click.option("--prompt", required=True, help="text to run the program on")
+@click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+@_fail_cleanly
+def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json):
+    """Spikes, firing rates, SOPs, MACs and energy per layer of MODEL or an artifact on PROMPT."""
+    import snncc
+    from snncc.render import print_profile
+
+    if model.endswith(".snn"):
+        program = snncc.load(model, device=device)
+    else:
+        from snncc.api import compile_graph
+
+        loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+        program = compile_graph(loaded, ann, ctx, passes, T, device=device)
+    ids = program.tokenizer.encode(prompt)
+    if not ids:
+        raise InputError("the prompt is empty: give some text")
+    profile = program.profile(ids)
+    if as_json:
+        click.echo(json.dumps(profile.to_dict(), indent=1))
+    else:
+        print_profile(profile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Frontend: torch.export a model into an ATen-level FX GraphModule (the "ANN graph").
+
+The sequence length (and batch) are dynamic, so one traced graph serves every length up to
+the model's maximum. Nodes are renamed after the module they come from
+(`layers_3_mlp_down_proj_linear`) and carry that path in `node.meta["source"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from snncc.errors import ModelError
+from snncc.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Graph noise torch.export leaves for runtime checks; the executor does not need them.
+_DROPPED_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
+_EXAMPLE_SHAPE = (2, 8)  # batch 2 and length 8 keep export from specialising either to 1
+MAX_BATCH = 1024
+
+
+def source_of(node: fx.Node) -> str:
+    """The dotted path of the innermost module a node was traced from ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.meta.get("source", "")
+    path = list(stack.values())[-1][0]
+    if path.startswith("_empty_nn_module_stack"):  # export's placeholder for top-level code
+        return ""
+    path = re.sub(r"^(L__self__\.?|model\.)", "", path)  # drop the OutputOnly wrapper prefix
+    return path
+
+
+def _readable_name(node: fx.Node) -> str:
+    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    base = source_of(node).replace(".", "_")
+    base = re.sub(r"^model_", "", base)
+    return f"{base}_{op}" if base else op
+
+
+def _clean(gm: fx.GraphModule) -> fx.GraphModule:
+    """Plain codegen, single-tensor output, no export guards, readable node names."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _DROPPED_TARGETS and not node.users:
+            graph.erase_node(node)
+    output = graph.output_node()
+    result = output.args[0]
+    while isinstance(result, (tuple, list)) and len(result) == 1:
+        result = result[0]
+    output.args = (result,)
+    graph.eliminate_dead_code()  # e.g. BERT's pooler when only the hidden states are returned
+    for node in graph.nodes:
+        node.meta["source"] = source_of(node)
+        if node.op == "call_function":
+            node._rename(_readable_name(node))
+    graph._codegen = fx.graph.CodeGen()
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
+    return gm
+
+
+def trace(model: LoadedModel) -> fx.GraphModule:
+    """Export `model` with a dynamic (batch, sequence) input and return the ANN graph."""
+    example = torch.randint(0, 2, _EXAMPLE_SHAPE)
+    dims = {
+        "input_ids": {
+            0: Dim("batch", min=1, max=MAX_BATCH),
+            1: Dim("seq", min=1, max=model.max_positions),
+        }
+    }
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model.module, (example,), dynamic_shapes=dims)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"torch.export could not trace '{model.name}': {first}") from exc
+    gm = _clean(exported.module())
+    log.info("traced %s: %d nodes", model.name, len(gm.graph.nodes))
+    return gm

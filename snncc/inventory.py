@@ -1,0 +1,95 @@
+"""Op inventory: which ATen ops a model uses, where, and which pipelines lower them."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from snncc.ir.analysis import data_dependent_nodes
+
+aten = torch.ops.aten
+
+# Ops that move, view or look up data without arithmetic: nothing to convert.
+DATA_MOVEMENT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.t.default, aten.permute.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.contiguous.default,
+    aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten._to_copy.default, aten.dropout.default, aten.embedding.default, aten.index.Tensor,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.gather.default,
+    aten.sym_size.int, aten.detach.default, aten.lift_fresh_copy.default,
+}
+
+
+def _pattern(path: str) -> str:
+    return re.sub(r"\.\d+(?=\.|$)", ".*", path) or "(top level)"
+
+
+def _op_name(target) -> str:
+    return str(target).removesuffix(".default")
+
+
+def graph_inventory(gm: fx.GraphModule) -> dict:
+    """Rows of (op, count, source modules, status per pipeline) for every call in the graph."""
+    from snncc import passes as _passes  # noqa: F401  (registers the passes)
+    from snncc.pipeline import PASSES, PIPELINES
+
+    columns = {name: set().union(*(PASSES[p].lowers for p in seq)) for name, seq in PIPELINES.items()}
+    columns.update({name: set(cls.lowers) for name, cls in sorted(PASSES.items())})
+    dependent = data_dependent_nodes(gm.graph)
+    counts: dict = defaultdict(int)
+    sources: dict = defaultdict(set)
+    position_only: dict = defaultdict(bool)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        counts[node.target] += 1
+        sources[node.target].add(_pattern(node.meta.get("source", "")))
+        position_only[node.target] |= node not in dependent
+    rows = []
+    for target, count in sorted(counts.items(), key=lambda kv: (-kv[1], _op_name(kv[0]))):
+        if getattr(target, "namespace", None) == "snn":
+            kind = "spiking"
+        elif target in DATA_MOVEMENT or not getattr(target, "namespace", None):
+            kind = "data movement"
+        elif all(n not in dependent for n in gm.graph.nodes if n.op == "call_function" and n.target == target):
+            kind = "position-only"
+        else:
+            kind = "arithmetic"
+        status = {}
+        for column, lowered in columns.items():
+            if kind != "arithmetic":
+                status[column] = kind
+            else:
+                status[column] = "lowered" if target in lowered else "ANALOG"
+        rows.append({"op": _op_name(target), "count": count, "kind": kind,
+                     "sources": sorted(sources[target]), "status": status})
+    unlowerable = [r for r in rows if r["kind"] == "arithmetic" and "lowered" not in r["status"].values()]
+    return {"ops": rows, "pipelines": list(columns),
+            "no_pass_lowers": [{"op": r["op"], "sources": r["sources"]} for r in unlowerable]}
+
+
+def model_inventory(model: str) -> dict:
+    """Trace `model` (no calibration) and inventory its ANN graph."""
+    from snncc.frontend import trace
+    from snncc.models import load_model
+
+    loaded = load_model(model)
+    inventory = graph_inventory(trace(loaded))
+    inventory["model"] = loaded.name
+    return inventory
+
+
+def artifact_inventory(path: Path) -> dict:
+    """Inventory of a compiled artifact's graph, with its manifest facts."""
+    import snncc
+
+    program = snncc.load(path)
+    inventory = graph_inventory(program.graph_module)
+    inventory.update(model=program.info.model, pipeline=program.info.pipeline, T=program.info.T,
+                     coverage=program.info.coverage.get("coverage"))
+    return inventory

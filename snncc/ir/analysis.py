@@ -1,0 +1,104 @@
+"""Graph facts the passes, verifier and profiler share: data dependence, matmul sites, MACs."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+aten = torch.ops.aten
+snn = torch.ops.snn
+
+LINEAR_TARGETS = {aten.linear.default, aten.addmm.default}
+MATMUL_TARGETS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
+ANALOG_MATMULS = LINEAR_TARGETS | MATMUL_TARGETS
+# Ops that only read a tensor's shape: their result does not depend on the token values.
+_SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
+def data_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the input *values* (not just the input shapes).
+
+    Position tables (RoPE angles, causal masks) depend only on the sequence length; they
+    are input-independent constants per length and are not synaptic work.
+    """
+    dependent: set[fx.Node] = set()
+    for node in graph.nodes:  # topological order
+        if node.op == "placeholder":
+            dependent.add(node)
+        elif node.op == "call_function" and node.target not in _SHAPE_ONLY:
+            if any(arg in dependent for arg in node.all_input_nodes):
+                dependent.add(node)
+    return dependent
+
+
+def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(activation-side, weight-side) operands of an ATen matmul-like node."""
+    if node.target == aten.addmm.default:
+        return node.args[1], node.args[2]
+    return node.args[0], node.args[1]
+
+
+def shape_of(node: fx.Node) -> torch.Size | None:
+    """The concrete shape recorded by `propagate_shapes`, if any."""
+    value = node.meta.get("snncc_shape")
+    return value if isinstance(value, torch.Size) else None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["snncc_shape"] = torch.Size(int(d) for d in result.shape)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    """Record concrete shapes for an input of `input_shape` without computing (fake tensors)."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        example = mode.from_tensor(torch.zeros(input_shape, dtype=torch.long))
+        _ShapeRecorder(gm).run(example)
+
+
+@dataclass(frozen=True)
+class MatmulSite:
+    """One matmul-like node and the multiply-accumulates it does at the recorded shapes."""
+
+    node: fx.Node
+    macs: int
+    spiking: bool
+
+
+def _macs(node: fx.Node) -> int:
+    out = shape_of(node)
+    if out is None:
+        return 0
+    if node.target in (snn.spike_linear.default,):
+        k = shape_of(node.args[1])[1]
+    elif node.target == snn.spike_matmul.default:
+        k = shape_of(node.args[0])[-1]
+    else:
+        a, _ = matmul_operands(node)
+        k = shape_of(a)[-1]
+    return int(torch.Size(out).numel()) * int(k)
+
+
+def matmul_sites(gm: fx.GraphModule) -> list[MatmulSite]:
+    """Every data-dependent matmul-like node, spiking or analog, with its MACs."""
+    dependent = data_dependent_nodes(gm.graph)
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node not in dependent:
+            continue
+        if node.target in ANALOG_MATMULS or node.target in (snn.spike_linear.default, snn.spike_matmul.default):
+            spiking = node.target not in ANALOG_MATMULS
+            sites.append(MatmulSite(node, _macs(node), spiking))
+    return sites
+
+
+def is_python_builtin(target) -> bool:
+    """getitem and friends that FX graphs use for tuples and symbolic sizes."""
+    return getattr(target, "__module__", None) in ("_operator", "operator") or target is operator.getitem

@@ -1,0 +1,39 @@
+"""Small graph-editing helpers shared by passes: constants in, dead constants out."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+
+def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor behind a get_attr node."""
+    owner = gm
+    *path, leaf = node.target.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return getattr(owner, leaf)
+
+
+def add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register `tensor` as a buffer on the root module and return a get_attr node for it."""
+    name = re.sub(r"\W", "_", name)
+    candidate, i = name, 1
+    while hasattr(gm, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    gm.register_buffer(candidate, tensor.detach().contiguous())
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(candidate)
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> None:
+    """Erase dead nodes, then delete parameters and buffers no get_attr node reads."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
+        if name not in used:
+            *path, leaf = name.split(".")
+            owner = gm.get_submodule(".".join(path)) if path else gm
+            delattr(owner, leaf)

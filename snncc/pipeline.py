@@ -1,0 +1,214 @@
+"""Passes, the pass registry, pipelines as data, and the PassManager loop.
+
+A pipeline spec is a pipeline name (`none`, `encode`, ...) or a comma list of pass names,
+each with optional options: `encode{T=8,headroom=1.1}`. The global `-T` applies to every
+pass that has a `T` option unless the spec sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch.fx as fx
+
+from snncc.calibration import CalibrationContext
+from snncc.errors import PipelineError
+from snncc.ir.ops import MAX_T
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    """A pass's output graph and whether it changed anything (checked in debug mode)."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+@dataclass
+class Pass:
+    """Base of all passes: options are dataclass fields, `run` does the one job."""
+
+    name: ClassVar[str]
+    # Passes must run in non-decreasing stage order: rewrites < encoding < calibration.
+    stage: ClassVar[int]
+    summary: ClassVar[str]
+    # The ATen ops this pass turns into spiking ops (for `snncc inspect`).
+    lowers: ClassVar[frozenset] = frozenset()
+
+    def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PASSES: dict[str, type[Pass]] = {}
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "none": (),  # the ANN itself, traced: the identity pipeline
+}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its name."""
+    PASSES[cls.name] = cls
+    return cls
+
+
+def validate_T(T: int) -> int:
+    """T must be a whole number of steps in 1..MAX_T."""
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
+        raise PipelineError(f"bad T={T!r}: the number of time steps must be an integer from 1 to {MAX_T}")
+    return T
+
+
+def _coerce(value: str, kind: type):
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    return kind(value)
+
+
+def _make_pass(name: str, raw_options: dict[str, str], T: int) -> Pass:
+    cls = PASSES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {"T": T} if "T" in fields else {}
+    for key, raw in raw_options.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise PipelineError(f"pass '{name}' has no option '{key}' (its options: {known})")
+        kind = type(fields[key].default) if fields[key].default is not dataclasses.MISSING else str
+        try:
+            values[key] = _coerce(raw, kind)
+        except ValueError:
+            raise PipelineError(f"option {key}={raw!r} of pass '{name}' is not a {kind.__name__}") from None
+    if "T" in values:
+        validate_T(values["T"])
+    return cls(**values)
+
+
+_ITEM = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\{([^{}]*)\})?\s*$")
+
+
+def _split_items(spec: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for ch in spec:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return items
+
+
+def parse_pipeline(spec: str, T: int) -> list[Pass]:
+    """Turn `las`, `none` or `encode{T=8},...` into pass instances, checking names and order."""
+    validate_T(T)
+    if not spec or not spec.strip():
+        raise PipelineError("empty --passes: give a pipeline (" + ", ".join(PIPELINES) + ") or pass names")
+    passes: list[Pass] = []
+    for item in _split_items(spec):
+        match = _ITEM.match(item)
+        if not match:
+            raise PipelineError(f"cannot parse pass spec {item.strip()!r}: write name or name{{key=value,...}}")
+        name, opts = match.group(1), match.group(2)
+        options = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv) if opts else {}
+        if opts and any("=" not in kv for kv in opts.split(",") if kv.strip()):
+            raise PipelineError(f"options of '{name}' must be key=value pairs, got {{{opts}}}")
+        if name in PASSES:
+            passes.append(_make_pass(name, {k.strip(): v.strip() for k, v in options.items()}, T))
+        elif name in PIPELINES:
+            if options:
+                raise PipelineError(f"'{name}' is a pipeline; give options to its passes instead")
+            passes += [_make_pass(p, {}, T) for p in PIPELINES[name]]
+        else:
+            raise PipelineError(
+                f"unknown pass or pipeline '{name}'; pipelines: {', '.join(PIPELINES)}; "
+                f"passes: {', '.join(sorted(PASSES))}")
+    _check_order(passes)
+    return passes
+
+
+def _check_order(passes: list[Pass]) -> None:
+    seen: set[str] = set()
+    for before, after in zip(passes, passes[1:]):
+        if after.stage < before.stage:
+            raise PipelineError(f"bad pass order: '{after.name}' must run before '{before.name}'")
+    for p in passes:
+        if p.name in seen:
+            raise PipelineError(f"pass '{p.name}' appears twice in the pipeline")
+        seen.add(p.name)
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """A hash of the graph's code and its tensors' identities, to check `modified` flags."""
+    digest = hashlib.sha256(gm.code.encode())
+    for name, tensor in sorted(gm.state_dict(keep_vars=True).items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.data_ptr()}".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class PassRecord:
+    """What the PassManager measured for one pass."""
+
+    name: str
+    options: dict
+    seconds: float
+    modified: bool
+    nodes: int
+
+
+Instrument = Callable[[Pass | None, fx.GraphModule, PassRecord | None], None]
+
+
+class PassManager:
+    """Runs passes in order; one instrument hook sees the graph before the first pass and after each."""
+
+    def __init__(self, passes: list[Pass], debug: bool = False, instrument: Instrument | None = None):
+        self.passes = passes
+        self.debug = debug
+        self.instrument = instrument
+        self.records: list[PassRecord] = []
+
+    def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> fx.GraphModule:
+        from snncc.ir.verify import verify
+
+        if self.instrument:
+            self.instrument(None, gm, None)
+        for p in self.passes:
+            before = graph_fingerprint(gm) if self.debug else None
+            start = time.perf_counter()
+            try:
+                result = p.run(gm, ctx)
+            except PipelineError:
+                raise
+            except Exception as exc:
+                done = ", ".join(r.name for r in self.records) or "none"
+                raise PipelineError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); "
+                                    f"passes already run: {done}") from exc
+            gm = result.graph_module
+            gm.graph.lint()
+            gm.recompile()
+            if self.debug and (graph_fingerprint(gm) != before) != result.modified:
+                raise PipelineError(f"pass '{p.name}' reported modified={result.modified}, "
+                                    "but the graph says otherwise")
+            verify(gm)
+            record = PassRecord(p.name, p.options(), time.perf_counter() - start, result.modified,
+                                len(gm.graph.nodes))
+            self.records.append(record)
+            log.info("pass %s: %.2fs, modified=%s", p.name, record.seconds, record.modified)
+            if self.instrument:
+                self.instrument(p, gm, record)
+        return gm

@@ -1,0 +1,151 @@
+"""Spike, synaptic-operation and energy profiling of a spiking program on real input.
+
+SOPs follow the field's convention (METHODS.md): each spike adds one weight column into its
+targets, so a spike costs as many accumulates (ACs) as its neuron has targets (fan-out).
+Energy = SOPs * E_AC + analog MACs * E_MAC, against the ANN's MACs * E_MAC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
+
+snn = torch.ops.snn
+
+
+@dataclass(frozen=True)
+class EnergyTable:
+    """Energy per operation in picojoules, with the source of the numbers."""
+
+    name: str
+    e_mac_pj: float
+    e_ac_pj: float
+    source: str
+
+
+ENERGY_TABLES = {
+    "45nm": EnergyTable("45nm", 4.6, 0.9, "Horowitz, ISSCC 2014: 45 nm, 32-bit float MAC 4.6 pJ, add 0.9 pJ"),
+}
+
+
+@dataclass
+class LayerProfile:
+    """One synapse (or analog matmul) site."""
+
+    node: str
+    source: str
+    kind: str  # "spike_linear", "spike_matmul" or "analog"
+    neurons_in: int = 0  # input neurons x batch x tokens
+    spikes_in: int = 0
+    T: int = 0
+    sops: int = 0
+    analog_macs: int = 0
+    ann_macs: int = 0
+
+    @property
+    def firing_rate(self) -> float:
+        """Spikes per input neuron per time step."""
+        return self.spikes_in / (self.neurons_in * self.T) if self.neurons_in and self.T else 0.0
+
+
+@dataclass
+class Profile:
+    """Per-site and total spike and operation counts for one input."""
+
+    layers: list[LayerProfile] = field(default_factory=list)
+    spikes: int = 0
+    neurons: int = 0
+    T: int = 0
+    energy: EnergyTable = ENERGY_TABLES["45nm"]
+
+    @property
+    def sops(self) -> int:
+        return sum(layer.sops for layer in self.layers)
+
+    @property
+    def analog_macs(self) -> int:
+        return sum(layer.analog_macs for layer in self.layers)
+
+    @property
+    def ann_macs(self) -> int:
+        return sum(layer.ann_macs for layer in self.layers)
+
+    @property
+    def energy_snn_pj(self) -> float:
+        return self.sops * self.energy.e_ac_pj + self.analog_macs * self.energy.e_mac_pj
+
+    @property
+    def energy_ann_pj(self) -> float:
+        return self.ann_macs * self.energy.e_mac_pj
+
+    def totals(self) -> dict:
+        """The headline numbers as a JSON-able dict."""
+        return {
+            "T": self.T, "neurons": self.neurons, "spikes": self.spikes,
+            "spikes_per_neuron": self.spikes / self.neurons if self.neurons else 0.0,
+            "firing_rate": self.spikes / (self.neurons * self.T) if self.neurons and self.T else 0.0,
+            "sops": self.sops, "analog_macs": self.analog_macs, "ann_macs": self.ann_macs,
+            "energy_snn_uj": self.energy_snn_pj * 1e-6, "energy_ann_uj": self.energy_ann_pj * 1e-6,
+            "energy_ratio": self.energy_snn_pj / self.energy_ann_pj if self.ann_macs else 0.0,
+            "energy_table": self.energy.name,
+        }
+
+    def to_dict(self) -> dict:
+        rows = [dict(vars(layer), firing_rate=layer.firing_rate) for layer in self.layers]
+        return {"totals": self.totals(), "layers": rows}
+
+
+class _Counter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, profile: Profile):
+        super().__init__(gm)
+        self.profile = profile
+        self.dependent = data_dependent_nodes(gm.graph)
+        self.nnz: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.op != "call_function":
+            return result
+        p = self.profile
+        if n.target == snn.mt_encode.default:
+            spikes = int(torch.count_nonzero(result))
+            self.nnz[n.name] = spikes
+            p.spikes += spikes
+            p.neurons += result[0].numel()
+            p.T = result.shape[0]
+        elif n.target == snn.spike_linear.default:
+            s = self.env[n.args[0]]
+            fan_out = result.shape[-1]
+            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_linear", s[0].numel(),
+                               self.nnz[n.args[0].name], s.shape[0])
+            row.sops = row.spikes_in * fan_out
+            row.ann_macs = s[0].numel() * fan_out
+            p.layers.append(row)
+        elif n.target == snn.spike_matmul.default:
+            sa, sb = self.env[n.args[0]], self.env[n.args[2]]
+            m, k, cols = result.shape[-2], sa.shape[-1], result.shape[-1]
+            nnz_a, nnz_b = self.nnz[n.args[0].name], self.nnz[n.args[2].name]
+            # A spike of A adds a row of B's partial sums (cols targets); one of B a column of A's (m).
+            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_matmul",
+                               sa[0].numel() + sb[0].numel(), nnz_a + nnz_b, sa.shape[0])
+            row.sops = nnz_a * cols + nnz_b * m
+            row.ann_macs = result.numel() * k
+            p.layers.append(row)
+        elif n.target in ANALOG_MATMULS and n in self.dependent:
+            a, _ = matmul_operands(n)
+            macs = result.numel() * self.env[a].shape[-1]
+            p.layers.append(LayerProfile(n.name, n.meta.get("source", ""), "analog",
+                                         analog_macs=macs, ann_macs=macs))
+        return result
+
+
+def profile_graph(gm: fx.GraphModule, input_ids: torch.Tensor, energy: str = "45nm") -> Profile:
+    """Run the program once on `input_ids` and count spikes, SOPs and MACs at every site."""
+    profile = Profile(energy=ENERGY_TABLES[energy])
+    with torch.no_grad():
+        _Counter(gm, profile).run(input_ids)
+    return profile

@@ -1,0 +1,96 @@
+"""SpikingProgram: a compiled graph plus what it needs to be run, profiled, saved and shared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from snncc.backends.reference import ReferenceExecutor
+from snncc.errors import InputError
+from snncc.models import CAUSAL_LM
+from snncc.profile import Profile, profile_graph
+from snncc.tokenizer import Tokenizer
+
+
+@dataclass
+class ProgramInfo:
+    """JSON-able facts about how a program was made (stored in artifacts)."""
+
+    model: str
+    task: str
+    pipeline: str
+    T: int
+    max_positions: int
+    vocab_size: int
+    passes: list[dict] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)
+
+
+class SpikingProgram:
+    """Call it with token ids to get outputs in the ANN's units (logits or hidden states)."""
+
+    def __init__(self, graph_module: fx.GraphModule, info: ProgramInfo, tokenizer: Tokenizer,
+                 device: str | torch.device = "cpu", mode: str = "fused"):
+        self.graph_module = graph_module
+        self.info = info
+        self.tokenizer = tokenizer
+        self.executor = ReferenceExecutor(graph_module, device, mode)
+
+    @property
+    def T(self) -> int:
+        return self.info.T
+
+    def to(self, device: str | torch.device) -> "SpikingProgram":
+        self.executor = ReferenceExecutor(self.graph_module, device, self.executor.mode)
+        return self
+
+    def check_input(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Refuse inputs the program cannot run: wrong type or shape, bad ids, too long."""
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(input_ids)
+        if input_ids.is_floating_point() or input_ids.is_complex():
+            raise InputError("input_ids must be integer token ids, got a floating-point tensor")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.info.max_positions:
+            raise InputError(f"the input is {input_ids.shape[1]} tokens; {self.info.model} allows at "
+                             f"most {self.info.max_positions}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.info.vocab_size:
+            raise InputError(f"token ids must lie in 0..{self.info.vocab_size - 1}")
+        return input_ids.long()
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.executor(self.check_input(input_ids))
+
+    def profile(self, input_ids: torch.Tensor, energy: str = "45nm") -> Profile:
+        """Spikes, firing rates, SOPs, MACs and energy per site for this input."""
+        return profile_graph(self.executor.gm, self.check_input(input_ids).to(self.executor.device), energy)
+
+    def generate(self, prompt: str, max_new_tokens: int, progress: bool = False) -> str:
+        """Greedy continuation of `prompt` (re-runs the whole sequence per token)."""
+        if self.info.task != CAUSAL_LM:
+            raise InputError(f"{self.info.model} is an encoder model; it cannot generate text")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise InputError("the prompt is empty: give some text to continue")
+        if len(ids) + max_new_tokens > self.info.max_positions:
+            raise InputError(f"the prompt is {len(ids)} tokens and {max_new_tokens} new tokens were asked "
+                             f"for; {self.info.model} allows at most {self.info.max_positions} in all")
+        tokens = torch.tensor([ids])
+        for _ in tqdm(range(max_new_tokens), desc="generating", disable=not progress, leave=False):
+            next_id = self(tokens)[:, -1].argmax(-1, keepdim=True).cpu()
+            tokens = torch.cat([tokens, next_id], dim=1)
+        return self.tokenizer.decode(tokens[0, len(ids):].tolist())
+
+    def save(self, path: str | Path) -> None:
+        """Write a self-contained artifact (see snncc.artifact)."""
+        from snncc.artifact import save_program
+
+        save_program(self, Path(path))

@@ -1,0 +1,73 @@
+"""Plain-text rendering of results for the CLI (library code returns data, not text)."""
+
+from __future__ import annotations
+
+import click
+
+from snncc.profile import Profile
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """A left-aligned text table."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def print_eval(result: dict) -> None:
+    """Fidelity metrics, one per line."""
+    click.echo(f"fidelity vs ANN ({result['model']}, '{result['pipeline']}', T={result['T']}, "
+               f"{result['tokens']} held-out tokens):")
+    for key, value in result.items():
+        if key in ("model", "pipeline", "T", "tokens"):
+            continue
+        click.echo(f"  {key:20s} {value:.6f}" if isinstance(value, float) else f"  {key:20s} {value}")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def print_profile_summary(profile: Profile, top: int = 5) -> None:
+    """Totals and the layers with the most synaptic operations."""
+    t = profile.totals()
+    click.echo(f"profile ({profile.energy.name} energy table, one {t['T']}-step forward):")
+    click.echo(f"  spikes {_si(t['spikes'])} from {_si(t['neurons'])} neuron inputs "
+               f"({t['spikes_per_neuron']:.2f} per activation, firing rate {t['firing_rate']:.3f})")
+    click.echo(f"  SOPs {_si(t['sops'])}, analog MACs left {_si(t['analog_macs'])}, ANN MACs {_si(t['ann_macs'])}")
+    click.echo(f"  energy SNN {t['energy_snn_uj']:.2f} uJ vs ANN {t['energy_ann_uj']:.2f} uJ "
+               f"(ratio {t['energy_ratio']:.3f})")
+    busiest = sorted(profile.layers, key=lambda layer: -layer.sops)[:top]
+    print_table(["site", "kind", "firing rate", "SOPs", "ANN MACs"],
+                [[layer.source or layer.node, layer.kind, f"{layer.firing_rate:.3f}", _si(layer.sops),
+                  _si(layer.ann_macs)] for layer in busiest])
+
+
+def print_profile(profile: Profile) -> None:
+    """Every site, then the totals."""
+    print_table(["site", "node", "kind", "spikes in", "firing rate", "SOPs", "analog MACs", "ANN MACs"],
+                [[layer.source, layer.node, layer.kind, _si(layer.spikes_in), f"{layer.firing_rate:.3f}",
+                  _si(layer.sops), _si(layer.analog_macs), _si(layer.ann_macs)] for layer in profile.layers])
+    print_profile_summary(profile, top=0)
+
+
+def print_inventory(inventory: dict) -> None:
+    """Op table with one status column per pipeline, then the ops no pass can lower."""
+    header = ["op", "count", "kind"] + inventory["pipelines"] + ["source modules"]
+    rows = []
+    for row in inventory["ops"]:
+        statuses = [row["status"][p] if row["kind"] == "arithmetic" else "-" for p in inventory["pipelines"]]
+        sources = ", ".join(row["sources"][:3]) + (f" (+{len(row['sources']) - 3})" if len(row["sources"]) > 3 else "")
+        rows.append([row["op"], row["count"], row["kind"], *statuses, sources])
+    click.echo(f"op inventory of {inventory['model']}:")
+    print_table(header, rows)
+    if inventory["no_pass_lowers"]:
+        click.echo("arithmetic no pass can lower yet (stays analog, listed by the verifier):")
+        for item in inventory["no_pass_lowers"]:
+            click.echo(f"  {item['op']}: {', '.join(item['sources'])}")
