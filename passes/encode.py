@@ -29,14 +29,15 @@ snn = torch.ops.snn
 _RANGE_FLOOR = 1e-6  # relative to the tensor's largest range: channels that never fired in calibration
 
 
-def _ranges(ctx: CalibrationContext, node: fx.Node, per_last_dim: bool, headroom: float) -> torch.Tensor:
+def _ranges(ctx: CalibrationContext, node: fx.Node, per_last_dim: bool, headroom: float,
+            floor: float) -> torch.Tensor:
     stats = ctx.stats.get(node.name)
     if stats is None:
         raise PipelineError(f"no calibration range for '{node.name}': run encode on graph nodes the ANN recorded")
     r = stats.absmax
     if per_last_dim:
         r = r.reshape(-1, r.shape[-1]).amax(0)
-    return (r.clamp(min=float(r.max()) * _RANGE_FLOOR + 1e-12) * headroom).float()
+    return (r.clamp(min=float(r.max()) * max(floor, _RANGE_FLOOR) + 1e-12) * headroom).float()
 
 
 @register_pass
@@ -49,6 +50,7 @@ class EncodePass(Pass):
 
     T: int = 16
     headroom: float = 1.0
+    floor: float = 0.0
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         graph = gm.graph
@@ -58,7 +60,7 @@ class EncodePass(Pass):
         def encode(x: fx.Node, before: fx.Node, per_last_dim: bool) -> tuple[fx.Node, fx.Node]:
             key = (x.name, per_last_dim)
             if key not in encoders:
-                r = _ranges(ctx, x, per_last_dim, self.headroom)
+                r = _ranges(ctx, x, per_last_dim, self.headroom, self.floor)
                 r_node = add_constant(gm, f"{x.name}_range", r, before)
                 with graph.inserting_before(before):
                     spikes = graph.call_function(snn.mt_encode.default, (x, r_node, self.T))
@@ -85,6 +87,7 @@ class EncodePass(Pass):
             new.meta.update(source=node.meta.get("source", ""), created_by=self.name)
             node.replace_all_uses_with(new)
             name = node.name
+            node._rename(f"{name}_replaced")  # frees the name for the spiking node
             graph.erase_node(node)
             new._rename(name)
             modified = True

@@ -12,6 +12,7 @@ import torch.fx as fx
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
 from snncc.calibration import CalibrationContext, make_context
 from snncc.frontend import trace
+from snncc.ir.rewrite import copy_graph_module
 from snncc.ir.verify import coverage_report, verify
 from snncc.models import CAUSAL_LM, LoadedModel, load_model
 from snncc.pipeline import Instrument, PassManager, parse_pipeline
@@ -53,7 +54,7 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
                   instrument: Instrument | None = None, device: str = "cpu") -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched)."""
     pipeline = parse_pipeline(passes, T)
-    gm = fx.GraphModule(ann, _copy_graph(ann.graph))
+    gm = copy_graph_module(ann)
     manager = PassManager(pipeline, debug=debug, instrument=instrument)
     gm = manager.run(gm, ctx)
     used_T = next((p.T for p in pipeline if hasattr(p, "T")), T)
@@ -64,13 +65,6 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
         coverage=coverage_report(gm).to_dict(),
     )
     return SpikingProgram(gm, info, loaded.tokenizer, device=device)
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    output = new.graph_copy(graph, {})
-    new.output(output)
-    return new
 
 
 def compile(model: str | torch.nn.Module, passes: str = "encode", T: int = DEFAULT_T,

@@ -183,10 +183,17 @@ def save_program(program: SpikingProgram, path: Path) -> None:
             archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
             for name, data in members.items():
                 archive.writestr(name, data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:

@@ -74,7 +74,27 @@ def _check_output_path(output: str) -> Path:
     return path
 
 
-@click.group()
+class _Group(click.Group):
+    """Click's own usage errors (bad option values, unknown options) in snncc's one-line form."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"snncc: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("snncc: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", count=True, help="log what the compiler does (-vv: debug)")
 @click.version_option(package_name="snncc")
 def main(verbose: int) -> None:

@@ -9,20 +9,9 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from snncc.ir.analysis import data_dependent_nodes
+from snncc.ir.analysis import DATA_MOVEMENT, data_dependent_nodes
 
-aten = torch.ops.aten
 
-# Ops that move, view or look up data without arithmetic: nothing to convert.
-DATA_MOVEMENT = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-    aten.t.default, aten.permute.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.contiguous.default,
-    aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-    aten._to_copy.default, aten.dropout.default, aten.embedding.default, aten.index.Tensor,
-    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.gather.default,
-    aten.sym_size.int, aten.detach.default, aten.lift_fresh_copy.default,
-}
 
 
 def _pattern(path: str) -> str:

@@ -103,7 +103,10 @@ def _tiny(family: str, task: str) -> Callable[[], LoadedModel]:
 
 def _package_dir(package: str, pip_name: str, extra: str = "") -> Path:
     """Find a data package's folder without importing it (its __init__ may need extras)."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the model needs the Python package '{pip_name}': "
                          f"install it with `pip install {extra}{pip_name}`")

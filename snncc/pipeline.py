@@ -89,7 +89,7 @@ def _make_pass(name: str, raw_options: dict[str, str], T: int) -> Pass:
         try:
             values[key] = _coerce(raw, kind)
         except ValueError:
-            raise PipelineError(f"option {key}={raw!r} of pass '{name}' is not a {kind.__name__}") from None
+            raise PipelineError(f"option {key}={raw!r} of pass '{name}' must be of type {kind.__name__}") from None
     if "T" in values:
         validate_T(values["T"])
     return cls(**values)

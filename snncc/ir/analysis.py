@@ -15,6 +15,16 @@ snn = torch.ops.snn
 LINEAR_TARGETS = {aten.linear.default, aten.addmm.default}
 MATMUL_TARGETS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
 ANALOG_MATMULS = LINEAR_TARGETS | MATMUL_TARGETS
+# Ops that move, view or look up data without arithmetic: nothing to convert.
+DATA_MOVEMENT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.t.default, aten.permute.default, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.contiguous.default,
+    aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten._to_copy.default, aten.dropout.default, aten.embedding.default, aten.index.Tensor,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.gather.default,
+    aten.sym_size.int, aten.detach.default, aten.lift_fresh_copy.default,
+}
 # Ops that only read a tensor's shape: their result does not depend on the token values.
 _SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 

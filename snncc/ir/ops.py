@@ -71,7 +71,7 @@ def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     """
     u = (x.double() / scale.double()).clamp(-1.0, 1.0)
     levels = 2**T
-    q = torch.round(u.abs() * levels).clamp_(max=levels - 1).to(torch.int64)
+    q = torch.floor(u.abs() * levels + 0.5).clamp_(max=levels - 1).to(torch.int64)
     shifts = torch.arange(T - 1, -1, -1, device=x.device).view((T,) + (1,) * x.dim())
     bits = torch.bitwise_and(torch.bitwise_right_shift(q.unsqueeze(0), shifts), 1)
     return (bits * torch.sign(u).to(torch.int64).unsqueeze(0)).to(torch.int8)

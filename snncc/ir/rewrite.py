@@ -37,3 +37,10 @@ def drop_unused_constants(gm: fx.GraphModule) -> None:
             *path, leaf = name.split(".")
             owner = gm.get_submodule(".".join(path)) if path else gm
             delattr(owner, leaf)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph (tensors shared): passes edit the copy."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)

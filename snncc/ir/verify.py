@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from snncc.errors import PipelineError
 from snncc.ir.analysis import (
-    ANALOG_MATMULS, data_dependent_nodes, is_python_builtin, matmul_operands, matmul_sites,
+    ANALOG_MATMULS, DATA_MOVEMENT, data_dependent_nodes, is_python_builtin, matmul_operands, matmul_sites,
     propagate_shapes,
 )
 from snncc.ir.ops import SPIKE_SOURCES, SPIKE_SYNAPSES
@@ -73,6 +73,7 @@ class CoverageReport:
     spiking_macs: int = 0
     analog_macs: int = 0
     analog_sites: list[AnalogSite] = field(default_factory=list)
+    analog_ops: list[AnalogSite] = field(default_factory=list)  # non-matmul arithmetic left analog
     position_only: list[str] = field(default_factory=list)
 
     @property
@@ -84,6 +85,7 @@ class CoverageReport:
         return {"input_shape": list(self.input_shape), "coverage": self.coverage,
                 "spiking_macs": self.spiking_macs, "analog_macs": self.analog_macs,
                 "analog_sites": [vars(s) for s in self.analog_sites],
+                "analog_ops": [vars(s) for s in self.analog_ops],
                 "position_only": self.position_only}
 
 
@@ -107,8 +109,16 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
                                                   str(site.node.target), site.macs,
                                                   _analog_reason(site.node, gm)))
     dependent = data_dependent_nodes(gm.graph)
-    report.position_only = [n.name for n in gm.graph.nodes
-                            if n.op == "call_function" and n.target in ANALOG_MATMULS and n not in dependent]
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or _namespace(n.target) != "aten":
+            continue
+        if n not in dependent:
+            if n.target in ANALOG_MATMULS:
+                report.position_only.append(n.name)
+        elif n.target not in ANALOG_MATMULS and n.target not in DATA_MOVEMENT:
+            op = str(n.target).removesuffix(".default")
+            report.analog_ops.append(AnalogSite(n.name, n.meta.get("source", ""), op, 0,
+                                                f"no pass in the pipeline lowers {op}"))
     return report
 
 

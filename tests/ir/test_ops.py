@@ -1,0 +1,101 @@
+"""The snn op set: MT neuron dynamics, error bounds, fused == unrolled, fake kernels."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from snncc.ir.ops import execution_mode
+
+snn = torch.ops.snn
+
+
+def successive_approximation(u: float, T: int) -> list[int]:
+    """The MT neuron written as its dynamics, in exact arithmetic: the residual starts half a
+    step up (round to nearest), thresholds halve, the neuron subtracts what it fires. The
+    largest code is 1 - 2^-T: inputs that round above it saturate (all ones)."""
+    sign = 1 if u > 0 else -1 if u < 0 else 0
+    residual = Fraction(abs(u)) + Fraction(1, 2 ** (T + 1))
+    if residual >= 1:
+        return [sign] * T
+    spikes = []
+    for t in range(T):
+        threshold = Fraction(1, 2 ** (t + 1))
+        fire = residual >= threshold
+        spikes.append(sign if fire else 0)
+        residual -= threshold if fire else 0
+    return spikes
+
+
+@settings(max_examples=300, deadline=None)
+@given(u=st.floats(-1, 1, width=32), T=st.integers(1, 24))
+def test_kernel_matches_neuron_dynamics(u, T):
+    got = snn.mt_encode(torch.tensor([u], dtype=torch.float32), torch.tensor([1.0]), T)[:, 0]
+    assert got.tolist() == successive_approximation(u, T)
+
+
+@settings(max_examples=100, deadline=None)
+@given(T=st.integers(1, 24), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_decode_error_bound_and_clipping(T, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(64, generator=g) * 2 - 1) * scale * 1.5  # a third lies outside the range
+    r = torch.tensor(scale, dtype=torch.float32)
+    s = snn.mt_encode(x, r, T)
+    assert s.dtype == torch.int8 and s.shape == (T, 64)
+    assert set(s.unique().tolist()) <= {-1, 0, 1}
+    x_hat = snn.decode(s, r)
+    inside = x.abs() <= r
+    bound = float(r) * 2.0**-T * (1 + 1e-5) + 1e-6 * float(r)
+    worst_inside = float((x_hat - x)[inside].abs().amax()) if inside.any() else 0.0
+    assert worst_inside <= bound
+    top = float(r) * (1 - 2.0**-T)
+    assert torch.allclose(x_hat[~inside].abs(), torch.full_like(x_hat[~inside], top), rtol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 4, 16])
+def test_spike_linear_fused_equals_unrolled_and_decode(T):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 32), torch.randn(24, 32), torch.randn(24)
+    r = x.abs().amax((0, 1))
+    s = snn.mt_encode(x, r, T)
+    fused = snn.spike_linear(s, w * r, b)
+    with execution_mode("unrolled"):
+        unrolled = snn.spike_linear(s, w * r, b)
+    exact = torch.nn.functional.linear(snn.decode(s, r), w, b)
+    torch.testing.assert_close(fused, unrolled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 6, 16])
+def test_spike_matmul_is_exact_product_of_decoded_trains(T):
+    torch.manual_seed(1)
+    a, b = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 8, 5)
+    ra, rb = a.abs().amax((0, 2), keepdim=True)[0], b.abs().amax((0, 3), keepdim=True)[0]
+    sa, sb = snn.mt_encode(a, ra, T), snn.mt_encode(b, rb, T)
+    fused = snn.spike_matmul(sa, ra, sb, rb)
+    with execution_mode("unrolled"):
+        unrolled = snn.spike_matmul(sa, ra, sb, rb)
+    exact = snn.decode(sa, ra) @ snn.decode(sb, rb)
+    torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unrolled, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_kernels_give_shapes_without_compute():
+    with FakeTensorMode():
+        x, r = torch.empty(2, 9, 16), torch.empty(16)
+        s = snn.mt_encode(x, r, 8)
+        assert s.shape == (8, 2, 9, 16) and s.dtype == torch.int8
+        assert snn.spike_linear(s, torch.empty(4, 16), None).shape == (2, 9, 4)
+        sb = snn.mt_encode(torch.empty(2, 16, 3), torch.empty(16, 1), 8)
+        assert snn.spike_matmul(s, r, sb, torch.empty(16, 1)).shape == (2, 9, 3)
+
+
+def test_unknown_execution_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown execution mode"):
+        with execution_mode("warp"):
+            pass

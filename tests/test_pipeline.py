@@ -1,0 +1,102 @@
+"""Pipeline specs, the pass registry, order checks and the PassManager's contracts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from snncc import passes  # noqa: F401
+from snncc.calibration import CalibrationContext
+from snncc.errors import PipelineError
+from snncc.ir.rewrite import copy_graph_module
+from snncc.pipeline import PASSES, Pass, PassManager, PassResult, parse_pipeline
+from tests.conftest import prepared
+
+
+def test_pipeline_names_and_pass_lists_parse():
+    assert parse_pipeline("none", 16) == []
+    [encode] = parse_pipeline("encode", 12)
+    assert encode.name == "encode" and encode.T == 12
+    [encode] = parse_pipeline(" encode{T=8, headroom=2.5} ", 16)
+    assert (encode.T, encode.headroom) == (8, 2.5)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bogus", "unknown pass or pipeline 'bogus'"),
+    ("encode,bogus", "passes: encode"),
+    ("encode,encode", "appears twice"),
+    ("encode{bogus=1}", "has no option 'bogus'"),
+    ("encode{headroom=abc}", "must be of type float"),
+    ("encode{T=0}", "bad T=0"),
+    ("encode{T", "cannot parse"),
+    ("", "empty --passes"),
+])
+def test_bad_specs_are_refused_with_a_clear_message(spec, message):
+    with pytest.raises(PipelineError, match=message):
+        parse_pipeline(spec, 16)
+
+
+@pytest.mark.parametrize("T", [0, -3, 33, 1.5, True])
+def test_bad_T_is_refused(T):
+    with pytest.raises(PipelineError, match="bad T"):
+        parse_pipeline("encode", T)
+
+
+@dataclass
+class _Late(Pass):
+    name = "late-test"
+    stage = 10  # must run before encode (stage 50)
+    summary = "test pass"
+
+    def run(self, gm, ctx):
+        return PassResult(gm, False)
+
+
+@dataclass
+class _Liar(Pass):
+    name = "liar-test"
+    stage = 90
+    summary = "claims no change but adds a constant to the graph"
+
+    def run(self, gm, ctx):
+        gm.register_buffer("sneaky", torch.zeros(1))
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            gm.graph.get_attr("sneaky")
+        return PassResult(gm, False)
+
+
+def test_order_between_stages_is_checked(monkeypatch):
+    monkeypatch.setitem(PASSES, "late-test", _Late)
+    assert [p.name for p in parse_pipeline("late-test,encode", 8)] == ["late-test", "encode"]
+    with pytest.raises(PipelineError, match="'late-test' must run before 'encode'"):
+        parse_pipeline("encode,late-test", 8)
+
+
+def test_debug_mode_catches_a_pass_that_lies_about_modified():
+    _, ann, ctx = prepared("tiny-llama")
+    with pytest.raises(PipelineError, match="reported modified=False"):
+        PassManager([_Liar()], debug=True).run(copy_graph_module(ann), ctx)
+
+
+def test_a_failing_pass_names_the_passes_already_run():
+    @dataclass
+    class _Boom(Pass):
+        name = "boom"
+        stage = 95
+        summary = "fails"
+
+        def run(self, gm, ctx):
+            raise RuntimeError("kaput")
+
+    _, ann, ctx = prepared("tiny-llama")
+    [encode] = parse_pipeline("encode", 4)
+    with pytest.raises(PipelineError, match="pass 'boom' failed .*kaput.*already run: encode"):
+        PassManager([encode, _Boom()]).run(copy_graph_module(ann), ctx)
+
+
+def test_context_records_each_tensor_once_per_batch():
+    _, ann, ctx = prepared("tiny-llama")
+    assert isinstance(ctx, CalibrationContext) and ctx.tokens >= 1000
+    assert all(s.samples == len(ctx.batches) for s in ctx.stats.values())
