@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_T = 16
 CALIB_SEQ_LEN = 128
-CALIB_TOKENS = 2048
+CALIB_TOKENS = 8192
 
 
 def _vocab_size(ann: fx.GraphModule, model: LoadedModel) -> int:

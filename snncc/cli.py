@@ -38,7 +38,7 @@ def _model_options(fn):
     fn = click.option("-T", "T", type=int, default=16, show_default=True, help="time steps per spike train")(fn)
     fn = click.option("--calib", type=click.Path(dir_okay=False), default=None,
                       help="calibration text file (default: snncc's packaged dev text)")(fn)
-    fn = click.option("--calib-tokens", type=int, default=2048, show_default=True,
+    fn = click.option("--calib-tokens", type=int, default=8192, show_default=True,
                       help="tokens of calibration text to record")(fn)
     fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda")(fn)
     return fn

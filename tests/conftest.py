@@ -13,16 +13,21 @@ from snncc.models import TINY_MODELS
 
 
 @functools.cache
-def prepared(name: str):
-    """(LoadedModel, ANN graph, CalibrationContext) for a builtin model, built once."""
-    return prepare(name, calib_tokens=1024)
+def prepared(name: str, calib_tokens: int = 1024):
+    """(LoadedModel, ANN graph, CalibrationContext) for a builtin model, built once.
+
+    Tiny models calibrate on 1024 tokens to keep the fast tier fast; real-model tests pass
+    snncc's default (CALIB_TOKENS) to measure what users get."""
+    return prepare(name, calib_tokens=calib_tokens)
 
 
 @functools.cache
 def heldout_ids(name: str, tokens: int = 512) -> torch.Tensor:
     """Held-out text (never used for calibration) as a (n, 128) batch of token ids."""
-    loaded = prepared(name)[0]
-    chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), 128, tokens)
+    from snncc.models import load_model
+
+    tokenizer = prepared(name)[0].tokenizer if name.startswith("tiny-") else load_model(name).tokenizer
+    chunks = token_chunks(tokenizer, read_text(HELDOUT_TEXT), 128, tokens)
     return torch.cat([c for c in chunks if c.shape[1] == 128])
 
 

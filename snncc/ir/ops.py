@@ -61,20 +61,29 @@ def _decode_unit(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+_ENCODE_CHUNK = 1 << 18  # elements encoded at a time: bounds the scratch space
+
+
 @torch.library.custom_op("snn::mt_encode", mutates_args=())
 def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     """Multi-threshold neuron: T-step signed binary successive approximation of x / scale.
 
     The residual starts at |x|/scale plus half a step (round to nearest); at step t the
     neuron fires sign(x) when the residual reaches 2^-(t+1), and subtracts it. Inputs
-    beyond the range clip to the largest code, 1 - 2^-T.
+    beyond the range clip to the largest code, 1 - 2^-T. Works in chunks, so memory is the
+    int8 output plus a bounded scratch space, whatever T and the input size.
     """
-    u = (x.double() / scale.double()).clamp(-1.0, 1.0)
+    u = (x / scale).reshape(-1)
+    out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
     levels = 2**T
-    q = torch.floor(u.abs() * levels + 0.5).clamp_(max=levels - 1).to(torch.int64)
-    shifts = torch.arange(T - 1, -1, -1, device=x.device).view((T,) + (1,) * x.dim())
-    bits = torch.bitwise_and(torch.bitwise_right_shift(q.unsqueeze(0), shifts), 1)
-    return (bits * torch.sign(u).to(torch.int64).unsqueeze(0)).to(torch.int8)
+    code_dtype = torch.int32 if T <= 30 else torch.int64
+    shifts = torch.arange(T - 1, -1, -1, device=x.device, dtype=code_dtype).unsqueeze(1)
+    for start in range(0, u.numel(), _ENCODE_CHUNK):
+        part = u[start : start + _ENCODE_CHUNK].double().clamp_(-1.0, 1.0)
+        q = torch.floor(part.abs() * levels + 0.5).clamp_(max=levels - 1).to(code_dtype)
+        bits = torch.bitwise_and(torch.bitwise_right_shift(q.unsqueeze(0), shifts), 1)
+        out[:, start : start + _ENCODE_CHUNK] = bits.mul_(torch.sign(part).to(code_dtype))
+    return out.view(T, *x.shape)
 
 
 @mt_encode.register_fake

@@ -1,0 +1,109 @@
+"""End to end on every tiny model: the `none` pipeline is the ANN, `encode` keeps fidelity,
+programs survive save/load, and fused and unrolled execution agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import snncc
+from snncc.api import compile_graph
+from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
+from snncc.evaluate import evaluate
+from snncc.ir.ops import execution_mode
+from snncc.models import CAUSAL_LM
+from tests.conftest import heldout_ids, prepared
+
+
+def test_none_pipeline_reproduces_the_ann_exactly(tiny_name):
+    loaded, ann, ctx = prepared(tiny_name)
+    program = compile_graph(loaded, ann, ctx, "none", 16)
+    chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), 64, 256)
+    result = evaluate(program, loaded.module, chunks)
+    assert result["max_abs_err" if loaded.task != CAUSAL_LM else "max_abs_logit_err"] == 0.0
+    if loaded.task == CAUSAL_LM:
+        assert result["ppl_ratio"] == 1.0 and result["top1_agreement"] == 1.0
+    else:
+        assert result["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert program.info.coverage["coverage"] == 0.0
+    assert len(program.info.coverage["analog_sites"]) > 0
+
+
+def test_encode_T16_keeps_fidelity_on_heldout_text(tiny_name):
+    loaded, ann, ctx = prepared(tiny_name)
+    program = compile_graph(loaded, ann, ctx, "encode", 16)
+    chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), 128, 1024)
+    result = evaluate(program, loaded.module, chunks)
+    if loaded.task == CAUSAL_LM:
+        assert result["top1_agreement"] >= 0.99
+        assert abs(result["ppl_ratio"] - 1) <= 0.01
+    else:
+        assert result["cosine"] >= 0.999
+    assert result["coverage"] == 1.0
+
+
+def test_dynamic_length_one_program_serves_every_length(tiny_name):
+    loaded, ann, ctx = prepared(tiny_name)
+    program = compile_graph(loaded, ann, ctx, "encode", 12)
+    for length in (1, 2, 37, loaded.max_positions):
+        ids = torch.randint(0, 256, (2, length))
+        assert program(ids).shape == loaded.module(ids).shape
+
+
+def test_save_and_load_round_trip(tiny_name, tmp_path):
+    loaded, ann, ctx = prepared(tiny_name)
+    program = compile_graph(loaded, ann, ctx, "encode", 8)
+    path = tmp_path / "prog.snn"
+    program.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["prog.snn"]
+    again = snncc.load(path)
+    ids = heldout_ids(tiny_name)[:2]
+    assert torch.equal(again(ids), program(ids))
+    assert again.info == program.info
+    assert again.tokenizer.encode("Hello") == program.tokenizer.encode("Hello")
+
+
+def test_unrolled_execution_matches_fused(tiny_name):
+    """Given the same spikes the two modes agree to float rounding (tests/ir). Over a whole
+    program, that rounding can flip a downstream code by one LSB (r * headroom * 2^-T); at
+    T = 24 an LSB is ~1e-6 of the range, so the outputs must agree to 1e-4."""
+    loaded, ann, ctx = prepared(tiny_name)
+    program = compile_graph(loaded, ann, ctx, "encode", 24)
+    ids = heldout_ids(tiny_name)[:1, :64]
+    fused = program(ids)
+    with execution_mode("unrolled"):
+        unrolled = program.graph_module(ids)
+    torch.testing.assert_close(unrolled, fused, rtol=1e-4, atol=1e-4)
+
+
+def test_profile_counts_are_consistent(tiny_name):
+    loaded, ann, ctx = prepared(tiny_name)
+    program = compile_graph(loaded, ann, ctx, "encode", 8)
+    ids = heldout_ids(tiny_name)[:1, :64]
+    profile = program.profile(ids)
+    totals = profile.totals()
+    assert 0 < totals["spikes_per_neuron"] <= 8
+    assert totals["analog_macs"] == 0 and totals["sops"] > 0
+    assert totals["ann_macs"] == sum(layer.ann_macs for layer in profile.layers)
+    for layer in profile.layers:
+        assert 0 <= layer.firing_rate <= 1
+        if layer.kind == "spike_linear":  # each input spike reaches every output neuron once
+            assert layer.sops == layer.spikes_in * (layer.ann_macs // layer.neurons_in)
+
+
+def test_api_accepts_a_plain_module_and_refuses_float_input():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(256, 16)
+            self.head = torch.nn.Linear(16, 256)
+
+        def forward(self, input_ids):
+            return self.head(torch.relu(self.embed(input_ids)))
+
+    program = snncc.compile(Tiny(), passes="encode", T=8, calib_tokens=512)
+    assert program(torch.tensor([[1, 2, 3]])).shape == (1, 3, 256)
+    with pytest.raises(snncc.SnnccError, match="integer token ids"):
+        program(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(snncc.SnnccError, match="token ids must lie in"):
+        program(torch.tensor([[300]]))
