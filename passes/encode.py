@@ -24,7 +24,7 @@ import torch.fx as fx
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.ir.analysis import LINEAR_TARGETS, MATMUL_TARGETS, data_dependent_nodes, matmul_operands
-from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor
+from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, readable_name
 from snncc.pipeline import Pass, PassResult, register_pass
 
 snn = torch.ops.snn
@@ -87,11 +87,9 @@ class EncodePass(Pass):
             else:
                 continue
             new.meta.update(source=node.meta.get("source", ""), created_by=self.name)
+            new._rename(readable_name(new))
             node.replace_all_uses_with(new)
-            name = node.name
-            node._rename(f"{name}_replaced")  # frees the name for the spiking node
             graph.erase_node(node)
-            new._rename(name)
             modified = True
         drop_unused_constants(gm)
         return PassResult(gm, modified)

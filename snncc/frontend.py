@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from snncc.errors import ModelError
+from snncc.ir.rewrite import readable_name
 from snncc.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,6 @@ def source_of(node: fx.Node) -> str:
     return path
 
 
-def _readable_name(node: fx.Node) -> str:
-    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    base = source_of(node).replace(".", "_")
-    base = re.sub(r"^model_", "", base)
-    return f"{base}_{op}" if base else op
-
-
 def _clean(gm: fx.GraphModule) -> fx.GraphModule:
     """Plain codegen, single-tensor output, no export guards, readable node names."""
     graph = gm.graph
@@ -61,7 +55,7 @@ def _clean(gm: fx.GraphModule) -> fx.GraphModule:
     for node in graph.nodes:
         node.meta["source"] = source_of(node)
         if node.op == "call_function":
-            node._rename(_readable_name(node))
+            node._rename(readable_name(node))
     graph._codegen = fx.graph.CodeGen()
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")

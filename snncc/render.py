@@ -43,6 +43,8 @@ def print_profile_summary(profile: Profile, top: int = 5) -> None:
     click.echo(f"  SOPs {_si(t['sops'])}, analog MACs left {_si(t['analog_macs'])}, ANN MACs {_si(t['ann_macs'])}")
     click.echo(f"  energy SNN {t['energy_snn_uj']:.2f} uJ vs ANN {t['energy_ann_uj']:.2f} uJ "
                f"(ratio {t['energy_ratio']:.3f})")
+    if not top:
+        return
     busiest = sorted(profile.layers, key=lambda layer: -layer.sops)[:top]
     print_table(["site", "kind", "firing rate", "SOPs", "ANN MACs"],
                 [[layer.source or layer.node, layer.kind, f"{layer.firing_rate:.3f}", _si(layer.sops),

@@ -22,11 +22,9 @@ def prepared(name: str, calib_tokens: int = 1024):
 
 
 @functools.cache
-def heldout_ids(name: str, tokens: int = 512) -> torch.Tensor:
+def heldout_ids(name: str, tokens: int = 512, calib_tokens: int = 1024) -> torch.Tensor:
     """Held-out text (never used for calibration) as a (n, 128) batch of token ids."""
-    from snncc.models import load_model
-
-    tokenizer = prepared(name)[0].tokenizer if name.startswith("tiny-") else load_model(name).tokenizer
+    tokenizer = prepared(name, calib_tokens)[0].tokenizer
     chunks = token_chunks(tokenizer, read_text(HELDOUT_TEXT), 128, tokens)
     return torch.cat([c for c in chunks if c.shape[1] == 128])
 

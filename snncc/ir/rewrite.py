@@ -8,6 +8,13 @@ import torch
 import torch.fx as fx
 
 
+def readable_name(node: fx.Node) -> str:
+    """`layers_3_mlp_down_proj_linear`: the source module path, then the op."""
+    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    base = re.sub(r"^model_", "", node.meta.get("source", "").replace(".", "_"))
+    return f"{base}_{op}" if base else op
+
+
 def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor behind a get_attr node."""
     owner = gm
