@@ -23,6 +23,7 @@ import torch.fx as fx
 
 import snncc
 from snncc.errors import ArtifactError
+from snncc.ir.rewrite import set_tensor
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.tokenizer import load_tokenizer
 
@@ -145,16 +146,6 @@ def _weights_bytes(gm: fx.GraphModule) -> tuple[bytes, dict[str, str]]:
     return safetensors.torch.save(unique), aliases
 
 
-def _set_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    owner = root
-    for part in path:
-        if not hasattr(owner, part):
-            owner.add_module(part, torch.nn.Module())
-        owner = getattr(owner, part)
-    owner.register_buffer(leaf, tensor)
-
-
 # --- save / load ---------------------------------------------------------------------------
 
 
@@ -225,9 +216,9 @@ def load_program(path: Path, device: str = "cpu") -> SpikingProgram:
     tensors = safetensors.torch.load(members["weights.safetensors"])
     root = torch.nn.Module()
     for name, tensor in tensors.items():
-        _set_tensor(root, name, tensor)
+        set_tensor(root, name, tensor)
     for name, target in manifest["aliases"].items():
-        _set_tensor(root, name, tensors[target])
+        set_tensor(root, name, tensors[target])
     gm = fx.GraphModule(root, graph_from_json(json.loads(members["graph.json"])))
     with tempfile.TemporaryDirectory() as tok_dir:
         for name, data in members.items():

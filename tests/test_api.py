@@ -107,3 +107,12 @@ def test_api_accepts_a_plain_module_and_refuses_float_input():
         program(torch.tensor([[float("nan"), 1.0]]))
     with pytest.raises(snncc.SnnccError, match="token ids must lie in"):
         program(torch.tensor([[300]]))
+
+
+def test_programs_do_not_share_modules_with_the_ann():
+    """Converting a program (dtype, device) must never touch the user's model or the ANN graph."""
+    loaded, ann, ctx = prepared("tiny-llama")
+    program = compile_graph(loaded, ann, ctx, "none", 8)
+    program.graph_module.to(torch.float64)
+    assert {t.dtype for t in ann.state_dict().values()} == {torch.float32}
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float32}

@@ -46,8 +46,24 @@ def drop_unused_constants(gm: fx.GraphModule) -> None:
             delattr(owner, leaf)
 
 
+def set_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Register `tensor` as buffer `name` (dotted path), creating container modules on the way."""
+    *path, leaf = name.split(".")
+    owner = root
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    owner.register_buffer(leaf, tensor)
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph (tensors shared): passes edit the copy."""
+    """A copy of the graph over a fresh module tree that shares the tensors (no data copied):
+    passes edit the copy, and moving it to another device leaves the original where it is."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
+    root = torch.nn.Module()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            set_tensor(root, node.target, get_tensor(gm, node).detach())  # a buffer, not a shared Parameter
+    return fx.GraphModule(root, graph)
