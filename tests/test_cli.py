@@ -1,0 +1,63 @@
+"""The CLI's working paths, in-process with click's runner (error paths: test_cli_errors.py)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from snncc.cli import main
+
+
+def _run(*args: str):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_inspect_lists_ops_sources_and_what_no_pass_lowers():
+    out = _run("inspect", "tiny-llama")
+    assert "aten.linear" in out and "model.layers.*.mlp.down_proj" in out
+    assert "lowered" in out and "ANALOG" in out
+    assert "aten.silu: model.layers.*.mlp.act_fn" in out  # reported with its source module
+
+
+def test_inspect_json_reports_every_arithmetic_op():
+    inventory = json.loads(_run("inspect", "tiny-gpt2", "--json"))
+    ops = {row["op"]: row for row in inventory["ops"]}
+    assert ops["aten.addmm"]["status"]["encode"] == "lowered"
+    assert ops["aten.addmm"]["status"]["none"] == "ANALOG"
+    assert {item["op"] for item in inventory["no_pass_lowers"]} >= {"aten.softmax.int"}
+
+
+def test_eval_json_has_every_field():
+    result = json.loads(_run("eval", "tiny-llama", "--passes", "encode", "-T", "12", "--max-tokens", "256",
+                             "--calib-tokens", "512", "--json"))
+    for key in ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_abs_logit_err",
+                "max_abs_logit_err", "tokens", "T", "pipeline", "coverage"):
+        assert key in result
+    assert result["T"] == 12 and result["pipeline"] == "encode" and result["coverage"] == 1.0
+
+
+def test_eval_encoder_reports_cosine():
+    result = json.loads(_run("eval", "tiny-bert", "-T", "12", "--max-tokens", "256", "--calib-tokens", "512", "--json"))
+    assert result["cosine"] > 0.99 and "ppl_ratio" not in result
+
+
+def test_debug_table_and_dump(tmp_path):
+    out = _run("debug", "tiny-llama", "--passes", "encode", "-T", "8", "--calib-tokens", "512",
+               "--dump", str(tmp_path / "dump"))
+    assert "(traced ANN)" in out and "encode" in out and "100.00%" in out
+    files = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert files == ["00_traced_ANN.txt", "01_encode.txt", "passes.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / "dump" / "passes.jsonl").read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["(traced ANN)", "encode"]
+    assert lines[1]["options"]["T"] == 8
+    assert "snn.mt_encode" in (tmp_path / "dump" / "01_encode.txt").read_text()
+
+
+def test_profile_json(tmp_path):
+    profile = json.loads(_run("profile", "tiny-opt", "-T", "8", "--calib-tokens", "512", "--prompt",
+                              "Spikes travel as events.", "--json"))
+    assert profile["totals"]["sops"] > 0 and profile["totals"]["analog_macs"] == 0
+    assert all(0 <= row["firing_rate"] <= 1 for row in profile["layers"])
