@@ -61,7 +61,7 @@ def _decode_unit(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-_ENCODE_CHUNK = 1 << 18  # elements encoded at a time: bounds the scratch space
+_ENCODE_SCRATCH = 1 << 21  # (elements x steps) encoded at a time: bounds the scratch space
 
 
 @torch.library.custom_op("snn::mt_encode", mutates_args=())
@@ -78,11 +78,12 @@ def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     levels = 2**T
     code_dtype = torch.int32 if T <= 30 else torch.int64
     shifts = torch.arange(T - 1, -1, -1, device=x.device, dtype=code_dtype).unsqueeze(1)
-    for start in range(0, u.numel(), _ENCODE_CHUNK):
-        part = u[start : start + _ENCODE_CHUNK].double().clamp_(-1.0, 1.0)
+    chunk = max(4096, _ENCODE_SCRATCH // T)
+    for start in range(0, u.numel(), chunk):
+        part = u[start : start + chunk].double().clamp_(-1.0, 1.0)
         q = torch.floor(part.abs() * levels + 0.5).clamp_(max=levels - 1).to(code_dtype)
         bits = torch.bitwise_and(torch.bitwise_right_shift(q.unsqueeze(0), shifts), 1)
-        out[:, start : start + _ENCODE_CHUNK] = bits.mul_(torch.sign(part).to(code_dtype))
+        out[:, start : start + chunk] = bits.mul_(torch.sign(part).to(code_dtype))
     return out.view(T, *x.shape)
 
 
