@@ -10,8 +10,10 @@ r is the per-input-channel max |x| recorded on the calibration text, times `head
 per-channel maxima by up to 40x in rare channels; clipping those costs far more than four
 bits of resolution, and guard bits that stay zero fire no spikes. For linear layers r folds
 into the weight columns, so the spikes are unit events. For a spike x spike product the
-ranges keep every static dim (per head and channel) and stay in the code. Error bound per encoded value: |x - x_hat| <= r * 2^-T for |x| <= r (half that away
-from the range's top); values beyond r clip to r * (1 - 2^-T).
+ranges keep every static dim (per head and channel) and stay in the code.
+
+Error bound per encoded value: |x - x_hat| <= r * 2^-T for |x| <= r (half that away from the
+range's top); values beyond r clip to r * (1 - 2^-T).
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class EncodePass(Pass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in dependent:
                 continue
-            if node.target in LINEAR_TARGETS or (node.target in MATMUL_TARGETS and matmul_operands(node)[1].op == "get_attr"):
+            weight_operand = matmul_operands(node)[1] if node.target in MATMUL_TARGETS else None
+            if node.target in LINEAR_TARGETS or (weight_operand is not None and weight_operand.op == "get_attr"):
                 new = self._lower_linear(gm, node, encode)
             elif node.target in MATMUL_TARGETS:
                 a, b = matmul_operands(node)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import operator
 import os
@@ -137,7 +136,8 @@ def _weights_bytes(gm: fx.GraphModule) -> tuple[bytes, dict[str, str]]:
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in gm.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
         if key in seen:
             aliases[name] = seen[key]
         else:
@@ -195,7 +195,8 @@ def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
             manifest = json.loads(archive.read("manifest.json"))
             members = {name: archive.read(name) for name in archive.namelist() if name != "manifest.json"}
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError, zipfile.LargeZipFile) as exc:
-        raise ArtifactError(f"'{path}' is not a readable snncc artifact ({exc}): recompile it with `snncc compile`") from None
+        raise ArtifactError(f"'{path}' is not a readable snncc artifact ({exc}): "
+                            "recompile it with `snncc compile`") from None
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"'{path}' is not a snncc artifact (no '{FORMAT}' manifest)")
     if manifest.get("format_version") != FORMAT_VERSION:

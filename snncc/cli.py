@@ -124,7 +124,8 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, passes, T, device=device)
     cov = program.info.coverage
-    click.echo(f"compiled {loaded.name} with '{passes}' (T={program.T}): {len(program.graph_module.graph.nodes)} nodes, "
+    nodes = len(program.graph_module.graph.nodes)
+    click.echo(f"compiled {loaded.name} with '{passes}' (T={program.T}): {nodes} nodes, "
                f"spike-driven coverage {100 * cov['coverage']:.2f}% of matmul MACs "
                f"({len(cov['analog_sites'])} analog matmul sites)")
     if eval_tokens:

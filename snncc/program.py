@@ -45,7 +45,7 @@ class SpikingProgram:
     def T(self) -> int:
         return self.info.T
 
-    def to(self, device: str | torch.device) -> "SpikingProgram":
+    def to(self, device: str | torch.device) -> SpikingProgram:
         self.executor = ReferenceExecutor(self.graph_module, device, self.executor.mode)
         return self
 

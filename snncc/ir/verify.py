@@ -14,7 +14,12 @@ import torch.fx as fx
 
 from snncc.errors import PipelineError
 from snncc.ir.analysis import (
-    ANALOG_MATMULS, DATA_MOVEMENT, data_dependent_nodes, is_python_builtin, matmul_operands, matmul_sites,
+    ANALOG_MATMULS,
+    DATA_MOVEMENT,
+    data_dependent_nodes,
+    is_python_builtin,
+    matmul_operands,
+    matmul_sites,
     propagate_shapes,
 )
 from snncc.ir.ops import SPIKE_SOURCES, SPIKE_SYNAPSES
