@@ -41,7 +41,8 @@ class HFTokenizer:
         self.hf = hf_tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False)
+        # Long texts are chunked by snncc, so the model-length warning does not apply.
+        return self.hf.encode(text, add_special_tokens=False, verbose=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids)
