@@ -78,8 +78,9 @@ def compile(model: str | torch.nn.Module, passes: str = "encode", T: int = DEFAU
     return compile_graph(loaded, ann, ctx, passes, T, debug, instrument, device)
 
 
-def load(path: str | Path, device: str = "cpu") -> SpikingProgram:
-    """Load an artifact written by `SpikingProgram.save`, checking format and integrity."""
+def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:
+    """Load an artifact written by `SpikingProgram.save`, checking format and integrity;
+    `backend` is "reference" (dense, CPU or CUDA) or "event" (event-driven, CPU)."""
     from snncc.artifact import load_program
 
-    return load_program(Path(path), device)
+    return load_program(Path(path), device, backend, progress)

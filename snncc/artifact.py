@@ -211,7 +211,7 @@ def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
     return manifest, members
 
 
-def load_program(path: Path, device: str = "cpu") -> SpikingProgram:
+def load_program(path: Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:
     """Read and check an artifact, rebuild its graph and weights, return a runnable program."""
     manifest, members = _read_members(path)
     tensors = safetensors.torch.load(members["weights.safetensors"])
@@ -227,7 +227,7 @@ def load_program(path: Path, device: str = "cpu") -> SpikingProgram:
                 (Path(tok_dir) / name.removeprefix("tokenizer/")).write_bytes(data)
         tokenizer = load_tokenizer(Path(tok_dir))
     info = ProgramInfo(**manifest["info"])
-    return SpikingProgram(gm, info, tokenizer, device=device)
+    return SpikingProgram(gm, info, tokenizer, device=device, backend=backend, progress=progress)
 
 
 def read_manifest(path: Path) -> dict:

@@ -224,15 +224,17 @@ def inspect_cmd(model, as_json):
 @click.option("--prompt", required=True, help="text to continue")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["reference", "event"]), default="reference", show_default=True,
+              help="dense reference executor, or event-driven execution (CPU) with a progress bar over time steps")
 @_fail_cleanly
-def run_cmd(artifact, prompt, max_new_tokens, device):
+def run_cmd(artifact, prompt, max_new_tokens, device, backend):
     """Generate text greedily with a compiled artifact."""
     import snncc
 
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    program = snncc.load(artifact, device=device)
-    click.echo(prompt + program.generate(prompt, max_new_tokens, progress=_progress()))
+    program = snncc.load(artifact, device=device, backend=backend, progress=_progress())
+    click.echo(prompt + program.generate(prompt, max_new_tokens, progress=_progress() and backend == "reference"))
 
 
 @main.command("profile")

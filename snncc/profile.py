@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
+from snncc.ir.ops import execution_mode
 
 snn = torch.ops.snn
 
@@ -143,9 +144,11 @@ class _Counter(fx.Interpreter):
         return result
 
 
-def profile_graph(gm: fx.GraphModule, input_ids: torch.Tensor, energy: str = "45nm") -> Profile:
-    """Run the program once on `input_ids` and count spikes, SOPs and MACs at every site."""
+def profile_graph(gm: fx.GraphModule, input_ids: torch.Tensor, energy: str = "45nm",
+                  mode: str = "fused") -> Profile:
+    """Run the program once on `input_ids` (in execution `mode`) and count spikes, SOPs and
+    MACs at every site."""
     profile = Profile(energy=ENERGY_TABLES[energy])
-    with torch.no_grad():
+    with torch.no_grad(), execution_mode(mode):
         _Counter(gm, profile).run(input_ids)
     return profile

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-from snncc.backends.reference import ReferenceExecutor
+from snncc.backends import create_executor
 from snncc.errors import InputError
 from snncc.models import CAUSAL_LM
 from snncc.profile import Profile, profile_graph
@@ -35,18 +35,20 @@ class SpikingProgram:
     """Call it with token ids to get outputs in the ANN's units (logits or hidden states)."""
 
     def __init__(self, graph_module: fx.GraphModule, info: ProgramInfo, tokenizer: Tokenizer,
-                 device: str | torch.device = "cpu", mode: str = "fused"):
+                 device: str | torch.device = "cpu", mode: str = "fused", backend: str = "reference",
+                 progress: bool = False):
         self.graph_module = graph_module
         self.info = info
         self.tokenizer = tokenizer
-        self.executor = ReferenceExecutor(graph_module, device, mode)
+        self.backend = backend
+        self.executor = create_executor(graph_module, backend, device, mode, progress)
 
     @property
     def T(self) -> int:
         return self.info.T
 
     def to(self, device: str | torch.device) -> SpikingProgram:
-        self.executor = ReferenceExecutor(self.graph_module, device, self.executor.mode)
+        self.executor = create_executor(self.graph_module, self.backend, device, self.executor.mode)
         return self
 
     def check_input(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,8 @@ class SpikingProgram:
 
     def profile(self, input_ids: torch.Tensor, energy: str = "45nm") -> Profile:
         """Spikes, firing rates, SOPs, MACs and energy per site for this input."""
-        return profile_graph(self.executor.gm, self.check_input(input_ids).to(self.executor.device), energy)
+        return profile_graph(self.executor.gm, self.check_input(input_ids).to(self.executor.device), energy,
+                             self.executor.mode)
 
     def generate(self, prompt: str, max_new_tokens: int, progress: bool = False) -> str:
         """Greedy continuation of `prompt` (re-runs the whole sequence per token)."""

@@ -61,3 +61,11 @@ def test_profile_json(tmp_path):
                               "Spikes travel as events.", "--json"))
     assert profile["totals"]["sops"] > 0 and profile["totals"]["analog_macs"] == 0
     assert all(0 <= row["firing_rate"] <= 1 for row in profile["layers"])
+
+
+def test_run_with_the_event_backend_generates_the_same_text(tmp_path):
+    artifact = tmp_path / "tiny.snn"
+    _run("compile", "tiny-llama", "-T", "8", "--calib-tokens", "512", "--eval-tokens", "0", "-o", str(artifact))
+    reference = _run("run", str(artifact), "--prompt", "Once upon", "--max-new-tokens", "4")
+    event = _run("run", str(artifact), "--prompt", "Once upon", "--max-new-tokens", "4", "--backend", "event")
+    assert event == reference and event.startswith("Once upon")

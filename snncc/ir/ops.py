@@ -27,8 +27,10 @@ MAX_T = 32
 
 # "fused": decode each train once, then one matmul (exact by linearity of the synapses).
 # "unrolled": one matmul per time step, accumulated on the membrane, as hardware would.
+# "exact": fused with float64 membranes, rounded to float32 once per op: the result no
+#   longer depends on summation order, so the event backend can match it bit for bit.
 _execution_mode: contextvars.ContextVar[str] = contextvars.ContextVar("snn_mode", default="fused")
-EXECUTION_MODES = ("fused", "unrolled")
+EXECUTION_MODES = ("fused", "unrolled", "exact")
 
 
 @contextlib.contextmanager
@@ -75,16 +77,26 @@ def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     """
     u = (x / scale).reshape(-1)
     out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
-    levels = 2**T
-    code_dtype = torch.int32 if T <= 30 else torch.int64
-    shifts = torch.arange(T - 1, -1, -1, device=x.device, dtype=code_dtype).unsqueeze(1)
+    code = torch.int32 if T <= 30 else torch.int64  # int32 halves the scratch traffic
+    shifts = torch.arange(T - 1, -1, -1, device=x.device, dtype=code).unsqueeze(1)
     chunk = max(4096, _ENCODE_SCRATCH // T)
     for start in range(0, u.numel(), chunk):
-        part = u[start : start + chunk].double().clamp_(-1.0, 1.0)
-        q = torch.floor(part.abs() * levels + 0.5).clamp_(max=levels - 1).to(code_dtype)
-        bits = torch.bitwise_and(torch.bitwise_right_shift(q.unsqueeze(0), shifts), 1)
-        out[:, start : start + chunk] = bits.mul_(torch.sign(part).to(code_dtype))
+        membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
+        bits = torch.bitwise_and(torch.bitwise_right_shift(membrane.to(code).unsqueeze(0), shifts), 1)
+        out[:, start : start + chunk] = bits.mul_(sign.to(code))
     return out.view(T, *x.shape)
+
+
+def mt_initial_membrane(u: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MT neuron's starting residual in units of its last threshold 2^-T (an integer:
+    floor(|u| 2^T + 1/2), clipped to 2^T - 1) and its sign, for normalised inputs u = x/scale.
+
+    Step t then fires when the residual reaches 2^(T-1-t) and subtracts it; both backends
+    start from this, so their spikes agree bit for bit."""
+    u = u.double().clamp(-1.0, 1.0)
+    levels = 2**T
+    membrane = torch.floor(u.abs() * levels + 0.5).clamp_(max=levels - 1).to(torch.int64)
+    return membrane, torch.sign(u).to(torch.int64)
 
 
 @mt_encode.register_fake
@@ -116,6 +128,9 @@ def spike_linear(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             contribution = F.linear(st.to(weight.dtype), weight) * gain
             out = contribution if out is None else out.add_(contribution)
         return out + bias if bias is not None else out
+    if _execution_mode.get() == "exact":
+        bias64 = bias.double() if bias is not None else None
+        return F.linear(_decode_unit(s, torch.float64), weight.double(), bias64).to(weight.dtype)
     return F.linear(_decode_unit(s, weight.dtype), weight, bias)
 
 
@@ -146,6 +161,10 @@ def spike_matmul(
             partial_a.add_(a_t)
             out = step if out is None else out.add_(step)
         return out
+    if _execution_mode.get() == "exact":
+        a_hat = _decode_unit(sa, torch.float64) * scale_a.double()
+        b_hat = _decode_unit(sb, torch.float64) * scale_b.double()
+        return torch.matmul(a_hat, b_hat).to(scale_a.dtype)
     a_hat = _decode_unit(sa, scale_a.dtype) * scale_a
     b_hat = _decode_unit(sb, scale_b.dtype) * scale_b
     return torch.matmul(a_hat, b_hat)

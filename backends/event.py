@@ -1,0 +1,205 @@
+"""Event backend: runs a spiking program time step by time step with spikes as events.
+
+A spike train travels as, for each step t, the flat indices and signs of the neurons that
+fired. A synaptic layer adds, for every event, the weight column of the neuron that fired
+into its targets' membranes (`index_add`, never a dense matmul over spike tensors), and
+counts one synaptic operation per weight entry it adds. Layers are synchronous: an MT
+encoder needs its whole input before its first (most significant) step, so each spiking op
+runs its T steps once its inputs are complete; analog ATen ops run as in the ANN.
+
+Membranes are float64 and rounded to float32 once per op, like the reference executor's
+`exact` mode, so outputs match it to float32 rounding and spike counts match exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
+from snncc.ir.ops import mt_initial_membrane
+
+snn = torch.ops.snn
+_EVENT_CHUNK_ELEMENTS = 1 << 22  # events x fan-out gathered at once: bounds scratch memory
+
+
+@dataclass
+class SpikeEvents:
+    """A spike train as events: per step, flat neuron indices and their signs (+1/-1)."""
+
+    shape: torch.Size  # the neuron array (the encoded tensor's shape)
+    steps: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def T(self) -> int:
+        return len(self.steps)
+
+    def count(self) -> int:
+        return sum(int(idx.numel()) for idx, _ in self.steps)
+
+    def dense(self) -> torch.Tensor:
+        """The (T, *shape) int8 train, for consumers that are not synapses."""
+        out = torch.zeros((self.T, self.shape.numel()), dtype=torch.int8)
+        for t, (idx, sign) in enumerate(self.steps):
+            out[t, idx] = sign.to(torch.int8)
+        return out.view(self.T, *self.shape)
+
+
+@dataclass
+class EventCounts:
+    """What the backend did: spikes per encoder and step, SOPs and membrane updates per op."""
+
+    spikes_per_step: dict[str, list[int]] = field(default_factory=dict)
+    sops: dict[str, int] = field(default_factory=dict)
+    membrane_updates: dict[str, int] = field(default_factory=dict)
+    analog_macs: dict[str, int] = field(default_factory=dict)
+
+    def totals(self) -> dict:
+        return {"spikes": sum(sum(s) for s in self.spikes_per_step.values()),
+                "sops": sum(self.sops.values()),
+                "membrane_updates": sum(self.membrane_updates.values()),
+                "analog_macs": sum(self.analog_macs.values())}
+
+
+def _gain(t: int) -> float:
+    return 2.0 ** -(t + 1)
+
+
+def _accumulate(out: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, table_rows: torch.Tensor,
+                values: torch.Tensor) -> None:
+    """out[rows[i]] += values[i] * table[table_rows[i]], in chunks of bounded size."""
+    chunk = max(1, _EVENT_CHUNK_ELEMENTS // max(1, table.shape[1]))
+    for start in range(0, rows.numel(), chunk):
+        part = slice(start, start + chunk)
+        out.index_add_(0, rows[part], table[table_rows[part]] * values[part, None])
+
+
+class EventExecutor(fx.Interpreter):
+    """Interprets the graph; `snn` ops run as event-driven neurons and synapses."""
+
+    def __init__(self, gm: fx.GraphModule, progress: bool = False):
+        super().__init__(gm)
+        self.counts = EventCounts()
+        self.dependent = data_dependent_nodes(gm.graph)
+        spiking = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _HANDLERS]
+        T = max((n.args[2] for n in spiking if n.target == snn.mt_encode.default), default=0)
+        self.bar = tqdm(total=len(spiking) * T, desc="time steps", unit="step", disable=not progress, leave=False)
+
+    def run_node(self, n: fx.Node):
+        self.node = n
+        return super().run_node(n)
+
+    def call_function(self, target, args, kwargs):
+        handler = _HANDLERS.get(target)
+        if handler is not None:
+            return handler(self, *args, **kwargs)
+        args = tuple(a.dense() if isinstance(a, SpikeEvents) else a for a in args)
+        result = super().call_function(target, args, kwargs)
+        if target in ANALOG_MATMULS and self.node in self.dependent:
+            activation, _ = matmul_operands(self.node)
+            self.counts.analog_macs[self.node.name] = result.numel() * self.env[activation].shape[-1]
+        return result
+
+    # --- neurons -----------------------------------------------------------------------
+
+    def mt_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int) -> SpikeEvents:
+        """MT neurons: the residual is compared with each step's threshold; those at or above
+        it fire (an event) and subtract it."""
+        membrane, sign = mt_initial_membrane((x / scale).reshape(-1), T)
+        steps = []
+        for t in range(T):
+            threshold = 1 << (T - 1 - t)
+            fired = torch.nonzero(membrane >= threshold).squeeze(1)
+            membrane[fired] -= threshold
+            live = fired[sign[fired] != 0]  # a zero input never fires
+            steps.append((live, sign[live]))
+            self.bar.update(1)
+        name = self.node.name
+        self.counts.spikes_per_step[name] = [int(idx.numel()) for idx, _ in steps]
+        self.counts.membrane_updates[name] = membrane.numel() * T
+        return SpikeEvents(x.shape, steps)
+
+    # --- synapses ----------------------------------------------------------------------
+
+    def spike_linear(self, events: SpikeEvents, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Each event (row, k, sign) at step t adds sign * 2^-(t+1) * W[:, k] to row's membranes."""
+        fan_in, fan_out = events.shape[-1], weight.shape[0]
+        rows = events.shape.numel() // fan_in
+        membranes = torch.zeros((rows, fan_out), dtype=torch.float64)
+        columns = weight.detach().double().t().contiguous()  # one row per input neuron
+        for t, (idx, sign) in enumerate(events.steps):
+            _accumulate(membranes, idx // fan_in, columns, idx % fan_in, sign.double() * _gain(t))
+            self.bar.update(1)
+        if bias is not None:
+            membranes += bias.double()
+        self.counts.sops[self.node.name] = events.count() * fan_out
+        self.counts.membrane_updates[self.node.name] = membranes.numel() * events.T
+        return membranes.to(weight.dtype).view(*events.shape[:-1], fan_out)
+
+    def spike_matmul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor):
+        """Spike x spike product. With stored partial sums P^A, P^B, step t does
+        out += A_t P^B_t + P^A_{t-1} B_t: a spike of B at (k, j) adds column k of P^A into
+        output column j (m targets); then a spike of A at (i, k) adds row k of P^B into
+        output row i (n targets)."""
+        *batch, m, k = a.shape
+        n = b.shape[-1]
+        if list(b.shape[:-2]) != batch or b.shape[-2] != k:
+            raise NotImplementedError(f"event spike_matmul needs matching batch dims, got {a.shape} @ {b.shape}")
+        groups = torch.Size(batch).numel()
+        amp_a = scale_a.double().expand(a.shape).reshape(-1)
+        amp_b = scale_b.double().expand(b.shape).reshape(-1)
+        partial_a_t = torch.zeros((groups * k, m), dtype=torch.float64)  # P^A transposed, per group
+        partial_b = torch.zeros((groups * k, n), dtype=torch.float64)
+        out_rows = torch.zeros((groups * m, n), dtype=torch.float64)  # contributions of A's spikes
+        out_cols = torch.zeros((groups * n, m), dtype=torch.float64)  # contributions of B's spikes
+        for t, ((idx_a, sign_a), (idx_b, sign_b)) in enumerate(zip(a.steps, b.steps, strict=True)):
+            g_b, kb, j = idx_b // (k * n), (idx_b // n) % k, idx_b % n
+            value_b = sign_b.double() * _gain(t) * amp_b[idx_b]
+            _accumulate(out_cols, g_b * n + j, partial_a_t, g_b * k + kb, value_b)  # uses P^A_{t-1}
+            partial_b.index_put_((g_b * k + kb, j), value_b, accumulate=True)
+            g_a, i, ka = idx_a // (m * k), (idx_a // k) % m, idx_a % k
+            value_a = sign_a.double() * _gain(t) * amp_a[idx_a]
+            _accumulate(out_rows, g_a * m + i, partial_b, g_a * k + ka, value_a)  # uses P^B_t
+            partial_a_t.index_put_((g_a * k + ka, i), value_a, accumulate=True)
+            self.bar.update(1)
+        out = out_rows.view(groups, m, n) + out_cols.view(groups, n, m).transpose(1, 2)
+        self.counts.sops[self.node.name] = a.count() * n + b.count() * m
+        self.counts.membrane_updates[self.node.name] = out.numel() * a.T
+        return out.to(scale_a.dtype).reshape(*batch, m, n)
+
+    def decode(self, events: SpikeEvents, scale: torch.Tensor) -> torch.Tensor:
+        """Read a train back into the ANN's units by summing its events."""
+        value = torch.zeros(events.shape.numel(), dtype=torch.float64)
+        for t, (idx, sign) in enumerate(events.steps):
+            value.index_add_(0, idx, sign.double() * _gain(t))
+        return (value.view(events.shape) * scale.double()).to(scale.dtype)
+
+
+_HANDLERS = {
+    snn.mt_encode.default: EventExecutor.mt_encode,
+    snn.spike_linear.default: EventExecutor.spike_linear,
+    snn.spike_matmul.default: EventExecutor.spike_matmul,
+    snn.decode.default: EventExecutor.decode,
+}
+
+
+class EventBackend:
+    """Runs a program's graph event by event on the CPU; `counts` holds the last run's counts."""
+
+    def __init__(self, gm: fx.GraphModule, progress: bool = False):
+        self.gm = gm.to("cpu")
+        self.progress = progress
+        self.counts = EventCounts()
+        self.device = torch.device("cpu")
+        self.mode = "exact"  # the reference mode whose outputs and counts this backend matches
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        executor = EventExecutor(self.gm, self.progress)
+        with torch.no_grad():
+            out = executor.run(input_ids.cpu())
+        executor.bar.close()
+        self.counts = executor.counts
+        return out
