@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from snncc.errors import InputError, SnnccError
+from snncc.profile import ENERGY_TABLES
 
 HELDOUT_HELP = "held-out text (default: snncc's packaged heldout.txt, never used for calibration)"
 
@@ -242,8 +243,13 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend):
 @_model_options
 @click.option("--prompt", required=True, help="text to run the program on")
 @click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="also draw firing rate and SOPs per layer and per step into this PNG")
+@click.option("--energy", type=click.Choice(sorted(ENERGY_TABLES)), default="45nm", show_default=True,
+              help="energy per operation: " + "; ".join(f"{t.name}: MAC {t.e_mac_pj} pJ, AC {t.e_ac_pj} pJ "
+                                                       f"({t.source})" for t in ENERGY_TABLES.values()))
 @_fail_cleanly
-def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json):
+def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, plot, energy):
     """Spikes, firing rates, SOPs, MACs and energy per layer of MODEL or an artifact on PROMPT."""
     import snncc
     from snncc.render import print_profile
@@ -258,11 +264,16 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json):
     ids = program.tokenizer.encode(prompt)
     if not ids:
         raise InputError("the prompt is empty: give some text")
-    profile = program.profile(ids)
+    profile = program.profile(ids, energy=energy)
     if as_json:
         click.echo(json.dumps(profile.to_dict(), indent=1))
     else:
         print_profile(profile)
+    if plot:
+        from snncc.plots import plot_profile
+
+        plot_profile(profile, Path(plot), f"{program.info.model} '{program.info.pipeline}' T={program.T}")
+        click.echo(f"wrote {plot}", err=as_json)
 
 
 if __name__ == "__main__":

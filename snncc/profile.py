@@ -28,8 +28,14 @@ class EnergyTable:
     source: str
 
 
+# Horowitz, "Computing's energy problem", ISSCC 2014, 45 nm at 0.9 V: a MAC is one multiply
+# plus one add, an accumulate (AC) one add.
 ENERGY_TABLES = {
-    "45nm": EnergyTable("45nm", 4.6, 0.9, "Horowitz, ISSCC 2014: 45 nm, 32-bit float MAC 4.6 pJ, add 0.9 pJ"),
+    "45nm": EnergyTable("45nm", 4.6, 0.9, "Horowitz ISSCC 2014, 45 nm FP32: mult 3.7 + add 0.9 pJ; add 0.9 pJ "
+                        "(the convention of the LAS/FAS papers)"),
+    "45nm-fp16": EnergyTable("45nm-fp16", 1.5, 0.4, "Horowitz ISSCC 2014, 45 nm FP16: mult 1.1 + add 0.4 pJ; add 0.4 pJ"),
+    "45nm-int8": EnergyTable("45nm-int8", 0.23, 0.03, "Horowitz ISSCC 2014, 45 nm INT8: mult 0.2 + add 0.03 pJ; "
+                             "add 0.03 pJ"),
 }
 
 
@@ -58,6 +64,7 @@ class Profile:
     """Per-site and total spike and operation counts for one input."""
 
     layers: list[LayerProfile] = field(default_factory=list)
+    spikes_per_step: dict[str, list[int]] = field(default_factory=dict)  # per encoder node
     spikes: int = 0
     neurons: int = 0
     T: int = 0
@@ -95,9 +102,16 @@ class Profile:
             "energy_table": self.energy.name,
         }
 
+    def firing_rate_per_step(self) -> list[float]:
+        """Share of encoder neurons that fire at each step, over the whole program."""
+        if not self.spikes_per_step or not self.neurons:
+            return []
+        return [sum(counts[t] for counts in self.spikes_per_step.values()) / self.neurons for t in range(self.T)]
+
     def to_dict(self) -> dict:
         rows = [dict(vars(layer), firing_rate=layer.firing_rate) for layer in self.layers]
-        return {"totals": self.totals(), "layers": rows}
+        return {"totals": self.totals(), "firing_rate_per_step": self.firing_rate_per_step(), "layers": rows,
+                "energy_source": self.energy.source}
 
 
 class _Counter(fx.Interpreter):
@@ -113,7 +127,9 @@ class _Counter(fx.Interpreter):
             return result
         p = self.profile
         if n.target == snn.mt_encode.default:
-            spikes = int(torch.count_nonzero(result))
+            per_step = [int(torch.count_nonzero(step)) for step in result]
+            p.spikes_per_step[n.name] = per_step
+            spikes = sum(per_step)
             self.nnz[n.name] = spikes
             p.spikes += spikes
             p.neurons += result[0].numel()

@@ -12,7 +12,7 @@ from snncc.cli import main
 def _run(*args: str):
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def test_inspect_lists_ops_sources_and_what_no_pass_lowers():
@@ -69,3 +69,16 @@ def test_run_with_the_event_backend_generates_the_same_text(tmp_path):
     reference = _run("run", str(artifact), "--prompt", "Once upon", "--max-new-tokens", "4")
     event = _run("run", str(artifact), "--prompt", "Once upon", "--max-new-tokens", "4", "--backend", "event")
     assert event == reference and event.startswith("Once upon")
+
+
+def test_profile_plot_and_energy_tables(tmp_path):
+    plot = tmp_path / "profile.png"
+    args = ["profile", "tiny-llama", "-T", "8", "--calib-tokens", "512", "--prompt", "Events, not numbers.", "--json"]
+    fp32 = json.loads(_run(*args, "--plot", str(plot)))
+    int8 = json.loads(_run(*args, "--energy", "45nm-int8"))
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert fp32["totals"]["sops"] == int8["totals"]["sops"]
+    # Same operations priced by another table: E_AC/E_MAC differs (0.9/4.6 vs 0.03/0.23).
+    assert fp32["totals"]["energy_ratio"] != int8["totals"]["energy_ratio"]
+    assert "Horowitz" in fp32["energy_source"]
+    assert abs(sum(fp32["firing_rate_per_step"]) - fp32["totals"]["spikes_per_neuron"]) < 1e-9
