@@ -24,7 +24,8 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except SnnccError as exc:
-            click.echo(f"snncc: error: {exc}", err=True)
+            message = " ".join(str(exc).split())  # always one line, whatever a library said
+            click.echo(f"snncc: error: {message}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("snncc: interrupted", err=True)
@@ -102,6 +103,8 @@ def main(verbose: int) -> None:
     """snncc: compile transformer LLMs into spiking neural networks."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:  # the hub client's retry warnings would break snncc's one-line errors
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 # --- compile ------------------------------------------------------------------------------

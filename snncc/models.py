@@ -165,7 +165,12 @@ def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -
     auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
     model = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager",
                                  local_files_only=local_only)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"'{source}' has a model but no usable tokenizer ({first}): save one beside it with "
+                         "tokenizer.save_pretrained(...)") from exc
     return _finish(name, model, HFTokenizer(tokenizer), task)
 
 
@@ -197,8 +202,11 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
     if Path(model).is_dir():
         try:
             return _load_hf_directory(Path(model), Path(model).name)
+        except ModelError:
+            raise
         except Exception as exc:
-            raise ModelError(f"cannot load the model in directory '{model}': {exc}") from exc
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"cannot load the model in directory '{model}': {first}") from exc
     if "/" not in model or model.count("/") > 1:
         raise ModelError(f"unknown model '{model}': use a builtin ({', '.join(BUILTINS)}), "
                          "a local model directory, or a Hugging Face id (owner/name)")
