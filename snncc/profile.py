@@ -33,7 +33,8 @@ class EnergyTable:
 ENERGY_TABLES = {
     "45nm": EnergyTable("45nm", 4.6, 0.9, "Horowitz ISSCC 2014, 45 nm FP32: mult 3.7 + add 0.9 pJ; add 0.9 pJ "
                         "(the convention of the LAS/FAS papers)"),
-    "45nm-fp16": EnergyTable("45nm-fp16", 1.5, 0.4, "Horowitz ISSCC 2014, 45 nm FP16: mult 1.1 + add 0.4 pJ; add 0.4 pJ"),
+    "45nm-fp16": EnergyTable("45nm-fp16", 1.5, 0.4, "Horowitz ISSCC 2014, 45 nm FP16: mult 1.1 + add 0.4 pJ; "
+                             "add 0.4 pJ"),
     "45nm-int8": EnergyTable("45nm-int8", 0.23, 0.03, "Horowitz ISSCC 2014, 45 nm INT8: mult 0.2 + add 0.03 pJ; "
                              "add 0.03 pJ"),
 }
