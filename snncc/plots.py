@@ -1,42 +1,75 @@
-"""Pictures of a profile: firing rate and synaptic operations per layer and per step."""
+"""Pictures of a profile: firing rate and synaptic operations per layer and per step.
+
+Sites are laid out as a grid, one column per transformer block and one row per role in the
+block (q_proj, attention products, down_proj, ...), so a 30-block model reads as easily as a
+2-block one; sites outside the blocks (e.g. the LM head) get a column of their own.
+"""
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from pathlib import Path
 
-from snncc.profile import Profile
+import numpy as np
+
+from snncc.profile import LayerProfile, Profile
+
+_BLOCK = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def _grid(layers: list[LayerProfile]) -> tuple[list[str], list[str], dict[tuple[str, str], LayerProfile]]:
+    """(row roles, column names, cell -> site); repeated roles in a block get #1, #2."""
+    cells: dict[tuple[str, str], LayerProfile] = {}
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    roles: list[str] = []
+    columns: list[str] = []
+    for layer in layers:
+        source = layer.source or layer.node
+        match = _BLOCK.search(source)
+        column = match.group(1) if match else "other"
+        base = _BLOCK.sub(".*", source, count=1) if match else source
+        base += " (spike x spike)" if layer.kind == "spike_matmul" else ""
+        seen[(column, base)] += 1
+        role = base if seen[(column, base)] == 1 else f"{base} #{seen[(column, base)]}"
+        cells[(role, column)] = layer
+        roles += [role] if role not in roles else []
+        columns += [column] if column not in columns else []
+    return roles, columns, cells
 
 
 def plot_profile(profile: Profile, path: Path, title: str) -> None:
-    """Three panels: firing rate per site, SOPs (and ANN MACs) per site, firing rate per step."""
+    """Firing rate and SOPs per site (block x role heatmaps), and firing rate per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sites = [layer for layer in profile.layers]
-    labels = [layer.source or layer.node for layer in sites]
-    positions = range(len(sites))
-    fig, (rates, ops, steps) = plt.subplots(3, 1, figsize=(max(8, 0.22 * len(sites)), 11))
-    colors = ["tab:blue" if layer.kind == "spike_linear" else "tab:orange" if layer.kind == "spike_matmul"
-              else "tab:red" for layer in sites]
-    rates.bar(positions, [layer.firing_rate for layer in sites], color=colors)
-    rates.set_ylabel("firing rate (spikes / neuron / step)")
-    rates.set_title("input firing rate per site (blue: spike linear, orange: spike x spike, red: analog)")
-    ops.bar(positions, [layer.sops for layer in sites], color=colors, label="SOPs (SNN)")
-    ops.plot(positions, [layer.ann_macs for layer in sites], "k.", label="MACs (ANN)")
-    ops.set_yscale("log")
-    ops.set_ylabel("operations")
-    ops.legend()
-    for axis in (rates, ops):
-        axis.set_xticks(list(positions))
-        axis.set_xticklabels(labels, rotation=90, fontsize=6)
-        axis.set_xlim(-0.6, len(sites) - 0.4)
+    roles, columns, cells = _grid(profile.layers)
+    rate = np.full((len(roles), len(columns)), np.nan)
+    sops = np.full_like(rate, np.nan)
+    for (role, column), layer in cells.items():
+        rate[roles.index(role), columns.index(column)] = layer.firing_rate
+        sops[roles.index(role), columns.index(column)] = layer.sops or layer.analog_macs
+    width = max(8.0, 0.32 * len(columns) + 4)
+    height = 2 * (0.32 * len(roles) + 1.2) + 2.6
+    fig, (ax_rate, ax_sops, ax_steps) = plt.subplots(
+        3, 1, figsize=(width, height), gridspec_kw={"height_ratios": [len(roles) + 2, len(roles) + 2, 6]})
+    for axis, values, label, cmap in ((ax_rate, rate, "firing rate (spikes / neuron / step)", "viridis"),
+                                      (ax_sops, np.log10(np.where(sops > 0, sops, np.nan)),
+                                       "log10 SOPs (analog sites: log10 MACs)", "magma")):
+        image = axis.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest")
+        axis.set_yticks(range(len(roles)), roles, fontsize=7)
+        axis.set_xticks(range(len(columns)), [f"block {c}" if c != "other" else c for c in columns],
+                        rotation=90, fontsize=7)
+        fig.colorbar(image, ax=axis, label=label, fraction=0.03)
+    ax_rate.set_title("input firing rate per site")
+    ax_sops.set_title("synaptic operations per site")
     per_step = profile.firing_rate_per_step()
-    steps.bar(range(1, len(per_step) + 1), per_step)
-    steps.set_xlabel("time step t (threshold 2^-t of the range)")
-    steps.set_ylabel("firing rate")
-    steps.set_title("firing rate per time step, all encoders")
+    ax_steps.bar(range(1, len(per_step) + 1), per_step)
+    ax_steps.set_xlabel("time step t (threshold 2^-t of the range)")
+    ax_steps.set_ylabel("firing rate")
+    ax_steps.set_title("firing rate per time step, all encoders")
     totals = profile.totals()
     fig.suptitle(f"{title}: {totals['spikes_per_neuron']:.2f} spikes per activation, energy SNN/ANN "
                  f"{totals['energy_ratio']:.3f} ({profile.energy.name})")
