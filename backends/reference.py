@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from snncc.backends.fuse import fuse_for_execution
 from snncc.errors import InputError
 from snncc.ir.ops import execution_mode
 
@@ -27,12 +28,13 @@ class ReferenceExecutor:
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device = "cpu", mode: str = "fused"):
         self.device = resolve_device(device)
-        self.gm = _place_on(gm, self.device)
+        self.gm = _place_on(gm, self.device)  # the program itself: spike trains and all
         self.mode = mode
+        self._runnable = fuse_for_execution(self.gm) if mode == "fused" else self.gm
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), execution_mode(self.mode):
-            return self.gm(input_ids.to(self.device))
+            return self._runnable(input_ids.to(self.device))
 
 
 def _place_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:

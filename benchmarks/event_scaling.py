@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from snncc.backends.event import EventExecutor, SpikeEvents
 
 import snncc.ir  # noqa: F401  (registers snn ops)
+from snncc.backends.event import EventExecutor, SpikeEvents
 from snncc.ir.ops import execution_mode
 from snncc.render import print_table
 

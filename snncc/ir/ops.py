@@ -104,6 +104,25 @@ def _(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     return x.new_empty((T, *x.shape), dtype=torch.int8)
 
 
+@torch.library.custom_op("snn::mt_quantize", mutates_args=())
+def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
+    """What an MT train decodes to, sum_t 2^-(t+1) s_t, computed without the train:
+    sign(u) * min(floor(|u| 2^T + 1/2), 2^T - 1) * 2^-T with u = x / scale. Bit-identical to
+    decoding `mt_encode` for T <= 24 (float32 holds every such code exactly); the fused
+    executor uses it where only synapses read a train."""
+    u = x / scale
+    membrane, sign = mt_initial_membrane(u, T)
+    return (membrane * sign).to(torch.float64).mul_(2.0**-T).to(x.dtype)
+
+
+@mt_quantize.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
+    return torch.empty(torch.broadcast_shapes(x.shape, scale.shape), dtype=x.dtype, device=x.device)
+
+
+FUSABLE_MAX_T = 24  # codes up to 2^24 are exact in float32
+
+
 @torch.library.custom_op("snn::decode", mutates_args=())
 def decode(s: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Read a spike train back into the ANN's units: scale * sum_t 2^-(t+1) s_t."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from snncc.backends.event import EventBackend, SpikeEvents
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from snncc.api import compile_graph
+from snncc.backends.event import EventBackend, SpikeEvents
 from snncc.ir.ops import execution_mode
 from snncc.profile import profile_graph
 from tests.conftest import heldout_ids, prepared

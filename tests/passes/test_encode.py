@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-from snncc.passes.encode import EncodePass
 
 from snncc.api import compile_graph, prepare
 from snncc.ir.analysis import ANALOG_MATMULS, matmul_operands
 from snncc.ir.rewrite import copy_graph_module
+from snncc.passes.encode import EncodePass
 from snncc.pipeline import parse_pipeline
 from tests.conftest import heldout_ids, prepared
 
