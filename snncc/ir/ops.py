@@ -110,9 +110,13 @@ def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     sign(u) * min(floor(|u| 2^T + 1/2), 2^T - 1) * 2^-T with u = x / scale. Bit-identical to
     decoding `mt_encode` for T <= 24 (float32 holds every such code exactly); the fused
     executor uses it where only synapses read a train."""
-    u = x / scale
-    membrane, sign = mt_initial_membrane(u, T)
-    return (membrane * sign).to(torch.float64).mul_(2.0**-T).to(x.dtype)
+    u = (x / scale).reshape(-1)
+    out = torch.empty_like(u)
+    chunk = 1 << 20  # bounds the int64 / float64 scratch to a few MiB
+    for start in range(0, u.numel(), chunk):
+        membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
+        out[start : start + chunk] = membrane.mul_(sign).to(torch.float64).mul_(2.0**-T)
+    return out.view(torch.broadcast_shapes(x.shape, scale.shape))
 
 
 @mt_quantize.register_fake
