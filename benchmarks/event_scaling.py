@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 import torch.fx as fx
+from common import best_of
 
 import snncc.ir  # noqa: F401  (registers snn ops)
 from snncc.backends.event import EventExecutor, SpikeEvents
@@ -41,15 +41,6 @@ def _events(train: torch.Tensor) -> SpikeEvents:
     return SpikeEvents(train.shape[1:], steps)
 
 
-def _best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.05, 0.2, 0.5])
@@ -69,11 +60,11 @@ def main() -> None:
     for rate in args.rates:
         train = _spike_train(rate, args.T, args.tokens, args.fan_in)
         events = _events(train)
-        event_s = _best_of(args.repeats, lambda e=events: executor.spike_linear(e, weight, None))
+        event_s = best_of(args.repeats, lambda e=events: executor.spike_linear(e, weight, None))
         with execution_mode("fused"):
-            dense_s = _best_of(args.repeats, lambda s=train: torch.ops.snn.spike_linear(s, weight, None))
+            dense_s = best_of(args.repeats, lambda s=train: torch.ops.snn.spike_linear(s, weight, None))
         with execution_mode("unrolled"):
-            unrolled_s = _best_of(args.repeats, lambda s=train: torch.ops.snn.spike_linear(s, weight, None))
+            unrolled_s = best_of(args.repeats, lambda s=train: torch.ops.snn.spike_linear(s, weight, None))
         sops = events.count() * args.fan_out
         rows.append({"rate": rate, "events": events.count(), "sops": sops, "event_s": event_s,
                      "dense_fused_s": dense_s, "dense_unrolled_s": unrolled_s,

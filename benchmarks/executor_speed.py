@@ -11,23 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
+from common import best_of
 
 from snncc.api import compile_graph, prepare
 from snncc.backends.reference import ReferenceExecutor
 from snncc.render import print_table
-
-
-def _best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
     with torch.no_grad():
         for run in runners.values():
             run()  # warm-up
-        seconds = {name: _best_of(args.repeats, run) for name, run in runners.items()}
+        seconds = {name: best_of(args.repeats, run) for name, run in runners.items()}
     rows = [{"runner": name, "seconds": s, "x_ann": s / seconds["ANN"]} for name, s in seconds.items()]
     for row in rows:
         print(json.dumps(row))
