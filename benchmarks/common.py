@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
-    """The fastest of `repeats` wall-clock timings of fn(): the least disturbed run."""
+    """The fastest of `repeats` wall-clock timings of fn() after one untimed warm-up call:
+    the least disturbed run."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
