@@ -94,13 +94,11 @@ def _crossover(rows: list[dict], dense_key: str) -> float | None:
         if d_low <= 0 < d_high:
             f = d_low / (d_low - d_high)
             return math.exp(math.log(low["rate"]) + f * (math.log(high["rate"]) - math.log(low["rate"])))
-    if rows and rows[-1]["event_s"] <= rows[-1][dense_key]:
-        return 1.0
     return None
 
 
 def _fmt(rate: float | None) -> str:
-    return "none measured (dense is faster at every rate)" if rate is None else f"{rate:.1%}"
+    return "(no crossover inside the measured rates)" if rate is None else f"{rate:.1%}"
 
 
 if __name__ == "__main__":
