@@ -59,6 +59,8 @@ class EncodePass(Pass):
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         graph = gm.graph
         dependent = data_dependent_nodes(graph)
+        ctx.require(a.name for n in graph.nodes if n in dependent and n.target in self.lowers
+                    for a in matmul_operands(n) if a in dependent)
         encoders: dict[tuple[str, bool], tuple[fx.Node, fx.Node]] = {}
 
         def encode(x: fx.Node, before: fx.Node, per_last_dim: bool) -> tuple[fx.Node, fx.Node]:

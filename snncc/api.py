@@ -45,7 +45,7 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
     ann = trace(loaded)
     verify(ann)
     ctx = make_context(loaded.tokenizer, calib, min(seq_len, loaded.max_positions), calib_tokens)
-    ctx.record(ann, progress=progress)
+    ctx.attach(ann, progress=progress)
     return loaded, ann, ctx
 
 

@@ -7,6 +7,7 @@ running the model themselves, so the ANN is recorded exactly once per compile.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from snncc.errors import InputError
 from snncc.ir.analysis import data_dependent_nodes
+from snncc.ir.rewrite import copy_graph_module
 from snncc.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,41 +68,62 @@ class ActivationStats:
         self.samples += 1
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: dict[str, tuple[int, ...]], stats: dict):
-        super().__init__(gm)
-        self.watched = watched
-        self.stats = stats
+def _observed_copy(ann: fx.GraphModule, watched: dict[str, tuple[int, ...]],
+                   stats: dict[str, ActivationStats]) -> fx.GraphModule:
+    """A copy of the ANN with an observer after each watched node (insert observers, run, read):
+    the copy runs as compiled Python, so only the observers cost anything."""
 
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        dims = self.watched.get(n.name)
-        if dims is not None and isinstance(result, torch.Tensor) and result.is_floating_point():
-            self.stats.setdefault(n.name, ActivationStats(torch.zeros(())) ).update(result, dims)
-        return result
+    def observe(value: torch.Tensor, name: str) -> None:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            stats.setdefault(name, ActivationStats(torch.zeros(()))).update(value, watched[name])
+
+    gm = copy_graph_module(ann)
+    for node in list(gm.graph.nodes):
+        if node.name in watched:
+            with gm.graph.inserting_after(node):
+                gm.graph.call_function(observe, (node, node.name))
+    gm.recompile()
+    return gm
 
 
 @dataclass
 class CalibrationContext:
-    """What passes share: calibration batches and the ANN's recorded activation ranges."""
+    """What passes share: calibration batches and the ANN's activation ranges.
+
+    Passes ask for the tensors they need with `require`; the ANN runs once over the
+    calibration batches for everything not yet recorded, so a pipeline records each tensor
+    once however many passes read it."""
 
     batches: list[torch.Tensor]
     source: str
     stats: dict[str, ActivationStats] = field(default_factory=dict)
+    ann: fx.GraphModule | None = None
+    progress: bool = False
 
     @property
     def tokens(self) -> int:
         return sum(b.numel() for b in self.batches)
 
-    def record(self, ann: fx.GraphModule, progress: bool = False) -> None:
-        """Run the ANN graph on every batch and keep per-channel ranges of every tensor."""
-        dependent = data_dependent_nodes(ann.graph)
-        watched = {n.name: reduced_dims(n) for n in ann.graph.nodes
-                   if n in dependent and n.op == "call_function"}
+    def attach(self, ann: fx.GraphModule, progress: bool = False) -> None:
+        """Remember the ANN graph that `require` records from."""
+        self.ann = ann
+        self.progress = progress
+
+    def require(self, names: Iterable[str]) -> None:
+        """Make sure `stats` holds every named ANN tensor, recording what is missing."""
+        missing = {name for name in names if name not in self.stats}
+        if not missing:
+            return
+        if self.ann is None:
+            raise RuntimeError("CalibrationContext.require needs attach(ann) first")
+        nodes = {n.name: n for n in self.ann.graph.nodes}
+        dependent = data_dependent_nodes(self.ann.graph)
+        watched = {name: reduced_dims(nodes[name]) for name in missing if nodes.get(name) in dependent}
+        observed = _observed_copy(self.ann, watched, self.stats)
         with torch.no_grad():
-            for batch in tqdm(self.batches, desc="calibrating", disable=not progress, leave=False):
-                _Recorder(ann, watched, self.stats).run(batch)
-        log.info("recorded %d tensors on %d tokens", len(self.stats), self.tokens)
+            for batch in tqdm(self.batches, desc="calibrating", disable=not self.progress, leave=False):
+                observed(batch)
+        log.info("recorded %d tensors on %d tokens", len(watched), self.tokens)
 
     def summary(self) -> dict:
         """A JSON-able description, stored in artifacts."""

@@ -96,7 +96,14 @@ def test_a_failing_pass_names_the_passes_already_run():
         PassManager([encode, _Boom()]).run(copy_graph_module(ann), ctx)
 
 
-def test_context_records_each_tensor_once_per_batch():
-    _, ann, ctx = prepared("tiny-llama")
-    assert isinstance(ctx, CalibrationContext) and ctx.tokens >= 1000
+def test_context_records_each_required_tensor_once_per_batch():
+    _, ann, _ = prepared("tiny-llama")
+    ctx = CalibrationContext(prepared("tiny-llama")[2].batches, "test")
+    ctx.attach(ann)
+    names = [n.name for n in ann.graph.nodes if n.target == torch.ops.aten.silu.default]
+    ctx.require(names)
+    assert sorted(ctx.stats) == sorted(names) and ctx.tokens >= 1000
     assert all(s.samples == len(ctx.batches) for s in ctx.stats.values())
+    before = {name: s.absmax.clone() for name, s in ctx.stats.items()}
+    ctx.require(names)  # already recorded: no second run
+    assert all(ctx.stats[n].samples == len(ctx.batches) and torch.equal(ctx.stats[n].absmax, before[n]) for n in names)
