@@ -40,7 +40,8 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
             calib_tokens: int = CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN,
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM,
             progress: bool = False) -> tuple[LoadedModel, fx.GraphModule, CalibrationContext]:
-    """Load, trace and record the ANN once: everything every pipeline starts from."""
+    """Load and trace the model and set up calibration: what every pipeline starts from.
+    Passes record the ANN tensors they need through the context, each tensor once."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tokenizer, task)
     ann = trace(loaded)
     verify(ann)

@@ -196,7 +196,7 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text):
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     sample = _eval_chunks(loaded.tokenizer, text, 128, 128, loaded.max_positions)[0]
     table = PassTable(loaded, sample, Path(dump) if dump else None, device)
-    compile_graph(loaded, ann, ctx, passes, T, instrument=table, device=device)
+    compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
     table.print()
 
 
