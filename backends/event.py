@@ -20,7 +20,7 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
-from snncc.ir.ops import mt_initial_membrane
+from snncc.ir.ops import mt_initial_membrane, step_gain
 
 snn = torch.ops.snn
 _EVENT_CHUNK_ELEMENTS = 1 << 22  # events x fan-out gathered at once: bounds scratch memory
@@ -62,10 +62,6 @@ class EventCounts:
                 "sops": sum(self.sops.values()),
                 "membrane_updates": sum(self.membrane_updates.values()),
                 "analog_macs": sum(self.analog_macs.values())}
-
-
-def _gain(t: int) -> float:
-    return 2.0 ** -(t + 1)
 
 
 def _accumulate(out: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, table_rows: torch.Tensor,
@@ -131,7 +127,7 @@ class EventExecutor(fx.Interpreter):
         membranes = torch.zeros((rows, fan_out), dtype=torch.float64)
         columns = weight.detach().double().t().contiguous()  # one row per input neuron
         for t, (idx, sign) in enumerate(events.steps):
-            _accumulate(membranes, idx // fan_in, columns, idx % fan_in, sign.double() * _gain(t))
+            _accumulate(membranes, idx // fan_in, columns, idx % fan_in, sign.double() * step_gain(t))
             self.bar.update(1)
         if bias is not None:
             membranes += bias.double()
@@ -157,11 +153,11 @@ class EventExecutor(fx.Interpreter):
         out_cols = torch.zeros((groups * n, m), dtype=torch.float64)  # contributions of B's spikes
         for t, ((idx_a, sign_a), (idx_b, sign_b)) in enumerate(zip(a.steps, b.steps, strict=True)):
             g_b, kb, j = idx_b // (k * n), (idx_b // n) % k, idx_b % n
-            value_b = sign_b.double() * _gain(t) * amp_b[idx_b]
+            value_b = sign_b.double() * step_gain(t) * amp_b[idx_b]
             _accumulate(out_cols, g_b * n + j, partial_a_t, g_b * k + kb, value_b)  # uses P^A_{t-1}
             partial_b.index_put_((g_b * k + kb, j), value_b, accumulate=True)
             g_a, i, ka = idx_a // (m * k), (idx_a // k) % m, idx_a % k
-            value_a = sign_a.double() * _gain(t) * amp_a[idx_a]
+            value_a = sign_a.double() * step_gain(t) * amp_a[idx_a]
             _accumulate(out_rows, g_a * m + i, partial_b, g_a * k + ka, value_a)  # uses P^B_t
             partial_a_t.index_put_((g_a * k + ka, i), value_a, accumulate=True)
             self.bar.update(1)
@@ -174,7 +170,7 @@ class EventExecutor(fx.Interpreter):
         """Read a train back into the ANN's units by summing its events."""
         value = torch.zeros(events.shape.numel(), dtype=torch.float64)
         for t, (idx, sign) in enumerate(events.steps):
-            value.index_add_(0, idx, sign.double() * _gain(t))
+            value.index_add_(0, idx, sign.double() * step_gain(t))
         return (value.view(events.shape) * scale.double()).to(scale.dtype)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from snncc.ir.ops import FUSABLE_MAX_T
+from snncc.ir.ops import FUSABLE_MAX_T, SPIKE_SYNAPSES
 from snncc.ir.rewrite import copy_graph_module
 
 snn = torch.ops.snn
@@ -24,7 +24,7 @@ aten = torch.ops.aten
 
 
 def _only_synapses_read(encoder: fx.Node) -> bool:
-    return all(user.target in (snn.spike_linear.default, snn.spike_matmul.default) for user in encoder.users)
+    return all(user.target in SPIKE_SYNAPSES for user in encoder.users)
 
 
 def fuse_for_execution(gm: fx.GraphModule) -> fx.GraphModule:

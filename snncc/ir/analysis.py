@@ -9,6 +9,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from snncc.ir.ops import SPIKE_SYNAPSES
+
 aten = torch.ops.aten
 snn = torch.ops.snn
 
@@ -103,7 +105,7 @@ def matmul_sites(gm: fx.GraphModule) -> list[MatmulSite]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in dependent:
             continue
-        if node.target in ANALOG_MATMULS or node.target in (snn.spike_linear.default, snn.spike_matmul.default):
+        if node.target in ANALOG_MATMULS or node.target in SPIKE_SYNAPSES:
             spiking = node.target not in ANALOG_MATMULS
             sites.append(MatmulSite(node, _macs(node), spiking))
     return sites

@@ -35,7 +35,7 @@ EXECUTION_MODES = ("fused", "unrolled", "exact")
 
 @contextlib.contextmanager
 def execution_mode(mode: str) -> Iterator[None]:
-    """Run `snn` kernels in `mode` ("fused" or "unrolled") inside the block."""
+    """Run `snn` kernels in `mode` (one of EXECUTION_MODES) inside the block."""
     if mode not in EXECUTION_MODES:
         raise ValueError(f"unknown execution mode {mode!r}; known: {', '.join(EXECUTION_MODES)}")
     token = _execution_mode.set(mode)
@@ -45,14 +45,14 @@ def execution_mode(mode: str) -> Iterator[None]:
         _execution_mode.reset(token)
 
 
-def step_gains(T: int, device: torch.device | None = None) -> torch.Tensor:
-    """Per-step membrane gains 2^-(t+1), t = 0..T-1, of the MT code."""
-    return torch.pow(2.0, -torch.arange(1, T + 1, dtype=torch.float32, device=device))
+def step_gain(t: int) -> float:
+    """The membrane gain of step t (0-based) of an MT train: its threshold, 2^-(t+1)."""
+    return 2.0 ** -(t + 1)
 
 
 def _steps(s: torch.Tensor) -> Iterator[tuple[float, torch.Tensor]]:
     for t in range(s.shape[0]):
-        yield 2.0 ** -(t + 1), s[t]
+        yield step_gain(t), s[t]
 
 
 def _decode_unit(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,7 +176,7 @@ def spike_matmul(
         partial_b = torch.zeros(sb.shape[1:], dtype=scale_b.dtype, device=sb.device)
         out = None
         for t in range(sa.shape[0]):
-            gain = 2.0 ** -(t + 1)
+            gain = step_gain(t)
             a_t = sa[t].to(scale_a.dtype) * (scale_a * gain)
             b_t = sb[t].to(scale_b.dtype) * (scale_b * gain)
             partial_b.add_(b_t)

@@ -22,7 +22,7 @@ from snncc.ir.analysis import (
     matmul_sites,
     propagate_shapes,
 )
-from snncc.ir.ops import SPIKE_SOURCES, SPIKE_SYNAPSES
+from snncc.ir.ops import SPIKE_SOURCES
 
 snn = torch.ops.snn
 
@@ -127,4 +127,4 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
     return report
 
 
-__all__ = ["verify", "coverage_report", "CoverageReport", "VerificationError", "SPIKE_SYNAPSES"]
+__all__ = ["verify", "coverage_report", "CoverageReport", "VerificationError"]
