@@ -185,8 +185,10 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
 @click.option("--dump", type=click.Path(file_okay=False), default=None,
               help="write each changed graph as NN_pass.txt and a passes.jsonl here")
 @click.option("--text", type=click.Path(dir_okay=False), default=None, help=HELDOUT_HELP)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="also draw error, agreement and coverage per pass into this PNG")
 @_fail_cleanly
-def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text):
+def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
     """Run the pipeline pass by pass: time, nodes, coverage and error vs the ANN after each."""
     from snncc.api import compile_graph
     from snncc.debug import PassTable
@@ -198,6 +200,9 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text):
     table = PassTable(loaded, sample, Path(dump) if dump else None, device)
     compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
     table.print()
+    if plot:
+        table.plot(Path(plot), f"{loaded.name} '{passes}' T={T}: pass by pass")
+        click.echo(f"wrote {plot}")
 
 
 # --- inspect ------------------------------------------------------------------------------

@@ -62,6 +62,16 @@ class PassTable:
             with (self.dump / "passes.jsonl").open("a") as f:
                 f.write(json.dumps(dict(vars(row), options=record.options if record else {})) + "\n")
 
+    @property
+    def metric(self) -> str:
+        return "top-1 agreement" if self.model.task == CAUSAL_LM else "token cosine"
+
+    def plot(self, path: Path, title: str) -> None:
+        """The table as a picture: error, agreement and coverage per pass."""
+        from snncc.plots import plot_passes
+
+        plot_passes(self.rows, path, title, self.metric)
+
     def print(self) -> None:
         from snncc.render import print_table
 

@@ -38,6 +38,32 @@ def _grid(layers: list[LayerProfile]) -> tuple[list[str], list[str], dict[tuple[
     return roles, columns, cells
 
 
+def plot_passes(rows: list, path: Path, title: str, metric: str) -> None:
+    """Error vs the ANN, agreement and coverage after each pass of a pipeline (`snncc debug`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row.name for row in rows]
+    fig, (err, agree, cover) = plt.subplots(1, 3, figsize=(max(9.0, 1.2 * len(rows) * 3), 3.6))
+    err.bar(names, [max(row.max_abs_err, 1e-12) for row in rows])
+    err.set_yscale("log")
+    err.set_title("max |output - ANN| (0 drawn at 1e-12)")
+    agree.bar(names, [row.agreement for row in rows])
+    agree.set_ylim(min(0.9, min(row.agreement for row in rows)), 1.0)
+    agree.set_title(metric)
+    cover.bar(names, [100 * row.coverage for row in rows])
+    cover.set_ylim(0, 100)
+    cover.set_title("coverage (% of matmul MACs)")
+    for axis in (err, agree, cover):
+        axis.tick_params(axis="x", rotation=45)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_profile(profile: Profile, path: Path, title: str) -> None:
     """Firing rate and SOPs per site (block x role heatmaps), and firing rate per step."""
     import matplotlib

@@ -46,7 +46,8 @@ def test_eval_encoder_reports_cosine():
 
 def test_debug_table_and_dump(tmp_path):
     out = _run("debug", "tiny-llama", "--passes", "encode", "-T", "8", "--calib-tokens", "512",
-               "--dump", str(tmp_path / "dump"))
+               "--dump", str(tmp_path / "dump"), "--plot", str(tmp_path / "passes.png"))
+    assert (tmp_path / "passes.png").read_bytes()[:4] == b"\x89PNG"
     assert "(traced ANN)" in out and "encode" in out and "100.00%" in out
     files = sorted(p.name for p in (tmp_path / "dump").iterdir())
     assert files == ["00_traced_ANN.txt", "01_encode.txt", "passes.jsonl"]
