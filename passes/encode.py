@@ -113,12 +113,7 @@ class EncodePass(Pass):
             bias, weight = None, weight.t()
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             raise PipelineError(f"'{node.name}': addmm with alpha/beta is not supported by encode")
-        spikes, _ = encode(x, node, per_last_dim=True)
-        r = _ranges_of(gm, spikes)
-        folded = add_constant(gm, f"{w_node.target}_folded", weight * r, node)
+        spikes, r_node = encode(x, node, per_last_dim=True)
+        folded = add_constant(gm, f"{w_node.target}_folded", weight * get_tensor(gm, r_node), node)
         with gm.graph.inserting_before(node):
             return gm.graph.call_function(snn.spike_linear.default, (spikes, folded, bias))
-
-
-def _ranges_of(gm: fx.GraphModule, spikes: fx.Node) -> torch.Tensor:
-    return get_tensor(gm, spikes.args[1])

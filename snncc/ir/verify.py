@@ -94,7 +94,7 @@ class CoverageReport:
                 "position_only": self.position_only}
 
 
-def _analog_reason(node: fx.Node, gm: fx.GraphModule) -> str:
+def _analog_reason(node: fx.Node) -> str:
     activation, weight = matmul_operands(node)
     if weight.op == "get_attr":
         return f"input '{activation.name}' is analog (no pass in the pipeline encoded it)"
@@ -112,7 +112,7 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
             report.analog_macs += site.macs
             report.analog_sites.append(AnalogSite(site.node.name, site.node.meta.get("source", ""),
                                                   str(site.node.target), site.macs,
-                                                  _analog_reason(site.node, gm)))
+                                                  _analog_reason(site.node)))
     dependent = data_dependent_nodes(gm.graph)
     for n in gm.graph.nodes:
         if n.op != "call_function" or _namespace(n.target) != "aten":
