@@ -1,6 +1,13 @@
 """The one exception type users see: a message that names the problem and what to do."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (or its type): enough to name the cause
+    inside a one-line snncc error."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class SnnccError(Exception):
     """A user-facing error; the CLI prints it on one line and exits non-zero."""
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from snncc.errors import ModelError
+from snncc.errors import ModelError, first_line
 from snncc.ir.rewrite import readable_name
 from snncc.models import LoadedModel
 
@@ -76,8 +76,7 @@ def trace(model: LoadedModel) -> fx.GraphModule:
         with torch.no_grad():
             exported = torch.export.export(model.module, (example,), dynamic_shapes=dims)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"torch.export could not trace '{model.name}': {first}") from exc
+        raise ModelError(f"torch.export could not trace '{model.name}': {first_line(exc)}") from exc
     gm = _clean(exported.module())
     log.info("traced %s: %d nodes", model.name, len(gm.graph.nodes))
     return gm

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from snncc.errors import ModelError
+from snncc.errors import ModelError, first_line
 from snncc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 CAUSAL_LM = "causal-lm"
@@ -168,8 +168,7 @@ def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"'{source}' has a model but no usable tokenizer ({first}): save one beside it with "
+        raise ModelError(f"'{source}' has a model but no usable tokenizer ({first_line(exc)}): save one beside it with "
                          "tokenizer.save_pretrained(...)") from exc
     return _finish(name, model, HFTokenizer(tokenizer), task)
 
@@ -181,7 +180,7 @@ def _load_hub_id(model_id: str) -> LoadedModel:
         try:
             return _load_hf_directory(model_id, model_id, local_only=local_only)
         except Exception as exc:  # transformers raises many types for "not found"
-            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            errors.append(first_line(exc))
     raise ModelError(
         f"unknown model '{model_id}': not a builtin ({', '.join(BUILTINS)}), not a local "
         f"directory, and not loadable from the Hugging Face cache or hub ({errors[-1]})"
@@ -205,8 +204,7 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
         except ModelError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"cannot load the model in directory '{model}': {first}") from exc
+            raise ModelError(f"cannot load the model in directory '{model}': {first_line(exc)}") from exc
     if "/" not in model or model.count("/") > 1:
         raise ModelError(f"unknown model '{model}': use a builtin ({', '.join(BUILTINS)}), "
                          "a local model directory, or a Hugging Face id (owner/name)")
