@@ -50,9 +50,12 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _prepare(model, calib, calib_tokens):
+def _prepare(model, passes, T, calib, calib_tokens):
+    """Check the pipeline spec and options (fast), then load, trace and set up calibration (slow)."""
     from snncc.api import prepare
+    from snncc.pipeline import parse_pipeline
 
+    parse_pipeline(passes, T)
     if calib_tokens < 2:
         raise InputError(f"--calib-tokens must be at least 2, got {calib_tokens}")
     return prepare(model, calib, calib_tokens, progress=_progress())
@@ -120,12 +123,10 @@ def main(verbose: int) -> None:
 def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens):
     """Compile MODEL (builtin name, HF id or directory) with a pipeline; print fidelity and profile."""
     from snncc.api import compile_graph
-    from snncc.pipeline import parse_pipeline
     from snncc.render import print_eval, print_profile_summary
 
-    parse_pipeline(passes, T)  # fail on a bad spec before the slow part
     out_path = _check_output_path(output) if output else None
-    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, passes, T, device=device)
     cov = program.info.coverage
     nodes = len(program.graph_module.graph.nodes)
@@ -158,15 +159,13 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
     """Fidelity of MODEL's spiking program vs the ANN on held-out text."""
     from snncc.api import compile_graph
     from snncc.evaluate import evaluate
-    from snncc.pipeline import parse_pipeline
     from snncc.render import print_eval
 
-    parse_pipeline(passes, T)
     if text:
         from snncc.calibration import read_text
 
         read_text(text)  # refuse a missing or empty file before loading the model
-    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, passes, T, device=device)
     chunks = _eval_chunks(loaded.tokenizer, text, max_tokens, seq_len, loaded.max_positions)
     result = evaluate(program, loaded.module, chunks, progress=_progress())
@@ -192,10 +191,8 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
     """Run the pipeline pass by pass: time, nodes, coverage and error vs the ANN after each."""
     from snncc.api import compile_graph
     from snncc.debug import PassTable
-    from snncc.pipeline import parse_pipeline
 
-    parse_pipeline(passes, T)
-    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
     sample = _eval_chunks(loaded.tokenizer, text, 128, 128, loaded.max_positions)[0]
     table = PassTable(loaded, sample, Path(dump) if dump else None, device)
     compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
@@ -267,7 +264,7 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
     else:
         from snncc.api import compile_graph
 
-        loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+        loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
         program = compile_graph(loaded, ann, ctx, passes, T, device=device)
     ids = program.tokenizer.encode(prompt)
     if not ids:
