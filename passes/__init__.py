@@ -1,3 +1,3 @@
 """Rewrite passes; importing this package registers them all."""
 
-from snncc.passes import encode, fold  # noqa: F401
+from snncc.passes import attention, encode, ffn, fold, nonlinear  # noqa: F401

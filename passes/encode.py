@@ -26,22 +26,61 @@ import torch.fx as fx
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.ir.analysis import LINEAR_TARGETS, MATMUL_TARGETS, data_dependent_nodes, matmul_operands
-from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, readable_name
+from snncc.ir.ops import train_steps
+from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
 from snncc.pipeline import Pass, PassResult, register_pass
 
 snn = torch.ops.snn
 _RANGE_FLOOR = 1e-6  # relative to the tensor's largest range: channels that never fired in calibration
 
 
-def _ranges(ctx: CalibrationContext, node: fx.Node, per_last_dim: bool, headroom: float,
-            floor: float) -> torch.Tensor:
-    stats = ctx.stats.get(node.name)
-    if stats is None:
-        raise PipelineError(f"no calibration range for '{node.name}': run encode on graph nodes the ANN recorded")
-    r = stats.absmax
-    if per_last_dim:
-        r = r.reshape(-1, r.shape[-1]).amax(0)
-    return (r.clamp(min=float(r.max()) * max(floor, _RANGE_FLOOR) + 1e-12) * headroom).float()
+def calib_name(node: fx.Node) -> str:
+    """The tensor whose calibration statistics describe `node`: the ANN node it replaced."""
+    return node.meta.get("calib_name", node.name)
+
+
+class Encoders:
+    """The MT encoders of one pass: one per (tensor, range layout), with ranges from
+    calibration. A tensor that is already a decoded spike train (a nonlinear neuron's
+    output) is read as that train, not encoded again."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: CalibrationContext, T: int, headroom: float,
+                 floor: float, created_by: str):
+        self.gm, self.ctx, self.T = gm, ctx, T
+        self.headroom, self.floor, self.created_by = headroom, floor, created_by
+        self.made: dict[tuple[str, bool], tuple[fx.Node, fx.Node]] = {}
+
+    def is_train(self, x: fx.Node) -> bool:
+        return x.target == snn.decode.default and train_steps(x.args[0]) == self.T
+
+    def require(self, nodes) -> None:
+        """Record the calibration ranges of every node these encoders will be asked for."""
+        self.ctx.require({calib_name(x) for x in nodes if not self.is_train(x)}, self.gm)
+
+    def __call__(self, x: fx.Node, before: fx.Node, per_last_dim: bool) -> tuple[fx.Node, fx.Node]:
+        """(spike train, range) of x, inserted before `before` the first time it is asked for."""
+        if self.is_train(x):
+            return x.args[0], x.args[1]
+        key = (x.name, per_last_dim)
+        if key not in self.made:
+            r = self._range(x, per_last_dim)
+            r_node = add_constant(self.gm, f"{x.name}_range", r, before)
+            with self.gm.graph.inserting_before(before):
+                spikes = self.gm.graph.call_function(snn.mt_encode.default, (x, r_node, self.T))
+            spikes._rename(f"{x.name}_spikes")
+            spikes.meta.update(source=x.meta.get("source", ""), created_by=self.created_by,
+                               snn={"code": "mt", "T": self.T, "range": tuple(r.shape)})
+            self.made[key] = (spikes, r_node)
+        return self.made[key]
+
+    def _range(self, x: fx.Node, per_last_dim: bool) -> torch.Tensor:
+        stats = self.ctx.stats.get(calib_name(x))
+        if stats is None:
+            raise PipelineError(f"no calibration range for '{x.name}': the ANN never computed it")
+        r = stats.absmax
+        if per_last_dim:
+            r = r.reshape(-1, r.shape[-1]).amax(0)
+        return (r.clamp(min=float(r.max()) * max(self.floor, _RANGE_FLOOR) + 1e-12) * self.headroom).float()
 
 
 @register_pass
@@ -59,23 +98,9 @@ class EncodePass(Pass):
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         graph = gm.graph
         dependent = data_dependent_nodes(graph)
-        ctx.require(a.name for n in graph.nodes if n in dependent and n.target in self.lowers
-                    for a in matmul_operands(n) if a in dependent)
-        encoders: dict[tuple[str, bool], tuple[fx.Node, fx.Node]] = {}
-
-        def encode(x: fx.Node, before: fx.Node, per_last_dim: bool) -> tuple[fx.Node, fx.Node]:
-            key = (x.name, per_last_dim)
-            if key not in encoders:
-                r = _ranges(ctx, x, per_last_dim, self.headroom, self.floor)
-                r_node = add_constant(gm, f"{x.name}_range", r, before)
-                with graph.inserting_before(before):
-                    spikes = graph.call_function(snn.mt_encode.default, (x, r_node, self.T))
-                spikes._rename(f"{x.name}_spikes")
-                spikes.meta.update(source=x.meta.get("source", ""), created_by=self.name,
-                                   snn={"code": "mt", "T": self.T, "range": tuple(r.shape)})
-                encoders[key] = (spikes, r_node)
-            return encoders[key]
-
+        encode = Encoders(gm, ctx, self.T, self.headroom, self.floor, self.name)
+        encode.require(a for n in graph.nodes if n in dependent and n.target in self.lowers
+                       for a in matmul_operands(n) if a in dependent)
         modified = False
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in dependent:
@@ -91,10 +116,7 @@ class EncodePass(Pass):
                     new = graph.call_function(snn.spike_matmul.default, (sa, ra, sb, rb))
             else:
                 continue
-            new.meta.update(source=node.meta.get("source", ""), created_by=self.name)
-            new._rename(readable_name(new))
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_node(node, new, self.name)
             modified = True
         drop_unused_constants(gm)
         return PassResult(gm, modified)

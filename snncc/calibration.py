@@ -109,17 +109,29 @@ class CalibrationContext:
         self.ann = ann
         self.progress = progress
 
-    def require(self, names: Iterable[str]) -> None:
-        """Make sure `stats` holds every named ANN tensor, recording what is missing."""
+    def require(self, names: Iterable[str], current: fx.GraphModule | None = None) -> None:
+        """Make sure `stats` holds every named tensor, recording what is missing: from the ANN
+        where it has the node, else from `current` (a pass's graph, run as it stands, for
+        tensors a pass created, such as a decomposed norm's centred input)."""
         missing = {name for name in names if name not in self.stats}
         if not missing:
             return
         if self.ann is None:
             raise RuntimeError("CalibrationContext.require needs attach(ann) first")
-        nodes = {n.name: n for n in self.ann.graph.nodes}
-        dependent = data_dependent_nodes(self.ann.graph)
-        watched = {name: reduced_dims(nodes[name]) for name in missing if nodes.get(name) in dependent}
-        observed = _observed_copy(self.ann, watched, self.stats)
+        in_ann = {n.name for n in self.ann.graph.nodes} & missing
+        self._record(self.ann, in_ann)
+        if missing - in_ann:
+            if current is None:
+                raise RuntimeError(f"tensors {sorted(missing - in_ann)} are not in the ANN graph")
+            self._record(current, missing - in_ann)
+
+    def _record(self, gm: fx.GraphModule, names: set[str]) -> None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        dependent = data_dependent_nodes(gm.graph)
+        watched = {name: reduced_dims(nodes[name]) for name in names if nodes.get(name) in dependent}
+        if not watched:
+            return
+        observed = _observed_copy(gm, watched, self.stats)
         with torch.no_grad():
             for batch in tqdm(self.batches, desc="calibrating", disable=not self.progress, leave=False):
                 observed(batch)

@@ -54,6 +54,9 @@ class Pass:
 PASSES: dict[str, type[Pass]] = {}
 PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
+    # LAS (METHODS.md): fold norm weights, spiking nonlinearities and norms, spiking softmax,
+    # spike x spike products, then every matmul input a spike train.
+    "las": ("fold", "nonlinear", "attention", "ffn", "encode"),
 }
 
 

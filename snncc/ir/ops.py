@@ -77,14 +77,20 @@ def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     """
     u = (x / scale).reshape(-1)
     out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
-    code = torch.int32 if T <= 30 else torch.int64  # int32 halves the scratch traffic
-    shifts = torch.arange(T - 1, -1, -1, device=x.device, dtype=code).unsqueeze(1)
     chunk = max(4096, _ENCODE_SCRATCH // T)
     for start in range(0, u.numel(), chunk):
         membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
-        bits = torch.bitwise_and(torch.bitwise_right_shift(membrane.to(code).unsqueeze(0), shifts), 1)
-        out[:, start : start + chunk] = bits.mul_(sign.to(code))
+        out[:, start : start + chunk] = code_digits(membrane, sign, T)
     return out.view(T, *x.shape)
+
+
+def code_digits(magnitude: torch.Tensor, sign: torch.Tensor, T: int) -> torch.Tensor:
+    """The T spikes (MSB first, int8 in {-1, 0, 1}) of integer codes |k| < 2^T with signs:
+    step t fires where bit T-1-t of |k| is set, as an MT neuron with residual |k| would."""
+    code = torch.int32 if T <= 30 else torch.int64  # int32 halves the scratch traffic
+    shifts = torch.arange(T - 1, -1, -1, device=magnitude.device, dtype=code).unsqueeze(1)
+    bits = torch.bitwise_and(torch.bitwise_right_shift(magnitude.to(code).unsqueeze(0), shifts), 1)
+    return bits.mul_(sign.to(code)).to(torch.int8)
 
 
 def mt_initial_membrane(u: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,5 +206,113 @@ def _(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.
     return torch.matmul(a, b)
 
 
-SPIKE_SOURCES = {torch.ops.snn.mt_encode.default}
-SPIKE_SYNAPSES = {torch.ops.snn.spike_linear.default, torch.ops.snn.spike_matmul.default}
+def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+    """The integer codes (int64, shape of x) a table neuron sends: channel c of the last dim
+    compares its membrane with the thresholds of table bucket[c] (one table if bucket has
+    one entry) and takes the code of the interval it lands in."""
+    if bucket.numel() == 1:
+        index = torch.searchsorted(thresholds[int(bucket)], x.float().contiguous(), right=True)
+        return codes[int(bucket)][index]
+    flat = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
+    for b in torch.unique(bucket).tolist():
+        columns = torch.nonzero(bucket == b).squeeze(1)
+        index = torch.searchsorted(thresholds[b], flat[:, columns].contiguous(), right=True)
+        out[:, columns] = codes[b][index]
+    return out.view(x.shape)
+
+
+@torch.library.custom_op("snn::fn_encode", mutates_args=())
+def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
+              T: int) -> torch.Tensor:
+    """Nonlinear table neuron: the T-step MT train of f(x) for the f its thresholds encode
+    (snncc.ir.neurons): it compares its membrane x with sorted thresholds and fires the
+    binary digits of the code of the interval x lies in. Decodes with the range of each
+    channel's table (snn.decode)."""
+    k = table_codes(x, thresholds, codes, bucket).reshape(-1)
+    return code_digits(k.abs(), torch.sign(k), T).view(T, *x.shape)
+
+
+@fn_encode.register_fake
+def _(x, thresholds, codes, bucket, T):
+    return x.new_empty((T, *x.shape), dtype=torch.int8)
+
+
+@torch.library.custom_op("snn::spike_mul", mutates_args=())
+def spike_mul(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+    """Exact elementwise spike x spike product of two MT trains (gated FFNs, squares):
+    the partial-sum scheme of spike_matmul, one synapse per element."""
+    if _execution_mode.get() == "unrolled":
+        partial_a = torch.zeros(sa.shape[1:], dtype=scale_a.dtype, device=sa.device)
+        partial_b = torch.zeros(sb.shape[1:], dtype=scale_b.dtype, device=sb.device)
+        out = None
+        for t in range(sa.shape[0]):
+            gain = step_gain(t)
+            a_t = sa[t].to(scale_a.dtype) * (scale_a * gain)
+            b_t = sb[t].to(scale_b.dtype) * (scale_b * gain)
+            partial_b.add_(b_t)
+            step = a_t * partial_b + partial_a * b_t
+            partial_a.add_(a_t)
+            out = step if out is None else out.add_(step)
+        return out
+    dtype = torch.float64 if _execution_mode.get() == "exact" else scale_a.dtype
+    a_hat = _decode_unit(sa, dtype) * scale_a.to(dtype)
+    b_hat = _decode_unit(sb, dtype) * scale_b.to(dtype)
+    return (a_hat * b_hat).to(scale_a.dtype)
+
+
+@spike_mul.register_fake
+def _(sa, scale_a, sb, scale_b):
+    shape = torch.broadcast_shapes(sa.shape[1:], scale_a.shape, sb.shape[1:], scale_b.shape)
+    return torch.empty(shape, dtype=scale_a.dtype, device=sa.device)
+
+
+def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor,
+                     codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mantissa code k, exponent F) of the floating-point neuron for a^power: a^power is
+    about k 2^-T 2^-F (snncc.ir.neurons.mantissa_table). frexp reads the exponent exactly;
+    it is what comparing a with the powers of two would give."""
+    mantissa, exponent = torch.frexp(a.float().clamp(min=torch.finfo(torch.float32).tiny))
+    m, e = mantissa * 2, exponent - 1  # a = m 2^e, m in [1, 2)
+    if power == -0.5:
+        odd = torch.remainder(e, 2)
+        m, e = m * (1 + odd), e - odd  # a = m 4^(e/2), m in [1, 4)
+        e = torch.div(e, 2, rounding_mode="floor")
+    k = codes[0][torch.searchsorted(thresholds[0], m.contiguous(), right=True)]
+    return k, e
+
+
+@torch.library.custom_op("snn::spike_normalize", mutates_args=())
+def spike_normalize(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: torch.Tensor,
+                    codes: torch.Tensor, T: int) -> torch.Tensor:
+    """x * a^power (power -1 or -1/2: softmax and norm denominators) where a^power is sent by
+    a floating-point neuron: an exponent (threshold units) and a T-step mantissa train whose
+    spikes each add the exponent-shifted x into the output. Relative error 2^-T at any scale
+    of a, which a fixed-range code cannot give (a spans orders of magnitude across tokens)."""
+    k, e = normalizer_codes(a, power, thresholds, codes)
+    if _execution_mode.get() == "unrolled":
+        out = torch.zeros(torch.broadcast_shapes(x.shape, a.shape), dtype=x.dtype, device=x.device)
+        sign, magnitude = torch.sign(k), k.abs()
+        for t, spikes in enumerate(code_digits(magnitude.reshape(-1), sign.reshape(-1), T)):
+            gain = torch.ldexp(spikes.view(k.shape).to(x.dtype), -(e + t + 1))
+            out.add_(x * gain)
+        return out
+    dtype = torch.float64 if _execution_mode.get() == "exact" else x.dtype
+    return (x.to(dtype) * torch.ldexp(k.to(dtype), -(e + T).to(dtype))).to(x.dtype)
+
+
+@spike_normalize.register_fake
+def _(x, a, power, thresholds, codes, T):
+    return torch.empty(torch.broadcast_shapes(x.shape, a.shape), dtype=x.dtype, device=x.device)
+
+
+SPIKE_SOURCES = {torch.ops.snn.mt_encode.default, torch.ops.snn.fn_encode.default}
+
+
+def train_steps(spikes) -> int:
+    """T of a spike source node (an fx.Node calling mt_encode or fn_encode)."""
+    return spikes.args[4] if spikes.target == torch.ops.snn.fn_encode.default else spikes.args[2]
+
+
+SPIKE_SYNAPSES = {torch.ops.snn.spike_linear.default, torch.ops.snn.spike_matmul.default,
+                  torch.ops.snn.spike_mul.default}

@@ -15,6 +15,18 @@ def readable_name(node: fx.Node) -> str:
     return f"{base}_{op}" if base else op
 
 
+def replace_node(old: fx.Node, new: fx.Node, created_by: str) -> None:
+    """Put `new` in place of `old`: it takes over old's users, source and calibration name,
+    gets a readable name, and `old` is erased."""
+    new.meta.update(source=old.meta.get("source", ""), created_by=created_by,
+                    calib_name=old.meta.get("calib_name", old.name))
+    if "val" in old.meta and "val" not in new.meta:
+        new.meta["val"] = old.meta["val"]
+    new._rename(readable_name(new))
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
 def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor behind a get_attr node."""
     owner = gm

@@ -22,12 +22,12 @@ from snncc.ir.analysis import (
     matmul_sites,
     propagate_shapes,
 )
-from snncc.ir.ops import SPIKE_SOURCES
+from snncc.ir.ops import SPIKE_SOURCES, train_steps
 
 snn = torch.ops.snn
 
 # Operand positions that must be spike trains, per synapse op.
-_SPIKE_OPERANDS = {snn.spike_linear.default: (0,), snn.spike_matmul.default: (0, 2)}
+_SPIKE_OPERANDS = {snn.spike_linear.default: (0,), snn.spike_matmul.default: (0, 2), snn.spike_mul.default: (0, 2)}
 
 
 class VerificationError(PipelineError):
@@ -50,7 +50,7 @@ def verify(gm: fx.GraphModule) -> None:
         if not (_namespace(node.target) in ("aten", "snn") or is_python_builtin(node.target)):
             raise VerificationError(f"{where}: unknown op {node.target}")
         if node.target in SPIKE_SOURCES:
-            steps.add(node.args[2])
+            steps.add(train_steps(node))
         for position in _SPIKE_OPERANDS.get(node.target, ()):
             operand = node.args[position]
             if not (isinstance(operand, fx.Node) and operand.target in SPIKE_SOURCES):

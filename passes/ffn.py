@@ -1,0 +1,68 @@
+"""ffn: every elementwise product of two activations becomes an exact spike x spike product.
+
+    aten.mul(a, b)   ->  snn.spike_mul(train(a), ra, train(b), rb)      (gated FFN: SiLU(g) * up)
+    aten.pow(a, 2)   ->  snn.spike_mul(train(a), ra, train(a), ra)      (the squares of a norm)
+
+train(a) is the nonlinear neuron's own train where a is one (SiLU(g) after `nonlinear`),
+else an MT encoder with per-channel calibrated ranges, as in `encode`. The product of the
+two codes is exact (partial sums: every step multiplies a spike by a stored sum), so the
+only error is each operand's code. Products with a constant or a position-only table
+(RoPE's cos and sin) are synaptic gains, not products of activations, and stay.
+
+Before spiking, the pass is the identity on the ANN: it changes no arithmetic except the
+products it lowers (tested). Norm weights fold into the linear layers in `fold`, which
+must run before norms are decomposed; `las` runs it first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from snncc.passes.encode import Encoders
+from snncc.calibration import CalibrationContext
+from snncc.ir.analysis import data_dependent_nodes
+from snncc.ir.rewrite import drop_unused_constants, replace_node
+from snncc.pipeline import Pass, PassResult, register_pass
+
+aten = torch.ops.aten
+snn = torch.ops.snn
+
+
+def activation_product(node: fx.Node, dependent: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The two activation operands of an elementwise product, or None."""
+    if node.target == aten.mul.Tensor and len(node.args) == 2:
+        a, b = node.args
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in dependent and b in dependent:
+            return a, b
+    if node.target == aten.pow.Tensor_Scalar and node.args[1] == 2 and node.args[0] in dependent:
+        return node.args[0], node.args[0]
+    return None
+
+
+@register_pass
+@dataclass
+class FfnPass(Pass):
+    name = "ffn"
+    stage = 45
+    summary = "activation x activation products (gated FFN, norm squares) -> exact spike x spike products"
+    lowers = frozenset({aten.mul.Tensor, aten.pow.Tensor_Scalar})
+
+    T: int = 16
+    headroom: float = 16.0
+
+    def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        dependent = data_dependent_nodes(gm.graph)
+        products = {n: ops for n in gm.graph.nodes if (ops := activation_product(n, dependent))}
+        encode = Encoders(gm, ctx, self.T, self.headroom, 0.0, self.name)
+        encode.require(x for ops in products.values() for x in ops)
+        for node, (a, b) in products.items():
+            sa, ra = encode(a, node, per_last_dim=True)
+            sb, rb = encode(b, node, per_last_dim=True)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(snn.spike_mul.default, (sa, ra, sb, rb))
+            replace_node(node, new, self.name)
+        drop_unused_constants(gm)
+        return PassResult(gm, bool(products))

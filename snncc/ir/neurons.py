@@ -1,0 +1,144 @@
+"""Threshold tables of the spiking nonlinear neurons, built at compile time.
+
+A table neuron reads its membrane potential x and sends the MT code of f(x):
+
+    k(x) = sign(f(x)) * min(floor(|f(x)| / r * 2^b + 1/2), 2^b - 1)     (b code bits, range r)
+
+k is a step function of x, constant between the points where f crosses a level
+(c + 1/2) r 2^-b. So the neuron is a comparator bank: it finds, by comparing its membrane
+with sorted thresholds (a binary search: b comparisons, one per time step), the interval
+its membrane lies in, and fires the binary digits of that interval's code. No function is
+evaluated at run time; f is evaluated here, in float64, to place the thresholds.
+
+Any piecewise-monotone f works (SiLU and GELU have one minimum): thresholds are found per
+monotone piece by bisection. The table has one threshold per level crossed, so its size
+is about 2^b per piece; b is capped at TABLE_MAX_BITS and codes for larger T are padded
+with silent low steps (error then stays at 2^-(TABLE_MAX_BITS+1) of the range).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+TABLE_MAX_BITS = 18
+_GRID = 1 << 16  # samples used to find the monotone pieces of f
+_BISECT = 64  # float64 bisection steps: enough to reach adjacent doubles on any domain here
+
+Function = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NeuronTable:
+    """Sorted thresholds (M,) float32 and the code of each of the M + 1 intervals (int64, at T bits)."""
+
+    thresholds: torch.Tensor
+    codes: torch.Tensor
+    bits: int  # code bits the thresholds resolve (<= T)
+
+
+def table_bits(T: int) -> int:
+    return min(T, TABLE_MAX_BITS)
+
+
+def code_of(y: torch.Tensor, out_range: float, bits: int) -> torch.Tensor:
+    """The MT code (signed integer, units of out_range * 2^-bits) of values y."""
+    levels = 2**bits
+    magnitude = torch.floor(y.abs() / out_range * levels + 0.5).clamp(max=levels - 1)
+    return (torch.sign(y) * magnitude).to(torch.int64)
+
+
+def _extrema(f: Function, lo: float, hi: float) -> list[float]:
+    """Interior local extrema of f on [lo, hi], located to float64 precision."""
+    grid = torch.linspace(lo, hi, _GRID + 1, dtype=torch.float64)
+    y = f(grid)
+    slope = torch.sign(torch.diff(y))
+    nonzero = slope != 0
+    points, s = [], slope[nonzero]
+    index = torch.nonzero(nonzero).squeeze(1)
+    for j in torch.nonzero(s[1:] != s[:-1]).squeeze(1).tolist():
+        a, b = float(grid[index[j]]), float(grid[index[j + 1] + 1])
+        sign = 1.0 if s[j] > 0 else -1.0  # rising then falling: a maximum
+        for _ in range(200):  # golden-section search for the extremum of sign * f
+            m1, m2 = a + (b - a) * 0.382, a + (b - a) * 0.618
+            v1, v2 = sign * f(torch.tensor([m1, m2], dtype=torch.float64))
+            if v1 < v2:
+                a = m1
+            else:
+                b = m2
+        points.append((a + b) / 2)
+    return points
+
+
+def _piece_thresholds(f: Function, a: float, b: float, out_range: float, bits: int) -> torch.Tensor:
+    """Points in [a, b] where the monotone f crosses a code boundary (c + 1/2) r 2^-bits."""
+    levels = 2**bits
+    delta = out_range / levels
+    fa, fb = (float(v) for v in f(torch.tensor([a, b], dtype=torch.float64)))
+    low, high = min(fa, fb), max(fa, fb)
+    c_lo = max(math.ceil(low / delta - 0.5), -(levels - 1))
+    c_hi = min(math.floor(high / delta - 0.5), levels - 2)
+    if c_hi < c_lo:
+        return torch.empty(0, dtype=torch.float64)
+    target = (torch.arange(c_lo, c_hi + 1, dtype=torch.float64) + 0.5) * delta
+    rising = fb >= fa
+    left = torch.full_like(target, a)
+    right = torch.full_like(target, b)
+    for _ in range(_BISECT):
+        mid = (left + right) / 2
+        below = f(mid) < target if rising else f(mid) >= target
+        left = torch.where(below, mid, left)
+        right = torch.where(below, right, mid)
+    return right
+
+
+def build_table(f: Function, out_range: float, T: int, domain: tuple[float, float]) -> NeuronTable:
+    """The threshold table of a neuron sending f(x) with range `out_range` at T steps.
+
+    Inputs below or above `domain` get the code at its ends."""
+    bits = table_bits(T)
+    lo, hi = domain
+    edges = [lo, *_extrema(f, lo, hi), hi]
+    pieces = [_piece_thresholds(f, a, b, out_range, bits) for a, b in zip(edges, edges[1:], strict=False)]
+    thresholds = torch.sort(torch.cat(pieces)).values
+    inner = (thresholds[1:] + thresholds[:-1]) / 2
+    first = torch.tensor([min(lo, float(thresholds[0]) - 1.0) if len(thresholds) else lo], dtype=torch.float64)
+    last = torch.tensor([hi], dtype=torch.float64)
+    samples = torch.cat([first, inner, last]) if len(thresholds) else first
+    codes = code_of(f(samples), out_range, bits)
+    keep = torch.ones(len(thresholds), dtype=torch.bool)
+    keep[codes[1:] == codes[:-1]] = False  # thresholds that change nothing (an extremum's own level)
+    codes = torch.cat([codes[:1], codes[1:][keep]])
+    return NeuronTable(thresholds[keep].float(), codes << (T - bits), bits)
+
+
+def stack_tables(tables: list[NeuronTable]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (n, M) threshold tensor (+inf padded) and (n, M + 1) code tensor for n tables."""
+    width = max(len(t.thresholds) for t in tables)
+    thresholds = torch.full((len(tables), width), math.inf, dtype=torch.float32)
+    codes = torch.empty((len(tables), width + 1), dtype=torch.int64)
+    for i, t in enumerate(tables):
+        n = len(t.thresholds)
+        thresholds[i, :n] = t.thresholds
+        codes[i, : n + 1] = t.codes
+        codes[i, n + 1 :] = t.codes[-1]
+    return thresholds, codes
+
+
+def mantissa_table(power: float, T: int) -> NeuronTable:
+    """The mantissa neuron of a^power for power -1 (1/a) or -1/2 (1/sqrt(a)).
+
+    a = base^F * m with m in [1, base) (base 2 for 1/a, 4 for 1/sqrt(a), so that base^power
+    = 1/2): a^power = 2^(-F) * m^power, m^power in (1/2, 1]. F is read off by comparing a
+    with powers of the base (threshold units), the mantissa by this table: the result keeps
+    its relative precision 2^-T over any range of a."""
+    return build_table(lambda m: m**power, 1.0, T, (1.0, normalize_base(power)))
+
+
+def normalize_base(power: float) -> float:
+    if power not in (-1.0, -0.5):
+        raise ValueError(f"spike_normalize supports powers -1 and -1/2, not {power}")
+    return 2.0 if power == -1.0 else 4.0
