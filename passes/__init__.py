@@ -1,3 +1,3 @@
 """Rewrite passes; importing this package registers them all."""
 
-from snncc.passes import attention, encode, ffn, fold, nonlinear  # noqa: F401
+from snncc.passes import attention, encode, ffn, fold, nonlinear, outlier  # noqa: F401

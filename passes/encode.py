@@ -45,13 +45,26 @@ class Encoders:
     output) is read as that train, not encoded again."""
 
     def __init__(self, gm: fx.GraphModule, ctx: CalibrationContext, T: int, headroom: float,
-                 floor: float, created_by: str):
-        self.gm, self.ctx, self.T = gm, ctx, T
+                 floor: float, created_by: str, outlier_ranges: int = 0):
+        self.gm, self.ctx, self.T, self.G = gm, ctx, T, outlier_ranges
         self.headroom, self.floor, self.created_by = headroom, floor, created_by
         self.made: dict[tuple[str, bool], tuple[fx.Node, fx.Node]] = {}
 
     def is_train(self, x: fx.Node) -> bool:
         return x.target == snn.decode.default and train_steps(x.args[0]) == self.T
+
+    def operands(self, node: fx.Node, dependent: set[fx.Node]) -> list[tuple[fx.Node, bool]]:
+        """The activation operands a synapse at `node` reads, each with its range layout
+        (per last dim for linear layers and products, per static dim for matmuls)."""
+        from snncc.passes.ffn import activation_product
+
+        if node.target in LINEAR_TARGETS or (node.target in MATMUL_TARGETS and matmul_operands(node)[1].op == "get_attr"):
+            x = matmul_operands(node)[0]
+            return [(x, True)] if x in dependent else []
+        if node.target in MATMUL_TARGETS:
+            return [(a, False) for a in matmul_operands(node) if a in dependent]
+        product = activation_product(node, dependent)
+        return [(a, True) for a in dict.fromkeys(product)] if product else []
 
     def require(self, nodes) -> None:
         """Record the calibration ranges of every node these encoders will be asked for."""
@@ -66,10 +79,14 @@ class Encoders:
             r = self._range(x, per_last_dim)
             r_node = add_constant(self.gm, f"{x.name}_range", r, before)
             with self.gm.graph.inserting_before(before):
-                spikes = self.gm.graph.call_function(snn.mt_encode.default, (x, r_node, self.T))
+                if self.G:
+                    spikes = self.gm.graph.call_function(snn.mr_encode.default, (x, r_node, self.T, self.G))
+                else:
+                    spikes = self.gm.graph.call_function(snn.mt_encode.default, (x, r_node, self.T))
             spikes._rename(f"{x.name}_spikes")
             spikes.meta.update(source=x.meta.get("source", ""), created_by=self.created_by,
-                               snn={"code": "mt", "T": self.T, "range": tuple(r.shape)})
+                               snn={"code": "mr" if self.G else "mt", "T": self.T, "ranges": self.G + 1,
+                                    "range": tuple(r.shape)})
             self.made[key] = (spikes, r_node)
         return self.made[key]
 

@@ -86,6 +86,13 @@ def _observed_copy(ann: fx.GraphModule, watched: dict[str, tuple[int, ...]],
     return gm
 
 
+def _recordable(gm: fx.GraphModule) -> list[fx.Node]:
+    """Data-dependent floating-point tensors: what any pass may need a range of."""
+    dependent = data_dependent_nodes(gm.graph)
+    return [n for n in gm.graph.nodes if n in dependent and n.op == "call_function"
+            and isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_floating_point()]
+
+
 @dataclass
 class CalibrationContext:
     """What passes share: calibration batches and the ANN's activation ranges.
@@ -119,7 +126,8 @@ class CalibrationContext:
         if self.ann is None:
             raise RuntimeError("CalibrationContext.require needs attach(ann) first")
         in_ann = {n.name for n in self.ann.graph.nodes} & missing
-        self._record(self.ann, in_ann)
+        if in_ann:  # one run of the ANN records every tensor a later pass may ask for
+            self._record(self.ann, in_ann | {n.name for n in _recordable(self.ann)} - set(self.stats))
         if missing - in_ann:
             if current is None:
                 raise RuntimeError(f"tensors {sorted(missing - in_ann)} are not in the ANN graph")

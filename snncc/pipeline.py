@@ -56,7 +56,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
     # LAS (METHODS.md): fold norm weights, spiking nonlinearities and norms, spiking softmax,
     # spike x spike products, then every matmul input a spike train.
-    "las": ("fold", "nonlinear", "attention", "ffn", "encode"),
+    "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode"),
 }
 
 

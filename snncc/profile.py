@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
-from snncc.ir.ops import execution_mode
+from snncc.ir.ops import SPIKE_SOURCES, code_digits, execution_mode, normalizer_codes
 
 snn = torch.ops.snn
 
@@ -127,14 +127,8 @@ class _Counter(fx.Interpreter):
         if n.op != "call_function":
             return result
         p = self.profile
-        if n.target == snn.mt_encode.default:
-            per_step = [int(torch.count_nonzero(step)) for step in result]
-            p.spikes_per_step[n.name] = per_step
-            spikes = sum(per_step)
-            self.nnz[n.name] = spikes
-            p.spikes += spikes
-            p.neurons += result[0].numel()
-            p.T = result.shape[0]
+        if n.target in SPIKE_SOURCES:
+            self._count_train(n.name, result)
         elif n.target == snn.spike_linear.default:
             s = self.env[n.args[0]]
             fan_out = result.shape[-1]
@@ -153,12 +147,42 @@ class _Counter(fx.Interpreter):
             row.sops = nnz_a * cols + nnz_b * m
             row.ann_macs = result.numel() * k
             p.layers.append(row)
+        elif n.target == snn.spike_mul.default:
+            sa, sb = self.env[n.args[0]], self.env[n.args[2]]
+            nnz_a, nnz_b = self.nnz[n.args[0].name], self.nnz[n.args[2].name]
+            # Each spike adds the other operand's partial sum into one output: fan-out 1.
+            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_mul",
+                               sa[0].numel() + sb[0].numel(), nnz_a + nnz_b, sa.shape[0])
+            row.sops = nnz_a + nnz_b
+            row.ann_macs = result.numel()
+            p.layers.append(row)
+        elif n.target == snn.spike_normalize.default:
+            x, a, power, thresholds, codes, T = (self.env.get(v, v) if isinstance(v, fx.Node) else v
+                                                 for v in n.args)
+            k, _ = normalizer_codes(a, power, thresholds, codes)
+            digits = code_digits(k.abs().reshape(-1), torch.sign(k).reshape(-1), T)
+            self._count_train(f"{n.name}_mantissa", digits)
+            fan_out = result.numel() // max(k.numel(), 1)  # each spike scales a whole row of x
+            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_normalize", k.numel(),
+                               self.nnz[f"{n.name}_mantissa"], T)
+            row.sops = row.spikes_in * fan_out
+            row.ann_macs = result.numel()
+            p.layers.append(row)
         elif n.target in ANALOG_MATMULS and n in self.dependent:
             a, _ = matmul_operands(n)
             macs = result.numel() * self.env[a].shape[-1]
             p.layers.append(LayerProfile(n.name, n.meta.get("source", ""), "analog",
                                          analog_macs=macs, ann_macs=macs))
         return result
+
+    def _count_train(self, name: str, spikes: torch.Tensor) -> None:
+        p = self.profile
+        per_step = [int(torch.count_nonzero(step)) for step in spikes]
+        p.spikes_per_step[name] = per_step
+        self.nnz[name] = sum(per_step)
+        p.spikes += self.nnz[name]
+        p.neurons += spikes[0].numel()
+        p.T = max(p.T, spikes.shape[0])
 
 
 def profile_graph(gm: fx.GraphModule, input_ids: torch.Tensor, energy: str = "45nm",

@@ -84,6 +84,42 @@ def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     return out.view(T, *x.shape)
 
 
+MAX_OUTLIER_RANGES = 6  # graded spikes +-2^j, j <= 6, fit int8
+
+
+@torch.library.custom_op("snn::mr_encode", mutates_args=())
+def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
+    """Multi-range (outlier-aware) neuron: the MT code of x at the smallest of the ranges
+    scale * 2^j, j = 0..G, that holds |x|. The neuron picks j by comparing |x| with its G
+    range thresholds, then sends T ternary digits as graded spikes +-2^j (the range index
+    rides on the spike, as an OAT neuron's outlier spikes reach their own synapses), so
+    every value keeps T bits relative to its range. Decodes like mt_encode."""
+    u = (x / scale).reshape(-1)
+    out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
+    chunk = max(4096, _ENCODE_SCRATCH // T)
+    for start in range(0, u.numel(), chunk):
+        part = u[start : start + chunk].double()
+        j = range_index(part, T, G)
+        membrane, sign = mt_initial_membrane(torch.ldexp(part, -j), T)
+        out[:, start : start + chunk] = code_digits(membrane, sign, T) * torch.bitwise_left_shift(1, j).to(torch.int8)
+    return out.view(T, *x.shape)
+
+
+def range_index(u: torch.Tensor, T: int, G: int) -> torch.Tensor:
+    """How many of the range thresholds 2^i (1 - 2^-(T+1)), i < G, |u| reaches: the range
+    2^j in which |u| rounds to a code below 2^T."""
+    a = u.abs()
+    j = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
+    for i in range(G):
+        j += a >= 2.0**i * (1 - 2.0 ** -(T + 1))
+    return j
+
+
+@mr_encode.register_fake
+def _(x, scale, T, G):
+    return x.new_empty((T, *x.shape), dtype=torch.int8)
+
+
 def code_digits(magnitude: torch.Tensor, sign: torch.Tensor, T: int) -> torch.Tensor:
     """The T spikes (MSB first, int8 in {-1, 0, 1}) of integer codes |k| < 2^T with signs:
     step t fires where bit T-1-t of |k| is set, as an MT neuron with residual |k| would."""
@@ -306,7 +342,7 @@ def _(x, a, power, thresholds, codes, T):
     return torch.empty(torch.broadcast_shapes(x.shape, a.shape), dtype=x.dtype, device=x.device)
 
 
-SPIKE_SOURCES = {torch.ops.snn.mt_encode.default, torch.ops.snn.fn_encode.default}
+SPIKE_SOURCES = {torch.ops.snn.mt_encode.default, torch.ops.snn.fn_encode.default, torch.ops.snn.mr_encode.default}
 
 
 def train_steps(spikes) -> int:
