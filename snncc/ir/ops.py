@@ -89,29 +89,38 @@ MAX_OUTLIER_RANGES = 6  # graded spikes +-2^j, j <= 6, fit int8
 
 @torch.library.custom_op("snn::mr_encode", mutates_args=())
 def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
-    """Multi-range (outlier-aware) neuron: the MT code of x at the smallest of the ranges
-    scale * 2^j, j = 0..G, that holds |x|. The neuron picks j by comparing |x| with its G
-    range thresholds, then sends T ternary digits as graded spikes +-2^j (the range index
-    rides on the spike, as an OAT neuron's outlier spikes reach their own synapses), so
-    every value keeps T bits relative to its range. Decodes like mt_encode."""
+    """Multi-range (outlier-aware) ternary neuron: the signed-digit MT code of x at the
+    smallest of the ranges scale * 2^j, j = 0..G, that holds |x|. The neuron picks j by
+    comparing |x| with its G range thresholds, then sends T ternary digits in non-adjacent
+    form as graded spikes +-2^j (the range index rides on the spike, as an OAT neuron's
+    outlier spikes reach their own synapses). Every value keeps T bits relative to its
+    range, and a third of the digits or fewer are non-zero (binary: half). Decodes like
+    mt_encode."""
     u = (x / scale).reshape(-1)
     out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
     chunk = max(4096, _ENCODE_SCRATCH // T)
+    top = ternary_max_code(T)
     for start in range(0, u.numel(), chunk):
         part = u[start : start + chunk].double()
-        j = range_index(part, T, G)
-        membrane, sign = mt_initial_membrane(torch.ldexp(part, -j), T)
-        out[:, start : start + chunk] = code_digits(membrane, sign, T) * torch.bitwise_left_shift(1, j).to(torch.int8)
+        j = range_index(part, (top + 0.5) * 2.0**-T, G)
+        membrane, sign = mt_initial_membrane(torch.ldexp(part, -j), T, top)
+        spikes = code_digits(membrane, sign, T, ternary=True)
+        out[:, start : start + chunk] = spikes * torch.bitwise_left_shift(1, j).to(torch.int8)
     return out.view(T, *x.shape)
 
 
-def range_index(u: torch.Tensor, T: int, G: int) -> torch.Tensor:
-    """How many of the range thresholds 2^i (1 - 2^-(T+1)), i < G, |u| reaches: the range
-    2^j in which |u| rounds to a code below 2^T."""
+def ternary_max_code(T: int) -> int:
+    """The largest code whose non-adjacent form has T digits: 1010...1 = (2^(T+1) - 1) / 3."""
+    return (2 ** (T + 1) - 1) // 3
+
+
+def range_index(u: torch.Tensor, limit: float, G: int) -> torch.Tensor:
+    """How many of the range thresholds 2^i * limit, i < G, |u| reaches: the smallest range
+    2^j whose codes hold |u| (limit: the largest code's value plus half a step)."""
     a = u.abs()
     j = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
     for i in range(G):
-        j += a >= 2.0**i * (1 - 2.0 ** -(T + 1))
+        j += a >= 2.0**i * limit
     return j
 
 
@@ -120,16 +129,25 @@ def _(x, scale, T, G):
     return x.new_empty((T, *x.shape), dtype=torch.int8)
 
 
-def code_digits(magnitude: torch.Tensor, sign: torch.Tensor, T: int) -> torch.Tensor:
-    """The T spikes (MSB first, int8 in {-1, 0, 1}) of integer codes |k| < 2^T with signs:
-    step t fires where bit T-1-t of |k| is set, as an MT neuron with residual |k| would."""
-    code = torch.int32 if T <= 30 else torch.int64  # int32 halves the scratch traffic
+def code_digits(magnitude: torch.Tensor, sign: torch.Tensor, T: int, ternary: bool = False) -> torch.Tensor:
+    """The T spikes (MSB first, int8 in {-1, 0, 1}) of integer codes |k| with signs.
+
+    Binary (|k| < 2^T): step t fires where bit T-1-t of |k| is set, as an MT neuron with
+    residual |k| would. Ternary (|k| <= ternary_max_code(T)): the non-adjacent form, digit
+    bit(3k/2) - bit(k/2): a pair of MT neurons fed 3x/2 and x/2 whose spikes cancel when
+    both fire; no two adjacent digits are non-zero."""
+    code = torch.int32 if T <= 29 else torch.int64  # int32 halves the scratch traffic
     shifts = torch.arange(T - 1, -1, -1, device=magnitude.device, dtype=code).unsqueeze(1)
-    bits = torch.bitwise_and(torch.bitwise_right_shift(magnitude.to(code).unsqueeze(0), shifts), 1)
-    return bits.mul_(sign.to(code)).to(torch.int8)
+    k = magnitude.to(code).unsqueeze(0)
+    if ternary:
+        digits = (torch.bitwise_and(torch.bitwise_right_shift(3 * k, shifts + 1), 1)
+                  - torch.bitwise_and(torch.bitwise_right_shift(k, shifts + 1), 1))
+    else:
+        digits = torch.bitwise_and(torch.bitwise_right_shift(k, shifts), 1)
+    return digits.mul_(sign.to(code)).to(torch.int8)
 
 
-def mt_initial_membrane(u: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mt_initial_membrane(u: torch.Tensor, T: int, max_code: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The MT neuron's starting residual in units of its last threshold 2^-T (an integer:
     floor(|u| 2^T + 1/2), clipped to 2^T - 1) and its sign, for normalised inputs u = x/scale.
 
@@ -137,7 +155,8 @@ def mt_initial_membrane(u: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Te
     start from this, so their spikes agree bit for bit."""
     u = u.double().clamp(-1.0, 1.0)
     levels = 2**T
-    membrane = torch.floor(u.abs() * levels + 0.5).clamp_(max=levels - 1).to(torch.int64)
+    top = levels - 1 if max_code is None else max_code
+    membrane = torch.floor(u.abs() * levels + 0.5).clamp_(max=top).to(torch.int64)
     return membrane, torch.sign(u).to(torch.int64)
 
 
