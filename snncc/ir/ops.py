@@ -101,12 +101,43 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
     chunk = max(4096, _ENCODE_SCRATCH // T)
     top = ternary_max_code(T)
     for start in range(0, u.numel(), chunk):
-        part = u[start : start + chunk].double()
-        j = range_index(part, (top + 0.5) * 2.0**-T, G)
-        membrane, sign = mt_initial_membrane(torch.ldexp(part, -j), T, top)
+        membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
         spikes = code_digits(membrane, sign, T, ternary=True)
         out[:, start : start + chunk] = spikes * torch.bitwise_left_shift(1, j).to(torch.int8)
     return out.view(T, *x.shape)
+
+
+def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(code magnitude, sign, range index j) of normalised inputs u for mr_encode.
+
+    Exact in float32 for T <= 22 (every product with a power of two and every code up to
+    2^23 is representable), so encoder and quantizer agree bit for bit and stay fast."""
+    u = u.float() if T <= 22 else u.double()
+    top = ternary_max_code(T)
+    a = u.abs()
+    j = range_index(a, (top + 0.5) * 2.0**-T, G)
+    scaled = a * torch.tensor([2.0 ** (T - i) for i in range(G + 1)], dtype=u.dtype, device=u.device)[j]
+    membrane = torch.floor(scaled.add_(0.5)).clamp_(max=top).to(torch.int64)
+    return membrane, torch.sign(u).to(torch.int64), j
+
+
+@torch.library.custom_op("snn::mr_quantize", mutates_args=())
+def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
+    """What an mr_encode train decodes to (in units of scale), computed without the train;
+    bit-identical to decoding it for T <= 22. For the fused executor."""
+    u = (x / scale).reshape(-1)
+    out = torch.empty_like(u)
+    gains = torch.tensor([2.0 ** (i - T) for i in range(G + 1)], dtype=u.dtype, device=u.device)
+    chunk = 1 << 20
+    for start in range(0, u.numel(), chunk):
+        membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
+        out[start : start + chunk] = membrane.mul_(sign).to(u.dtype).mul_(gains[j])
+    return out.view(torch.broadcast_shapes(x.shape, scale.shape))
+
+
+@mr_quantize.register_fake
+def _(x, scale, T, G):
+    return torch.empty(torch.broadcast_shapes(x.shape, scale.shape), dtype=x.dtype, device=x.device)
 
 
 def ternary_max_code(T: int) -> int:
@@ -114,14 +145,12 @@ def ternary_max_code(T: int) -> int:
     return (2 ** (T + 1) - 1) // 3
 
 
-def range_index(u: torch.Tensor, limit: float, G: int) -> torch.Tensor:
-    """How many of the range thresholds 2^i * limit, i < G, |u| reaches: the smallest range
-    2^j whose codes hold |u| (limit: the largest code's value plus half a step)."""
-    a = u.abs()
-    j = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
-    for i in range(G):
-        j += a >= 2.0**i * limit
-    return j
+def range_index(a: torch.Tensor, limit: float, G: int) -> torch.Tensor:
+    """How many of the range thresholds 2^i * limit (i < G, 1/2 <= limit < 1) |u| = a
+    reaches: the smallest range 2^j whose codes hold it. With a = m 2^e (m in [1/2, 1)),
+    that count is e + [m >= limit], clipped to 0..G: one exact comparison, not G."""
+    mantissa, exponent = torch.frexp(a)
+    return (exponent + (mantissa >= limit)).clamp_(0, G).long()
 
 
 @mr_encode.register_fake
@@ -286,6 +315,18 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
     channel's table (snn.decode)."""
     k = table_codes(x, thresholds, codes, bucket).reshape(-1)
     return code_digits(k.abs(), torch.sign(k), T).view(T, *x.shape)
+
+
+@torch.library.custom_op("snn::fn_quantize", mutates_args=())
+def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
+                T: int) -> torch.Tensor:
+    """What an fn_encode train decodes to (before its range), without the train: k 2^-T."""
+    return torch.ldexp(table_codes(x, thresholds, codes, bucket).to(x.dtype), torch.tensor(-T))
+
+
+@fn_quantize.register_fake
+def _(x, thresholds, codes, bucket, T):
+    return torch.empty_like(x)
 
 
 @fn_encode.register_fake
