@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.ir.neurons import build_table, mantissa_table, stack_tables
+from snncc.ir.neurons import exp_table, mantissa_table, stack_tables
 from snncc.ir.rewrite import add_constant, drop_unused_constants, replace_node
 from snncc.pipeline import Pass, PassResult, register_pass
 
@@ -58,7 +58,7 @@ class AttentionPass(Pass):
         if not softmaxes:
             return PassResult(gm, False)
         first = softmaxes[0]
-        exp_thr, exp_codes = stack_tables([build_table(torch.exp, 1.0, self.T, (-64.0, 64.0))])
+        exp_thr, exp_codes = stack_tables([exp_table(self.T)])
         inv_thr, inv_codes = stack_tables([mantissa_table(-1.0, self.T)])
         tables = {name: add_constant(gm, name, t, first).target for name, t in (
             ("exp_thresholds", exp_thr), ("exp_codes", exp_codes), ("inv_thresholds", inv_thr),

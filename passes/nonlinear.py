@@ -50,6 +50,7 @@ _AFFINE_OPS = {
 }
 _IDENTITY_OPS = {aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default}
 ELEMENTWISE_OPS = NONLINEAR_OPS | _AFFINE_OPS | _IDENTITY_OPS
+_TABLES: dict[tuple[str, int, int], NeuronTable] = {}
 _DOMAIN = 64.0  # table neurons place thresholds on [-D, D], D = max(64, 4 r); beyond, codes saturate
 
 
@@ -146,7 +147,6 @@ class NonlinearPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         self.sites: list[NeuronSite] = []  # per-site statistics, for `snncc debug`
-        self._tables: dict[tuple[str, int], NeuronTable] = {}
         self._buffers: dict[str, str] = {}
         modified = self._decompose_layer_norms(gm)
         modified |= self._lower_normalizers(gm)
@@ -196,11 +196,12 @@ class NonlinearPass(Pass):
                                      len(tables), int(sum(len(t.thresholds) for t in tables))))
 
     def _table(self, signature: str, f, exponent: int) -> NeuronTable:
-        key = (signature, exponent)
-        if key not in self._tables:
+        """Tables depend only on (function, range, T): built once per process."""
+        key = (signature, exponent, self.T)
+        if key not in _TABLES:
             r = 2.0**exponent
-            self._tables[key] = build_table(f, r, self.T, (-max(_DOMAIN, 4 * r), max(_DOMAIN, 4 * r)))
-        return self._tables[key]
+            _TABLES[key] = build_table(f, r, self.T, (-max(_DOMAIN, 4 * r), max(_DOMAIN, 4 * r)))
+        return _TABLES[key]
 
     def _constant(self, gm: fx.GraphModule, key: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
         """One buffer per distinct table, read by every site that uses it."""

@@ -18,6 +18,7 @@ with silent low steps (error then stays at 2^-(TABLE_MAX_BITS+1) of the range).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 
 TABLE_MAX_BITS = 18
 _GRID = 1 << 16  # samples used to find the monotone pieces of f
-_BISECT = 64  # float64 bisection steps: enough to reach adjacent doubles on any domain here
+_BISECT = 48  # bisection steps: a domain of width 2^9 shrinks to 2^-39, below float32 resolution
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,7 +56,9 @@ def _extrema(f: Function, lo: float, hi: float) -> list[float]:
     """Interior local extrema of f on [lo, hi], located to float64 precision."""
     grid = torch.linspace(lo, hi, _GRID + 1, dtype=torch.float64)
     y = f(grid)
-    slope = torch.sign(torch.diff(y))
+    step = torch.diff(y)
+    # Changes below float64 noise (tanh saturating at -1) are flat, not extrema.
+    slope = torch.sign(step) * (step.abs() > 1e-12 * (1 + float(y.abs().max())))
     nonzero = slope != 0
     points, s = [], slope[nonzero]
     index = torch.nonzero(nonzero).squeeze(1)
@@ -128,6 +131,13 @@ def stack_tables(tables: list[NeuronTable]) -> tuple[torch.Tensor, torch.Tensor]
     return thresholds, codes
 
 
+@functools.lru_cache(maxsize=16)
+def exp_table(T: int) -> NeuronTable:
+    """exp(x) for x <= 0 (softmax after the row max), range 1."""
+    return build_table(torch.exp, 1.0, T, (-64.0, 64.0))
+
+
+@functools.lru_cache(maxsize=16)
 def mantissa_table(power: float, T: int) -> NeuronTable:
     """The mantissa neuron of a^power for power -1 (1/a) or -1/2 (1/sqrt(a)).
 

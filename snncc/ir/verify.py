@@ -25,6 +25,7 @@ from snncc.ir.analysis import (
 from snncc.ir.ops import SPIKE_SOURCES, train_steps
 
 snn = torch.ops.snn
+aten = torch.ops.aten
 
 # Operand positions that must be spike trains, per synapse op.
 _SPIKE_OPERANDS = {snn.spike_linear.default: (0,), snn.spike_matmul.default: (0, 2), snn.spike_mul.default: (0, 2)}
@@ -101,6 +102,24 @@ def _analog_reason(node: fx.Node) -> str:
     return f"operands '{activation.name}' and '{weight.name}' are analog (no pass encoded them)"
 
 
+_ACCUMULATIONS = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.mean.dim, aten.sum.dim_IntList,
+                  aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.cumsum.default}
+_GAINS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+_COMPARISONS = {aten.amax.default, aten.max.dim, aten.maximum.default}
+
+
+def analog_op_reason(node: fx.Node, dependent: set[fx.Node]) -> str:
+    """Why a non-matmul op on activations is not a spiking op, in one phrase."""
+    op = str(node.target).removesuffix(".default")
+    if node.target in _ACCUMULATIONS:
+        return "membrane accumulation: adds and subtracts membrane potentials, no multiply"
+    if node.target in _GAINS and sum(a in dependent for a in node.all_input_nodes) <= 1:
+        return "constant gain: scales a membrane by a fixed or position-only value (RoPE, norm weight, 1/sqrt(d))"
+    if node.target in _COMPARISONS:
+        return "winner-take-all comparison (softmax row max): no arithmetic"
+    return f"no pass in the pipeline lowers {op}"
+
+
 def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128)) -> CoverageReport:
     """Measure spike-driven coverage for an input of `input_shape` (shapes only, no compute)."""
     propagate_shapes(gm, input_shape)
@@ -123,7 +142,7 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
         elif n.target not in ANALOG_MATMULS and n.target not in DATA_MOVEMENT:
             op = str(n.target).removesuffix(".default")
             report.analog_ops.append(AnalogSite(n.name, n.meta.get("source", ""), op, 0,
-                                                f"no pass in the pipeline lowers {op}"))
+                                                analog_op_reason(n, dependent)))
     return report
 
 

@@ -1,0 +1,171 @@
+"""Spiking neurons: table neurons, the multi-range ternary neuron, floating-point
+normalisers and the elementwise spike x spike product, over their whole ranges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snncc.ir.neurons import build_table, mantissa_table, stack_tables, table_bits
+from snncc.ir.ops import code_digits, execution_mode, ternary_max_code
+
+snn = torch.ops.snn
+
+FUNCTIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "exp": torch.exp,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "sqrt": lambda x: torch.sqrt(x.clamp(min=0)),
+}
+# Calibrated input ranges the neurons are checked over (exp: the max-subtracted logits).
+DOMAINS = {"exp": (-30.0, 0.0), "sqrt": (0.0, 50.0)}
+
+
+def _table_neuron(name: str, out_range: float, T: int):
+    table = build_table(FUNCTIONS[name], out_range, T, (-64.0, 64.0))
+    thresholds, codes = stack_tables([table])
+    bucket = torch.zeros(1, dtype=torch.int64)
+
+    def neuron(x: torch.Tensor) -> torch.Tensor:
+        spikes = snn.fn_encode(x, thresholds, codes, bucket, T)
+        return snn.decode(spikes, torch.tensor(out_range))
+
+    return neuron
+
+
+def table_neuron_error(name: str, T: int, out_range: float = 8.0, samples: int = 20001) -> tuple[float, float]:
+    """Max absolute and relative error of a table neuron over its calibrated input range."""
+    lo, hi = DOMAINS.get(name, (-8.0, 8.0))
+    x = torch.linspace(lo, hi, samples)
+    y = _table_neuron(name, out_range, T)(x).double()
+    ref = FUNCTIONS[name](x.double())
+    err = (y - ref).abs()
+    return float(err.max()), float((err / ref.abs().clamp(min=out_range * 2.0**-table_bits(T))).max())
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@settings(max_examples=15, deadline=None)
+@given(T=st.integers(4, 18), exponent=st.integers(-1, 5), data=st.data())
+def test_table_neuron_is_within_half_a_step(name, T, exponent, data):
+    """|neuron(x) - f(x)| <= r 2^-(T+1) wherever |f(x)| is inside the range (the documented
+    bound), plus the float32 rounding of x near a threshold."""
+    out_range = 2.0**exponent
+    lo, hi = DOMAINS.get(name, (-8.0, 8.0))
+    x = torch.tensor(data.draw(st.lists(st.floats(lo, hi, width=32), min_size=1, max_size=64)))
+    y = _table_neuron(name, out_range, T)(x).double()
+    ref = FUNCTIONS[name](x.double())
+    inside = ref.abs() <= out_range * (1 - 2.0**-T)
+    slack = 1e-6 * (1 + x.double().abs())
+    assert bool(((y - ref).abs() <= out_range * 2.0 ** -(T + 1) + slack)[inside].all())
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_table_neuron_error_falls_as_T_grows(name):
+    errors = [table_neuron_error(name, T)[0] for T in (6, 8, 12, 16)]
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+
+
+def test_table_neuron_sends_binary_spikes_that_decode_to_its_code():
+    x = torch.linspace(-6, 6, 1001)
+    table = build_table(F.silu, 4.0, 10, (-64.0, 64.0))
+    thresholds, codes = stack_tables([table])
+    spikes = snn.fn_encode(x, thresholds, codes, torch.zeros(1, dtype=torch.int64), 10)
+    assert spikes.dtype == torch.int8 and spikes.shape == (10, 1001)
+    assert set(spikes.unique().tolist()) <= {-1, 0, 1}
+    fused = snn.fn_quantize(x, thresholds, codes, torch.zeros(1, dtype=torch.int64), 10)
+    assert torch.equal(snn.decode(spikes, torch.tensor(1.0)), fused)
+
+
+def test_per_channel_tables_use_each_channels_range():
+    tables = [build_table(F.silu, 2.0**e, 12, (-64.0, 64.0)) for e in (0, 4)]
+    thresholds, codes = stack_tables(tables)
+    x = torch.stack([torch.linspace(-4, 0.7, 500), torch.linspace(-4, 15, 500)], dim=-1)
+    bucket = torch.tensor([0, 1])
+    y = snn.decode(snn.fn_encode(x, thresholds, codes, bucket, 12), torch.tensor([1.0, 16.0]))
+    err = (y.double() - F.silu(x.double())).abs().amax(0)
+    assert float(err[0]) <= 2.0**-13 + 1e-6 and float(err[1]) <= 16 * 2.0**-13 + 1e-5
+
+
+@pytest.mark.parametrize("power", [-1.0, -0.5])
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(6, 20), log_a=st.floats(-12, 12), x=st.floats(-100, 100, width=32))
+def test_floating_point_normaliser_keeps_relative_precision_at_any_scale(power, T, log_a, x):
+    """x * a^power within 2^-T (relative) of exact, a from 1e-12 to 1e12: no fixed range."""
+    thresholds, codes = stack_tables([mantissa_table(power, T)])
+    a = torch.tensor([10.0**log_a])
+    out = snn.spike_normalize(torch.tensor([x]), a, power, thresholds, codes, T).double()
+    exact = x * float(a.double()) ** power
+    assert abs(float(out) - exact) <= abs(exact) * 2.0 ** -(table_bits(T)) * 1.01 + 1e-30
+
+
+def test_normaliser_unrolled_steps_match_fused():
+    thresholds, codes = stack_tables([mantissa_table(-0.5, 14)])
+    x, a = torch.randn(4, 7, 32), torch.rand(4, 7, 1) * 100 + 1e-3
+    fused = snn.spike_normalize(x, a, -0.5, thresholds, codes, 14)
+    with execution_mode("unrolled"):
+        unrolled = snn.spike_normalize(x, a, -0.5, thresholds, codes, 14)
+    assert torch.allclose(fused, unrolled, rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=50, deadline=None)
+@given(k=st.integers(0, 2**20), T=st.integers(2, 21))
+def test_ternary_digits_are_the_non_adjacent_form(k, T):
+    k = min(k, ternary_max_code(T))
+    digits = code_digits(torch.tensor([k]), torch.tensor([1]), T, ternary=True)[:, 0].tolist()
+    assert sum(d * 2 ** (T - 1 - t) for t, d in enumerate(digits)) == k
+    assert all(not (a and b) for a, b in zip(digits, digits[1:], strict=False))
+    assert sum(map(abs, digits)) <= bin(k).count("1")
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(4, 20), G=st.integers(0, 6), data=st.data())
+def test_multi_range_neuron_keeps_T_bits_relative_to_its_range(T, G, data):
+    """Values up to r 2^G (2/3 of the top range) keep error <= half a step of the range
+    that holds them; the train is ternary graded spikes +-2^j, and quantize agrees."""
+    r = torch.tensor(0.5)
+    bound = 2.0**G * 0.3125  # inside 2/3 of the top range, exact in float32
+    x = torch.tensor(data.draw(st.lists(st.floats(-bound, bound, width=32), min_size=1, max_size=64)))
+    spikes = snn.mr_encode(x, r, T, G)
+    y = snn.decode(spikes, r)
+    limit = (ternary_max_code(T) + 0.5) * 2.0**-T  # about 2/3: the top ternary code
+    level = sum((x.abs() / r >= 2.0**i * limit).float() for i in range(G)) if G else torch.zeros_like(x)
+    step = r * 2.0**level * 2.0**-T
+    assert bool(((y - x).abs() <= step / 2 + 1e-7).all())
+    assert set(spikes.abs().unique().tolist()) <= {0} | {2**j for j in range(G + 1)}
+    if T <= 22:
+        assert torch.equal(snn.mr_quantize(x, r, T, G) * r, y)
+
+
+def test_multi_range_neuron_does_not_clip_what_a_single_range_clips():
+    r, x = torch.tensor(1.0), torch.tensor([0.3, 5.0, 40.0])
+    single = snn.decode(snn.mt_encode(x, r, 12), r)
+    multi = snn.decode(snn.mr_encode(x, r, 12, 6), r)
+    assert float(single[2]) < 1.0  # clipped
+    assert torch.allclose(multi, x, rtol=2.0**-10)
+
+
+def test_spike_mul_is_the_exact_product_of_the_codes():
+    a, b = torch.randn(3, 5, 16), torch.randn(3, 5, 16) * 4
+    ra, rb = torch.full((16,), 4.0), torch.full((16,), 16.0)
+    sa, sb = snn.mr_encode(a, ra, 12, 3), snn.mr_encode(b, rb, 12, 3)
+    product = snn.spike_mul(sa, ra, sb, rb)
+    assert torch.equal(product, snn.decode(sa, ra) * snn.decode(sb, rb))
+    with execution_mode("unrolled"):
+        unrolled = snn.spike_mul(sa, ra, sb, rb)
+    assert torch.allclose(unrolled, product, rtol=1e-5, atol=1e-6)
+    assert float((product - a * b).abs().max()) < 16 * 4 * 2.0**-10
+
+
+def test_mantissa_table_covers_one_octave_pair():
+    table = mantissa_table(-0.5, 12)
+    assert math.isclose(float(table.thresholds.min()), 1.0, rel_tol=1e-2)
+    assert float(table.thresholds.max()) <= 4.0
