@@ -58,7 +58,8 @@ class Encoders:
         (per last dim for linear layers and products, per static dim for matmuls)."""
         from snncc.passes.ffn import activation_product
 
-        if node.target in LINEAR_TARGETS or (node.target in MATMUL_TARGETS and matmul_operands(node)[1].op == "get_attr"):
+        weight_side = matmul_operands(node)[1] if node.target in MATMUL_TARGETS else None
+        if node.target in LINEAR_TARGETS or (weight_side is not None and weight_side.op == "get_attr"):
             x = matmul_operands(node)[0]
             return [(x, True)] if x in dependent else []
         if node.target in MATMUL_TARGETS:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from snncc.passes.encode import Encoders
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.rewrite import drop_unused_constants, replace_node
+from snncc.passes.encode import Encoders
 from snncc.pipeline import Pass, PassResult, register_pass
 
 aten = torch.ops.aten

@@ -27,9 +27,9 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
+from snncc.errors import PipelineError
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.ops import MAX_OUTLIER_RANGES
-from snncc.errors import PipelineError
 from snncc.ir.rewrite import drop_unused_constants, get_tensor
 from snncc.passes.encode import Encoders, calib_name
 from snncc.pipeline import Pass, PassResult, register_pass

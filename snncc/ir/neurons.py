@@ -13,7 +13,8 @@ evaluated at run time; f is evaluated here, in float64, to place the thresholds.
 Any piecewise-monotone f works (SiLU and GELU have one minimum): thresholds are found per
 monotone piece by bisection. The table has one threshold per level crossed, so its size
 is about 2^b per piece; b is capped at TABLE_MAX_BITS and codes for larger T are padded
-with silent low steps (error then stays at 2^-(TABLE_MAX_BITS+1) of the range).
+with silent low steps (error then stays at 2^-(TABLE_MAX_BITS+1) of the range, about
+where float32 membranes stop resolving finer steps anyway).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-TABLE_MAX_BITS = 18
+TABLE_MAX_BITS = 20
 _GRID = 1 << 16  # samples used to find the monotone pieces of f
 _BISECT = 48  # bisection steps: a domain of width 2^9 shrinks to 2^-39, below float32 resolution
 
@@ -152,3 +153,42 @@ def normalize_base(power: float) -> float:
     if power not in (-1.0, -0.5):
         raise ValueError(f"spike_normalize supports powers -1 and -1/2, not {power}")
     return 2.0 if power == -1.0 else 4.0
+
+
+# -- measuring the neurons ----------------------------------------------------------------
+# The functions snncc's table neurons replace in the models it supports, and the input
+# ranges they are checked over (exp: max-subtracted logits; sqrt: non-negative).
+FUNCTIONS: dict[str, Function] = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+    "exp": torch.exp,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "sqrt": lambda x: torch.sqrt(x.clamp(min=0)),
+}
+DOMAINS = {"exp": (-30.0, 0.0), "sqrt": (0.0, 50.0)}
+
+
+def table_neuron(name: str, out_range: float, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> decode(fn_encode(x)) for one of FUNCTIONS: the neuron as a user sees it."""
+    thresholds, codes = stack_tables([build_table(FUNCTIONS[name], out_range, T, (-64.0, 64.0))])
+    bucket = torch.zeros(1, dtype=torch.int64)
+
+    def neuron(x: torch.Tensor) -> torch.Tensor:
+        spikes = torch.ops.snn.fn_encode(x, thresholds, codes, bucket, T)
+        return torch.ops.snn.decode(spikes, torch.tensor(out_range))
+
+    return neuron
+
+
+def table_neuron_error(name: str, T: int, out_range: float = 8.0, samples: int = 20001) -> tuple[float, float]:
+    """Max absolute error of a table neuron over its input range, and that error relative
+    to max |f| on the range."""
+    lo, hi = DOMAINS.get(name, (-8.0, 8.0))
+    x = torch.linspace(lo, hi, samples)
+    y = table_neuron(name, out_range, T)(x).double()
+    ref = FUNCTIONS[name](x.double())
+    err = (y - ref).abs()
+    return float(err.max()), float(err.max() / ref.abs().max())

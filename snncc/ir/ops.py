@@ -99,7 +99,6 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
     u = (x / scale).reshape(-1)
     out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
     chunk = max(4096, _ENCODE_SCRATCH // T)
-    top = ternary_max_code(T)
     for start in range(0, u.numel(), chunk):
         membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
         spikes = code_digits(membrane, sign, T, ternary=True)

@@ -11,46 +11,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snncc.ir.neurons import build_table, mantissa_table, stack_tables, table_bits
+from snncc.ir.neurons import (
+    DOMAINS,
+    FUNCTIONS,
+    build_table,
+    mantissa_table,
+    stack_tables,
+    table_bits,
+    table_neuron,
+    table_neuron_error,
+)
 from snncc.ir.ops import code_digits, execution_mode, ternary_max_code
 
 snn = torch.ops.snn
-
-FUNCTIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "exp": torch.exp,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "sqrt": lambda x: torch.sqrt(x.clamp(min=0)),
-}
-# Calibrated input ranges the neurons are checked over (exp: the max-subtracted logits).
-DOMAINS = {"exp": (-30.0, 0.0), "sqrt": (0.0, 50.0)}
-
-
-def _table_neuron(name: str, out_range: float, T: int):
-    table = build_table(FUNCTIONS[name], out_range, T, (-64.0, 64.0))
-    thresholds, codes = stack_tables([table])
-    bucket = torch.zeros(1, dtype=torch.int64)
-
-    def neuron(x: torch.Tensor) -> torch.Tensor:
-        spikes = snn.fn_encode(x, thresholds, codes, bucket, T)
-        return snn.decode(spikes, torch.tensor(out_range))
-
-    return neuron
-
-
-def table_neuron_error(name: str, T: int, out_range: float = 8.0, samples: int = 20001) -> tuple[float, float]:
-    """Max absolute and relative error of a table neuron over its calibrated input range."""
-    lo, hi = DOMAINS.get(name, (-8.0, 8.0))
-    x = torch.linspace(lo, hi, samples)
-    y = _table_neuron(name, out_range, T)(x).double()
-    ref = FUNCTIONS[name](x.double())
-    err = (y - ref).abs()
-    return float(err.max()), float((err / ref.abs().clamp(min=out_range * 2.0**-table_bits(T))).max())
-
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 @settings(max_examples=15, deadline=None)
@@ -61,7 +34,7 @@ def test_table_neuron_is_within_half_a_step(name, T, exponent, data):
     out_range = 2.0**exponent
     lo, hi = DOMAINS.get(name, (-8.0, 8.0))
     x = torch.tensor(data.draw(st.lists(st.floats(lo, hi, width=32), min_size=1, max_size=64)))
-    y = _table_neuron(name, out_range, T)(x).double()
+    y = table_neuron(name, out_range, T)(x).double()
     ref = FUNCTIONS[name](x.double())
     inside = ref.abs() <= out_range * (1 - 2.0**-T)
     slack = 1e-6 * (1 + x.double().abs())

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.fx as fx
 
-from snncc.passes.attention import AttentionPass
 from snncc.ir.verify import verify
+from snncc.passes.attention import AttentionPass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
