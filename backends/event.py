@@ -20,7 +20,15 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
-from snncc.ir.ops import mt_initial_membrane, step_gain
+from snncc.ir.ops import (
+    code_digits,
+    multi_range_code,
+    mt_initial_membrane,
+    normalizer_codes,
+    step_gain,
+    table_codes,
+    train_steps,
+)
 
 snn = torch.ops.snn
 _EVENT_CHUNK_ELEMENTS = 1 << 22  # events x fan-out gathered at once: bounds scratch memory
@@ -28,7 +36,8 @@ _EVENT_CHUNK_ELEMENTS = 1 << 22  # events x fan-out gathered at once: bounds scr
 
 @dataclass
 class SpikeEvents:
-    """A spike train as events: per step, flat neuron indices and their signs (+1/-1)."""
+    """A spike train as events: per step, flat neuron indices and their signed payloads
+    (+-1; +-2^j for a multi-range neuron's graded spikes)."""
 
     shape: torch.Size  # the neuron array (the encoded tensor's shape)
     steps: list[tuple[torch.Tensor, torch.Tensor]]
@@ -81,7 +90,7 @@ class EventExecutor(fx.Interpreter):
         self.counts = EventCounts()
         self.dependent = data_dependent_nodes(gm.graph)
         spiking = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _HANDLERS]
-        T = max((n.args[2] for n in spiking if n.target == snn.mt_encode.default), default=0)
+        T = max((train_steps(n) for n in spiking if n.target in _SOURCES), default=0)
         self.bar = tqdm(total=len(spiking) * T, desc="time steps", unit="step", disable=not progress, leave=False)
 
     def run_node(self, n: fx.Node):
@@ -118,7 +127,79 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[name] = membrane.numel() * T
         return SpikeEvents(x.shape, steps)
 
+    def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
+        """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its
+        range thresholds, then fires its non-adjacent-form digits as graded events +-2^j."""
+        membrane, sign, j = multi_range_code((x / scale).reshape(-1), T, G)
+        return self._digit_events(x.shape, code_digits(membrane, sign, T, ternary=True), j)
+
+    def fn_encode(self, x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
+                  T: int) -> SpikeEvents:
+        """Table neurons: compare the membrane with the sorted thresholds (a binary search,
+        one comparison per step) and fire the digits of the interval's code."""
+        k = table_codes(x, thresholds, codes, bucket).reshape(-1)
+        return self._digit_events(x.shape, code_digits(k.abs(), torch.sign(k), T), None)
+
+    def _digit_events(self, shape: torch.Size, digits: torch.Tensor, exponent: torch.Tensor | None) -> SpikeEvents:
+        steps = []
+        for digit in digits:
+            fired = torch.nonzero(digit).squeeze(1)
+            payload = digit[fired].long()
+            if exponent is not None:
+                payload = payload << exponent[fired]
+            steps.append((fired, payload))
+            self.bar.update(1)
+        name = self.node.name
+        self.counts.spikes_per_step[name] = [int(idx.numel()) for idx, _ in steps]
+        self.counts.membrane_updates[name] = digits[0].numel() * len(steps)
+        return SpikeEvents(shape, steps)
+
     # --- synapses ----------------------------------------------------------------------
+
+    def spike_mul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor):
+        """Elementwise spike x spike product: at step t an event of B adds P^A_{t-1} at its
+        element, then an event of A adds P^B_t (one synaptic operation each)."""
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        if a.shape != shape or b.shape != shape:
+            raise NotImplementedError(f"event spike_mul needs equal shapes, got {a.shape} and {b.shape}")
+        amp_a = scale_a.double().expand(shape).reshape(-1)
+        amp_b = scale_b.double().expand(shape).reshape(-1)
+        partial_a = torch.zeros(shape.numel(), dtype=torch.float64)
+        partial_b = torch.zeros(shape.numel(), dtype=torch.float64)
+        out = torch.zeros(shape.numel(), dtype=torch.float64)
+        for t, ((idx_a, pay_a), (idx_b, pay_b)) in enumerate(zip(a.steps, b.steps, strict=True)):
+            value_b = pay_b.double() * step_gain(t) * amp_b[idx_b]
+            out.index_add_(0, idx_b, value_b * partial_a[idx_b])
+            partial_b.index_add_(0, idx_b, value_b)
+            value_a = pay_a.double() * step_gain(t) * amp_a[idx_a]
+            out.index_add_(0, idx_a, value_a * partial_b[idx_a])
+            partial_a.index_add_(0, idx_a, value_a)
+            self.bar.update(1)
+        self.counts.sops[self.node.name] = a.count() + b.count()
+        self.counts.membrane_updates[self.node.name] = out.numel() * a.T
+        return out.view(shape).to(scale_a.dtype)
+
+    def spike_normalize(self, x: torch.Tensor, a: torch.Tensor, power: float, thresholds: torch.Tensor,
+                        codes: torch.Tensor, T: int) -> torch.Tensor:
+        """Floating-point neurons for a^power (one per row of x): the exponent from range
+        thresholds, the mantissa's digits as events; each event adds its row of x, shifted
+        by the exponent and the step, into the output."""
+        k, e = normalizer_codes(a, power, thresholds, codes)
+        shape = torch.broadcast_shapes(x.shape, a.shape)
+        rows = x.expand(shape).reshape(k.numel(), -1).double()
+        exponent = e.reshape(-1)
+        out = torch.zeros_like(rows)
+        digits = code_digits(k.abs().reshape(-1), torch.sign(k).reshape(-1), T)
+        for t, digit in enumerate(digits):
+            fired = torch.nonzero(digit).squeeze(1)
+            gain = torch.ldexp(digit[fired].double(), -(exponent[fired] + t + 1).double())
+            out.index_add_(0, fired, rows[fired] * gain[:, None])
+            self.bar.update(1)
+        name = self.node.name
+        self.counts.spikes_per_step[f"{name}_mantissa"] = [int(torch.count_nonzero(d)) for d in digits]
+        self.counts.sops[name] = int(torch.count_nonzero(digits)) * rows.shape[1]
+        self.counts.membrane_updates[name] = out.numel() * T
+        return out.view(shape).to(x.dtype)
 
     def spike_linear(self, events: SpikeEvents, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Each event (row, k, sign) at step t adds sign * 2^-(t+1) * W[:, k] to row's membranes."""
@@ -176,10 +257,17 @@ class EventExecutor(fx.Interpreter):
 
 _HANDLERS = {
     snn.mt_encode.default: EventExecutor.mt_encode,
+    snn.mr_encode.default: EventExecutor.mr_encode,
+    snn.fn_encode.default: EventExecutor.fn_encode,
+    snn.spike_mul.default: EventExecutor.spike_mul,
+    snn.spike_normalize.default: EventExecutor.spike_normalize,
     snn.spike_linear.default: EventExecutor.spike_linear,
     snn.spike_matmul.default: EventExecutor.spike_matmul,
     snn.decode.default: EventExecutor.decode,
 }
+
+
+_SOURCES = {snn.mt_encode.default, snn.mr_encode.default, snn.fn_encode.default}
 
 
 class EventBackend:

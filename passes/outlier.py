@@ -77,6 +77,7 @@ class OutlierPass(Pass):
                     spikes, r_node = encode(x, _first_reader(x), per_last_dim)
                     with gm.graph.inserting_after(spikes):
                         decoded[key] = gm.graph.call_function(snn.decode.default, (spikes, r_node))
+                    decoded[key]._rename(f"{x.name}_decoded")
                     decoded[key].meta.update(source=x.meta.get("source", ""), created_by=self.name,
                                              calib_name=calib_name(x), val=x.meta.get("val"))
                     self._record_site(gm, decoded[key], r_node)

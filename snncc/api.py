@@ -15,13 +15,12 @@ from snncc.frontend import trace
 from snncc.ir.rewrite import copy_graph_module
 from snncc.ir.verify import coverage_report, verify
 from snncc.models import CAUSAL_LM, LoadedModel, load_model
-from snncc.pipeline import Instrument, PassManager, parse_pipeline
+from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, default_T, parse_pipeline
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_T = 16
 CALIB_SEQ_LEN = 128
 CALIB_TOKENS = 8192
 
@@ -51,9 +50,11 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
 
 
 def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext,
-                  passes: str = "encode", T: int = DEFAULT_T, debug: bool = False,
+                  passes: str = DEFAULT_PIPELINE, T: int | None = None, debug: bool = False,
                   instrument: Instrument | None = None, device: str = "cpu") -> SpikingProgram:
-    """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched)."""
+    """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
+    T None: the pipeline's measured default (snncc.pipeline.DEFAULT_T)."""
+    T = default_T(passes) if T is None else T
     pipeline = parse_pipeline(passes, T)
     gm = copy_graph_module(ann)
     manager = PassManager(pipeline, debug=debug, instrument=instrument)
@@ -68,7 +69,7 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     return SpikingProgram(gm, info, loaded.tokenizer, device=device)
 
 
-def compile(model: str | torch.nn.Module, passes: str = "encode", T: int = DEFAULT_T,
+def compile(model: str | torch.nn.Module, passes: str = DEFAULT_PIPELINE, T: int | None = None,
             calib: str | Path | None = None, calib_tokens: int = CALIB_TOKENS,
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM, device: str = "cpu",
             debug: bool = False, progress: bool = False,

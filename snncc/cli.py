@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from snncc.errors import InputError, SnnccError
+from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, STANDARD_T
 from snncc.profile import ENERGY_TABLES
 
 HELDOUT_HELP = "held-out text (default: snncc's packaged heldout.txt, never used for calibration)"
@@ -35,9 +36,11 @@ def _fail_cleanly(fn):
 
 
 def _model_options(fn):
-    fn = click.option("--passes", "-p", default="encode", show_default=True,
-                      help="pipeline name (none, encode, ...) or comma list of passes, e.g. 'encode{T=8}'")(fn)
-    fn = click.option("-T", "T", type=int, default=16, show_default=True, help="time steps per spike train")(fn)
+    fn = click.option("--passes", "-p", default=DEFAULT_PIPELINE, show_default=True,
+                      help="pipeline name (las, none) or comma list of passes, e.g. 'fold,encode{T=8}'")(fn)
+    fn = click.option("-T", "T", type=int, default=None,
+                      help="time steps per spike train [default: the pipeline's measured default, "
+                           + ", ".join(f"{k} {v}" for k, v in DEFAULT_T.items()) + f"; else {STANDARD_T}]")(fn)
     fn = click.option("--calib", type=click.Path(dir_okay=False), default=None,
                       help="calibration text file (default: snncc's packaged dev text)")(fn)
     fn = click.option("--calib-tokens", type=int, default=8192, show_default=True,
@@ -195,10 +198,10 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
     loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
     sample = _eval_chunks(loaded.tokenizer, text, 128, 128, loaded.max_positions)[0]
     table = PassTable(loaded, sample, Path(dump) if dump else None, device)
-    compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
+    program = compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
     table.print()
     if plot:
-        table.plot(Path(plot), f"{loaded.name} '{passes}' T={T}: pass by pass")
+        table.plot(Path(plot), f"{loaded.name} '{passes}' T={program.T}: pass by pass")
         click.echo(f"wrote {plot}")
 
 

@@ -41,6 +41,7 @@ class PassTable:
         with torch.no_grad():
             self.reference = model.module(sample).float()
         self.rows: list[PassRow] = []
+        self.sites: list[tuple[str, dict]] = []  # (pass, per-site statistics) of passes that keep them
         if dump:
             dump.mkdir(parents=True, exist_ok=True)
             (dump / "passes.jsonl").write_text("")
@@ -55,6 +56,9 @@ class PassTable:
                       record.modified if record else False, len(gm.graph.nodes),
                       coverage_report(gm).coverage, float((out - self.reference).abs().max()), agreement)
         self.rows.append(row)
+        clipped = clipped_fractions(gm, self.sample.to(self.device)) if getattr(p, "sites", None) else {}
+        for site in getattr(p, "sites", []):
+            self.sites.append((row.name, dict(vars(site), clipped=clipped.get(site.node))))
         if self.dump and (record is None or record.modified):
             index = len(self.rows) - 1
             (self.dump / f"{index:02d}_{row.name.strip('()').replace(' ', '_')}.txt").write_text(format_graph(gm))
@@ -75,7 +79,48 @@ class PassTable:
     def print(self) -> None:
         from snncc.render import print_table
 
+        self.print_sites()
         metric = "top1" if self.model.task == CAUSAL_LM else "cosine"
         print_table(["pass", "seconds", "changed", "nodes", "coverage", "max|err|", metric],
                     [[r.name, f"{r.seconds:.2f}", "yes" if r.modified else "no", r.nodes,
                       f"{100 * r.coverage:.2f}%", f"{r.max_abs_err:.3g}", f"{r.agreement:.4f}"] for r in self.rows])
+
+    def print_sites(self) -> None:
+        """Per-site statistics of the passes that keep them (outlier, nonlinear)."""
+        from snncc.render import print_table
+
+        for pass_name in dict.fromkeys(name for name, _ in self.sites):
+            rows = [site for name, site in self.sites if name == pass_name]
+            columns = [c for c in rows[0] if c != "node"]
+            print(f"{pass_name}: {len(rows)} sites")
+            print_table(["node", *columns], [[site["node"], *(_show(site[c]) for c in columns)] for site in rows])
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, tuple):
+        return "..".join(_show(v) for v in value)
+    return "-" if value is None else str(value)
+
+
+def clipped_fractions(gm: fx.GraphModule, sample: torch.Tensor) -> dict[str, float]:
+    """For each decoded multi-range train: the share of its input values on `sample` beyond
+    the top range (clipped), keyed by the decode node."""
+    from snncc.ir.ops import ternary_max_code
+
+    snn = torch.ops.snn
+    values: dict[str, float] = {}
+
+    class Watcher(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            if n.target == snn.mr_encode.default:
+                x, scale, T, G = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args)
+                top = (ternary_max_code(T) + 0.5) * 2.0 ** (G - T)
+                for user in n.users:
+                    values[user.name] = float(((x / scale).abs() >= top).float().mean())
+            return super().run_node(n)
+
+    with torch.no_grad():
+        Watcher(gm).run(sample)
+    return values

@@ -52,6 +52,11 @@ class Pass:
 
 
 PASSES: dict[str, type[Pass]] = {}
+DEFAULT_PIPELINE = "las"
+STANDARD_T = 16
+# The smallest T at which a pipeline meets its fidelity targets on SmolLM2 (measured: the
+# README's T table and benchmarks/greedy_agreement.py); -T overrides it.
+DEFAULT_T = {"las": 14}
 PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
     # LAS (METHODS.md): fold norm weights, spiking nonlinearities and norms, spiking softmax,
@@ -116,8 +121,15 @@ def _split_items(spec: str) -> list[str]:
     return items
 
 
-def parse_pipeline(spec: str, T: int) -> list[Pass]:
-    """Turn `las`, `none` or `encode{T=8},...` into pass instances, checking names and order."""
+def default_T(spec: str) -> int:
+    """T for a spec given without -T: the pipeline's measured default, else STANDARD_T."""
+    return DEFAULT_T.get(spec.strip() if spec else "", STANDARD_T)
+
+
+def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
+    """Turn `las`, `none` or `encode{T=8},...` into pass instances, checking names and order.
+    T None means the pipeline's default (default_T)."""
+    T = default_T(spec) if T is None else T
     validate_T(T)
     if not spec or not spec.strip():
         raise PipelineError("empty --passes: give a pipeline (" + ", ".join(PIPELINES) + ") or pass names")

@@ -27,10 +27,10 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("T", [4, 12])
-def test_event_outputs_and_counts_equal_the_reference(tiny_name, T):
+@pytest.mark.parametrize(("pipeline", "T"), [("encode", 4), ("encode", 12), ("las", 6), ("las", 12)])
+def test_event_outputs_and_counts_equal_the_reference(tiny_name, pipeline, T):
     loaded, ann, ctx = prepared(tiny_name)
-    program = compile_graph(loaded, ann, ctx, "encode", T)
+    program = compile_graph(loaded, ann, ctx, pipeline, T)
     ids = heldout_ids(tiny_name)[:2, :48]
     with execution_mode("exact"):
         reference = program.graph_module(ids)
