@@ -6,6 +6,7 @@ default calibration) and scored on held-out text the passes never saw.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import torch
 
 from snncc.api import CALIB_TOKENS, compile_graph
 from snncc.evaluate import evaluate
+from snncc.pipeline import DEFAULT_T
 from tests.conftest import heldout_ids, prepared
 
 pytestmark = pytest.mark.slow
@@ -44,6 +46,38 @@ def test_smollm2_greedy_answer_survives_encoding():
     assert program.generate("The capital of France is", 3).startswith(" Paris")
 
 
+@functools.cache
+def _smollm2_las():
+    loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
+    return compile_graph(loaded, ann, ctx, "las")  # the pipeline's default T
+
+
+def test_smollm2_las_at_its_default_T_meets_the_targets():
+    program = _smollm2_las()
+    assert program.T == DEFAULT_T["las"]
+    result = evaluate(program, prepared("smollm2-135m", CALIB_TOKENS)[0].module, _chunks("smollm2-135m", 1024))
+    assert result["top1_agreement"] >= 0.995, result
+    assert result["ppl_ratio"] <= 1.005, result
+    assert result["coverage"] == 1.0 and not program.info.coverage["analog_sites"]
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is", "The quick brown fox", "def fibonacci(n):"])
+def test_smollm2_las_greedy_continuations_match_the_ann(prompt):
+    loaded = prepared("smollm2-135m", CALIB_TOKENS)[0]
+    ids = torch.tensor([loaded.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        for _ in range(16):
+            ids = torch.cat([ids, loaded.module(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = loaded.tokenizer.decode(ids[0, -16:].tolist())
+    assert _smollm2_las().generate(prompt, 16) == expected
+
+
+def test_minilm_las_keeps_sentence_embeddings():
+    loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
+    result = evaluate(compile_graph(loaded, ann, ctx, "las"), loaded.module, _chunks("minilm-l6", 1024))
+    assert result["cosine"] >= 0.9999, result
+
+
 def test_minilm_encode_T16_keeps_sentence_embeddings():
     loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
     none = evaluate(compile_graph(loaded, ann, ctx, "none", 16), loaded.module, _chunks("minilm-l6", 256))
@@ -54,8 +88,8 @@ def test_minilm_encode_T16_keeps_sentence_embeddings():
 
 def test_cli_compile_save_and_run_smollm2(tmp_path):
     out = tmp_path / "smollm2.snn"
-    compiled = subprocess.run([sys.executable, "-m", "snncc", "compile", "smollm2-135m", "--passes", "encode",
-                               "-T", "16", "--eval-tokens", "256", "-o", str(out)],
+    compiled = subprocess.run([sys.executable, "-m", "snncc", "compile", "smollm2-135m", "--eval-tokens", "256",
+                               "-o", str(out)],
                               capture_output=True, text=True, timeout=1200)
     assert compiled.returncode == 0, compiled.stderr
     assert "top1_agreement" in compiled.stdout and "energy" in compiled.stdout
