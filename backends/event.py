@@ -22,8 +22,8 @@ from tqdm import tqdm
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
 from snncc.ir.ops import (
     code_digits,
-    multi_range_code,
     mt_initial_membrane,
+    multi_range_code,
     normalizer_codes,
     step_gain,
     table_codes,

@@ -32,14 +32,14 @@ _PASS_THROUGH = {aten.dropout.default, aten.alias.default, aten.clone.default, a
                  aten.to.dtype}
 
 
-def _pv_products(p: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
-    """(matmul, the node it reads p through) for each matmul(p, V) reached through no-op views."""
+def _pv_products(p: fx.Node) -> list[fx.Node]:
+    """Each matmul(p, V) that reads p directly or through no-op views."""
     found = []
     for user in p.users:
         if user.target in _PASS_THROUGH and len(user.users):
             found += _pv_products(user)
         elif user.target == aten.matmul.default and user.args[0] is p:
-            found.append((user, p))
+            found.append(user)
     return found
 
 
@@ -85,7 +85,7 @@ class AttentionPass(Pass):
                            snn={"code": "table", "T": self.T, "function": "exp"})
         spikes._rename(f"{node.name}_exp_spikes")
         e.meta["val"] = node.meta.get("val")
-        for matmul, _ in _pv_products(node):
+        for matmul in _pv_products(node):
             with graph.inserting_before(matmul):
                 unnormalised = graph.call_function(aten.matmul.default, (e, matmul.args[1]))
                 out = graph.call_function(snn.spike_normalize.default, (unnormalised, total, -1.0,

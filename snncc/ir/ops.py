@@ -251,6 +251,24 @@ def _(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return s.new_empty((*s.shape[1:-1], weight.shape[0]), dtype=weight.dtype)
 
 
+def _partial_sum_product(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor,
+                         product) -> torch.Tensor:
+    """Step by step: out += product(A_t, P^B_t) + product(P^A_{t-1}, B_t), with P the stored
+    partial sums, which sums over t to product(A_hat, B_hat) (matmul or elementwise)."""
+    partial_a = torch.zeros(sa.shape[1:], dtype=scale_a.dtype, device=sa.device)
+    partial_b = torch.zeros(sb.shape[1:], dtype=scale_b.dtype, device=sb.device)
+    out = None
+    for t in range(sa.shape[0]):
+        gain = step_gain(t)
+        a_t = sa[t].to(scale_a.dtype) * (scale_a * gain)
+        b_t = sb[t].to(scale_b.dtype) * (scale_b * gain)
+        partial_b.add_(b_t)
+        step = product(a_t, partial_b) + product(partial_a, b_t)
+        partial_a.add_(a_t)
+        out = step if out is None else out.add_(step)
+    return out
+
+
 @torch.library.custom_op("snn::spike_matmul", mutates_args=())
 def spike_matmul(
     sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor
@@ -261,18 +279,7 @@ def spike_matmul(
     sums over t to A_hat @ B_hat; every term multiplies a spike by a stored partial sum.
     """
     if _execution_mode.get() == "unrolled":
-        partial_a = torch.zeros(sa.shape[1:], dtype=scale_a.dtype, device=sa.device)
-        partial_b = torch.zeros(sb.shape[1:], dtype=scale_b.dtype, device=sb.device)
-        out = None
-        for t in range(sa.shape[0]):
-            gain = step_gain(t)
-            a_t = sa[t].to(scale_a.dtype) * (scale_a * gain)
-            b_t = sb[t].to(scale_b.dtype) * (scale_b * gain)
-            partial_b.add_(b_t)
-            step = torch.matmul(a_t, partial_b) + torch.matmul(partial_a, b_t)
-            partial_a.add_(a_t)
-            out = step if out is None else out.add_(step)
-        return out
+        return _partial_sum_product(sa, scale_a, sb, scale_b, torch.matmul)
     if _execution_mode.get() == "exact":
         a_hat = _decode_unit(sa, torch.float64) * scale_a.double()
         b_hat = _decode_unit(sb, torch.float64) * scale_b.double()
@@ -338,18 +345,7 @@ def spike_mul(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b
     """Exact elementwise spike x spike product of two MT trains (gated FFNs, squares):
     the partial-sum scheme of spike_matmul, one synapse per element."""
     if _execution_mode.get() == "unrolled":
-        partial_a = torch.zeros(sa.shape[1:], dtype=scale_a.dtype, device=sa.device)
-        partial_b = torch.zeros(sb.shape[1:], dtype=scale_b.dtype, device=sb.device)
-        out = None
-        for t in range(sa.shape[0]):
-            gain = step_gain(t)
-            a_t = sa[t].to(scale_a.dtype) * (scale_a * gain)
-            b_t = sb[t].to(scale_b.dtype) * (scale_b * gain)
-            partial_b.add_(b_t)
-            step = a_t * partial_b + partial_a * b_t
-            partial_a.add_(a_t)
-            out = step if out is None else out.add_(step)
-        return out
+        return _partial_sum_product(sa, scale_a, sb, scale_b, torch.mul)
     dtype = torch.float64 if _execution_mode.get() == "exact" else scale_a.dtype
     a_hat = _decode_unit(sa, dtype) * scale_a.to(dtype)
     b_hat = _decode_unit(sb, dtype) * scale_b.to(dtype)
