@@ -18,6 +18,10 @@ from snncc.profile import LayerProfile, Profile
 _BLOCK = re.compile(r"\.(\d+)(?=\.|$)")
 
 
+_KIND_LABELS = {"spike_matmul": " (spike x spike)", "spike_mul": " (elementwise product)",
+                "spike_normalize": " (normaliser)"}
+
+
 def _grid(layers: list[LayerProfile]) -> tuple[list[str], list[str], dict[tuple[str, str], LayerProfile]]:
     """(row roles, column names, cell -> site); repeated roles in a block get #1, #2."""
     cells: dict[tuple[str, str], LayerProfile] = {}
@@ -29,7 +33,7 @@ def _grid(layers: list[LayerProfile]) -> tuple[list[str], list[str], dict[tuple[
         match = _BLOCK.search(source)
         column = match.group(1) if match else "other"
         base = _BLOCK.sub(".*", source, count=1) if match else source
-        base += " (spike x spike)" if layer.kind == "spike_matmul" else ""
+        base += _KIND_LABELS.get(layer.kind, "")
         seen[(column, base)] += 1
         role = base if seen[(column, base)] == 1 else f"{base} #{seen[(column, base)]}"
         cells[(role, column)] = layer

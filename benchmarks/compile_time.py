@@ -1,0 +1,52 @@
+"""Compile time of a pipeline after the model is loaded: trace, then calibration and passes.
+
+    python benchmarks/compile_time.py --model smollm2-135m --passes las
+
+Prints JSON (seconds per phase and per pass) and a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from snncc.api import CALIB_TOKENS, compile_graph
+from snncc.calibration import make_context
+from snncc.frontend import trace
+from snncc.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--passes", default="las")
+    parser.add_argument("-T", type=int, default=None)
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    loaded = load_model(args.model)
+    loaded_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ann = trace(loaded)
+    trace_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ctx = make_context(loaded.tokenizer, None, min(128, loaded.max_positions), CALIB_TOKENS)
+    ctx.attach(ann)
+    program = compile_graph(loaded, ann, ctx, args.passes, args.T)
+    passes_s = time.perf_counter() - start
+    result = {"model": args.model, "pipeline": args.passes, "T": program.T, "load_s": loaded_s, "trace_s": trace_s,
+              "calibration_and_passes_s": passes_s, "compile_s": trace_s + passes_s,
+              "per_pass_s": {r["name"]: r["seconds"] for r in program.info.passes},
+              "calib_tokens": ctx.tokens, "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads()}
+    print(json.dumps(result))
+    print(f"summary: {args.model} '{args.passes}' T={program.T}: compile {result['compile_s']:.1f} s after a "
+          f"{loaded_s:.1f} s load (trace {trace_s:.1f} s, calibration + passes {passes_s:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
