@@ -137,7 +137,7 @@ class EventExecutor(fx.Interpreter):
                   T: int) -> SpikeEvents:
         """Table neurons: compare the membrane with the sorted thresholds (a binary search,
         one comparison per step) and fire the digits of the interval's code."""
-        k = table_codes(x, thresholds, codes, bucket).reshape(-1)
+        k = table_codes(x, thresholds, codes, bucket, T).reshape(-1)
         return self._digit_events(x.shape, code_digits(k.abs(), torch.sign(k), T), None)
 
     def _digit_events(self, shape: torch.Size, digits: torch.Tensor, exponent: torch.Tensor | None) -> SpikeEvents:
@@ -184,7 +184,7 @@ class EventExecutor(fx.Interpreter):
         """Floating-point neurons for a^power (one per row of x): the exponent from range
         thresholds, the mantissa's digits as events; each event adds its row of x, shifted
         by the exponent and the step, into the output."""
-        k, e = normalizer_codes(a, power, thresholds, codes)
+        k, e = normalizer_codes(a, power, thresholds, codes, T)
         shape = torch.broadcast_shapes(x.shape, a.shape)
         rows = x.expand(shape).reshape(k.numel(), -1).double()
         exponent = e.reshape(-1)

@@ -159,7 +159,7 @@ class _Counter(fx.Interpreter):
         elif n.target == snn.spike_normalize.default:
             x, a, power, thresholds, codes, T = (self.env.get(v, v) if isinstance(v, fx.Node) else v
                                                  for v in n.args)
-            k, _ = normalizer_codes(a, power, thresholds, codes)
+            k, _ = normalizer_codes(a, power, thresholds, codes, T)
             digits = code_digits(k.abs().reshape(-1), torch.sign(k).reshape(-1), T)
             self._count_train(f"{n.name}_mantissa", digits)
             fan_out = result.numel() // max(k.numel(), 1)  # each spike scales a whole row of x

@@ -12,9 +12,10 @@ evaluated at run time; f is evaluated here, in float64, to place the thresholds.
 
 Any piecewise-monotone f works (SiLU and GELU have one minimum): thresholds are found per
 monotone piece by bisection. The table has one threshold per level crossed, so its size
-is about 2^b per piece; b is capped at TABLE_MAX_BITS and codes for larger T are padded
-with silent low steps (error then stays at 2^-(TABLE_MAX_BITS+1) of the range, about
-where float32 membranes stop resolving finer steps anyway).
+is about 2^b per piece; b is capped at TABLE_MAX_BITS. For larger T the neuron splits
+each coarse interval where f is monotone into 2^(T - b) evenly spaced finer levels (one
+accumulated threshold step apart; snncc.ir.ops._refined), so the error keeps falling until
+the float32 membrane no longer resolves the steps.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-TABLE_MAX_BITS = 20
+from snncc.ir.ops import TABLE_MAX_BITS
+
 _GRID = 1 << 16  # samples used to find the monotone pieces of f
 _BISECT = 48  # bisection steps: a domain of width 2^9 shrinks to 2^-39, below float32 resolution
 
@@ -91,9 +93,14 @@ def _piece_thresholds(f: Function, a: float, b: float, out_range: float, bits: i
     rising = fb >= fa
     left = torch.full_like(target, a)
     right = torch.full_like(target, b)
+    negative = target < 0  # codes round half away from zero: |f| on a level takes the larger code
     for _ in range(_BISECT):
         mid = (left + right) / 2
-        below = f(mid) < target if rising else f(mid) >= target
+        value = f(mid)
+        if rising:
+            below = torch.where(negative, value <= target, value < target)
+        else:
+            below = torch.where(negative, value > target, value >= target)
         left = torch.where(below, mid, left)
         right = torch.where(below, right, mid)
     return right
@@ -183,12 +190,13 @@ def table_neuron(name: str, out_range: float, T: int) -> Callable[[torch.Tensor]
     return neuron
 
 
-def table_neuron_error(name: str, T: int, out_range: float = 8.0, samples: int = 20001) -> tuple[float, float]:
-    """Max absolute error of a table neuron over its input range, and that error relative
-    to max |f| on the range."""
+def table_neuron_error(name: str, T: int, out_range: float = 8.0,
+                       samples: int = 200001) -> tuple[float, float, float]:
+    """Max absolute error of a table neuron over its input range, that error relative to
+    max |f| on the range, and the mean absolute error."""
     lo, hi = DOMAINS.get(name, (-8.0, 8.0))
     x = torch.linspace(lo, hi, samples)
     y = table_neuron(name, out_range, T)(x).double()
     ref = FUNCTIONS[name](x.double())
     err = (y - ref).abs()
-    return float(err.max()), float(err.max() / ref.abs().max())
+    return float(err.max()), float(err.max() / ref.abs().max()), float(err.mean())

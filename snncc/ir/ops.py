@@ -296,20 +296,48 @@ def _(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.
     return torch.matmul(a, b)
 
 
-def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+TABLE_MAX_BITS = 20  # threshold tables resolve at most 2^20 levels (snncc.ir.neurons)
+
+
+def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
+                T: int) -> torch.Tensor:
     """The integer codes (int64, shape of x) a table neuron sends: channel c of the last dim
     compares its membrane with the thresholds of table bucket[c] (one table if bucket has
     one entry) and takes the code of the interval it lands in."""
     if bucket.numel() == 1:
-        index = torch.searchsorted(thresholds[int(bucket)], x.float().contiguous(), right=True)
-        return codes[int(bucket)][index]
+        b = int(bucket)
+        flat = x.float().contiguous()
+        return _refined(flat, torch.searchsorted(thresholds[b], flat, right=True), thresholds[b], codes[b], T)
     flat = x.reshape(-1, x.shape[-1]).float()
     out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
     for b in torch.unique(bucket).tolist():
         columns = torch.nonzero(bucket == b).squeeze(1)
-        index = torch.searchsorted(thresholds[b], flat[:, columns].contiguous(), right=True)
-        out[:, columns] = codes[b][index]
+        part = flat[:, columns].contiguous()
+        index = torch.searchsorted(thresholds[b], part, right=True)
+        out[:, columns] = _refined(part, index, thresholds[b], codes[b], T)
     return out.view(x.shape)
+
+
+def _refined(x: torch.Tensor, index: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor,
+             T: int) -> torch.Tensor:
+    """Codes for T above the table's resolution: inside a coarse interval where f is monotone
+    (its neighbours' codes step evenly), the 2^(T - bits) finer levels sit at evenly spaced
+    thresholds (one accumulated step apart), which linear interpolation between the
+    interval's two thresholds places; elsewhere the coarse code stands."""
+    coarse = codes[index]
+    d = T - min(T, TABLE_MAX_BITS)
+    if d == 0:
+        return coarse
+    n = int(torch.isfinite(thresholds).sum())
+    i = index.clamp(1, max(n - 1, 1))
+    below, above = codes[i - 1], codes[(i + 1).clamp(max=n)]
+    step = coarse - below
+    linear = (index > 0) & (index < n) & (step.abs() == 2**d) & (above - coarse == step)
+    lo, hi = thresholds[i - 1].double(), thresholds[i.clamp(max=n - 1)].double()
+    phi = ((x.double() - lo) / (hi - lo).clamp(min=1e-300)).clamp(0, 1)
+    offset = torch.floor((phi - 0.5) * 2**d + 0.5).long() * torch.sign(step)
+    fine = (coarse + torch.where(linear, offset, 0)).clamp(-(2**T - 1), 2**T - 1)
+    return fine
 
 
 @torch.library.custom_op("snn::fn_encode", mutates_args=())
@@ -319,7 +347,7 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
     (snncc.ir.neurons): it compares its membrane x with sorted thresholds and fires the
     binary digits of the code of the interval x lies in. Decodes with the range of each
     channel's table (snn.decode)."""
-    k = table_codes(x, thresholds, codes, bucket).reshape(-1)
+    k = table_codes(x, thresholds, codes, bucket, T).reshape(-1)
     return code_digits(k.abs(), torch.sign(k), T).view(T, *x.shape)
 
 
@@ -327,7 +355,7 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
 def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
                 T: int) -> torch.Tensor:
     """What an fn_encode train decodes to (before its range), without the train: k 2^-T."""
-    return torch.ldexp(table_codes(x, thresholds, codes, bucket).to(x.dtype), torch.tensor(-T))
+    return torch.ldexp(table_codes(x, thresholds, codes, bucket, T).to(x.dtype), torch.tensor(-T))
 
 
 @fn_quantize.register_fake
@@ -358,8 +386,8 @@ def _(sa, scale_a, sb, scale_b):
     return torch.empty(shape, dtype=scale_a.dtype, device=sa.device)
 
 
-def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor,
-                     codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor, codes: torch.Tensor,
+                     T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mantissa code k, exponent F) of the floating-point neuron for a^power: a^power is
     about k 2^-T 2^-F (snncc.ir.neurons.mantissa_table). frexp reads the exponent exactly;
     it is what comparing a with the powers of two would give."""
@@ -369,7 +397,8 @@ def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor,
         odd = torch.remainder(e, 2)
         m, e = m * (1 + odd), e - odd  # a = m 4^(e/2), m in [1, 4)
         e = torch.div(e, 2, rounding_mode="floor")
-    k = codes[0][torch.searchsorted(thresholds[0], m.contiguous(), right=True)]
+    m = m.contiguous()
+    k = _refined(m, torch.searchsorted(thresholds[0], m, right=True), thresholds[0], codes[0], T)
     return k, e
 
 
@@ -380,7 +409,7 @@ def spike_normalize(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: 
     a floating-point neuron: an exponent (threshold units) and a T-step mantissa train whose
     spikes each add the exponent-shifted x into the output. Relative error 2^-T at any scale
     of a, which a fixed-range code cannot give (a spans orders of magnitude across tokens)."""
-    k, e = normalizer_codes(a, power, thresholds, codes)
+    k, e = normalizer_codes(a, power, thresholds, codes, T)
     if _execution_mode.get() == "unrolled":
         out = torch.zeros(torch.broadcast_shapes(x.shape, a.shape), dtype=x.dtype, device=x.device)
         sign, magnitude = torch.sign(k), k.abs()

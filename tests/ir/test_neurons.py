@@ -72,12 +72,13 @@ def test_per_channel_tables_use_each_channels_range():
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(6, 20), log_a=st.floats(-12, 12), x=st.floats(-100, 100, width=32))
 def test_floating_point_normaliser_keeps_relative_precision_at_any_scale(power, T, log_a, x):
-    """x * a^power within 2^-T (relative) of exact, a from 1e-12 to 1e12: no fixed range."""
+    """x * a^power within 2^-T (relative) of exact, a from 1e-12 to 1e12: no fixed range
+    (plus the float32 rounding of the output, 2^-24 relative)."""
     thresholds, codes = stack_tables([mantissa_table(power, T)])
     a = torch.tensor([10.0**log_a])
     out = snn.spike_normalize(torch.tensor([x]), a, power, thresholds, codes, T).double()
     exact = x * float(a.double()) ** power
-    assert abs(float(out) - exact) <= abs(exact) * 2.0 ** -(table_bits(T)) * 1.01 + 1e-30
+    assert abs(float(out) - exact) <= abs(exact) * (2.0 ** -table_bits(T) + 2.0**-24) + 1e-30
 
 
 def test_normaliser_unrolled_steps_match_fused():
