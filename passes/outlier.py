@@ -92,5 +92,8 @@ class OutlierPass(Pass):
 
 
 def _first_reader(x: fx.Node) -> fx.Node:
-    """The first node after x, where its encoder goes (before every reader)."""
-    return x.next
+    """Where x's encoder goes: right after x (after the inputs, if x is one), before every reader."""
+    after = x.next
+    while after.op == "placeholder":
+        after = after.next
+    return after
