@@ -51,7 +51,8 @@ _AFFINE_OPS = {
 _IDENTITY_OPS = {aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default}
 ELEMENTWISE_OPS = NONLINEAR_OPS | _AFFINE_OPS | _IDENTITY_OPS
 _TABLES: dict[tuple[str, int, int], NeuronTable] = {}
-_DOMAIN = 64.0  # table neurons place thresholds on [-D, D], D = max(64, 4 r); beyond, codes saturate
+_DOMAIN = 64.0
+_RANGE_SPREAD = 16  # table neurons place thresholds on [-D, D], D = max(64, 4 r); beyond, codes saturate
 
 
 def _is_scalar_constant(arg, gm: fx.GraphModule) -> bool:
@@ -171,8 +172,11 @@ class NonlinearPass(Pass):
     def _lower_function(self, gm, ctx, node: fx.Node, root: fx.Node, region: list[fx.Node]) -> None:
         absmax = ctx.stats[calib_name(node)].absmax
         absmax = absmax.reshape(-1, absmax.shape[-1]).amax(0).double()
-        r = (absmax * self.headroom).clamp(min=float(absmax.max()) * self.headroom * 2.0**-30 + 1e-30)
+        r = (absmax * self.headroom).clamp(min=1e-30)
         exponents = torch.ceil(torch.log2(r)).to(torch.int64)
+        # Channels 2^16 below the site's largest share one range: their absolute error is
+        # still 2^-16 of the largest channel's, and the table count stays small.
+        exponents = exponents.clamp(min=int(exponents.max()) - _RANGE_SPREAD)
         levels, bucket = torch.unique(exponents, return_inverse=True)
         f = region_function(gm, root, region)
         signature = region_signature(gm, root, region)
