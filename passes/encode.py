@@ -25,7 +25,14 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
-from snncc.ir.analysis import LINEAR_TARGETS, MATMUL_TARGETS, data_dependent_nodes, matmul_operands
+from snncc.ir.analysis import (
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
+    activation_product,
+    data_dependent_nodes,
+    matmul_operands,
+    weight_linear,
+)
 from snncc.ir.ops import train_steps
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
 from snncc.pipeline import Pass, PassResult, register_pass
@@ -56,10 +63,7 @@ class Encoders:
     def operands(self, node: fx.Node, dependent: set[fx.Node]) -> list[tuple[fx.Node, bool]]:
         """The activation operands a synapse at `node` reads, each with its range layout
         (per last dim for linear layers and products, per static dim for matmuls)."""
-        from snncc.passes.ffn import activation_product
-
-        weight_side = matmul_operands(node)[1] if node.target in MATMUL_TARGETS else None
-        if node.target in LINEAR_TARGETS or (weight_side is not None and weight_side.op == "get_attr"):
+        if weight_linear(node):
             x = matmul_operands(node)[0]
             return [(x, True)] if x in dependent else []
         if node.target in MATMUL_TARGETS:
@@ -123,8 +127,7 @@ class EncodePass(Pass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in dependent:
                 continue
-            weight_operand = matmul_operands(node)[1] if node.target in MATMUL_TARGETS else None
-            if node.target in LINEAR_TARGETS or (weight_operand is not None and weight_operand.op == "get_attr"):
+            if weight_linear(node):
                 new = self._lower_linear(gm, node, encode)
             elif node.target in MATMUL_TARGETS:
                 a, b = matmul_operands(node)

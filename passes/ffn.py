@@ -22,24 +22,13 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.ir.analysis import data_dependent_nodes
+from snncc.ir.analysis import activation_product, data_dependent_nodes
 from snncc.ir.rewrite import drop_unused_constants, replace_node
 from snncc.passes.encode import Encoders
 from snncc.pipeline import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
-
-
-def activation_product(node: fx.Node, dependent: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
-    """The two activation operands of an elementwise product, or None."""
-    if node.target == aten.mul.Tensor and len(node.args) == 2:
-        a, b = node.args
-        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in dependent and b in dependent:
-            return a, b
-    if node.target == aten.pow.Tensor_Scalar and node.args[1] == 2 and node.args[0] in dependent:
-        return node.args[0], node.args[0]
-    return None
 
 
 @register_pass

@@ -54,6 +54,24 @@ def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
     return node.args[0], node.args[1]
 
 
+def weight_linear(node: fx.Node) -> bool:
+    """A linear layer, or a matmul whose right operand is a parameter (GPT-2's views)."""
+    if node.target in LINEAR_TARGETS:
+        return True
+    return node.target in MATMUL_TARGETS and matmul_operands(node)[1].op == "get_attr"
+
+
+def activation_product(node: fx.Node, dependent: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The two activation operands of an elementwise product (a * b, or a^2), or None."""
+    if node.target == aten.mul.Tensor and len(node.args) == 2:
+        a, b = node.args
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in dependent and b in dependent:
+            return a, b
+    if node.target == aten.pow.Tensor_Scalar and node.args[1] == 2 and node.args[0] in dependent:
+        return node.args[0], node.args[0]
+    return None
+
+
 def shape_of(node: fx.Node) -> torch.Size | None:
     """The concrete shape recorded by `propagate_shapes`, if any."""
     value = node.meta.get("snncc_shape")

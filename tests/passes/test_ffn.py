@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from snncc.api import compile_graph
-from snncc.ir.analysis import data_dependent_nodes
-from snncc.passes.ffn import activation_product
+from snncc.ir.analysis import activation_product, data_dependent_nodes
 from tests.conftest import heldout_ids, prepared
 
 snn = torch.ops.snn
