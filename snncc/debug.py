@@ -107,7 +107,7 @@ def _show(value) -> str:
 def clipped_fractions(gm: fx.GraphModule, sample: torch.Tensor) -> dict[str, float]:
     """For each decoded multi-range train: the share of its input values on `sample` beyond
     the top range (clipped), keyed by the decode node."""
-    from snncc.ir.ops import ternary_max_code
+    from snncc.ir.ops import ternary_limit
 
     snn = torch.ops.snn
     values: dict[str, float] = {}
@@ -116,7 +116,7 @@ def clipped_fractions(gm: fx.GraphModule, sample: torch.Tensor) -> dict[str, flo
         def run_node(self, n: fx.Node):
             if n.target == snn.mr_encode.default:
                 x, scale, T, G = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args)
-                top = (ternary_max_code(T) + 0.5) * 2.0 ** (G - T)
+                top = ternary_limit(T) * 2.0**G
                 for user in n.users:
                     values[user.name] = float(((x / scale).abs() >= top).float().mean())
             return super().run_node(n)

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
-from snncc.ir.ops import SPIKE_SOURCES, code_digits, execution_mode, normalizer_codes
+from snncc.ir.ops import SPIKE_SOURCES, execution_mode, normalizer_codes, signed_code_digits
 
 snn = torch.ops.snn
 
@@ -160,7 +160,7 @@ class _Counter(fx.Interpreter):
             x, a, power, thresholds, codes, T = (self.env.get(v, v) if isinstance(v, fx.Node) else v
                                                  for v in n.args)
             k, _ = normalizer_codes(a, power, thresholds, codes, T)
-            digits = code_digits(k.abs().reshape(-1), torch.sign(k).reshape(-1), T)
+            digits = signed_code_digits(k, T)
             self._count_train(f"{n.name}_mantissa", digits)
             fan_out = result.numel() // max(k.numel(), 1)  # each spike scales a whole row of x
             row = LayerProfile(n.name, n.meta.get("source", ""), "spike_normalize", k.numel(),

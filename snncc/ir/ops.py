@@ -114,7 +114,7 @@ def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, tor
     u = u.float() if T <= 22 else u.double()
     top = ternary_max_code(T)
     a = u.abs()
-    j = range_index(a, (top + 0.5) * 2.0**-T, G)
+    j = range_index(a, ternary_limit(T), G)
     scaled = a * torch.tensor([2.0 ** (T - i) for i in range(G + 1)], dtype=u.dtype, device=u.device)[j]
     membrane = torch.floor(scaled.add_(0.5)).clamp_(max=top).to(torch.int64)
     return membrane, torch.sign(u).to(torch.int64), j
@@ -142,6 +142,12 @@ def _(x, scale, T, G):
 def ternary_max_code(T: int) -> int:
     """The largest code whose non-adjacent form has T digits: 1010...1 = (2^(T+1) - 1) / 3."""
     return (2 ** (T + 1) - 1) // 3
+
+
+def ternary_limit(T: int) -> float:
+    """The largest |u| a ternary T-digit code holds in its range (the top code plus half a
+    step, about 2/3): the threshold at which a multi-range neuron moves up one range."""
+    return (ternary_max_code(T) + 0.5) * 2.0**-T
 
 
 def range_index(a: torch.Tensor, limit: float, G: int) -> torch.Tensor:
@@ -173,6 +179,12 @@ def code_digits(magnitude: torch.Tensor, sign: torch.Tensor, T: int, ternary: bo
     else:
         digits = torch.bitwise_and(torch.bitwise_right_shift(k, shifts), 1)
     return digits.mul_(sign.to(code)).to(torch.int8)
+
+
+def signed_code_digits(k: torch.Tensor, T: int) -> torch.Tensor:
+    """The binary T-step train (T, k.numel()) of signed integer codes k."""
+    flat = k.reshape(-1)
+    return code_digits(flat.abs(), torch.sign(flat), T)
 
 
 def mt_initial_membrane(u: torch.Tensor, T: int, max_code: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,16 +318,18 @@ def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
     one entry) and takes the code of the interval it lands in."""
     if bucket.numel() == 1:
         b = int(bucket)
-        flat = x.float().contiguous()
-        return _refined(flat, torch.searchsorted(thresholds[b], flat, right=True), thresholds[b], codes[b], T)
+        return _lookup(x.float().contiguous(), thresholds[b], codes[b], T)
     flat = x.reshape(-1, x.shape[-1]).float()
     out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
     for b in torch.unique(bucket).tolist():
         columns = torch.nonzero(bucket == b).squeeze(1)
-        part = flat[:, columns].contiguous()
-        index = torch.searchsorted(thresholds[b], part, right=True)
-        out[:, columns] = _refined(part, index, thresholds[b], codes[b], T)
+        out[:, columns] = _lookup(flat[:, columns].contiguous(), thresholds[b], codes[b], T)
     return out.view(x.shape)
+
+
+def _lookup(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, T: int) -> torch.Tensor:
+    """One table's codes for membranes x: the interval among the sorted thresholds, refined."""
+    return _refined(x, torch.searchsorted(thresholds, x, right=True), thresholds, codes, T)
 
 
 def _refined(x: torch.Tensor, index: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor,
@@ -347,8 +361,7 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
     (snncc.ir.neurons): it compares its membrane x with sorted thresholds and fires the
     binary digits of the code of the interval x lies in. Decodes with the range of each
     channel's table (snn.decode)."""
-    k = table_codes(x, thresholds, codes, bucket, T).reshape(-1)
-    return code_digits(k.abs(), torch.sign(k), T).view(T, *x.shape)
+    return signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T).view(T, *x.shape)
 
 
 @torch.library.custom_op("snn::fn_quantize", mutates_args=())
@@ -397,9 +410,7 @@ def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor, co
         odd = torch.remainder(e, 2)
         m, e = m * (1 + odd), e - odd  # a = m 4^(e/2), m in [1, 4)
         e = torch.div(e, 2, rounding_mode="floor")
-    m = m.contiguous()
-    k = _refined(m, torch.searchsorted(thresholds[0], m, right=True), thresholds[0], codes[0], T)
-    return k, e
+    return _lookup(m.contiguous(), thresholds[0], codes[0], T), e
 
 
 @torch.library.custom_op("snn::spike_normalize", mutates_args=())
@@ -412,8 +423,7 @@ def spike_normalize(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: 
     k, e = normalizer_codes(a, power, thresholds, codes, T)
     if _execution_mode.get() == "unrolled":
         out = torch.zeros(torch.broadcast_shapes(x.shape, a.shape), dtype=x.dtype, device=x.device)
-        sign, magnitude = torch.sign(k), k.abs()
-        for t, spikes in enumerate(code_digits(magnitude.reshape(-1), sign.reshape(-1), T)):
+        for t, spikes in enumerate(signed_code_digits(k, T)):
             gain = torch.ldexp(spikes.view(k.shape).to(x.dtype), -(e + t + 1))
             out.add_(x * gain)
         return out
@@ -430,7 +440,7 @@ SPIKE_SOURCES = {torch.ops.snn.mt_encode.default, torch.ops.snn.fn_encode.defaul
 
 
 def train_steps(spikes) -> int:
-    """T of a spike source node (an fx.Node calling mt_encode or fn_encode)."""
+    """T of a spike source node (an fx.Node calling mt_encode, mr_encode or fn_encode)."""
     return spikes.args[4] if spikes.target == torch.ops.snn.fn_encode.default else spikes.args[2]
 
 

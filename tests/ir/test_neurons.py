@@ -21,7 +21,7 @@ from snncc.ir.neurons import (
     table_neuron,
     table_neuron_error,
 )
-from snncc.ir.ops import code_digits, execution_mode, ternary_max_code
+from snncc.ir.ops import code_digits, execution_mode, ternary_limit, ternary_max_code
 
 snn = torch.ops.snn
 
@@ -110,7 +110,7 @@ def test_multi_range_neuron_keeps_T_bits_relative_to_its_range(T, G, data):
     x = torch.tensor(data.draw(st.lists(st.floats(-bound, bound, width=32), min_size=1, max_size=64)))
     spikes = snn.mr_encode(x, r, T, G)
     y = snn.decode(spikes, r)
-    limit = (ternary_max_code(T) + 0.5) * 2.0**-T  # about 2/3: the top ternary code
+    limit = ternary_limit(T)  # about 2/3: the top ternary code
     level = sum((x.abs() / r >= 2.0**i * limit).float() for i in range(G)) if G else torch.zeros_like(x)
     step = r * 2.0**level * 2.0**-T
     assert bool(((y - x).abs() <= step / 2 + 1e-7).all())
