@@ -25,6 +25,7 @@ from snncc.ir.ops import (
     mt_initial_membrane,
     multi_range_code,
     normalizer_codes,
+    signed_code_digits,
     step_gain,
     table_codes,
     train_steps,
@@ -122,10 +123,7 @@ class EventExecutor(fx.Interpreter):
             live = fired[sign[fired] != 0]  # a zero input never fires
             steps.append((live, sign[live]))
             self.bar.update(1)
-        name = self.node.name
-        self.counts.spikes_per_step[name] = [int(idx.numel()) for idx, _ in steps]
-        self.counts.membrane_updates[name] = membrane.numel() * T
-        return SpikeEvents(x.shape, steps)
+        return self._train(x.shape, steps)
 
     def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
         """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its
@@ -137,8 +135,7 @@ class EventExecutor(fx.Interpreter):
                   T: int) -> SpikeEvents:
         """Table neurons: compare the membrane with the sorted thresholds (a binary search,
         one comparison per step) and fire the digits of the interval's code."""
-        k = table_codes(x, thresholds, codes, bucket, T).reshape(-1)
-        return self._digit_events(x.shape, code_digits(k.abs(), torch.sign(k), T), None)
+        return self._digit_events(x.shape, signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T), None)
 
     def _digit_events(self, shape: torch.Size, digits: torch.Tensor, exponent: torch.Tensor | None) -> SpikeEvents:
         steps = []
@@ -149,9 +146,14 @@ class EventExecutor(fx.Interpreter):
                 payload = payload << exponent[fired]
             steps.append((fired, payload))
             self.bar.update(1)
+        return self._train(shape, steps)
+
+    def _train(self, shape: torch.Size, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> SpikeEvents:
+        """The events of the current encoder, counted: spikes per step, one membrane update
+        per neuron and step."""
         name = self.node.name
         self.counts.spikes_per_step[name] = [int(idx.numel()) for idx, _ in steps]
-        self.counts.membrane_updates[name] = digits[0].numel() * len(steps)
+        self.counts.membrane_updates[name] = shape.numel() * len(steps)
         return SpikeEvents(shape, steps)
 
     # --- synapses ----------------------------------------------------------------------
@@ -189,7 +191,7 @@ class EventExecutor(fx.Interpreter):
         rows = x.expand(shape).reshape(k.numel(), -1).double()
         exponent = e.reshape(-1)
         out = torch.zeros_like(rows)
-        digits = code_digits(k.abs().reshape(-1), torch.sign(k).reshape(-1), T)
+        digits = signed_code_digits(k, T)
         for t, digit in enumerate(digits):
             fired = torch.nonzero(digit).squeeze(1)
             gain = torch.ldexp(digit[fired].double(), -(exponent[fired] + t + 1).double())
