@@ -148,7 +148,7 @@ class NonlinearPass(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         self.sites: list[NeuronSite] = []  # per-site statistics, for `snncc debug`
-        self._buffers: dict[str, str] = {}
+        self._buffers: dict[str, tuple[str, str]] = {}  # table key -> buffer names
         modified = self._decompose_layer_norms(gm)
         modified |= self._lower_normalizers(gm)
         modified |= self._lower_functions(gm, ctx)
@@ -181,12 +181,10 @@ class NonlinearPass(Pass):
         f = region_function(gm, root, region)
         signature = region_signature(gm, root, region)
         tables = [self._table(signature, f, int(e)) for e in levels.tolist()]
-        thresholds, codes = stack_tables(tables)
+        t_node, c_node = self._table_nodes(gm, f"{signature}|{levels.tolist()}", tables, node)
         if len(levels) == 1:
             bucket = bucket[:1]
         scale = torch.ldexp(torch.ones(len(exponents)), exponents).float()
-        t_node = self._constant(gm, f"{signature}|{levels.tolist()}|thr", thresholds, node)
-        c_node = self._constant(gm, f"{signature}|{levels.tolist()}|codes", codes, node)
         b_node = add_constant(gm, f"{node.name}_bucket", bucket, node)
         s_node = add_constant(gm, f"{node.name}_out_range", scale, node)
         with gm.graph.inserting_before(node):
@@ -207,14 +205,16 @@ class NonlinearPass(Pass):
             _TABLES[key] = build_table(f, r, self.T, (-max(_DOMAIN, 4 * r), max(_DOMAIN, 4 * r)))
         return _TABLES[key]
 
-    def _constant(self, gm: fx.GraphModule, key: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        """One buffer per distinct table, read by every site that uses it."""
+    def _table_nodes(self, gm: fx.GraphModule, key: str, tables: list[NeuronTable],
+                     before: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """get_attr nodes of the stacked thresholds and codes of `tables`: stacked and
+        registered once per distinct key, read by every site that uses them."""
         if key not in self._buffers:
-            node = add_constant(gm, "neuron_table", tensor, before)
-            self._buffers[key] = node.target
-            return node
+            thresholds, codes = stack_tables(tables)
+            self._buffers[key] = (add_constant(gm, "neuron_table", thresholds, before).target,
+                                  add_constant(gm, "neuron_table", codes, before).target)
         with gm.graph.inserting_before(before):
-            return gm.graph.get_attr(self._buffers[key])
+            return tuple(gm.graph.get_attr(target) for target in self._buffers[key])
 
     # -- floating-point neurons for norm denominators ---------------------------------------
     def _lower_normalizers(self, gm: fx.GraphModule) -> bool:
@@ -225,9 +225,7 @@ class NonlinearPass(Pass):
             if match is None:
                 continue
             x, a, power = match
-            thresholds, codes = stack_tables([mantissa_table(power, self.T)])
-            t_node = self._constant(gm, f"mantissa{power}|thr", thresholds, node)
-            c_node = self._constant(gm, f"mantissa{power}|codes", codes, node)
+            t_node, c_node = self._table_nodes(gm, f"mantissa{power}", [mantissa_table(power, self.T)], node)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(snn.spike_normalize.default, (x, a, power, t_node, c_node, self.T))
             replace_node(node, new, self.name)
