@@ -22,11 +22,12 @@ from tqdm import tqdm
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
 from snncc.ir.ops import (
     code_digits,
+    if_spikes,
     mt_initial_membrane,
     multi_range_code,
     normalizer_codes,
     signed_code_digits,
-    step_gain,
+    step_gains,
     table_codes,
     train_steps,
 )
@@ -42,6 +43,7 @@ class SpikeEvents:
 
     shape: torch.Size  # the neuron array (the encoded tensor's shape)
     steps: list[tuple[torch.Tensor, torch.Tensor]]
+    gains: list[float]  # what one unit event weighs at each step on a membrane (ops.step_gains)
 
     @property
     def T(self) -> int:
@@ -125,6 +127,17 @@ class EventExecutor(fx.Interpreter):
             self.bar.update(1)
         return self._train(x.shape, steps)
 
+    def if_encode(self, x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> SpikeEvents:
+        """Integrate-and-fire neurons: each step every membrane integrates its input and those
+        that cross a threshold fire (+1 above theta, -1 below 0) and reset by subtraction."""
+        shape = torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)
+        steps = []
+        for spikes in if_spikes(x.expand(shape), threshold.expand(shape), membrane.expand(shape), T):
+            fired = torch.nonzero(spikes).squeeze(1)
+            steps.append((fired, spikes[fired].long()))
+            self.bar.update(1)
+        return self._train(shape, steps, rate=True)
+
     def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
         """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its
         range thresholds, then fires its non-adjacent-form digits as graded events +-2^j."""
@@ -148,17 +161,19 @@ class EventExecutor(fx.Interpreter):
             self.bar.update(1)
         return self._train(shape, steps)
 
-    def _train(self, shape: torch.Size, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> SpikeEvents:
+    def _train(self, shape: torch.Size, steps: list[tuple[torch.Tensor, torch.Tensor]],
+               rate: bool = False) -> SpikeEvents:
         """The events of the current encoder, counted: spikes per step, one membrane update
         per neuron and step."""
         name = self.node.name
         self.counts.spikes_per_step[name] = [int(idx.numel()) for idx, _ in steps]
         self.counts.membrane_updates[name] = shape.numel() * len(steps)
-        return SpikeEvents(shape, steps)
+        return SpikeEvents(shape, steps, step_gains(len(steps), rate))
 
     # --- synapses ----------------------------------------------------------------------
 
-    def spike_mul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor):
+    def spike_mul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor,
+                  rate_a: bool = False, rate_b: bool = False):
         """Elementwise spike x spike product: at step t an event of B adds P^A_{t-1} at its
         element, then an event of A adds P^B_t (one synaptic operation each)."""
         shape = torch.broadcast_shapes(a.shape, b.shape)
@@ -170,10 +185,10 @@ class EventExecutor(fx.Interpreter):
         partial_b = torch.zeros(shape.numel(), dtype=torch.float64)
         out = torch.zeros(shape.numel(), dtype=torch.float64)
         for t, ((idx_a, pay_a), (idx_b, pay_b)) in enumerate(zip(a.steps, b.steps, strict=True)):
-            value_b = pay_b.double() * step_gain(t) * amp_b[idx_b]
+            value_b = pay_b.double() * b.gains[t] * amp_b[idx_b]
             out.index_add_(0, idx_b, value_b * partial_a[idx_b])
             partial_b.index_add_(0, idx_b, value_b)
-            value_a = pay_a.double() * step_gain(t) * amp_a[idx_a]
+            value_a = pay_a.double() * a.gains[t] * amp_a[idx_a]
             out.index_add_(0, idx_a, value_a * partial_b[idx_a])
             partial_a.index_add_(0, idx_a, value_a)
             self.bar.update(1)
@@ -203,14 +218,15 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[name] = out.numel() * T
         return out.view(shape).to(x.dtype)
 
-    def spike_linear(self, events: SpikeEvents, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Each event (row, k, sign) at step t adds sign * 2^-(t+1) * W[:, k] to row's membranes."""
+    def spike_linear(self, events: SpikeEvents, weight: torch.Tensor, bias: torch.Tensor | None,
+                     rate: bool = False) -> torch.Tensor:
+        """Each event (row, k, sign) at step t adds sign * gain_t * W[:, k] to row's membranes."""
         fan_in, fan_out = events.shape[-1], weight.shape[0]
         rows = events.shape.numel() // fan_in
         membranes = torch.zeros((rows, fan_out), dtype=torch.float64)
         columns = weight.detach().double().t().contiguous()  # one row per input neuron
         for t, (idx, sign) in enumerate(events.steps):
-            _accumulate(membranes, idx // fan_in, columns, idx % fan_in, sign.double() * step_gain(t))
+            _accumulate(membranes, idx // fan_in, columns, idx % fan_in, sign.double() * events.gains[t])
             self.bar.update(1)
         if bias is not None:
             membranes += bias.double()
@@ -218,7 +234,8 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[self.node.name] = membranes.numel() * events.T
         return membranes.to(weight.dtype).view(*events.shape[:-1], fan_out)
 
-    def spike_matmul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor):
+    def spike_matmul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor,
+                     rate_a: bool = False, rate_b: bool = False):
         """Spike x spike product. With stored partial sums P^A, P^B, step t does
         out += A_t P^B_t + P^A_{t-1} B_t: a spike of B at (k, j) adds column k of P^A into
         output column j (m targets); then a spike of A at (i, k) adds row k of P^B into
@@ -236,11 +253,11 @@ class EventExecutor(fx.Interpreter):
         out_cols = torch.zeros((groups * n, m), dtype=torch.float64)  # contributions of B's spikes
         for t, ((idx_a, sign_a), (idx_b, sign_b)) in enumerate(zip(a.steps, b.steps, strict=True)):
             g_b, kb, j = idx_b // (k * n), (idx_b // n) % k, idx_b % n
-            value_b = sign_b.double() * step_gain(t) * amp_b[idx_b]
+            value_b = sign_b.double() * b.gains[t] * amp_b[idx_b]
             _accumulate(out_cols, g_b * n + j, partial_a_t, g_b * k + kb, value_b)  # uses P^A_{t-1}
             partial_b.index_put_((g_b * k + kb, j), value_b, accumulate=True)
             g_a, i, ka = idx_a // (m * k), (idx_a // k) % m, idx_a % k
-            value_a = sign_a.double() * step_gain(t) * amp_a[idx_a]
+            value_a = sign_a.double() * a.gains[t] * amp_a[idx_a]
             _accumulate(out_rows, g_a * m + i, partial_b, g_a * k + ka, value_a)  # uses P^B_t
             partial_a_t.index_put_((g_a * k + ka, i), value_a, accumulate=True)
             self.bar.update(1)
@@ -249,17 +266,18 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[self.node.name] = out.numel() * a.T
         return out.to(scale_a.dtype).reshape(*batch, m, n)
 
-    def decode(self, events: SpikeEvents, scale: torch.Tensor) -> torch.Tensor:
+    def decode(self, events: SpikeEvents, scale: torch.Tensor, rate: bool = False) -> torch.Tensor:
         """Read a train back into the ANN's units by summing its events."""
         value = torch.zeros(events.shape.numel(), dtype=torch.float64)
         for t, (idx, sign) in enumerate(events.steps):
-            value.index_add_(0, idx, sign.double() * step_gain(t))
+            value.index_add_(0, idx, sign.double() * events.gains[t])
         return (value.view(events.shape) * scale.double()).to(scale.dtype)
 
 
 _HANDLERS = {
     snn.mt_encode.default: EventExecutor.mt_encode,
     snn.mr_encode.default: EventExecutor.mr_encode,
+    snn.if_encode.default: EventExecutor.if_encode,
     snn.fn_encode.default: EventExecutor.fn_encode,
     snn.spike_mul.default: EventExecutor.spike_mul,
     snn.spike_normalize.default: EventExecutor.spike_normalize,
@@ -269,7 +287,7 @@ _HANDLERS = {
 }
 
 
-_SOURCES = {snn.mt_encode.default, snn.mr_encode.default, snn.fn_encode.default}
+_SOURCES = {snn.mt_encode.default, snn.mr_encode.default, snn.fn_encode.default, snn.if_encode.default}
 
 
 class EventBackend:

@@ -28,7 +28,7 @@ snn = torch.ops.snn
 aten = torch.ops.aten
 
 QUANTIZERS = {snn.mt_encode.default: snn.mt_quantize.default, snn.mr_encode.default: snn.mr_quantize.default,
-              snn.fn_encode.default: snn.fn_quantize.default}
+              snn.fn_encode.default: snn.fn_quantize.default, snn.if_encode.default: snn.if_quantize.default}
 _READERS = SPIKE_SYNAPSES | {snn.decode.default}
 
 

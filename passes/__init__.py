@@ -1,3 +1,3 @@
 """Rewrite passes; importing this package registers them all."""
 
-from snncc.passes import attention, encode, ffn, fold, nonlinear, outlier  # noqa: F401
+from snncc.passes import attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, qcfs  # noqa: F401

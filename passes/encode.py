@@ -33,12 +33,17 @@ from snncc.ir.analysis import (
     matmul_operands,
     weight_linear,
 )
-from snncc.ir.ops import train_steps
+from snncc.ir.ops import is_rate_train, train_steps
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
 from snncc.pipeline import Pass, PassResult, register_pass
 
 snn = torch.ops.snn
 _RANGE_FLOOR = 1e-6  # relative to the tensor's largest range: channels that never fired in calibration
+
+
+def rate_flags(**trains: fx.Node) -> dict[str, bool]:
+    """Keyword flags for a synapse op: which of its trains are rate codes (IF neurons)."""
+    return {key: True for key, spikes in trains.items() if is_rate_train(spikes)}
 
 
 def calib_name(node: fx.Node) -> str:
@@ -81,7 +86,7 @@ class Encoders:
             return x.args[0], x.args[1]
         key = (x.name, per_last_dim)
         if key not in self.made:
-            r = self._range(x, per_last_dim)
+            r = self.range_of(x, per_last_dim)
             r_node = add_constant(self.gm, f"{x.name}_range", r, before)
             with self.gm.graph.inserting_before(before):
                 if self.G:
@@ -95,7 +100,8 @@ class Encoders:
             self.made[key] = (spikes, r_node)
         return self.made[key]
 
-    def _range(self, x: fx.Node, per_last_dim: bool) -> torch.Tensor:
+    def range_of(self, x: fx.Node, per_last_dim: bool) -> torch.Tensor:
+        """x's calibrated range (max |x| per channel, times headroom) in the encoder's layout."""
         stats = self.ctx.stats.get(calib_name(x))
         if stats is None:
             raise PipelineError(f"no calibration range for '{x.name}': the ANN never computed it")
@@ -134,7 +140,8 @@ class EncodePass(Pass):
                 sa, ra = encode(a, node, per_last_dim=False)
                 sb, rb = encode(b, node, per_last_dim=False)
                 with graph.inserting_before(node):
-                    new = graph.call_function(snn.spike_matmul.default, (sa, ra, sb, rb))
+                    new = graph.call_function(snn.spike_matmul.default, (sa, ra, sb, rb),
+                                              rate_flags(rate_a=sa, rate_b=sb))
             else:
                 continue
             replace_node(node, new, self.name)
@@ -159,4 +166,4 @@ class EncodePass(Pass):
         spikes, r_node = encode(x, node, per_last_dim=True)
         folded = add_constant(gm, f"{w_node.target}_folded", weight * get_tensor(gm, r_node), node)
         with gm.graph.inserting_before(node):
-            return gm.graph.call_function(snn.spike_linear.default, (spikes, folded, bias))
+            return gm.graph.call_function(snn.spike_linear.default, (spikes, folded, bias), rate_flags(rate=spikes))

@@ -24,7 +24,7 @@ import torch.fx as fx
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import activation_product, data_dependent_nodes
 from snncc.ir.rewrite import drop_unused_constants, replace_node
-from snncc.passes.encode import Encoders
+from snncc.passes.encode import Encoders, rate_flags
 from snncc.pipeline import Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -51,7 +51,7 @@ class FfnPass(Pass):
             sa, ra = encode(a, node, per_last_dim=True)
             sb, rb = encode(b, node, per_last_dim=True)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(snn.spike_mul.default, (sa, ra, sb, rb))
+                new = gm.graph.call_function(snn.spike_mul.default, (sa, ra, sb, rb), rate_flags(rate_a=sa, rate_b=sb))
             replace_node(node, new, self.name)
         drop_unused_constants(gm)
         return PassResult(gm, bool(products))

@@ -157,13 +157,7 @@ class NonlinearPass(Pass):
 
     # -- table neurons ------------------------------------------------------------------
     def _lower_functions(self, gm: fx.GraphModule, ctx: CalibrationContext) -> bool:
-        roots = unary_roots(gm)
-        outputs = []
-        for node, root in roots.items():
-            if any(roots.get(u) is not root for u in node.users):
-                region = _region(node, root, roots)
-                if any(n.target in NONLINEAR_OPS for n in region) and _same_shape(node, root):
-                    outputs.append((node, root, region))
+        outputs = function_regions(gm)
         ctx.require({calib_name(node) for node, _, _ in outputs}, gm)
         for node, root, region in outputs:
             self._lower_function(gm, ctx, node, root, region)
@@ -221,7 +215,7 @@ class NonlinearPass(Pass):
         dependent = data_dependent_nodes(gm.graph)
         modified = False
         for node in list(gm.graph.nodes):
-            match = _normalizer(node, dependent)
+            match = normalizer(node, dependent)
             if match is None:
                 continue
             x, a, power = match
@@ -260,12 +254,25 @@ class NonlinearPass(Pass):
         return modified
 
 
+def function_regions(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, list[fx.Node]]]:
+    """(output, root, region) of every chain this pass turns into a table neuron: elementwise
+    functions of one activation that contain a nonlinear op."""
+    roots = unary_roots(gm)
+    outputs = []
+    for node, root in roots.items():
+        if any(roots.get(u) is not root for u in node.users):
+            region = _region(node, root, roots)
+            if any(n.target in NONLINEAR_OPS for n in region) and _same_shape(node, root):
+                outputs.append((node, root, region))
+    return outputs
+
+
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     va, vb = a.meta.get("val"), b.meta.get("val")
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape[-1] == vb.shape[-1]
 
 
-def _normalizer(node: fx.Node, dependent: set[fx.Node]) -> tuple[fx.Node, fx.Node, float] | None:
+def normalizer(node: fx.Node, dependent: set[fx.Node]) -> tuple[fx.Node, fx.Node, float] | None:
     """(x, a, power) where node computes x * a^power with power -1 or -1/2."""
     if node.target == aten.div.Tensor and isinstance(node.args[1], fx.Node) and node.args[1] in dependent:
         x, d = node.args
@@ -282,4 +289,4 @@ def _normalizer(node: fx.Node, dependent: set[fx.Node]) -> tuple[fx.Node, fx.Nod
     return None
 
 
-__all__ = ["NonlinearPass", "unary_roots", "region_function"]
+__all__ = ["NonlinearPass", "unary_roots", "region_function", "function_regions", "normalizer"]

@@ -106,6 +106,7 @@ class CalibrationContext:
     stats: dict[str, ActivationStats] = field(default_factory=dict)
     ann: fx.GraphModule | None = None
     progress: bool = False
+    teacher: fx.GraphModule | None = None  # the original ANN, whatever `ann` now is
 
     @property
     def tokens(self) -> int:
@@ -114,7 +115,15 @@ class CalibrationContext:
     def attach(self, ann: fx.GraphModule, progress: bool = False) -> None:
         """Remember the ANN graph that `require` records from."""
         self.ann = ann
+        self.teacher = ann
         self.progress = progress
+
+    def derive(self, changed: fx.GraphModule) -> CalibrationContext:
+        """A context for passes after one that changed what the model computes (QCFS sites,
+        fine-tuned weights): ranges are recorded afresh from a snapshot of `changed`; the
+        original ANN stays the teacher. This context is left as it was."""
+        return CalibrationContext(self.batches, self.source, ann=copy_graph_module(changed),
+                                  progress=self.progress, teacher=self.teacher)
 
     def require(self, names: Iterable[str], current: fx.GraphModule | None = None) -> None:
         """Make sure `stats` holds every named tensor, recording what is missing: from the ANN

@@ -31,6 +31,10 @@ class PassResult:
 
     graph_module: fx.GraphModule
     modified: bool
+    # A pass that changes what the model computes hands later passes a new context.
+    context: CalibrationContext | None = None
+    # What the pass measured, for the user (e.g. calibration losses per stage).
+    report: dict | None = None
 
 
 @dataclass
@@ -56,12 +60,15 @@ DEFAULT_PIPELINE = "las"
 STANDARD_T = 16
 # The smallest T at which a pipeline meets its fidelity targets on SmolLM2 (measured: the
 # README's T table and benchmarks/greedy_agreement.py); -T overrides it.
-DEFAULT_T = {"las": 14}
+DEFAULT_T = {"las": 14, "fas": 8}
 PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
     # LAS (METHODS.md): fold norm weights, spiking nonlinearities and norms, spiking softmax,
     # spike x spike products, then every matmul input a spike train.
     "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode"),
+    # FAS (METHODS.md): QCFS sites at every synapse input (optionally fine-tuned), IF neurons
+    # in their place, coarse-to-fine calibration; softmax, norms and products as in `las`.
+    "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "ffn", "encode"),
 }
 
 
@@ -122,8 +129,10 @@ def _split_items(spec: str) -> list[str]:
 
 
 def default_T(spec: str) -> int:
-    """T for a spec given without -T: the pipeline's measured default, else STANDARD_T."""
-    return DEFAULT_T.get(spec.strip() if spec else "", STANDARD_T)
+    """T for a spec given without -T: the measured default of the pipeline it starts with
+    (`fas` or `fas,qcfs{steps=600}`), else STANDARD_T."""
+    first = _split_items(spec)[0].strip() if spec else ""
+    return DEFAULT_T.get(first, STANDARD_T)
 
 
 def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
@@ -134,6 +143,7 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
     if not spec or not spec.strip():
         raise PipelineError("empty --passes: give a pipeline (" + ", ".join(PIPELINES) + ") or pass names")
     passes: list[Pass] = []
+    pipeline_members: set[int] = set()  # positions of passes a pipeline name brought in
     for item in _split_items(spec):
         match = _ITEM.match(item)
         if not match:
@@ -143,10 +153,17 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
         if opts and any("=" not in kv for kv in opts.split(",") if kv.strip()):
             raise PipelineError(f"options of '{name}' must be key=value pairs, got {{{opts}}}")
         if name in PASSES:
-            passes.append(_make_pass(name, {k.strip(): v.strip() for k, v in options.items()}, T))
+            made = _make_pass(name, {k.strip(): v.strip() for k, v in options.items()}, T)
+            from_pipeline = [i for i, p in enumerate(passes) if p.name == name and i in pipeline_members]
+            if from_pipeline:  # `fas,qcfs{steps=600}`: set options of a pass the pipeline brought
+                passes[from_pipeline[0]] = made
+                pipeline_members.discard(from_pipeline[0])
+            else:
+                passes.append(made)
         elif name in PIPELINES:
             if options:
                 raise PipelineError(f"'{name}' is a pipeline; give options to its passes instead")
+            pipeline_members |= set(range(len(passes), len(passes) + len(PIPELINES[name])))
             passes += [_make_pass(p, {}, T) for p in PIPELINES[name]]
         else:
             raise PipelineError(
@@ -184,6 +201,7 @@ class PassRecord:
     seconds: float
     modified: bool
     nodes: int
+    report: dict | None = None
 
 
 Instrument = Callable[[Pass | None, fx.GraphModule, PassRecord | None], None]
@@ -215,6 +233,7 @@ class PassManager:
                 raise PipelineError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); "
                                     f"passes already run: {done}") from exc
             gm = result.graph_module
+            ctx = result.context or ctx
             gm.graph.lint()
             gm.recompile()
             if self.debug and (graph_fingerprint(gm) != before) != result.modified:
@@ -222,7 +241,7 @@ class PassManager:
                                     "but the graph says otherwise")
             verify(gm)
             record = PassRecord(p.name, p.options(), time.perf_counter() - start, result.modified,
-                                len(gm.graph.nodes))
+                                len(gm.graph.nodes), result.report)
             self.records.append(record)
             log.info("pass %s: %.2fs, modified=%s", p.name, record.seconds, record.modified)
             if self.instrument:

@@ -50,15 +50,20 @@ def step_gain(t: int) -> float:
     return 2.0 ** -(t + 1)
 
 
-def _steps(s: torch.Tensor) -> Iterator[tuple[float, torch.Tensor]]:
-    for t in range(s.shape[0]):
-        yield step_gain(t), s[t]
+def step_gains(T: int, rate: bool = False) -> list[float]:
+    """The per-step gains of a T-step train: 2^-(t+1) for MT codes, 1/T for a rate code (an
+    IF neuron's spikes all weigh the same; the train decodes to its mean)."""
+    return [1.0 / T] * T if rate else [step_gain(t) for t in range(T)]
 
 
-def _decode_unit(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_t 2^-(t+1) s_t, accumulated step by step to keep memory at one activation."""
+def _steps(s: torch.Tensor, rate: bool = False) -> Iterator[tuple[float, torch.Tensor]]:
+    yield from zip(step_gains(s.shape[0], rate), s, strict=True)
+
+
+def _decode_unit(s: torch.Tensor, dtype: torch.dtype, rate: bool = False) -> torch.Tensor:
+    """sum_t gain_t s_t, accumulated step by step to keep memory at one activation."""
     out = torch.zeros(s.shape[1:], dtype=dtype, device=s.device)
-    for gain, st in _steps(s):
+    for gain, st in _steps(s, rate):
         out.add_(st.to(dtype), alpha=gain)
     return out
 
@@ -229,51 +234,52 @@ FUSABLE_MAX_T = 24  # codes up to 2^24 are exact in float32
 
 
 @torch.library.custom_op("snn::decode", mutates_args=())
-def decode(s: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Read a spike train back into the ANN's units: scale * sum_t 2^-(t+1) s_t."""
-    return _decode_unit(s, scale.dtype) * scale
+def decode(s: torch.Tensor, scale: torch.Tensor, rate: bool = False) -> torch.Tensor:
+    """Read a spike train back into the ANN's units: scale * sum_t gain_t s_t (step_gains)."""
+    return _decode_unit(s, scale.dtype, rate) * scale
 
 
 @decode.register_fake
-def _(s: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _(s: torch.Tensor, scale: torch.Tensor, rate: bool = False) -> torch.Tensor:
     return torch.empty(torch.broadcast_shapes(s.shape[1:], scale.shape), dtype=scale.dtype,
                        device=s.device)
 
 
 @torch.library.custom_op("snn::spike_linear", mutates_args=())
-def spike_linear(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Synaptic layer over a unit-amplitude spike train: sum_t 2^-(t+1) W s_t + b.
+def spike_linear(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 rate: bool = False) -> torch.Tensor:
+    """Synaptic layer over a unit-amplitude spike train: sum_t gain_t W s_t + b.
 
     The input channel ranges are already folded into `weight` (one column per input neuron).
     """
     if _execution_mode.get() == "unrolled":
         out = None
-        for gain, st in _steps(s):
+        for gain, st in _steps(s, rate):
             contribution = F.linear(st.to(weight.dtype), weight) * gain
             out = contribution if out is None else out.add_(contribution)
         return out + bias if bias is not None else out
     if _execution_mode.get() == "exact":
         bias64 = bias.double() if bias is not None else None
-        return F.linear(_decode_unit(s, torch.float64), weight.double(), bias64).to(weight.dtype)
-    return F.linear(_decode_unit(s, weight.dtype), weight, bias)
+        return F.linear(_decode_unit(s, torch.float64, rate), weight.double(), bias64).to(weight.dtype)
+    return F.linear(_decode_unit(s, weight.dtype, rate), weight, bias)
 
 
 @spike_linear.register_fake
-def _(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rate: bool = False) -> torch.Tensor:
     return s.new_empty((*s.shape[1:-1], weight.shape[0]), dtype=weight.dtype)
 
 
 def _partial_sum_product(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor,
-                         product) -> torch.Tensor:
+                         product, rate_a: bool = False, rate_b: bool = False) -> torch.Tensor:
     """Step by step: out += product(A_t, P^B_t) + product(P^A_{t-1}, B_t), with P the stored
     partial sums, which sums over t to product(A_hat, B_hat) (matmul or elementwise)."""
     partial_a = torch.zeros(sa.shape[1:], dtype=scale_a.dtype, device=sa.device)
     partial_b = torch.zeros(sb.shape[1:], dtype=scale_b.dtype, device=sb.device)
     out = None
+    gains_a, gains_b = step_gains(sa.shape[0], rate_a), step_gains(sb.shape[0], rate_b)
     for t in range(sa.shape[0]):
-        gain = step_gain(t)
-        a_t = sa[t].to(scale_a.dtype) * (scale_a * gain)
-        b_t = sb[t].to(scale_b.dtype) * (scale_b * gain)
+        a_t = sa[t].to(scale_a.dtype) * (scale_a * gains_a[t])
+        b_t = sb[t].to(scale_b.dtype) * (scale_b * gains_b[t])
         partial_b.add_(b_t)
         step = product(a_t, partial_b) + product(partial_a, b_t)
         partial_a.add_(a_t)
@@ -282,27 +288,27 @@ def _partial_sum_product(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tens
 
 
 @torch.library.custom_op("snn::spike_matmul", mutates_args=())
-def spike_matmul(
-    sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor
-) -> torch.Tensor:
+def spike_matmul(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor,
+                 rate_a: bool = False, rate_b: bool = False) -> torch.Tensor:
     """Exact spike x spike product of two MT trains (activation-activation matmul).
 
     With partial sums P^A_t = sum_{k<=t} A_k, the step output A_t P^B_t + P^A_{t-1} B_t
     sums over t to A_hat @ B_hat; every term multiplies a spike by a stored partial sum.
     """
     if _execution_mode.get() == "unrolled":
-        return _partial_sum_product(sa, scale_a, sb, scale_b, torch.matmul)
+        return _partial_sum_product(sa, scale_a, sb, scale_b, torch.matmul, rate_a, rate_b)
     if _execution_mode.get() == "exact":
-        a_hat = _decode_unit(sa, torch.float64) * scale_a.double()
-        b_hat = _decode_unit(sb, torch.float64) * scale_b.double()
+        a_hat = _decode_unit(sa, torch.float64, rate_a) * scale_a.double()
+        b_hat = _decode_unit(sb, torch.float64, rate_b) * scale_b.double()
         return torch.matmul(a_hat, b_hat).to(scale_a.dtype)
-    a_hat = _decode_unit(sa, scale_a.dtype) * scale_a
-    b_hat = _decode_unit(sb, scale_b.dtype) * scale_b
+    a_hat = _decode_unit(sa, scale_a.dtype, rate_a) * scale_a
+    b_hat = _decode_unit(sb, scale_b.dtype, rate_b) * scale_b
     return torch.matmul(a_hat, b_hat)
 
 
 @spike_matmul.register_fake
-def _(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+def _(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor,
+      rate_a: bool = False, rate_b: bool = False) -> torch.Tensor:
     a = torch.empty(sa.shape[1:], dtype=scale_a.dtype, device=sa.device)
     b = torch.empty(sb.shape[1:], dtype=scale_b.dtype, device=sb.device)
     return torch.matmul(a, b)
@@ -382,19 +388,20 @@ def _(x, thresholds, codes, bucket, T):
 
 
 @torch.library.custom_op("snn::spike_mul", mutates_args=())
-def spike_mul(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
-    """Exact elementwise spike x spike product of two MT trains (gated FFNs, squares):
+def spike_mul(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tensor, scale_b: torch.Tensor,
+              rate_a: bool = False, rate_b: bool = False) -> torch.Tensor:
+    """Exact elementwise spike x spike product of two trains (gated FFNs, squares):
     the partial-sum scheme of spike_matmul, one synapse per element."""
     if _execution_mode.get() == "unrolled":
-        return _partial_sum_product(sa, scale_a, sb, scale_b, torch.mul)
+        return _partial_sum_product(sa, scale_a, sb, scale_b, torch.mul, rate_a, rate_b)
     dtype = torch.float64 if _execution_mode.get() == "exact" else scale_a.dtype
-    a_hat = _decode_unit(sa, dtype) * scale_a.to(dtype)
-    b_hat = _decode_unit(sb, dtype) * scale_b.to(dtype)
+    a_hat = _decode_unit(sa, dtype, rate_a) * scale_a.to(dtype)
+    b_hat = _decode_unit(sb, dtype, rate_b) * scale_b.to(dtype)
     return (a_hat * b_hat).to(scale_a.dtype)
 
 
 @spike_mul.register_fake
-def _(sa, scale_a, sb, scale_b):
+def _(sa, scale_a, sb, scale_b, rate_a=False, rate_b=False):
     shape = torch.broadcast_shapes(sa.shape[1:], scale_a.shape, sb.shape[1:], scale_b.shape)
     return torch.empty(shape, dtype=scale_a.dtype, device=sa.device)
 
@@ -436,12 +443,124 @@ def _(x, a, power, thresholds, codes, T):
     return torch.empty(torch.broadcast_shapes(x.shape, a.shape), dtype=x.dtype, device=x.device)
 
 
-SPIKE_SOURCES = {torch.ops.snn.mt_encode.default, torch.ops.snn.fn_encode.default, torch.ops.snn.mr_encode.default}
+# --- rate-coded integrate-and-fire neurons (the `fas` pipeline) ---------------------------
+
+
+def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> Iterator[torch.Tensor]:
+    """The T steps (int8 in {-1, 0, 1}) of signed IF neurons fed the constant current x.
+
+    Per step, in threshold units (u = x / theta, m(0) = v(0) / theta, clipped to [0, 1]):
+    m += u; at m >= 1 the neuron fires +1 and subtracts 1, at m < 0 it fires -1 and adds 1
+    (reset by subtraction). For |u| <= 1, m stays in [0, 1), so after T steps the count is
+    floor(T u + m(0)): with m(0) = 1/2 and T = L that is QCFS's floor(z L / lambda + 1/2).
+    float64 membranes; every backend steps through this one function."""
+    u = (x.double() / threshold.double()).reshape(-1)
+    m = (membrane.double() / threshold.double()).clamp(0.0, 1.0).expand(x.shape).reshape(-1).clone()
+    for _ in range(T):
+        m += u
+        positive, negative = m >= 1.0, m < 0.0
+        m -= positive.double()
+        m += negative.double()
+        yield positive.to(torch.int8) - negative.to(torch.int8)
+
+
+@torch.library.custom_op("snn::if_encode", mutates_args=())
+def if_encode(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> torch.Tensor:
+    """Signed integrate-and-fire neurons (rate code, FAS): T steps of if_spikes. The train
+    decodes to threshold * mean_t s_t (decode with rate=True)."""
+    shape = torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)
+    x = x.expand(shape)
+    return torch.stack(list(if_spikes(x, threshold.expand(shape), membrane.expand(shape), T))).view(T, *shape)
+
+
+@if_encode.register_fake
+def _(x, threshold, membrane, T):
+    return x.new_empty((T, *torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)), dtype=torch.int8)
+
+
+@torch.library.custom_op("snn::if_quantize", mutates_args=())
+def if_quantize(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> torch.Tensor:
+    """What an if_encode train decodes to in threshold units (spike count / T), without
+    the train: for the fused executor."""
+    shape = torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)
+    count = torch.zeros(shape.numel(), dtype=torch.float64, device=x.device)
+    for spikes in if_spikes(x.expand(shape), threshold.expand(shape), membrane.expand(shape), T):
+        count += spikes
+    return (count / T).to(x.dtype).view(shape)
+
+
+@if_quantize.register_fake
+def _(x, threshold, membrane, T):
+    return torch.empty(torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape), dtype=x.dtype,
+                       device=x.device)
+
+
+def qcfs_levels(x: torch.Tensor, lam: torch.Tensor, L: int) -> torch.Tensor:
+    """clip(floor(x L / lambda + 1/2), -L, L): the signed QCFS level of x (float64 inside,
+    as the IF neurons that reproduce it)."""
+    return torch.floor(x.double() * L / lam.double() + 0.5).clamp(-L, L).to(x.dtype)
+
+
+@torch.library.custom_op("snn::qcfs", mutates_args=())
+def qcfs(x: torch.Tensor, lam: torch.Tensor, L: int) -> torch.Tensor:
+    """Signed quantization-clip-floor-shift activation (FAS stage 1):
+    lambda / L * clip(floor(x L / lambda + 1/2), -L, L). An ANN op, trained with
+    straight-through gradients; `ifencode` turns it into IF neurons that reproduce it."""
+    return qcfs_levels(x, lam, L) * (lam / L)
+
+
+@qcfs.register_fake
+def _(x, lam, L):
+    return torch.empty(torch.broadcast_shapes(x.shape, lam.shape), dtype=x.dtype, device=x.device)
+
+
+def _qcfs_setup(ctx, inputs, output) -> None:
+    x, lam, L = inputs
+    ctx.save_for_backward(x, lam)
+    ctx.L = L
+
+
+def _qcfs_backward(ctx, grad: torch.Tensor):
+    """Straight-through floor: d/dx = 1 inside the clip range, 0 outside; d/dlambda =
+    level/L - x/lambda inside, the sign outside (LSQ-style)."""
+    x, lam = ctx.saved_tensors
+    z = x * ctx.L / lam
+    inside = z.abs() <= ctx.L
+    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    grad_lam = None
+    if ctx.needs_input_grad[1]:
+        local = torch.where(inside, qcfs_levels(x, lam, ctx.L) / ctx.L - x / lam, torch.sign(z))
+        grad_lam = _sum_to(grad * local, lam.shape)
+    return grad_x, grad_lam, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to `shape`."""
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead else t
+    dims = tuple(i for i, d in enumerate(shape) if d == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+qcfs.register_autograd(_qcfs_backward, setup_context=_qcfs_setup)
+
+
+SPIKE_SOURCES = {torch.ops.snn.mt_encode.default, torch.ops.snn.fn_encode.default, torch.ops.snn.mr_encode.default,
+                 torch.ops.snn.if_encode.default}
 
 
 def train_steps(spikes) -> int:
-    """T of a spike source node (an fx.Node calling mt_encode, mr_encode or fn_encode)."""
-    return spikes.args[4] if spikes.target == torch.ops.snn.fn_encode.default else spikes.args[2]
+    """T of a spike source node (an fx.Node calling mt_encode, mr_encode, fn_encode or if_encode)."""
+    if spikes.target == torch.ops.snn.fn_encode.default:
+        return spikes.args[4]
+    if spikes.target == torch.ops.snn.if_encode.default:
+        return spikes.args[3]
+    return spikes.args[2]
+
+
+def is_rate_train(spikes) -> bool:
+    """Whether a spike source node sends a rate code (uniform step gains 1/T)."""
+    return spikes.target == torch.ops.snn.if_encode.default
 
 
 SPIKE_SYNAPSES = {torch.ops.snn.spike_linear.default, torch.ops.snn.spike_matmul.default,

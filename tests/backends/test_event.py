@@ -27,7 +27,7 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("pipeline", "T"), [("encode", 4), ("encode", 12), ("las", 6), ("las", 12)])
+@pytest.mark.parametrize(("pipeline", "T"), [("encode", 4), ("encode", 12), ("las", 6), ("las", 12), ("fas", 8), ("fas", 4)])
 def test_event_outputs_and_counts_equal_the_reference(tiny_name, pipeline, T):
     loaded, ann, ctx = prepared(tiny_name)
     program = compile_graph(loaded, ann, ctx, pipeline, T)

@@ -1,0 +1,216 @@
+"""calibrate: coarse-to-fine calibration of the IF neurons' thresholds and initial membranes (FAS stage 2).
+
+Stage 1 (layer-wise) learns one threshold gain and one initial membrane per site; stage 2
+(neuron-wise) one of each per channel, starting from stage 1. Both train through time:
+the T steps of every IF neuron are unrolled, with a triangle surrogate for the derivative
+of firing, and Adam minimises
+
+    mean over sites of MSE(IF output, QCFS ANN output) / mean(QCFS output^2)
+      + kl_weight * KL(p_ANN || p_SNN)
+
+on the calibration batches (a stage that ends with a higher loss than it began with is
+undone: surrogate gradients are biased, and at T = L the neurons start exactly at QCFS,
+the minimum of the first term). The activation-align term ties each site to the QCFS model
+the fine-tuning shaped (relative, so sites of every scale count alike), the logits term
+to the original ANN (forward KL: the student's excess cross-entropy on the teacher's
+text). Everything but the IF neurons runs as the ANN does (later passes make it spiking).
+FAS's thresholds are per position and channel (fixed-length GPT-2); here they are per
+channel, so any sequence length runs. The loss before and after each stage is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from snncc.calibration import CalibrationContext
+from snncc.finetune import distillation_loss, logits_of
+from snncc.ir.rewrite import copy_graph_module, get_tensor
+from snncc.pipeline import Pass, PassResult, register_pass
+
+snn = torch.ops.snn
+
+
+class _Fire(torch.autograd.Function):
+    """Signed firing of membranes in threshold units (+1 at m >= 1, -1 at m < 0); backward:
+    triangle surrogates of width 1/2 around both thresholds."""
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(m)
+        return (m >= 1).to(m.dtype) - (m < 0).to(m.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (m,) = ctx.saved_tensors
+        surrogate = (1 - 2 * (m - 1).abs()).clamp(min=0) + (1 - 2 * m.abs()).clamp(min=0)
+        return grad * surrogate
+
+
+def if_rate(x: torch.Tensor, theta: torch.Tensor, m0: torch.Tensor, T: int) -> torch.Tensor:
+    """Differentiable IF neurons (the dynamics of snn.if_encode, unrolled): the decoded
+    rate output theta * sum_t s_t / T."""
+    u = x / theta
+    m = m0.expand_as(u)
+    total = torch.zeros_like(u)
+    for _ in range(T):
+        m = m + u
+        s = _Fire.apply(m)
+        m = m - s
+        total = total + s
+    return theta * total / T
+
+
+@dataclass
+class _Site:
+    decoded: fx.Node
+    x: fx.Node
+    theta: fx.Node
+    v0: fx.Node
+    lam: torch.Tensor
+    L: int
+
+
+def if_sites(gm: fx.GraphModule) -> list[_Site]:
+    """Every decoded IF train that `ifencode` made from a QCFS site."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.target == snn.decode.default and "qcfs" in node.meta and node.args[0].target == snn.if_encode.default:
+            x, theta, v0, _ = node.args[0].args
+            sites.append(_Site(node, x, theta, v0, node.meta["qcfs"]["lambda"], node.meta["qcfs"]["L"]))
+    return sites
+
+
+def _rewired(gm: fx.GraphModule, sites: list[_Site], fn) -> fx.GraphModule:
+    """A copy of gm in which site i's decoded train is fn(x, i)."""
+    copy = copy_graph_module(gm)
+    nodes = {n.name: n for n in copy.graph.nodes}
+    for i, site in enumerate(sites):
+        old = nodes[site.decoded.name]
+        with copy.graph.inserting_before(old):
+            new = copy.graph.call_function(fn, (nodes[site.x.name], i))
+        old.replace_all_uses_with(new)
+    copy.graph.eliminate_dead_code()
+    copy.recompile()
+    return copy
+
+
+class _Neurons(torch.nn.Module):
+    """Trainable thresholds (theta0 * exp(gain)) and initial membranes (threshold units)."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[_Site], T: int):
+        super().__init__()
+        self.T = T
+        self.theta0 = [get_tensor(gm, s.theta).detach() for s in sites]
+        self.gain = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(())) for _ in sites])
+        self.m0 = torch.nn.ParameterList([torch.nn.Parameter(torch.full((), 0.5)) for _ in sites])
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def per_channel(self) -> None:
+        """Stage 2: one gain and one membrane per neuron group (channel), from stage 1's."""
+        for i, theta in enumerate(self.theta0):
+            self.gain[i] = torch.nn.Parameter(self.gain[i].detach().expand(theta.shape).clone())
+            self.m0[i] = torch.nn.Parameter(self.m0[i].detach().expand(theta.shape).clone())
+
+    def threshold(self, i: int) -> torch.Tensor:
+        return self.theta0[i] * torch.exp(self.gain[i])
+
+    def site(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        out = if_rate(x, self.threshold(i), self.m0[i].clamp(0.0, 1.0), self.T)
+        self.outputs[i] = out
+        return out
+
+
+@register_pass
+@dataclass
+class CalibratePass(Pass):
+    name = "calibrate"
+    stage = 26
+    summary = "IF thresholds and initial membranes: layer-wise then neuron-wise, BPTT with surrogate gradients"
+
+    T: int = 8
+    layer_steps: int = 30
+    neuron_steps: int = 30
+    lr: float = 3e-3
+    kl_weight: float = 1.0
+    batches: int = 4
+
+    def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        sites = if_sites(gm)
+        if not sites or self.layer_steps + self.neuron_steps == 0:
+            return PassResult(gm, False)
+        batches = ctx.batches[: self.batches]
+        teacher = ctx.teacher or ctx.ann
+        with torch.no_grad():
+            targets = [self._qcfs_outputs(gm, sites, b) for b in batches]
+            teacher_logits = [logits_of(teacher(b)) for b in batches]
+        neurons = _Neurons(gm, sites, self.T)
+        snn_graph = _rewired(gm, sites, neurons.site)
+
+        def loss(k: int) -> tuple[torch.Tensor, float, float]:
+            neurons.outputs.clear()
+            logits = logits_of(snn_graph(batches[k]))
+            mse = torch.stack([((neurons.outputs[i] - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12))
+                               for i, t in targets[k].items()]).mean()
+            kl = distillation_loss(logits, teacher_logits[k])
+            return mse + self.kl_weight * kl, float(mse.detach()), float(kl.detach())
+
+        def evaluate() -> dict:
+            with torch.no_grad():
+                parts = [loss(k) for k in range(len(batches))]
+            return {"loss": sum(float(p[0]) for p in parts) / len(parts),
+                    "mse": sum(p[1] for p in parts) / len(parts), "kl": sum(p[2] for p in parts) / len(parts)}
+
+        report = {"T": self.T, "sites": len(sites), "before": evaluate()}
+        best = report["before"]
+        for stage, steps in (("layer", self.layer_steps), ("neuron", self.neuron_steps)):
+            if stage == "neuron":
+                neurons.per_channel()
+            start = {k: v.detach().clone() for k, v in neurons.state_dict().items()}
+            if steps:
+                self._train(neurons, loss, steps, len(batches), stage, ctx.progress)
+            result = evaluate()
+            # Surrogate gradients are not the loss's gradient: a stage that ends worse than it
+            # began (at T = L the IF neurons start exactly at QCFS) is undone, and says so.
+            result["kept"] = result["loss"] <= best["loss"]
+            if result["kept"]:
+                best = result
+            else:
+                neurons.load_state_dict(start)
+            report[f"after_{stage}"] = result
+        report["after"] = best
+        self._write_back(gm, sites, neurons)
+        return PassResult(gm, True, report=report)
+
+    def _qcfs_outputs(self, gm: fx.GraphModule, sites: list[_Site], batch: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each site's output in the QCFS model (the ANN with QCFS sites) on `batch`."""
+        outputs = {}
+
+        def qcfs_site(x: torch.Tensor, i: int) -> torch.Tensor:
+            outputs[i] = snn.qcfs(x, sites[i].lam, sites[i].L)
+            return outputs[i]
+
+        _rewired(gm, sites, qcfs_site)(batch)
+        return outputs
+
+    def _train(self, neurons: _Neurons, loss, steps: int, n_batches: int, stage: str, progress: bool) -> None:
+        optimizer = torch.optim.Adam(neurons.parameters(), lr=self.lr)
+        bar = tqdm(range(steps), desc=f"calibrating ({stage}-wise)", unit="step", disable=not progress, leave=False)
+        for step in bar:
+            total, _, kl = loss(step % n_batches)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{float(total):.4f}", kl=f"{kl:.4f}")
+
+    def _write_back(self, gm: fx.GraphModule, sites: list[_Site], neurons: _Neurons) -> None:
+        """The calibrated thresholds and initial membranes become the graph's constants."""
+        with torch.no_grad():
+            for i, site in enumerate(sites):
+                theta = neurons.threshold(i).expand(neurons.theta0[i].shape).contiguous()
+                v0 = (neurons.m0[i].clamp(0.0, 1.0) * theta).expand(theta.shape).contiguous()
+                setattr(gm, site.theta.target, theta.float())
+                setattr(gm, site.v0.target, v0.float())

@@ -1,0 +1,175 @@
+"""qcfs: every synapse input becomes a QCFS activation (FAS stage 1), optionally fine-tuned.
+
+    aten.linear(x, W, b)  ->  aten.linear(snn.qcfs(x, lambda, L), W, b)
+
+QCFS (quantization-clip-floor-shift) rounds x to one of 2L + 1 levels, signed because
+transformer activations are (lambda / L * clip(floor(x L / lambda + 1/2), -L, L)); `ifencode`
+then replaces each site by IF neurons that reproduce it exactly at T = L. Sites are the
+inputs of linear layers, of activation-activation matmuls and of elementwise activation
+products (as `outlier` in `las`), except what later passes turn into trains anyway: table
+neuron outputs (SiLU before the gated product) and softmax probabilities.
+
+lambda is per channel (per last dim for linear layers and products, per static dim for
+matmuls): channels differ by 100x in LLMs, and a linear layer folds a per-channel threshold
+into its weight columns for free. It starts at the calibrated max |x| times the factor (of
+a fixed grid) that minimises the site's QCFS error on the first calibration batch.
+
+With `steps` > 0 the graph is fine-tuned by distillation from the ANN (snncc.finetune):
+`mode=lambda` trains the lambdas, `mode=full` also every weight (on copies: the ANN is left
+alone), straight-through gradients through the floor. `checkpoint` makes it resumable and
+`plot` saves the loss curve. Later passes record their ranges on the resulting graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from snncc.calibration import CalibrationContext
+from snncc.errors import PipelineError
+from snncc.finetune import FinetuneConfig, finetune
+from snncc.ir.analysis import data_dependent_nodes
+from snncc.ir.rewrite import add_constant, get_tensor
+from snncc.passes.attention import AttentionPass
+from snncc.passes.encode import Encoders, calib_name
+from snncc.passes.nonlinear import function_regions, normalizer
+from snncc.pipeline import Pass, PassResult, register_pass
+
+snn = torch.ops.snn
+aten = torch.ops.aten
+_CLIP_FACTORS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16, 0.12)
+_PASS_THROUGH = {aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default,
+                 aten.dropout.default}
+
+
+def qcfs_operands(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, bool]]:
+    """(reader, operand, per_last_dim) of every synapse input that becomes a QCFS site."""
+    dependent = data_dependent_nodes(gm.graph)
+    encoders = Encoders(gm, None, 0, 1.0, 0.0, "qcfs")
+    future_trains = {out for out, _, _ in function_regions(gm)}
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or normalizer(node, dependent) is not None:
+            continue
+        for x, per_last_dim in encoders.operands(node, dependent):
+            if x not in future_trains and not _is_probability(x):
+                sites.append((node, x, per_last_dim))
+    return sites
+
+
+def _is_probability(x: fx.Node) -> bool:
+    """Softmax output (through value-preserving ops): `attention` lowers it to an exp train."""
+    while x.target in _PASS_THROUGH and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return x.target in AttentionPass.lowers
+
+
+def capture(gm: fx.GraphModule, names: set[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The values of the named nodes when `gm` runs on `batch`."""
+    values: dict[str, torch.Tensor] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            result = super().run_node(n)
+            if n.name in names:
+                values[n.name] = result.detach()
+            return result
+
+    with torch.no_grad():
+        _Recorder(gm).run(batch)
+    return values
+
+
+def best_lambda(x: torch.Tensor, absmax: torch.Tensor, L: int) -> tuple[torch.Tensor, float]:
+    """(lambda, factor): absmax times the grid factor with the least QCFS error on x."""
+    errors = [float((snn.qcfs(x, absmax * f, L) - x).pow(2).mean()) for f in _CLIP_FACTORS]
+    factor = _CLIP_FACTORS[min(range(len(errors)), key=errors.__getitem__)]
+    return absmax * factor, factor
+
+
+@register_pass
+@dataclass
+class QcfsPass(Pass):
+    name = "qcfs"
+    stage = 22
+    summary = "synapse inputs -> QCFS activations (L levels, per-channel lambda); optional distillation fine-tuning"
+
+    L: int = 8
+    steps: int = 0
+    mode: str = "lambda"
+    lr: float = 1e-5
+    lambda_lr: float = 3e-3
+    checkpoint: str = ""
+    plot: str = ""
+
+    def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        if self.L < 1:
+            raise PipelineError(f"qcfs: L={self.L} levels must be at least 1")
+        sites = qcfs_operands(gm)
+        if not sites:
+            return PassResult(gm, False)
+        ranges = Encoders(gm, ctx, 0, 1.0, 0.0, self.name)
+        ranges.require(x for _, x, _ in sites)
+        samples = capture(gm, {x.name for _, x, _ in sites}, ctx.batches[0])
+        made: dict[tuple[str, bool], fx.Node] = {}
+        factors = []
+        for reader, x, per_last_dim in sites:
+            key = (x.name, per_last_dim)
+            if key not in made:
+                lam, factor = best_lambda(samples[x.name], ranges.range_of(x, per_last_dim), self.L)
+                factors.append(factor)
+                made[key] = self._insert_site(gm, x, lam)
+            reader.replace_input_with(x, made[key])
+        report = {"sites": len(made), "median_clip_factor": sorted(factors)[len(factors) // 2]}
+        if self.steps > 0:
+            report["finetune"] = self._finetune(gm, ctx, [n.args[1].target for n in made.values()])
+        return PassResult(gm, True, context=ctx.derive(gm), report=report)
+
+    def _insert_site(self, gm: fx.GraphModule, x: fx.Node, lam: torch.Tensor) -> fx.Node:
+        after = x.next
+        while after.op == "placeholder":
+            after = after.next
+        lam_node = add_constant(gm, f"{x.name}_lambda", lam, after)
+        with gm.graph.inserting_after(lam_node):
+            site = gm.graph.call_function(snn.qcfs.default, (x, lam_node, self.L))
+        site._rename(f"{x.name}_qcfs")
+        site.meta.update(source=x.meta.get("source", ""), created_by=self.name, calib_name=calib_name(x),
+                         val=x.meta.get("val"))
+        return site
+
+    def _finetune(self, gm: fx.GraphModule, ctx: CalibrationContext, lambdas: list[str]) -> dict:
+        tensors = {name: get_tensor(gm, node) for name, node in ((n.target, n) for n in gm.graph.nodes
+                                                                  if n.op == "get_attr" and n.target in lambdas)}
+        if self.mode == "full":
+            tensors.update(_private_weights(gm))
+        config = FinetuneConfig(self.steps, self.lr, self.lambda_lr, self.mode)
+        checkpoint = Path(self.checkpoint) if self.checkpoint else None
+        losses = finetune(gm, ctx.teacher or ctx.ann, ctx.batches, tensors, set(lambdas), config,
+                          checkpoint, ctx.progress)
+        if self.plot:
+            from snncc.plots import plot_losses
+
+            plot_losses({"distillation KL": losses}, Path(self.plot), "QCFS fine-tuning")
+        window = max(1, min(10, len(losses) // 5))
+        return {"steps": len(losses), "mode": self.mode, "tensors": len(tensors),
+                "kl_first": sum(losses[:window]) / window, "kl_last": sum(losses[-window:]) / window}
+
+
+def _private_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every floating-point parameter of gm, replaced by a copy it owns (the graph shares
+    its tensors with the ANN, which fine-tuning must not change)."""
+    owned, copies = {}, {}
+    for name, tensor in list(gm.named_parameters(remove_duplicate=False)):
+        if not tensor.is_floating_point():
+            continue
+        *path, leaf = name.split(".")
+        owner = gm
+        for part in path:
+            owner = getattr(owner, part)
+        if id(tensor) not in copies:  # tied weights (embedding = LM head) stay tied
+            copies[id(tensor)] = owned[name] = torch.nn.Parameter(tensor.detach().clone(), requires_grad=False)
+        setattr(owner, leaf, copies[id(tensor)])
+    return owned
