@@ -6,8 +6,12 @@ QCFS (quantization-clip-floor-shift) rounds x to one of 2L + 1 levels, signed be
 transformer activations are (lambda / L * clip(floor(x L / lambda + 1/2), -L, L)); `ifencode`
 then replaces each site by IF neurons that reproduce it exactly at T = L. Sites are the
 inputs of linear layers, of activation-activation matmuls and of elementwise activation
-products (as `outlier` in `las`), except what later passes turn into trains anyway: table
-neuron outputs (SiLU before the gated product) and softmax probabilities.
+products (as `outlier` in `las`), except what later passes turn into trains anyway (table
+neuron outputs such as SiLU before the gated product, softmax probabilities) and the
+squares of norms: a norm's mean square must keep its relative precision on every token
+(the residual stream spans orders of magnitude across tokens), which 2L + 1 levels at a
+per-channel clip cannot (SmolLM2, QCFS L = 8 on the squares alone: perplexity x7.4), so
+`fas` gives them `outlier`'s multi-range neurons, as `las` does.
 
 lambda is per channel (per last dim for linear layers and products, per static dim for
 matmuls): channels differ by 100x in LLMs, and a linear layer folds a per-channel threshold
@@ -31,7 +35,7 @@ import torch.fx as fx
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.finetune import FinetuneConfig, finetune
-from snncc.ir.analysis import data_dependent_nodes
+from snncc.ir.analysis import activation_product, data_dependent_nodes, weight_linear
 from snncc.ir.rewrite import add_constant, get_tensor
 from snncc.passes.attention import AttentionPass
 from snncc.passes.encode import Encoders, calib_name
@@ -52,12 +56,18 @@ def qcfs_operands(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, bool]]:
     future_trains = {out for out, _, _ in function_regions(gm)}
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or normalizer(node, dependent) is not None:
+        if node.op != "call_function" or normalizer(node, dependent) is not None or _is_square(node, dependent):
             continue
         for x, per_last_dim in encoders.operands(node, dependent):
             if x not in future_trains and not _is_probability(x):
                 sites.append((node, x, per_last_dim))
     return sites
+
+
+def _is_square(node: fx.Node, dependent: set[fx.Node]) -> bool:
+    """x * x or x^2: a norm's mean square, left to `outlier`'s multi-range neurons."""
+    product = activation_product(node, dependent)
+    return product is not None and product[0] is product[1]
 
 
 def _is_probability(x: fx.Node) -> bool:
@@ -125,6 +135,7 @@ class QcfsPass(Pass):
             reader.replace_input_with(x, made[key])
         report = {"sites": len(made), "median_clip_factor": sorted(factors)[len(factors) // 2]}
         if self.steps > 0:
+            gm.recompile()  # train the graph as it now stands
             report["finetune"] = self._finetune(gm, ctx, [n.args[1].target for n in made.values()])
         return PassResult(gm, True, context=ctx.derive(gm), report=report)
 
@@ -159,17 +170,27 @@ class QcfsPass(Pass):
 
 
 def _private_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Every floating-point parameter of gm, replaced by a copy it owns (the graph shares
-    its tensors with the ANN, which fine-tuning must not change)."""
-    owned, copies = {}, {}
-    for name, tensor in list(gm.named_parameters(remove_duplicate=False)):
-        if not tensor.is_floating_point():
+    """The weights fine-tuning trains (weight matrices, embeddings and linear-layer biases:
+    norm weights are folded into the linear layers by then), each replaced by a copy the
+    graph owns: the graph shares its tensors with the ANN, which must stay as it is."""
+    owned: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in owned:
             continue
-        *path, leaf = name.split(".")
+        tensor = get_tensor(gm, node)
+        is_bias = any(weight_linear(u) and len(u.args) > 2 and u.args[2] is node for u in node.users)
+        if not tensor.is_floating_point() or not (tensor.dim() >= 2 or is_bias):
+            continue
+        if id(tensor) not in copies:  # tied weights (embedding = LM head) stay tied
+            copies[id(tensor)] = owned[node.target] = tensor.detach().clone()
+        *path, leaf = node.target.split(".")
         owner = gm
         for part in path:
             owner = getattr(owner, part)
-        if id(tensor) not in copies:  # tied weights (embedding = LM head) stay tied
-            copies[id(tensor)] = owned[name] = torch.nn.Parameter(tensor.detach().clone(), requires_grad=False)
-        setattr(owner, leaf, copies[id(tensor)])
+        if isinstance(getattr(owner, leaf), torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(copies[id(tensor)], requires_grad=False))
+            copies[id(tensor)] = owned[node.target] = getattr(owner, leaf)
+        else:
+            setattr(owner, leaf, copies[id(tensor)])
     return owned

@@ -37,7 +37,8 @@ def _fail_cleanly(fn):
 
 def _model_options(fn):
     fn = click.option("--passes", "-p", default=DEFAULT_PIPELINE, show_default=True,
-                      help="pipeline name (las, none) or comma list of passes, e.g. 'fold,encode{T=8}'")(fn)
+                      help="pipeline name (las, fas, none) or comma list of passes, e.g. 'fold,encode{T=8}'; "
+                           "'fas,qcfs{steps=250}' sets options of a pipeline's pass")(fn)
     fn = click.option("-T", "T", type=int, default=None,
                       help="time steps per spike train [default: the pipeline's measured default, "
                            + ", ".join(f"{k} {v}" for k, v in DEFAULT_T.items()) + f"; else {STANDARD_T}]")(fn)
@@ -136,6 +137,7 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     click.echo(f"compiled {loaded.name} with '{passes}' (T={program.T}): {nodes} nodes, "
                f"spike-driven coverage {100 * cov['coverage']:.2f}% of matmul MACs "
                f"({len(cov['analog_sites'])} analog matmul sites)")
+    _print_reports(program.info.passes)
     if eval_tokens:
         from snncc.evaluate import evaluate
 
@@ -145,6 +147,44 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     if out_path:
         program.save(out_path)
         click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB)")
+
+
+def _print_reports(records: list[dict]) -> None:
+    """What passes measured (fine-tuning and calibration losses), one line each."""
+    for record in records:
+        if record.get("report"):
+            click.echo(f"  {record['name']}: {json.dumps(record['report'])}")
+
+
+# --- finetune -----------------------------------------------------------------------------
+
+
+@main.command("finetune")
+@click.argument("model")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="resumable checkpoint: written every 50 steps; an existing one is continued")
+@click.option("--steps", type=int, default=250, show_default=True, help="steps of 128 calibration tokens")
+@click.option("--mode", type=click.Choice(["full", "lambda"]), default="full", show_default=True,
+              help="train every weight and the QCFS lambdas, or the lambdas only")
+@click.option("--lr", type=float, default=2e-5, show_default=True, help="learning rate of the weights")
+@click.option("-L", "L", type=int, default=8, show_default=True, help="QCFS quantization levels")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="save the loss curve here (PNG)")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="text to fine-tune on (default: snncc's packaged dev text)")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="tokens of that text to use")
+@_fail_cleanly
+def finetune_cmd(model, checkpoint, steps, mode, lr, L, plot, calib, calib_tokens):
+    """Fine-tune MODEL with QCFS activations by distillation from itself (FAS stage 1)."""
+    from snncc.api import compile_graph
+
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    qcfs = f"qcfs{{L={L},steps={steps},mode={mode},lr={lr},checkpoint={checkpoint}}}"
+    spec = f"fold,{qcfs[:-1]},plot={plot}}}" if plot else f"fold,{qcfs}"
+    loaded, ann, ctx = _prepare(model, spec, None, calib, calib_tokens)
+    program = compile_graph(loaded, ann, ctx, spec)
+    _print_reports(program.info.passes)
+    click.echo(f"checkpoint {checkpoint}; compile with it: snncc compile {model} --passes 'fas,{qcfs}'")
 
 
 # --- eval ---------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
             loss.backward()
             optimizer.step()
             _keep_lambdas_positive(tensors, lambdas)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if checkpoint is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):

@@ -67,8 +67,9 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     # spike x spike products, then every matmul input a spike train.
     "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode"),
     # FAS (METHODS.md): QCFS sites at every synapse input (optionally fine-tuned), IF neurons
-    # in their place, coarse-to-fine calibration; softmax, norms and products as in `las`.
-    "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "ffn", "encode"),
+    # in their place, coarse-to-fine calibration; softmax, norms (their squares on
+    # multi-range neurons) and products as in `las`.
+    "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "outlier", "ffn", "encode"),
 }
 
 

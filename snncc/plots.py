@@ -97,7 +97,7 @@ def plot_profile(profile: Profile, path: Path, title: str) -> None:
     ax_sops.set_title("synaptic operations per site")
     per_step = profile.firing_rate_per_step()
     ax_steps.bar(range(1, len(per_step) + 1), per_step)
-    ax_steps.set_xlabel("time step t (threshold 2^-t of the range)")
+    ax_steps.set_xlabel("time step t (MT codes: threshold 2^-t of the range; IF: equal weight)")
     ax_steps.set_ylabel("firing rate")
     ax_steps.set_title("firing rate per time step, all encoders")
     totals = profile.totals()

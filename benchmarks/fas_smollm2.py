@@ -1,0 +1,60 @@
+"""The fas pipeline on a real model: fine-tune, then calibrate, and measure each step.
+
+    python benchmarks/fas_smollm2.py --steps 250 --T 8 4 16
+
+Fine-tunes the QCFS model once (resumable checkpoint, loss plot), then for each T compiles
+`fas` without and with calibration and scores both on held-out text: perplexity ratio,
+top-1 agreement, spikes, energy. Prints one JSON object per row and a table; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from snncc.api import compile_graph, prepare
+from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
+from snncc.evaluate import evaluate
+from snncc.render import print_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=250, help="fine-tuning steps (128 tokens each)")
+    parser.add_argument("--mode", default="full", choices=("full", "lambda"))
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--T", type=int, nargs="+", default=[8, 4, 16])
+    parser.add_argument("--calibrate", default="layer_steps=20,neuron_steps=20,batches=2")
+    parser.add_argument("--tokens", type=int, default=512, help="held-out tokens to score")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    loaded, ann, ctx = prepare(args.model, progress=True)
+    chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), 128, args.tokens)
+    qcfs = (f"qcfs{{steps={args.steps},mode={args.mode},lr={args.lr},"
+            f"checkpoint={args.out / f'fas_{args.model}_finetune.pt'},"
+            f"plot={args.out / f'fas_{args.model}_finetune_loss.png'}}}")
+    rows = []
+    for T in args.T:
+        for calibrate in ("layer_steps=0,neuron_steps=0", args.calibrate):
+            start = time.perf_counter()
+            program = compile_graph(loaded, ann, ctx, f"fas,{qcfs},calibrate{{{calibrate}}}", T)
+            reports = {p["name"]: p["report"] for p in program.info.passes if p.get("report")}
+            row = evaluate(program, loaded.module, chunks, progress=True)
+            row.update(program.profile(chunks[0]).totals())
+            row.update(calibrated=calibrate != "layer_steps=0,neuron_steps=0", reports=reports,
+                       seconds=time.perf_counter() - start)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / f"fas_{args.model}.json").write_text(json.dumps(rows, indent=1))
+    print_table(["T", "calibrated", "ppl_ratio", "top1", "spikes/act", "energy ratio"],
+                [[r["T"], r["calibrated"], f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.4f}",
+                  f"{r['spikes_per_neuron']:.2f}", f"{r['energy_ratio']:.3f}"] for r in rows])
+
+
+if __name__ == "__main__":
+    main()
