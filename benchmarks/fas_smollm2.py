@@ -4,7 +4,9 @@
 
 Fine-tunes the QCFS model once (resumable checkpoint, loss plot), then for each T compiles
 `fas` without and with calibration and scores both on held-out text: perplexity ratio,
-top-1 agreement, spikes, energy. Prints one JSON object per row and a table; writes JSON.
+top-1 agreement, spikes, energy; also the fine-tuned QCFS ANN itself (no spikes). Prints
+one JSON object per row and a table; writes JSON, and the profile (per-layer firing rates
+and SOPs) of the first T's calibrated program as JSON and a plot.
 """
 
 from __future__ import annotations
@@ -38,22 +40,35 @@ def main() -> None:
     qcfs = (f"qcfs{{steps={args.steps},mode={args.mode},lr={args.lr},"
             f"checkpoint={args.out / f'fas_{args.model}_finetune.pt'},"
             f"plot={args.out / f'fas_{args.model}_finetune_loss.png'}}}")
-    rows = []
+    # The fine-tuned QCFS ANN itself (no IF neurons, no spiking nonlinearities): what the
+    # spiking program is converted from, and the share of the error that is quantisation.
+    qcfs_ann = compile_graph(loaded, ann, ctx, f"fold,{qcfs}")
+    row = evaluate(qcfs_ann, loaded.module, chunks, progress=True)
+    row.update(T=0, calibrated=False, stage="QCFS ANN (fine-tuned), no spikes", reports={})
+    rows = [row]
+    print(json.dumps(row), flush=True)
     for T in args.T:
         for calibrate in ("layer_steps=0,neuron_steps=0", args.calibrate):
             start = time.perf_counter()
             program = compile_graph(loaded, ann, ctx, f"fas,{qcfs},calibrate{{{calibrate}}}", T)
             reports = {p["name"]: p["report"] for p in program.info.passes if p.get("report")}
             row = evaluate(program, loaded.module, chunks, progress=True)
-            row.update(program.profile(chunks[0]).totals())
+            profile = program.profile(chunks[0])
+            row.update(profile.totals())
             row.update(calibrated=calibrate != "layer_steps=0,neuron_steps=0", reports=reports,
                        seconds=time.perf_counter() - start)
+            if T == args.T[0] and row["calibrated"]:
+                from snncc.plots import plot_profile
+
+                plot_profile(profile, args.out / f"profile_{args.model}_fas_T{T}.png",
+                             f"{args.model} fas T={T} (fine-tuned, calibrated)")
+                (args.out / f"profile_{args.model}_fas_T{T}.json").write_text(json.dumps(profile.to_dict(), indent=1))
             rows.append(row)
             print(json.dumps(row), flush=True)
             (args.out / f"fas_{args.model}.json").write_text(json.dumps(rows, indent=1))
     print_table(["T", "calibrated", "ppl_ratio", "top1", "spikes/act", "energy ratio"],
-                [[r["T"], r["calibrated"], f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.4f}",
-                  f"{r['spikes_per_neuron']:.2f}", f"{r['energy_ratio']:.3f}"] for r in rows])
+                [[r["T"] or "ANN", r["calibrated"], f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.4f}",
+                  f"{r.get('spikes_per_neuron', 0):.2f}", f"{r.get('energy_ratio', 1):.3f}"] for r in rows])
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.ops import MAX_OUTLIER_RANGES
-from snncc.ir.rewrite import drop_unused_constants, get_tensor
+from snncc.ir.rewrite import drop_unused_constants, first_reader, get_tensor
 from snncc.passes.encode import Encoders, calib_name
 from snncc.pipeline import Pass, PassResult, register_pass
 
@@ -74,7 +74,7 @@ class OutlierPass(Pass):
             for x, per_last_dim in ops:
                 key = (x.name, per_last_dim)
                 if key not in decoded:
-                    spikes, r_node = encode(x, _first_reader(x), per_last_dim)
+                    spikes, r_node = encode(x, first_reader(x), per_last_dim)
                     with gm.graph.inserting_after(spikes):
                         decoded[key] = gm.graph.call_function(snn.decode.default, (spikes, r_node))
                     decoded[key]._rename(f"{x.name}_decoded")
@@ -89,11 +89,3 @@ class OutlierPass(Pass):
         r = get_tensor(gm, r_node).reshape(-1)
         outliers = int((r > 8 * r.median()).sum())
         self.sites.append(OutlierSite(decoded.name, r.numel(), outliers, float(r.min()), float(r.max()), self.G + 1))
-
-
-def _first_reader(x: fx.Node) -> fx.Node:
-    """Where x's encoder goes: right after x (after the inputs, if x is one), before every reader."""
-    after = x.next
-    while after.op == "placeholder":
-        after = after.next
-    return after

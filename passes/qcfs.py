@@ -36,7 +36,7 @@ from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.finetune import FinetuneConfig, finetune
 from snncc.ir.analysis import activation_product, data_dependent_nodes, weight_linear
-from snncc.ir.rewrite import add_constant, get_tensor
+from snncc.ir.rewrite import add_constant, first_reader, get_tensor
 from snncc.passes.attention import AttentionPass
 from snncc.passes.encode import Encoders, calib_name
 from snncc.passes.nonlinear import function_regions, normalizer
@@ -140,10 +140,7 @@ class QcfsPass(Pass):
         return PassResult(gm, True, context=ctx.derive(gm), report=report)
 
     def _insert_site(self, gm: fx.GraphModule, x: fx.Node, lam: torch.Tensor) -> fx.Node:
-        after = x.next
-        while after.op == "placeholder":
-            after = after.next
-        lam_node = add_constant(gm, f"{x.name}_lambda", lam, after)
+        lam_node = add_constant(gm, f"{x.name}_lambda", lam, first_reader(x))
         with gm.graph.inserting_after(lam_node):
             site = gm.graph.call_function(snn.qcfs.default, (x, lam_node, self.L))
         site._rename(f"{x.name}_qcfs")

@@ -109,7 +109,8 @@ def plot_profile(profile: Profile, path: Path, title: str) -> None:
 
 
 def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> Path:
-    """Loss per step, one line per curve (log scale: losses fall by orders of magnitude)."""
+    """Loss per step, one line per curve, with its running mean over an epoch-like window
+    (per-batch losses differ more than they fall); log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +118,12 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=label)
+        steps = np.arange(1, len(losses) + 1)
+        line, = ax.plot(steps, losses, alpha=0.35, label=f"{label} (per step)")
+        window = max(1, min(50, len(losses) // 5))
+        if window > 1:
+            mean = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], mean, color=line.get_color(), label=f"{label} (mean of {window})")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -97,3 +97,25 @@ def test_cli_compile_save_and_run_smollm2(tmp_path):
                           "--max-new-tokens", "3"], capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stderr
     assert "Paris" in ran.stdout
+
+
+def test_smollm2_fas_fine_tunes_calibrates_and_runs_fully_spiking():
+    """A short fas run on the real model: fine-tuning and calibration lower their losses and
+    the program is spike-driven end to end (the full-length figures: benchmarks/fas_smollm2.py)."""
+    loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
+    spec = "fas,qcfs{steps=6,mode=lambda},calibrate{layer_steps=3,neuron_steps=3,batches=1}"
+    program = compile_graph(loaded, ann, ctx, spec)
+    reports = {p["name"]: p["report"] for p in program.info.passes if p.get("report")}
+    assert program.T == 8 and program.info.coverage["coverage"] == 1.0
+    assert reports["qcfs"]["finetune"]["kl_last"] < reports["qcfs"]["finetune"]["kl_first"], reports["qcfs"]
+    assert reports["calibrate"]["after"]["loss"] <= reports["calibrate"]["before"]["loss"]
+    result = evaluate(program, loaded.module, _chunks("smollm2-135m", 256))
+    assert result["ppl_ratio"] < 200 and result["top1_agreement"] > 0.1, result  # unfine-tuned: x110 at most
+
+
+def test_minilm_fas_runs_fully_spiking():
+    loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
+    program = compile_graph(loaded, ann, ctx, "fas,calibrate{layer_steps=3,neuron_steps=3,batches=1}")
+    result = evaluate(program, loaded.module, _chunks("minilm-l6", 512))
+    assert program.info.coverage["coverage"] == 1.0
+    assert result["cosine"] >= 0.8, result

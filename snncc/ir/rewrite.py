@@ -79,3 +79,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "get_attr":
             set_tensor(root, node.target, get_tensor(gm, node).detach())  # a buffer, not a shared Parameter
     return fx.GraphModule(root, graph)
+
+
+def first_reader(x: fx.Node) -> fx.Node:
+    """Where a node computed from x goes: right after x (after the inputs, if x is one),
+    before every reader of x."""
+    after = x.next
+    while after.op == "placeholder":
+        after = after.next
+    return after

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from snncc.api import compile_graph
 from snncc.backends.event import EventBackend, SpikeEvents
-from snncc.ir.ops import execution_mode
+from snncc.ir.ops import execution_mode, step_gains
 from snncc.profile import profile_graph
 from tests.conftest import heldout_ids, prepared
 
@@ -31,7 +31,8 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("pipeline", "T"), [("encode", 4), ("encode", 12), ("las", 6), ("las", 12), (_FAS_QUICK, 8), (_FAS_QUICK, 4)])
+@pytest.mark.parametrize(("pipeline", "T"), [("encode", 4), ("encode", 12), ("las", 6), ("las", 12),
+                                             (_FAS_QUICK, 8), (_FAS_QUICK, 4)])
 def test_event_outputs_and_counts_equal_the_reference(tiny_name, pipeline, T):
     loaded, ann, ctx = prepared(tiny_name)
     program = compile_graph(loaded, ann, ctx, pipeline, T)
@@ -82,5 +83,5 @@ def test_event_backend_does_no_dense_matmul():
 def test_spike_events_round_trip_to_the_dense_train():
     train = torch.tensor([[[1, 0, -1]], [[0, 0, 1]]], dtype=torch.int8)
     steps = [(torch.nonzero(t.reshape(-1)).squeeze(1), t.reshape(-1)[t.reshape(-1) != 0].long()) for t in train]
-    events = SpikeEvents(train.shape[1:], steps)
+    events = SpikeEvents(train.shape[1:], steps, step_gains(2))
     assert events.count() == 3 and torch.equal(events.dense(), train)

@@ -89,11 +89,12 @@ def test_finetuning_lowers_the_distillation_loss_resumes_and_leaves_the_ann_alon
     loaded, ann, ctx = prepared("tiny-llama")
     weights = {k: v.clone() for k, v in ann.state_dict().items()}
     ckpt, plot = tmp_path / "ft.pt", tmp_path / "loss.png"
-    first = compile_graph(loaded, ann, ctx, f"fold,qcfs{{L=2,steps=12,mode=full,lr=1e-4,checkpoint={ckpt},plot={plot}}}")
+    spec = f"fold,qcfs{{L=2,steps=12,mode=full,lr=1e-4,checkpoint={ckpt}"
+    first = compile_graph(loaded, ann, ctx, f"{spec},plot={plot}}}")
     report = next(p["report"] for p in first.info.passes if p["name"] == "qcfs")["finetune"]
     assert report["steps"] == 12 and report["kl_last"] < report["kl_first"], report
     assert ckpt.exists() and plot.exists()
     assert all(torch.equal(v, ann.state_dict()[k]) for k, v in weights.items())
-    resumed = compile_graph(loaded, ann, ctx, f"fold,qcfs{{L=2,steps=12,mode=full,lr=1e-4,checkpoint={ckpt}}}")
+    resumed = compile_graph(loaded, ann, ctx, f"{spec}}}")
     ids = torch.randint(0, 200, (1, 16))
     assert torch.equal(first(ids), resumed(ids))  # 12 of 12 steps done: the checkpoint is the result
