@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
-from snncc.finetune import FinetuneConfig, finetune
+from snncc.finetune import FinetuneConfig, finetune, probe_kl
 from snncc.ir.analysis import activation_product, data_dependent_nodes, weight_linear
 from snncc.ir.rewrite import add_constant, first_reader, get_tensor
 from snncc.passes.attention import AttentionPass
@@ -155,15 +155,19 @@ class QcfsPass(Pass):
             tensors.update(_private_weights(gm))
         config = FinetuneConfig(self.steps, self.lr, self.lambda_lr, self.mode)
         checkpoint = Path(self.checkpoint) if self.checkpoint else None
-        losses = finetune(gm, ctx.teacher or ctx.ann, ctx.batches, tensors, set(lambdas), config,
-                          checkpoint, ctx.progress)
+        teacher = ctx.teacher or ctx.ann
+        before = probe_kl(gm, teacher, ctx.batches[0])
+        losses = finetune(gm, teacher, ctx.batches, tensors, set(lambdas), config, checkpoint, ctx.progress)
         if self.plot:
             from snncc.plots import plot_losses
 
             plot_losses({"distillation KL": losses}, Path(self.plot), "QCFS fine-tuning")
         window = max(1, min(10, len(losses) // 5))
+        # Per-step losses are on different batches; the first batch before and after is a
+        # like-for-like comparison.
         return {"steps": len(losses), "mode": self.mode, "tensors": len(tensors),
-                "kl_first": sum(losses[:window]) / window, "kl_last": sum(losses[-window:]) / window}
+                "kl_first": sum(losses[:window]) / window, "kl_last": sum(losses[-window:]) / window,
+                "kl_batch0_before": before, "kl_batch0_after": probe_kl(gm, teacher, ctx.batches[0])}
 
 
 def _private_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -49,6 +49,12 @@ def logits_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def probe_kl(student: fx.GraphModule, teacher: fx.GraphModule, batch: torch.Tensor) -> float:
+    """The distillation loss on one batch, without training."""
+    with torch.no_grad():
+        return float(distillation_loss(logits_of(student(batch)), logits_of(teacher(batch))))
+
+
 def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[torch.Tensor],
              tensors: dict[str, torch.Tensor], lambdas: set[str], config: FinetuneConfig,
              checkpoint: Path | None = None, progress: bool = False) -> list[float]:

@@ -93,6 +93,7 @@ def test_finetuning_lowers_the_distillation_loss_resumes_and_leaves_the_ann_alon
     first = compile_graph(loaded, ann, ctx, f"{spec},plot={plot}}}")
     report = next(p["report"] for p in first.info.passes if p["name"] == "qcfs")["finetune"]
     assert report["steps"] == 12 and report["kl_last"] < report["kl_first"], report
+    assert report["kl_batch0_after"] < report["kl_batch0_before"], report
     assert ckpt.exists() and plot.exists()
     assert all(torch.equal(v, ann.state_dict()[k]) for k, v in weights.items())
     resumed = compile_graph(loaded, ann, ctx, f"{spec}}}")
