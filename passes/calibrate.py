@@ -209,7 +209,7 @@ class CalibratePass(Pass):
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{float(total):.4f}", kl=f"{kl:.4f}")
+            bar.set_postfix(loss=f"{float(total.detach()):.4f}", kl=f"{kl:.4f}")
 
     def _write_back(self, gm: fx.GraphModule, sites: list[_Site], neurons: _Neurons) -> None:
         """The calibrated thresholds and initial membranes become the graph's constants."""
