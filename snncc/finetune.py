@@ -113,8 +113,9 @@ def _resume(path: Path, tensors, optimizer, config: FinetuneConfig) -> list[floa
     """Load a checkpoint written by a run of the same set-up into tensors and optimizer."""
     try:
         state = torch.load(path, weights_only=True)
-    except Exception as exc:
-        raise InputError(f"fine-tuning checkpoint '{path}' is unreadable ({exc}); delete it to start over") from None
+    except Exception:
+        raise InputError(f"fine-tuning checkpoint '{path}' is not a readable snncc checkpoint; "
+                         "delete it to start over") from None
     saved = state["tensors"]
     if saved.keys() != tensors.keys() or any(saved[n].shape != t.shape for n, t in tensors.items()):
         raise InputError(f"fine-tuning checkpoint '{path}' was written for another model, pipeline or "
