@@ -22,6 +22,7 @@ from tqdm import tqdm
 from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
 from snncc.ir.ops import (
     code_digits,
+    if_shape,
     if_spikes,
     mt_initial_membrane,
     multi_range_code,
@@ -130,13 +131,12 @@ class EventExecutor(fx.Interpreter):
     def if_encode(self, x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> SpikeEvents:
         """Integrate-and-fire neurons: each step every membrane integrates its input and those
         that cross a threshold fire (+1 above theta, -1 below 0) and reset by subtraction."""
-        shape = torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)
         steps = []
-        for spikes in if_spikes(x.expand(shape), threshold.expand(shape), membrane.expand(shape), T):
+        for spikes in if_spikes(x, threshold, membrane, T):
             fired = torch.nonzero(spikes).squeeze(1)
             steps.append((fired, spikes[fired].long()))
             self.bar.update(1)
-        return self._train(shape, steps, rate=True)
+        return self._train(if_shape(x, threshold, membrane), steps, rate=True)
 
     def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
         """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its

@@ -453,9 +453,11 @@ def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, 
     m += u; at m >= 1 the neuron fires +1 and subtracts 1, at m < 0 it fires -1 and adds 1
     (reset by subtraction). For |u| <= 1, m stays in [0, 1), so after T steps the count is
     floor(T u + m(0)): with m(0) = 1/2 and T = L that is QCFS's floor(z L / lambda + 1/2).
-    float64 membranes; every backend steps through this one function."""
-    u = (x.double() / threshold.double()).reshape(-1)
-    m = (membrane.double() / threshold.double()).clamp(0.0, 1.0).expand(x.shape).reshape(-1).clone()
+    float64 membranes; every backend steps through this one function. The three tensors
+    broadcast; the steps are flat over their joint shape (if_shape)."""
+    shape = if_shape(x, threshold, membrane)
+    u = (x.double() / threshold.double()).expand(shape).reshape(-1)
+    m = (membrane.double() / threshold.double()).clamp(0.0, 1.0).expand(shape).reshape(-1).clone()
     for _ in range(T):
         m += u
         positive, negative = m >= 1.0, m < 0.0
@@ -464,35 +466,37 @@ def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, 
         yield positive.to(torch.int8) - negative.to(torch.int8)
 
 
+def if_shape(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor) -> torch.Size:
+    """The neuron array of IF neurons: x, threshold and initial membrane broadcast."""
+    return torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)
+
+
 @torch.library.custom_op("snn::if_encode", mutates_args=())
 def if_encode(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> torch.Tensor:
     """Signed integrate-and-fire neurons (rate code, FAS): T steps of if_spikes. The train
     decodes to threshold * mean_t s_t (decode with rate=True)."""
-    shape = torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)
-    x = x.expand(shape)
-    return torch.stack(list(if_spikes(x, threshold.expand(shape), membrane.expand(shape), T))).view(T, *shape)
+    return torch.stack(list(if_spikes(x, threshold, membrane, T))).view(T, *if_shape(x, threshold, membrane))
 
 
 @if_encode.register_fake
 def _(x, threshold, membrane, T):
-    return x.new_empty((T, *torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)), dtype=torch.int8)
+    return x.new_empty((T, *if_shape(x, threshold, membrane)), dtype=torch.int8)
 
 
 @torch.library.custom_op("snn::if_quantize", mutates_args=())
 def if_quantize(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> torch.Tensor:
     """What an if_encode train decodes to in threshold units (spike count / T), without
     the train: for the fused executor."""
-    shape = torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape)
+    shape = if_shape(x, threshold, membrane)
     count = torch.zeros(shape.numel(), dtype=torch.float64, device=x.device)
-    for spikes in if_spikes(x.expand(shape), threshold.expand(shape), membrane.expand(shape), T):
+    for spikes in if_spikes(x, threshold, membrane, T):
         count += spikes
     return (count / T).to(x.dtype).view(shape)
 
 
 @if_quantize.register_fake
 def _(x, threshold, membrane, T):
-    return torch.empty(torch.broadcast_shapes(x.shape, threshold.shape, membrane.shape), dtype=x.dtype,
-                       device=x.device)
+    return torch.empty(if_shape(x, threshold, membrane), dtype=x.dtype, device=x.device)
 
 
 def qcfs_levels(x: torch.Tensor, lam: torch.Tensor, L: int) -> torch.Tensor:
@@ -530,16 +534,8 @@ def _qcfs_backward(ctx, grad: torch.Tensor):
     grad_lam = None
     if ctx.needs_input_grad[1]:
         local = torch.where(inside, qcfs_levels(x, lam, ctx.L) / ctx.L - x / lam, torch.sign(z))
-        grad_lam = _sum_to(grad * local, lam.shape)
+        grad_lam = (grad * local).sum_to_size(lam.shape)
     return grad_x, grad_lam, None
-
-
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a broadcast gradient back to `shape`."""
-    lead = t.dim() - len(shape)
-    t = t.sum(dim=tuple(range(lead))) if lead else t
-    dims = tuple(i for i, d in enumerate(shape) if d == 1 and t.shape[i] != 1)
-    return t.sum(dim=dims, keepdim=True) if dims else t
 
 
 qcfs.register_autograd(_qcfs_backward, setup_context=_qcfs_setup)
