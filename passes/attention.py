@@ -32,6 +32,14 @@ _PASS_THROUGH = {aten.dropout.default, aten.alias.default, aten.clone.default, a
                  aten.to.dtype}
 
 
+def is_probability(x: fx.Node) -> bool:
+    """A softmax output, read directly or through no-op views: this pass lowers it to an
+    exp train."""
+    while x.target in _PASS_THROUGH and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return x.target in AttentionPass.lowers
+
+
 def _pv_products(p: fx.Node) -> list[fx.Node]:
     """Each matmul(p, V) that reads p directly or through no-op views."""
     found = []

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
 from snncc.finetune import distillation_loss, logits_of
-from snncc.ir.rewrite import copy_graph_module, get_tensor
+from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
 from snncc.pipeline import Pass, PassResult, register_pass
 
 snn = torch.ops.snn
@@ -150,7 +150,7 @@ class CalibratePass(Pass):
         batches = ctx.batches[: self.batches]
         teacher = ctx.teacher or ctx.ann
         with torch.no_grad():
-            targets = [self._qcfs_outputs(gm, sites, b) for b in batches]
+            targets = self._qcfs_outputs(gm, sites, batches)
             teacher_logits = [logits_of(teacher(b)) for b in batches]
         neurons = _Neurons(gm, sites, self.T)
         snn_graph = _rewired(gm, sites, neurons.site)
@@ -190,15 +190,19 @@ class CalibratePass(Pass):
         self._write_back(gm, sites, neurons)
         return PassResult(gm, True, report=report)
 
-    def _qcfs_outputs(self, gm: fx.GraphModule, sites: list[_Site], batch: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Each site's output in the QCFS model (the ANN with QCFS sites) on `batch`."""
-        outputs = {}
+    def _qcfs_outputs(self, gm: fx.GraphModule, sites: list[_Site],
+                      batches: list[torch.Tensor]) -> list[dict[int, torch.Tensor]]:
+        """Per batch, each site's output in the QCFS model (the ANN with QCFS sites)."""
+        outputs: list[dict[int, torch.Tensor]] = []
 
         def qcfs_site(x: torch.Tensor, i: int) -> torch.Tensor:
-            outputs[i] = snn.qcfs(x, sites[i].lam, sites[i].L)
-            return outputs[i]
+            outputs[-1][i] = snn.qcfs(x, sites[i].lam, sites[i].L)
+            return outputs[-1][i]
 
-        _rewired(gm, sites, qcfs_site)(batch)
+        qcfs_model = _rewired(gm, sites, qcfs_site)
+        for batch in batches:
+            outputs.append({})
+            qcfs_model(batch)
         return outputs
 
     def _train(self, neurons: _Neurons, loss, steps: int, n_batches: int, stage: str, progress: bool) -> None:
@@ -217,5 +221,5 @@ class CalibratePass(Pass):
             for i, site in enumerate(sites):
                 theta = neurons.threshold(i).expand(neurons.theta0[i].shape).contiguous()
                 v0 = (neurons.m0[i].clamp(0.0, 1.0) * theta).expand(theta.shape).contiguous()
-                setattr(gm, site.theta.target, theta.float())
-                setattr(gm, site.v0.target, v0.float())
+                set_tensor(gm, site.theta.target, theta.float())
+                set_tensor(gm, site.v0.target, v0.float())

@@ -51,8 +51,8 @@ _AFFINE_OPS = {
 _IDENTITY_OPS = {aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default}
 ELEMENTWISE_OPS = NONLINEAR_OPS | _AFFINE_OPS | _IDENTITY_OPS
 _TABLES: dict[tuple[str, int, int], NeuronTable] = {}
-_DOMAIN = 64.0
-_RANGE_SPREAD = 16  # table neurons place thresholds on [-D, D], D = max(64, 4 r); beyond, codes saturate
+_DOMAIN = 64.0  # table neurons place thresholds on [-D, D], D = max(64, 4 r); beyond, codes saturate
+_RANGE_SPREAD = 16  # a site's channel ranges span at most 2^16 below its largest (bounds the table count)
 
 
 def _is_scalar_constant(arg, gm: fx.GraphModule) -> bool:

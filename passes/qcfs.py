@@ -36,17 +36,14 @@ from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.finetune import FinetuneConfig, finetune, probe_kl
 from snncc.ir.analysis import activation_product, data_dependent_nodes, weight_linear
-from snncc.ir.rewrite import add_constant, first_reader, get_tensor
-from snncc.passes.attention import AttentionPass
+from snncc.ir.rewrite import add_constant, first_reader, get_tensor, set_tensor
+from snncc.passes.attention import is_probability
 from snncc.passes.encode import Encoders, calib_name
 from snncc.passes.nonlinear import function_regions, normalizer
 from snncc.pipeline import Pass, PassResult, register_pass
 
 snn = torch.ops.snn
-aten = torch.ops.aten
 _CLIP_FACTORS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16, 0.12)
-_PASS_THROUGH = {aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default,
-                 aten.dropout.default}
 
 
 def qcfs_operands(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, bool]]:
@@ -59,7 +56,7 @@ def qcfs_operands(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, bool]]:
         if node.op != "call_function" or normalizer(node, dependent) is not None or _is_square(node, dependent):
             continue
         for x, per_last_dim in encoders.operands(node, dependent):
-            if x not in future_trains and not _is_probability(x):
+            if x not in future_trains and not is_probability(x):
                 sites.append((node, x, per_last_dim))
     return sites
 
@@ -68,13 +65,6 @@ def _is_square(node: fx.Node, dependent: set[fx.Node]) -> bool:
     """x * x or x^2: a norm's mean square, left to `outlier`'s multi-range neurons."""
     product = activation_product(node, dependent)
     return product is not None and product[0] is product[1]
-
-
-def _is_probability(x: fx.Node) -> bool:
-    """Softmax output (through value-preserving ops): `attention` lowers it to an exp train."""
-    while x.target in _PASS_THROUGH and isinstance(x.args[0], fx.Node):
-        x = x.args[0]
-    return x.target in AttentionPass.lowers
 
 
 def capture(gm: fx.GraphModule, names: set[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -185,13 +175,5 @@ def _private_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
             continue
         if id(tensor) not in copies:  # tied weights (embedding = LM head) stay tied
             copies[id(tensor)] = owned[node.target] = tensor.detach().clone()
-        *path, leaf = node.target.split(".")
-        owner = gm
-        for part in path:
-            owner = getattr(owner, part)
-        if isinstance(getattr(owner, leaf), torch.nn.Parameter):
-            setattr(owner, leaf, torch.nn.Parameter(copies[id(tensor)], requires_grad=False))
-            copies[id(tensor)] = owned[node.target] = getattr(owner, leaf)
-        else:
-            setattr(owner, leaf, copies[id(tensor)])
+        set_tensor(gm, node.target, copies[id(tensor)])
     return owned

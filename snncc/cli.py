@@ -179,8 +179,9 @@ def finetune_cmd(model, checkpoint, steps, mode, lr, L, plot, calib, calib_token
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
-    qcfs = f"qcfs{{L={L},steps={steps},mode={mode},lr={lr},checkpoint={checkpoint}}}"
-    spec = f"fold,{qcfs[:-1]},plot={plot}}}" if plot else f"fold,{qcfs}"
+    options = f"L={L},steps={steps},mode={mode},lr={lr},checkpoint={checkpoint}"
+    qcfs = f"qcfs{{{options}}}"
+    spec = f"fold,qcfs{{{options},plot={plot}}}" if plot else f"fold,{qcfs}"
     loaded, ann, ctx = _prepare(model, spec, None, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, spec)
     _print_reports(program.info.passes)
