@@ -287,6 +287,18 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend):
     click.echo(prompt + program.generate(prompt, max_new_tokens, progress=_progress() and backend == "reference"))
 
 
+def _program(model, passes, T, calib, calib_tokens, device="cpu"):
+    """The spiking program of an .snn artifact, or MODEL compiled with the pipeline options."""
+    if model.endswith(".snn"):
+        import snncc
+
+        return snncc.load(model, device=device)
+    from snncc.api import compile_graph
+
+    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
+    return compile_graph(loaded, ann, ctx, passes, T, device=device)
+
+
 @main.command("profile")
 @click.argument("model")
 @_model_options
@@ -300,16 +312,9 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend):
 @_fail_cleanly
 def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, plot, energy):
     """Spikes, firing rates, SOPs, MACs and energy per layer of MODEL or an artifact on PROMPT."""
-    import snncc
     from snncc.render import print_profile
 
-    if model.endswith(".snn"):
-        program = snncc.load(model, device=device)
-    else:
-        from snncc.api import compile_graph
-
-        loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
-        program = compile_graph(loaded, ann, ctx, passes, T, device=device)
+    program = _program(model, passes, T, calib, calib_tokens, device)
     ids = program.tokenizer.encode(prompt)
     if not ids:
         raise InputError("the prompt is empty: give some text")
@@ -323,6 +328,41 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 
         plot_profile(profile, Path(plot), f"{program.info.model} '{program.info.pipeline}' T={program.T}")
         click.echo(f"wrote {plot}", err=as_json)
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+@main.command("export")
+@click.argument("model")
+@_model_options
+@click.option("--format", "fmt", type=click.Choice(["onnx", "onnx-snn"]), default="onnx", show_default=True,
+              help="onnx: standard opset only (neurons as Loops over time); onnx-snn: spiking ops as 'snn' domain "
+                   "nodes with the function library that defines them")
+@click.option("-o", "--output", required=True, help="file to write, e.g. model.onnx")
+@click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="weights in OUTPUT.data beside the model (auto: when the model would pass protobuf's 2 GB)")
+@click.option("--verify-tokens", type=int, default=16, show_default=True,
+              help="run the file with onnxruntime on this many held-out tokens and compare with the reference "
+                   "executor (0: skip)")
+@_fail_cleanly
+def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, external_data, verify_tokens):
+    """Export an .snn artifact (or MODEL compiled with --passes) to ONNX."""
+    from snncc.backends.onnx import check_onnx, export_onnx, verify_onnx
+
+    out_path = _check_output_path(output)
+    program = _program(model, passes, T, calib, calib_tokens, device)
+    external = {"auto": None, "always": True, "never": False}[external_data]
+    report = export_onnx(program, out_path, fmt, external)
+    check_onnx(out_path)
+    data = f" + {report.external_data.name}" if report.external_data else ""
+    click.echo(f"wrote {out_path}{data} ({report.bytes / 2**20:.1f} MiB, {report.nodes} nodes, "
+               f"{report.seconds:.1f} s); onnx.checker passed")
+    if verify_tokens:
+        sample = _eval_chunks(program.tokenizer, None, verify_tokens, verify_tokens, program.info.max_positions)[0]
+        error = verify_onnx(program, out_path, sample)
+        click.echo(f"onnxruntime vs the reference executor on {sample.shape[-1]} held-out tokens: "
+                   f"max relative error {error:.2e}")
 
 
 if __name__ == "__main__":

@@ -26,3 +26,7 @@ class ArtifactError(SnnccError):
 
 class InputError(SnnccError):
     """User data (text, prompt, token ids, T) is unusable."""
+
+
+class ExportError(SnnccError):
+    """A program cannot be exported to the requested format."""

@@ -1,0 +1,204 @@
+"""ONNX export of spiking programs, and an onnxruntime executor for the exported files.
+
+`torch.onnx` (the torch.export-based exporter) translates the program's ATen ops; each `snn`
+op becomes one node of the `snn` domain (backends.onnx_functions: schema + defining
+function). Two formats:
+
+    onnx-snn   the spiking ops stay custom-domain nodes; the model carries the function
+               library that defines them, so onnxruntime still runs it
+    onnx       the library inlined: standard opset only (neurons are Loops over time)
+
+Both have named inputs and outputs (`input_ids` -> `logits` or `last_hidden_state`), dynamic
+batch and sequence length, and metadata (pipeline, T, model, snncc version). Weights go to an
+external data file beside the model when the model would pass protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import snncc
+from snncc.backends.onnx_functions import DOMAIN, DOMAIN_VERSION, function_library, register_schemas
+from snncc.errors import ExportError, InputError, first_line
+from snncc.ir.ops import TABLE_MAX_BITS, execution_mode
+from snncc.models import CAUSAL_LM
+
+FORMATS = ("onnx", "onnx-snn")
+INPUT_NAME = "input_ids"
+PROTOBUF_LIMIT = 2 * 1024**3
+
+snn = torch.ops.snn
+
+
+def output_name(task: str) -> str:
+    return "logits" if task == CAUSAL_LM else "last_hidden_state"
+
+
+def _translations() -> dict:
+    """torch.onnx translations: every snn op to its snn-domain node (flags become int attributes)."""
+    from onnxscript import values
+    from onnxscript.onnx_opset import opset18 as op
+
+    register_schemas()
+    domain = values.Opset(DOMAIN, DOMAIN_VERSION)
+
+    def spike_linear(s, weight, bias=None, rate=False):
+        bias = op.Constant(value_float=0.0) if bias is None else bias
+        return domain.SpikeLinear(s, weight, bias, rate=int(rate))
+
+    def fn_encode(x, thresholds, codes, bucket, T):
+        if T > TABLE_MAX_BITS:
+            raise ExportError(f"table neurons at T = {T} refine their tables at run time, which the ONNX export "
+                              f"does not express: compile with T <= {TABLE_MAX_BITS} to export")
+        return domain.FnEncode(x, thresholds, codes, bucket, T=T)
+
+    return {
+        snn.mt_encode.default: lambda x, scale, T: domain.MtEncode(x, scale, T=T),
+        snn.mr_encode.default: lambda x, scale, T, G: domain.MrEncode(x, scale, T=T, G=G),
+        snn.fn_encode.default: fn_encode,
+        snn.if_encode.default: lambda x, threshold, membrane, T: domain.IfEncode(x, threshold, membrane, T=T),
+        snn.decode.default: lambda s, scale, rate=False: domain.Decode(s, scale, rate=int(rate)),
+        snn.spike_linear.default: spike_linear,
+        snn.spike_matmul.default: lambda sa, ra, sb, rb, rate_a=False, rate_b=False: domain.SpikeMatMul(
+            sa, ra, sb, rb, rate_A=int(rate_a), rate_B=int(rate_b)),
+        snn.spike_mul.default: lambda sa, ra, sb, rb, rate_a=False, rate_b=False: domain.SpikeMul(
+            sa, ra, sb, rb, rate_A=int(rate_a), rate_B=int(rate_b)),
+        snn.spike_normalize.default: lambda x, a, power, thresholds, codes, T: domain.SpikeNormalize(
+            x, a, thresholds, codes, power=float(power), T=T),
+        snn.qcfs.default: lambda x, lam, L: domain.Qcfs(x, lam, L=L),
+    }
+
+
+def to_onnx(program, fmt: str = "onnx"):
+    """The program as an onnx_ir.Model in format `fmt` (see FORMATS)."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown ONNX format '{fmt}': use one of {', '.join(FORMATS)}")
+    import onnx_ir
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass
+    from torch.export import Dim
+
+    info = program.info
+    example = torch.randint(0, info.vocab_size, (2, min(8, info.max_positions)))
+    dims = {INPUT_NAME: {0: Dim("batch", min=1), 1: Dim("seq", min=1, max=info.max_positions)}}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            exported = torch.onnx.export(
+                program.graph_module, (example,), dynamo=True, custom_translation_table=_translations(),
+                input_names=[INPUT_NAME], output_names=[output_name(info.task)], dynamic_shapes=dims,
+                opset_version=18, optimize=True, verbose=False)
+    except ExportError:
+        raise
+    except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None:  # torch.onnx wraps the translation's own error
+            cause = cause.__cause__
+        if isinstance(cause, ExportError):
+            raise cause from exc
+        raise ExportError(f"torch.onnx could not export the program: {first_line(cause)}") from exc
+    model = exported.model
+    used = sorted({node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN})
+    for proto in function_library(used):
+        function = onnx_ir.serde.deserialize_function(proto)
+        model.functions[function.identifier()] = function
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    if fmt == "onnx":
+        InlinePass()(model)
+        model.functions.clear()
+        onnxscript.optimizer.optimize(model)  # fold the constants the inlined bodies compute
+        RemoveUnusedOpsetsPass()(model)
+    model.metadata_props.update(metadata(program, fmt, used))
+    model.producer_name, model.producer_version = "snncc", snncc.__version__
+    return model
+
+
+def metadata(program, fmt: str, spiking_ops: list[str]) -> dict[str, str]:
+    info = program.info
+    return {
+        "snncc.version": snncc.__version__, "snncc.format": fmt, "snncc.model": info.model,
+        "snncc.task": info.task, "snncc.pipeline": info.pipeline, "snncc.T": str(info.T),
+        "snncc.spiking_ops": ",".join(spiking_ops),
+        "snncc.coverage": str(info.coverage.get("coverage", "")),
+        "snncc.time_axis": "spike trains are int8 (T, ...) tensors; neurons are Loops over the T steps",
+    }
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    external_data: Path | None
+    bytes: int
+    seconds: float
+    nodes: int
+
+
+def export_onnx(program, path: str | Path, fmt: str = "onnx", external_data: bool | None = None) -> ExportReport:
+    """Write `program` as ONNX to `path` atomically (model and external data file both or
+    neither). external_data None: only when the model would exceed protobuf's 2 GB limit."""
+    import onnx_ir
+
+    start = time.perf_counter()
+    path = Path(path)
+    model = to_onnx(program, fmt)
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if external_data is None:
+        external_data = weight_bytes > PROTOBUF_LIMIT * 0.9
+    data_name = f"{path.name}.data" if external_data else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        onnx_ir.save(model, Path(scratch) / path.name, external_data=data_name)
+        if data_name:
+            os.replace(Path(scratch) / data_name, path.parent / data_name)
+        os.replace(Path(scratch) / path.name, path)
+    total = path.stat().st_size + ((path.parent / data_name).stat().st_size if data_name else 0)
+    nodes = sum(1 for _ in model.graph.all_nodes())
+    return ExportReport(path, path.parent / data_name if data_name else None, total,
+                        time.perf_counter() - start, nodes)
+
+
+def check_onnx(path: str | Path) -> None:
+    """onnx.checker on the file (by path, so external data and > 2 GB models work)."""
+    import onnx
+
+    register_schemas()
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
+
+
+class OnnxRuntimeExecutor:
+    """Runs an exported model with onnxruntime on the CPU: executor(input_ids) -> outputs."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.device = torch.device("cpu")
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {INPUT_NAME: input_ids.cpu().numpy().astype("int64")})
+        return torch.from_numpy(out)
+
+
+def verify_onnx(program, path: str | Path, input_ids: torch.Tensor) -> float:
+    """max |onnxruntime - reference| / max |reference| on input_ids. The reference runs in
+    `exact` mode (float64 membranes, rounded once per op), which the exported graph
+    implements; the default fused mode sums in float32 and can differ where a neuron's input
+    sits on a threshold."""
+    input_ids = program.check_input(input_ids)
+    with torch.no_grad(), execution_mode("exact"):
+        reference = program.executor.gm(input_ids.to(program.executor.device)).cpu()
+    exported = OnnxRuntimeExecutor(path)(input_ids)
+    return float((exported - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
