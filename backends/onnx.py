@@ -15,6 +15,7 @@ external data file beside the model when the model would pass protobuf's 2 GB li
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 import time
@@ -39,6 +40,12 @@ snn = torch.ops.snn
 
 def output_name(task: str) -> str:
     return "logits" if task == CAUSAL_LM else "last_hidden_state"
+
+
+_ONNX_NAMES = {snn.mt_encode.default: "MtEncode", snn.mr_encode.default: "MrEncode", snn.fn_encode.default: "FnEncode",
+               snn.if_encode.default: "IfEncode", snn.decode.default: "Decode", snn.spike_linear.default: "SpikeLinear",
+               snn.spike_matmul.default: "SpikeMatMul", snn.spike_mul.default: "SpikeMul",
+               snn.spike_normalize.default: "SpikeNormalize", snn.qcfs.default: "Qcfs"}
 
 
 def _translations() -> dict:
@@ -94,7 +101,7 @@ def to_onnx(program, fmt: str = "onnx"):
             exported = torch.onnx.export(
                 program.graph_module, (example,), dynamo=True, custom_translation_table=_translations(),
                 input_names=[INPUT_NAME], output_names=[output_name(info.task)], dynamic_shapes=dims,
-                opset_version=18, optimize=True, verbose=False)
+                opset_version=18, optimize=False, verbose=False)
     except ExportError:
         raise
     except Exception as exc:
@@ -105,6 +112,8 @@ def to_onnx(program, fmt: str = "onnx"):
             raise cause from exc
         raise ExportError(f"torch.onnx could not export the program: {first_line(cause)}") from exc
     model = exported.model
+    _name_spiking_values(model, program.graph_module)
+    onnxscript.optimizer.optimize(model)  # constant folding, common subexpressions, dead code
     used = sorted({node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN})
     for proto in function_library(used):
         function = onnx_ir.serde.deserialize_function(proto)
@@ -113,11 +122,33 @@ def to_onnx(program, fmt: str = "onnx"):
     if fmt == "onnx":
         InlinePass()(model)
         model.functions.clear()
-        onnxscript.optimizer.optimize(model)  # fold the constants the inlined bodies compute
+        onnxscript.optimizer.optimize(model)  # fold what the inlined bodies compute from constants
         RemoveUnusedOpsetsPass()(model)
     model.metadata_props.update(metadata(program, fmt, used))
     model.producer_name, model.producer_version = "snncc", snncc.__version__
     return model
+
+
+def _name_spiking_values(model, gm) -> None:
+    """Give each snn node and its output (a spike train or a synapse's output) the program's
+    own node name: torch.onnx re-traces the graph and numbers nodes by op. The translation is
+    one node per snn op, in graph order, so the k-th of each kind corresponds."""
+    translated = collections.defaultdict(list)
+    for node in model.graph.all_nodes():
+        if node.domain == DOMAIN:
+            translated[node.op_type].append(node)
+    originals = collections.defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and node.target.namespace == "snn":
+            originals[node.target].append(node)
+    for target, nodes in originals.items():
+        onnx_nodes = translated[_ONNX_NAMES[target]]
+        if len(onnx_nodes) != len(nodes):
+            return  # the exporter merged or dropped some: keep its names rather than guess
+        for onnx_node, node in zip(onnx_nodes, nodes, strict=True):
+            onnx_node.name = node.name
+            onnx_node.outputs[0].name = node.name
 
 
 def metadata(program, fmt: str, spiking_ops: list[str]) -> dict[str, str]:

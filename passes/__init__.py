@@ -1,3 +1,4 @@
 """Rewrite passes; importing this package registers them all."""
 
-from snncc.passes import attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, qcfs  # noqa: F401
+from snncc.passes import (  # noqa: F401
+    accumulate, attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, qcfs)

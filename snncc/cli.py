@@ -336,30 +336,54 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 @main.command("export")
 @click.argument("model")
 @_model_options
-@click.option("--format", "fmt", type=click.Choice(["onnx", "onnx-snn"]), default="onnx", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["onnx", "onnx-snn", "nir"]), default="onnx", show_default=True,
               help="onnx: standard opset only (neurons as Loops over time); onnx-snn: spiking ops as 'snn' domain "
-                   "nodes with the function library that defines them")
+                   "nodes with the function library that defines them; nir: the IF neurons and the synapses they "
+                   "feed (what NIR can express), the rest listed")
 @click.option("-o", "--output", required=True, help="file to write, e.g. model.onnx")
 @click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="weights in OUTPUT.data beside the model (auto: when the model would pass protobuf's 2 GB)")
 @click.option("--verify-tokens", type=int, default=16, show_default=True,
-              help="run the file with onnxruntime on this many held-out tokens and compare with the reference "
-                   "executor (0: skip)")
+              help="run the file (onnxruntime; nirtorch for NIR) on this many held-out tokens and compare with "
+                   "the reference executor (0: skip)")
 @_fail_cleanly
 def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, external_data, verify_tokens):
-    """Export an .snn artifact (or MODEL compiled with --passes) to ONNX."""
+    """Export an .snn artifact (or MODEL compiled with --passes) to ONNX or NIR."""
+    out_path = _check_output_path(output)
+    if verify_tokens < 0:
+        raise InputError(f"--verify-tokens must be 0 or more, got {verify_tokens}")
+    program = _program(model, passes, T, calib, calib_tokens, device)
+    sample = _eval_chunks(program.tokenizer, None, max(verify_tokens, 2), max(verify_tokens, 2),
+                          program.info.max_positions)[0] if verify_tokens else None
+    if fmt == "nir":
+        _export_nir(program, out_path, sample)
+    else:
+        _export_onnx(program, out_path, fmt, external_data, sample)
+
+
+def _export_nir(program, out_path, sample) -> None:
+    from snncc.backends.nir import to_nir, verify_nir, write_nir
+
+    export = to_nir(program)
+    write_nir(export, out_path)
+    click.echo(f"snncc: warning: {export.summary()}", err=True)
+    click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {len(export.graph.nodes)} NIR nodes)")
+    if sample is not None:
+        error = verify_nir(program, export, out_path, sample)
+        click.echo(f"read back with nir; nirtorch vs the reference executor at the {len(export.synapses)} synapse "
+                   f"outputs on {sample.shape[-1]} held-out tokens: max relative error {error:.2e}")
+
+
+def _export_onnx(program, out_path, fmt, external_data, sample) -> None:
     from snncc.backends.onnx import check_onnx, export_onnx, verify_onnx
 
-    out_path = _check_output_path(output)
-    program = _program(model, passes, T, calib, calib_tokens, device)
     external = {"auto": None, "always": True, "never": False}[external_data]
     report = export_onnx(program, out_path, fmt, external)
     check_onnx(out_path)
     data = f" + {report.external_data.name}" if report.external_data else ""
     click.echo(f"wrote {out_path}{data} ({report.bytes / 2**20:.1f} MiB, {report.nodes} nodes, "
                f"{report.seconds:.1f} s); onnx.checker passed")
-    if verify_tokens:
-        sample = _eval_chunks(program.tokenizer, None, verify_tokens, verify_tokens, program.info.max_positions)[0]
+    if sample is not None:
         error = verify_onnx(program, out_path, sample)
         click.echo(f"onnxruntime vs the reference executor on {sample.shape[-1]} held-out tokens: "
                    f"max relative error {error:.2e}")

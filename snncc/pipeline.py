@@ -65,11 +65,13 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
     # LAS (METHODS.md): fold norm weights, spiking nonlinearities and norms, spiking softmax,
     # spike x spike products, then every matmul input a spike train.
-    "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode"),
+    # Reductions then add up in float64, so every backend computes the same program.
+    "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode", "accumulate"),
     # FAS (METHODS.md): QCFS sites at every synapse input (optionally fine-tuned), IF neurons
     # in their place, coarse-to-fine calibration; softmax, norms (their squares on
     # multi-range neurons) and products as in `las`.
-    "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "outlier", "ffn", "encode"),
+    "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "outlier", "ffn", "encode",
+            "accumulate"),
 }
 
 

@@ -1,0 +1,287 @@
+"""NIR export: the parts of a spiking program the Neuromorphic Intermediate Representation
+can say, and a named list of what it cannot.
+
+NIR describes populations of neurons joined by static synapses. In an snncc program that is
+the rate-coded integrate-and-fire neurons of `fas` and the linear layers they feed. Each
+signed IF population (snn.if_encode: m += x; +1 at m >= theta, -1 at m < 0, reset by
+subtraction, m(0) = v0) becomes NIR primitives with the same discrete-time dynamics:
+
+    input -> I (membrane, r = 1, starts at 0: m - v0)
+    I -> Threshold(theta - v0)                 up spikes
+    I -> Scale(-1) -> Threshold(v0)            down spikes (m < 0)
+    up -> Scale(-theta) -> I,  down -> Scale(theta) -> I      reset by subtraction
+    up -> Affine(W / T, b / T);  down -> Scale(-1) -> Affine  (signed spikes, rate gain 1/T)
+    Affine -> I (the synapse's membrane: its value after T steps) -> output
+
+Recurrent edges carry the previous step's spikes, as in nirtorch. NIR's Threshold fires on
+v > theta where the IF neuron fires on m >= theta, so the two differ only when a membrane
+lands exactly on its threshold. Everything else (MT and multi-range codes, whose spikes weigh
+2^-(t+1) by step; table neurons; spike x spike products; normalisers; the analog tensor ops
+between layers) has no NIR form: `to_nir` lists it by kind and count, and refuses a program
+with nothing to export.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from snncc.errors import ExportError
+from snncc.ir.analysis import matmul_sites, propagate_shapes
+
+snn = torch.ops.snn
+
+_WHY = {
+    snn.mt_encode.default: "multi-threshold neurons (spikes weigh 2^-(t+1) by step; NIR synapses are static)",
+    snn.mr_encode.default: "multi-range neurons (graded spikes weighing 2^(j-t-1))",
+    snn.fn_encode.default: "table neurons (a nonlinear function by threshold comparison)",
+    snn.spike_matmul.default: "spike x spike matrix products (attention)",
+    snn.spike_mul.default: "spike x spike elementwise products (gates, squares)",
+    snn.spike_normalize.default: "floating-point normaliser neurons (softmax and norm denominators)",
+    snn.decode.default: "decoders of spike trains into analog tensors",
+    snn.spike_linear.default: "synapses fed by multi-threshold trains",
+    snn.if_encode.default: "IF populations read only by spike x spike products",
+}
+
+
+@dataclass
+class NirExport:
+    """A NIR graph and an account of what went in and what was left out."""
+
+    graph: object  # nir.NIRGraph
+    populations: dict[str, str] = field(default_factory=dict)  # population -> its if_encode node
+    synapses: dict[str, tuple[str, str]] = field(default_factory=dict)  # synapse -> (population, fx node)
+    left_out: collections.Counter = field(default_factory=collections.Counter)  # reason -> count
+    exported_macs: int = 0
+    spiking_macs: int = 0
+
+    def summary(self) -> str:
+        share = self.exported_macs / self.spiking_macs if self.spiking_macs else 0.0
+        left = "; ".join(f"{count} {reason}" for reason, count in self.left_out.most_common())
+        return (f"NIR holds {len(self.populations)} IF populations and {len(self.synapses)} synapses "
+                f"({100 * share:.1f}% of the spike-driven MACs); not expressible in NIR, left out: {left}")
+
+
+def _name(node: fx.Node) -> str:
+    return re.sub(r"\W", "_", node.name)
+
+
+def _tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return getattr(gm, node.target).detach().double()
+    return None
+
+
+def _if_population(nodes: dict, edges: list, name: str, theta: np.ndarray, v0: np.ndarray) -> None:
+    """The NIR nodes and edges of one signed IF population (see the module docstring)."""
+    import nir
+
+    ones = np.ones_like(theta)
+    nodes[f"{name}__input"] = nir.Input(input_type={"input": np.array(theta.shape)})
+    nodes[f"{name}__membrane"] = nir.I(r=ones)
+    nodes[f"{name}__up"] = nir.Threshold(threshold=theta - v0)
+    nodes[f"{name}__invert"] = nir.Scale(scale=-ones)
+    nodes[f"{name}__down"] = nir.Threshold(threshold=v0)
+    nodes[f"{name}__reset_up"] = nir.Scale(scale=-theta)
+    nodes[f"{name}__reset_down"] = nir.Scale(scale=theta.copy())
+    nodes[f"{name}__down_sign"] = nir.Scale(scale=-ones)
+    edges += [(f"{name}__input", f"{name}__membrane"), (f"{name}__membrane", f"{name}__up"),
+              (f"{name}__membrane", f"{name}__invert"), (f"{name}__invert", f"{name}__down"),
+              (f"{name}__up", f"{name}__reset_up"), (f"{name}__reset_up", f"{name}__membrane"),
+              (f"{name}__down", f"{name}__reset_down"), (f"{name}__reset_down", f"{name}__membrane"),
+              (f"{name}__down", f"{name}__down_sign")]
+
+
+def _synapse(nodes: dict, edges: list, name: str, population: str, weight: np.ndarray, bias: np.ndarray,
+             T: int) -> None:
+    import nir
+
+    nodes[f"{name}__affine"] = nir.Affine(weight=weight / T, bias=bias / T)
+    nodes[f"{name}__accumulate"] = nir.I(r=np.ones(weight.shape[0]))
+    nodes[f"{name}__output"] = nir.Output(output_type={"output": np.array([weight.shape[0]])})
+    edges += [(f"{population}__up", f"{name}__affine"), (f"{population}__down_sign", f"{name}__affine"),
+              (f"{name}__affine", f"{name}__accumulate"), (f"{name}__accumulate", f"{name}__output")]
+
+
+def to_nir(program) -> NirExport:
+    """The NIR graph of the program's IF populations and the synapses they feed."""
+    import nir
+
+    gm = program.graph_module
+    nodes: dict = {}
+    edges: list = []
+    export = NirExport(graph=None)
+    propagate_shapes(gm, (1, 128))
+    macs = {site.node: site.macs for site in matmul_sites(gm) if site.spiking}
+    export.spiking_macs = sum(macs.values())
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == snn.if_encode.default:
+            readers = [u for u in node.users if u.target == snn.spike_linear.default]
+            theta, v0 = _tensor(gm, node.args[1]), _tensor(gm, node.args[2])
+            if not readers or theta is None or v0 is None or theta.dim() != 1:
+                export.left_out[_WHY[snn.if_encode.default]] += 1
+                continue
+            population = _name(node)
+            v0 = theta * (v0 / theta).clamp(0.0, 1.0)
+            _if_population(nodes, edges, population, theta.numpy(), v0.numpy())
+            export.populations[population] = node.name
+            for reader in readers:
+                weight, bias = _tensor(gm, reader.args[1]), _tensor(gm, reader.args[2])
+                bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
+                _synapse(nodes, edges, _name(reader), population, weight.numpy(), bias.numpy(), node.args[3])
+                export.synapses[_name(reader)] = (population, reader.name)
+                export.exported_macs += macs.get(reader, 0)
+        elif node.target == snn.spike_linear.default:
+            if node.args[0].target != snn.if_encode.default:
+                export.left_out[_WHY[node.target]] += 1
+        elif node.target in _WHY:
+            export.left_out[_WHY[node.target]] += 1
+        elif isinstance(node.target, torch._ops.OpOverload):
+            export.left_out[f"analog {node.target.__name__.split('.')[0]} ops"] += 1
+    if not export.populations:
+        raise ExportError("nothing in this program can be expressed in NIR, which has rate-coded neurons and static "
+                          f"synapses only ({program.info.pipeline!r} uses "
+                          f"{', '.join(r for r, _ in export.left_out.most_common(3))}, ...): compile with "
+                          "--passes fas to export its IF neurons and linear layers")
+    export.graph = nir.NIRGraph(nodes=nodes, edges=edges,
+                                metadata={"snncc.model": program.info.model, "snncc.pipeline": program.info.pipeline,
+                                          "snncc.T": program.T, "snncc.left_out": dict(export.left_out)})
+    return export
+
+
+def write_nir(export: NirExport, path: str | Path) -> None:
+    """Write the graph (HDF5, nir.write) atomically."""
+    import os
+    import tempfile
+
+    import nir
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        nir.write(tmp, export.graph)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- running a NIR synapse with nirtorch ---------------------------------------------------
+
+
+class _Integrator(torch.nn.Module):
+    """nir.I in discrete time (dt = 1): v += r * input."""
+
+    def __init__(self, r: np.ndarray):
+        super().__init__()
+        self.register_buffer("r", torch.from_numpy(np.asarray(r, dtype=np.float64)))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+        v = x * self.r if state is None else state + x * self.r
+        return v, v
+
+
+class _Threshold(torch.nn.Module):
+    """nir.Threshold: 1 where the input exceeds the threshold."""
+
+    def __init__(self, threshold: np.ndarray):
+        super().__init__()
+        self.register_buffer("threshold", torch.from_numpy(np.asarray(threshold, dtype=np.float64)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x > self.threshold).to(x.dtype)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, scale: np.ndarray):
+        super().__init__()
+        self.register_buffer("scale", torch.from_numpy(np.asarray(scale, dtype=np.float64)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def _affine(node) -> torch.nn.Linear:
+    """nir.Affine as a Linear layer. (nirtorch 2.6's default mapping leaves the bias at its
+    random initial value: it assigns `weight.bias`, not `bias`.)"""
+    layer = torch.nn.Linear(node.weight.shape[1], node.weight.shape[0])
+    layer.weight.data = torch.from_numpy(np.asarray(node.weight, dtype=np.float64))
+    layer.bias.data = torch.from_numpy(np.asarray(node.bias, dtype=np.float64))
+    return layer
+
+
+def synapse_graph(graph, synapse: str):
+    """The NIR subgraph of one synapse and its presynaptic population (one input, one output):
+    what nirtorch runs."""
+    import nir
+
+    population = next(src.removesuffix("__up") for src, dst in graph.edges
+                      if dst == f"{synapse}__affine" and src.endswith("__up"))
+    keep = {n for n in graph.nodes if n.startswith(f"{population}__") or n.startswith(f"{synapse}__")}
+    return nir.NIRGraph(nodes={n: graph.nodes[n] for n in graph.nodes if n in keep},
+                        edges=[(a, b) for a, b in graph.edges if a in keep and b in keep])
+
+
+def run_synapse(graph, synapse: str, currents: torch.Tensor, T: int) -> torch.Tensor:
+    """Drive a synapse's population with constant currents (..., C) for T steps in nirtorch
+    (float64) and return the synapse's accumulated output."""
+    import nir
+    import nirtorch
+
+    node_map = {nir.I: lambda n: _Integrator(n.r), nir.Threshold: lambda n: _Threshold(n.threshold),
+                nir.Scale: lambda n: _Scale(n.scale), nir.Affine: _affine}
+    module = nirtorch.nir_to_torch(synapse_graph(graph, synapse), node_map, dtype=torch.float64)
+    state, out = None, None
+    for _ in range(T):
+        out, state = module(currents.double(), state)
+    return out
+
+
+def verify_nir(program, export: NirExport, path: str | Path, input_ids: torch.Tensor) -> float:
+    """Read the file back with nir, run every synapse in it with nirtorch on the currents the
+    program's IF populations receive for input_ids, and return the worst relative difference
+    from the reference executor (exact mode) at the synapse outputs."""
+    import nir
+
+    from snncc.ir.ops import execution_mode
+
+    graph = nir.read(str(path))
+    if set(graph.nodes) != set(export.graph.nodes) or sorted(graph.edges) != sorted(export.graph.edges):
+        raise ExportError(f"the NIR file '{path}' read back differs from the graph written")
+    wanted = {name for _, name in export.synapses.values()}
+    nodes = {node.name: node for node in program.graph_module.graph.nodes}
+    wanted |= {nodes[name].args[0].args[0].name for name in wanted}
+    values = _record(program.graph_module, program.check_input(input_ids), wanted, execution_mode)
+    worst = 0.0
+    for synapse, (_, fx_name) in export.synapses.items():
+        encoder = nodes[fx_name].args[0]
+        currents = values[encoder.args[0].name]
+        out = run_synapse(graph, synapse, currents.reshape(-1, currents.shape[-1]), encoder.args[3])
+        reference = values[fx_name].reshape(out.shape).double()
+        worst = max(worst, float((out - reference).abs().max() / reference.abs().max().clamp(min=1e-30)))
+    return worst
+
+
+def _record(gm: fx.GraphModule, input_ids: torch.Tensor, names: set[str], execution_mode) -> dict:
+    """The values of the named nodes for input_ids, from the reference kernels in exact mode."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.name in names:
+                values[node.name] = result
+            return result
+
+    with torch.no_grad(), execution_mode("exact"):
+        Recorder(gm).run(input_ids)
+    return values
