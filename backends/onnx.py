@@ -156,6 +156,7 @@ def metadata(program, fmt: str, spiking_ops: list[str]) -> dict[str, str]:
     return {
         "snncc.version": snncc.__version__, "snncc.format": fmt, "snncc.model": info.model,
         "snncc.task": info.task, "snncc.pipeline": info.pipeline, "snncc.T": str(info.T),
+        "snncc.max_positions": str(info.max_positions),
         "snncc.spiking_ops": ",".join(spiking_ops),
         "snncc.coverage": str(info.coverage.get("coverage", "")),
         "snncc.time_axis": "spike trains are int8 (T, ...) tensors; neurons are Loops over the T steps",

@@ -1,4 +1,4 @@
 """Rewrite passes; importing this package registers them all."""
 
 from snncc.passes import (  # noqa: F401
-    accumulate, attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, qcfs)
+    attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, portable, qcfs)

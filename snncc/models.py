@@ -198,6 +198,10 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
                            task, max_positions)
     if model in BUILTINS:
         return BUILTINS[model]()
+    if model.endswith(".onnx"):
+        from snncc.onnx_import import load_onnx
+
+        return load_onnx(model)
     if Path(model).is_dir():
         try:
             return _load_hf_directory(Path(model), Path(model).name)

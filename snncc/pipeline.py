@@ -65,13 +65,13 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
     # LAS (METHODS.md): fold norm weights, spiking nonlinearities and norms, spiking softmax,
     # spike x spike products, then every matmul input a spike train.
-    # Reductions then add up in float64, so every backend computes the same program.
-    "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode", "accumulate"),
+    # Runtime-dependent analog ops (sums, cos/sin) then run in float64: every backend agrees.
+    "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode", "portable"),
     # FAS (METHODS.md): QCFS sites at every synapse input (optionally fine-tuned), IF neurons
     # in their place, coarse-to-fine calibration; softmax, norms (their squares on
     # multi-range neurons) and products as in `las`.
     "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "outlier", "ffn", "encode",
-            "accumulate"),
+            "portable"),
 }
 
 

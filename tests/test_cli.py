@@ -84,3 +84,17 @@ def test_profile_plot_and_energy_tables(tmp_path):
     assert fp32["totals"]["energy_ratio"] != int8["totals"]["energy_ratio"]
     assert "Horowitz" in fp32["energy_source"]
     assert abs(sum(fp32["firing_rate_per_step"]) - fp32["totals"]["spikes_per_neuron"]) < 1e-9
+
+
+def test_export_onnx_and_nir_from_an_artifact(tmp_path):
+    artifact = tmp_path / "fas.snn"
+    _run("compile", "tiny-llama", "--passes", "fas,calibrate{layer_steps=2,neuron_steps=2,batches=1}",
+         "--calib-tokens", "512", "--eval-tokens", "0", "-o", str(artifact))
+    for fmt in ("onnx-snn", "onnx"):
+        out = _run("export", str(artifact), "--format", fmt, "-o", str(tmp_path / f"{fmt}.onnx"))
+        assert "onnx.checker passed" in out and "max relative error 0.00e+00" in out, out
+    result = CliRunner().invoke(main, ["export", str(artifact), "--format", "nir", "-o", str(tmp_path / "m.nir")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "warning: NIR holds" in result.stderr and "left out" in result.stderr
+    assert "read back with nir" in result.stdout and (tmp_path / "m.nir").is_file()

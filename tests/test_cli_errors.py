@@ -243,3 +243,13 @@ def test_unknown_pass_option(tmp_path):
 def test_bad_pass_option_value(tmp_path):
     result = run_snncc(tmp_path, "compile", "tiny-llama", "--passes", "encode{headroom=abc}", "-o", "out.snn")
     assert_clean_error(result, "headroom", "abc", "float", folder=tmp_path)
+
+
+def test_export_refusals_leave_nothing_behind(tmp_path, good_artifact):
+    before = listing(tmp_path)
+    result = run_snncc(tmp_path, "export", str(good_artifact), "--format", "nir", "-o", "m.nir")
+    assert_clean_error(result, "NIR", "--passes fas", folder=tmp_path, before=before)
+    result = run_snncc(tmp_path, "export", str(good_artifact), "--format", "tflite", "-o", "m.onnx")
+    assert_clean_error(result, "tflite", folder=tmp_path, before=before)
+    result = run_snncc(tmp_path, "export", "tiny-llama", "-T", "24", "--calib-tokens", "256", "-o", "m.onnx")
+    assert_clean_error(result, "T <= 20", folder=tmp_path, before=before)

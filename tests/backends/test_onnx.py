@@ -11,13 +11,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from snncc.api import compile_graph
+from snncc.api import compile_graph, prepare
 from snncc.backends.onnx import INPUT_NAME, OnnxRuntimeExecutor, check_onnx, export_onnx, verify_onnx
 from snncc.backends.onnx_functions import DOMAIN, OPS, STANDARD_OPSET, function_library, register_schemas
-from snncc.errors import ExportError, InputError
+from snncc.errors import ExportError, InputError, ModelError
 from snncc.ir.neurons import build_table, mantissa_table, stack_tables
 from snncc.ir.ops import execution_mode
-from snncc.models import TINY_MODELS
+from snncc.models import TINY_MODELS, load_model
 from tests.conftest import heldout_ids, prepared
 
 snn = torch.ops.snn
@@ -167,3 +167,29 @@ def test_onnxruntime_executor_reads_int_ids(tmp_path):
     export_onnx(program, path, "onnx-snn")
     out = OnnxRuntimeExecutor(path)(torch.tensor([[1, 2, 3]], dtype=torch.int32))
     assert out.shape == (1, 3, program(torch.tensor([[1, 2, 3]])).shape[-1])
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_an_onnx_model_compiles_like_its_pytorch_original(tmp_path, name):
+    """ONNX frontend: an ANN exported with torch.onnx traces to a graph that computes what the
+    PyTorch frontend's graph computes (the tokenizer is found beside the file)."""
+    original = _program(name, "none")
+    path = tmp_path / "ann.onnx"
+    export_onnx(original, path, "onnx")
+    original.tokenizer.save(tmp_path)
+    loaded, ann, ctx = prepare(str(path), calib_tokens=256)
+    assert loaded.task == original.info.task and loaded.max_positions == original.info.max_positions
+    ids = heldout_ids(name)[:2, :33]
+    with torch.no_grad():
+        expected, got = original.graph_module(ids), ann(ids)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_onnx_frontend_refuses_an_unsupported_op(tmp_path):
+    graph = helper.make_graph([helper.make_node("Hardmax", ["input_ids"], ["logits"], name="odd")], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ModelError, match="op 'Hardmax' \\(node 'odd'\\)"):
+        load_model(str(path))

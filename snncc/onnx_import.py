@@ -1,0 +1,338 @@
+"""ONNX frontend: an ONNX language model becomes a torch module that `trace` exports like any
+other, so it goes through the same passes.
+
+`OnnxModule.forward` walks the ONNX graph and runs each node with the torch op of the same
+meaning. Shape arithmetic (Shape -> Gather -> Concat -> Reshape ...) is carried out on Python
+lists of sizes, not tensors, so torch.export keeps the batch and sequence length symbolic
+instead of treating them as data. Only the standard ops that torch.onnx emits for
+transformer LLMs are covered; any other op is refused with its node name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from snncc.errors import ModelError, first_line
+
+Shape = list  # sizes as a Python list: the value of a 1-D int64 shape tensor
+
+
+def _attr(node, name: str, default=None):
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _ints(value) -> list:
+    """A shape-like value as a Python list."""
+    return value if isinstance(value, list) else [value]
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list)
+
+
+def _elementwise(fn: Callable) -> Callable:
+    """A binary op that also works on shape lists (elementwise, with scalar broadcast)."""
+
+    def op(node, a, b):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return fn(_tensor(a), _tensor(b))
+        if not (_is_shape(a) or _is_shape(b)):
+            return fn(a, b)
+        a_list, b_list = _listed(a), _listed(b)
+        n = max(len(a_list), len(b_list))
+        a_list = a_list * n if len(a_list) == 1 else a_list
+        b_list = b_list * n if len(b_list) == 1 else b_list
+        return [fn(x, y) for x, y in zip(a_list, b_list, strict=True)]
+
+    return op
+
+
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _tensor(value):
+    """A shape list or a Python number as a tensor (where it meets real tensors)."""
+    if isinstance(value, (list, int, float)) and not isinstance(value, bool):
+        return torch.tensor(value)
+    return value
+
+
+def _reshape(node, x, shape):
+    if not isinstance(x, torch.Tensor):  # shape arithmetic: a size list stays a list
+        return _listed(x)
+    sizes = _ints(shape)
+    sizes = [x.shape[i] if s == 0 and not _attr(node, "allowzero", 0) else s for i, s in enumerate(sizes)]
+    return x.reshape(sizes)
+
+
+def _gather(node, data, indices):
+    axis = _attr(node, "axis", 0)
+    if _is_shape(data):
+        return [data[i] for i in indices] if isinstance(indices, list) else data[indices]
+    if isinstance(indices, int):
+        return data.select(axis, indices)
+    indices = _tensor(indices)
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    return torch.index_select(data, axis, indices.reshape(-1)).reshape(
+        (*data.shape[:axis], *indices.shape, *data.shape[axis + 1:]))
+
+
+def _slice(node, data, starts, ends, axes=None, steps=None):
+    starts, ends = _ints(starts), _ints(ends)
+    axes = _ints(axes) if axes is not None else list(range(len(starts)))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    if _is_shape(data):
+        (start, end, step), = zip(starts, ends, steps, strict=True)
+        return data[start:min(end, len(data)):step]
+    index = [slice(None)] * data.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        if step < 0:
+            raise ModelError(f"ONNX node '{node.name}': Slice with a negative step is not supported")
+        size = data.shape[axis]
+        end = size if isinstance(end, int) and end > 2**40 else end
+        index[axis] = slice(start, end, step)
+    return data[tuple(index)]
+
+
+def _unsqueeze(node, x, axes=None):
+    axes = sorted(_ints(axes if axes is not None else _attr(node, "axes")))
+    if not isinstance(x, torch.Tensor):  # a scalar size becomes a one-element shape list
+        return _listed(x)
+    for axis in axes:
+        x = x.unsqueeze(axis if axis >= 0 else axis + x.dim() + 1)
+    return x
+
+
+def _squeeze(node, x, axes=None):
+    if _is_shape(x):
+        return x[0]
+    axes = _ints(axes) if axes is not None else None
+    return x.squeeze() if axes is None else x.squeeze(tuple(axes))
+
+
+def _concat(node, *values):
+    if any(_is_shape(v) for v in values):
+        return [s for v in values for s in _ints(v)]
+    return torch.cat(values, _attr(node, "axis"))
+
+
+def _cast(node, x):
+    return x.to(_DTYPES[_attr(node, "to")]) if isinstance(x, torch.Tensor) else x
+
+
+def _constant_of_shape(node, shape):
+    import onnx
+
+    value = _attr(node, "value")
+    array = np.array([0.0], dtype=np.float32) if value is None else onnx.numpy_helper.to_array(value)
+    return torch.full(_ints(shape), array.reshape(-1)[0].item(), dtype=torch.from_numpy(array).dtype)
+
+
+def _range(node, start, limit, delta):
+    return torch.arange(start, limit, delta)
+
+
+def _where(node, condition, a, b):
+    if not any(isinstance(v, torch.Tensor) for v in (condition, a, b)):
+        c, a, b = _listed(condition), _listed(a), _listed(b)
+        return [x if keep else y for keep, x, y in zip(c, a * len(c) if len(a) == 1 else a,
+                                                       b * len(c) if len(b) == 1 else b, strict=True)]
+    return torch.where(_tensor(condition), _tensor(a), _tensor(b))
+
+
+def _expand(node, x, shape):
+    sizes = _ints(shape)
+    ndim = max(len(sizes), x.dim())
+    sizes = [1] * (ndim - len(sizes)) + sizes
+    current = [1] * (ndim - x.dim()) + list(x.shape)
+    target = [c if s == 1 else s for s, c in zip(sizes, current, strict=True)]
+    return x.reshape(current).expand(target)
+
+
+def _reduce(fn):
+    def op(node, x, axes=None):
+        axes = _ints(axes) if axes is not None else _attr(node, "axes")
+        keep = bool(_attr(node, "keepdims", 1))
+        return fn(x, dim=tuple(axes), keepdim=keep) if axes else fn(x)
+
+    return op
+
+
+def _layer_norm(node, x, weight, bias=None):
+    axis = _attr(node, "axis", -1)
+    shape = x.shape[axis:] if axis >= 0 else x.shape[axis:]
+    return F.layer_norm(x, tuple(shape), weight, bias, _attr(node, "epsilon", 1e-5))
+
+
+def _gemm(node, a, b, c=None):
+    a = a.transpose(-1, -2) if _attr(node, "transA", 0) else a
+    b = b.transpose(-1, -2) if _attr(node, "transB", 0) else b
+    out = _attr(node, "alpha", 1.0) * (a @ b)
+    return out if c is None else out + _attr(node, "beta", 1.0) * c
+
+
+def _split(node, x, split=None):
+    axis = _attr(node, "axis", 0)
+    sizes = _ints(split) if split is not None else _attr(node, "split")
+    if sizes is None:
+        parts = len(node.output)
+        sizes = [x.shape[axis] // parts] * parts
+    return list(torch.split(x, sizes, dim=axis))
+
+
+def _gather_nd(node, data, indices):
+    if _attr(node, "batch_dims", 0):
+        raise ModelError(f"ONNX node '{node.name}': GatherND with batch_dims is not supported")
+    depth = indices.shape[-1]
+    return data[tuple(indices[..., i] for i in range(depth))]
+
+
+def _softmax(node, x):
+    return torch.softmax(x, _attr(node, "axis", -1))
+
+
+def _transpose(node, x):
+    perm = _attr(node, "perm") or list(range(x.dim()))[::-1]
+    return x.permute(perm)
+
+
+def _trilu(node, x, k=None):
+    k = 0 if k is None else int(k)
+    return torch.triu(x, k) if _attr(node, "upper", 1) else torch.tril(x, k)
+
+
+_DTYPES = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64}
+
+OPS: dict[str, Callable] = {
+    "Add": _elementwise(lambda a, b: a + b), "Sub": _elementwise(lambda a, b: a - b),
+    "Mul": _elementwise(lambda a, b: a * b),
+    "Div": _elementwise(lambda a, b: a // b if isinstance(a, int) and isinstance(b, int) else a / b),
+    "Equal": _elementwise(lambda a, b: a == b), "Max": _elementwise(lambda a, b: max(a, b) if isinstance(a, int)
+                                                                  else torch.maximum(a, b)),
+    "Min": _elementwise(lambda a, b: min(a, b) if isinstance(a, int) else torch.minimum(a, b)),
+    "Pow": lambda node, a, b: torch.pow(a, b), "And": lambda node, a, b: a & b, "Not": lambda node, a: ~a,
+    "Or": lambda node, a, b: a | b,
+    "Less": lambda node, a, b: a < b, "LessOrEqual": lambda node, a, b: a <= b, "Greater": lambda node, a, b: a > b,
+    "GreaterOrEqual": lambda node, a, b: a >= b,
+    "Neg": lambda node, a: -a, "Sqrt": lambda node, a: torch.sqrt(a), "Reciprocal": lambda node, a: 1 / a,
+    "Exp": lambda node, a: torch.exp(a), "Log": lambda node, a: torch.log(a),
+    "Cos": lambda node, a: torch.cos(a), "Sin": lambda node, a: torch.sin(a), "Tanh": lambda node, a: torch.tanh(a),
+    "Erf": lambda node, a: torch.erf(a), "Sigmoid": lambda node, a: torch.sigmoid(a), "Relu": lambda node, a: F.relu(a),
+    "Abs": lambda node, a: torch.abs(a),
+    "MatMul": lambda node, a, b: torch.matmul(a, b), "Gemm": _gemm,
+    "Softmax": _softmax, "LayerNormalization": _layer_norm,
+    "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(torch.amax),
+    "Shape": lambda node, x: list(x.shape)[_attr(node, "start", 0):_attr(node, "end", None)],
+    "Gather": _gather, "GatherND": _gather_nd, "Slice": _slice, "Concat": _concat, "Split": _split,
+    "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Reshape": _reshape, "Expand": _expand, "Transpose": _transpose,
+    "Cast": _cast, "ConstantOfShape": _constant_of_shape, "Range": _range, "Where": _where,
+    "CumSum": lambda node, x, axis: torch.cumsum(x, int(axis)), "Identity": lambda node, x: x,
+    "Trilu": _trilu,
+    "GatherElements": lambda node, data, index: torch.gather(data, _attr(node, "axis", 0), _tensor(index)),
+}
+
+
+class OnnxModule(torch.nn.Module):
+    """forward(input_ids) runs the ONNX graph with torch ops; initializers are buffers."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        import onnx
+
+        graph = model.graph
+        unsupported = [(n.op_type, n.name) for n in graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in
+                       OPS and n.op_type != "Constant"]
+        if unsupported:
+            op, name = unsupported[0]
+            raise ModelError(f"the ONNX model uses op '{op}' (node '{name}'), which the ONNX frontend does not "
+                             f"support; supported: {', '.join(sorted(OPS))}")
+        self.nodes = list(graph.node)
+        self.python_values: dict = {}  # small integer constants: shape arithmetic, axes, indices
+        self.buffer_of: dict[str, str] = {}
+        constants = [(i.name, onnx.numpy_helper.to_array(i)) for i in graph.initializer]
+        constants += [(n.output[0], onnx.numpy_helper.to_array(_attr(n, "value")))
+                      for n in self.nodes if n.op_type == "Constant"]
+        for name, array in constants:
+            if array.dtype in (np.int64, np.int32) and array.ndim <= 1 and array.size <= 64:
+                self.python_values[name] = array.tolist()
+            else:
+                key = f"constant_{len(self.buffer_of)}"
+                self.register_buffer(key, torch.from_numpy(array.copy()), persistent=False)
+                self.buffer_of[name] = key
+        self.input_name = graph.input[0].name
+        self.output_name = graph.output[0].name
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        values = {name: getattr(self, key) for name, key in self.buffer_of.items()}
+        values.update(self.python_values)
+        values[self.input_name] = input_ids
+        values[""] = None
+        for node in self.nodes:
+            if node.op_type == "Constant":
+                continue
+            inputs = [values[name] for name in node.input]
+            while inputs and inputs[-1] is None:
+                inputs.pop()
+            result = OPS[node.op_type](node, *inputs)
+            outputs = result if isinstance(result, list) and node.op_type == "Split" else [result]
+            for name, value in zip(node.output, outputs, strict=False):
+                values[name] = value
+        return values[self.output_name]
+
+
+def load_onnx(path: str | Path):
+    """A LoadedModel of an ONNX language model file: input token ids, output logits (an
+    output named *logits*) or hidden states. Its tokenizer is the one saved beside it
+    (snncc's or a Hugging Face tokenizer.json); byte-level models need none."""
+    import onnx
+
+    from snncc.models import CAUSAL_LM, ENCODER, LoadedModel
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"ONNX model '{path}' does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ModelError(f"cannot read ONNX model '{path}': {first_line(exc)}") from exc
+    if len(model.graph.input) != 1 or not model.graph.output:
+        raise ModelError(f"'{path}' must take one input (token ids) and give an output; it has "
+                         f"{len(model.graph.input)} inputs")
+    output = model.graph.output[0]
+    task = CAUSAL_LM if "logits" in output.name else ENCODER
+    meta = {p.key: p.value for p in model.metadata_props}
+    max_positions = int(meta.get("snncc.max_positions", 0)) or _static_length(model) or 2048
+    width = output.type.tensor_type.shape.dim[-1].dim_value if output.type.tensor_type.shape.dim else 0
+    return LoadedModel(path.stem, OnnxModule(model), _tokenizer_beside(path, task, width), task, max_positions)
+
+
+def _tokenizer_beside(path: Path, task: str, width: int):
+    from snncc.models import CAUSAL_LM
+    from snncc.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+    folder = path.parent
+    if (folder / "snncc_tokenizer.json").is_file():
+        return load_tokenizer(folder)
+    if (folder / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+    if task == CAUSAL_LM and 0 < width <= 256:
+        return ByteTokenizer()
+    raise ModelError(f"no tokenizer beside '{path}': save the model's tokenizer (tokenizer.json) in {folder}")
+
+
+def _static_length(model) -> int:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) > 1 and dims[1].dim_value > 0 else 0
