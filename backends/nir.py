@@ -241,8 +241,9 @@ def run_synapse(graph, synapse: str, currents: torch.Tensor, T: int) -> torch.Te
                 nir.Scale: lambda n: _Scale(n.scale), nir.Affine: _affine}
     module = nirtorch.nir_to_torch(synapse_graph(graph, synapse), node_map, dtype=torch.float64)
     state, out = None, None
-    for _ in range(T):
-        out, state = module(currents.double(), state)
+    with torch.no_grad():
+        for _ in range(T):
+            out, state = module(currents.double(), state)
     return out
 
 

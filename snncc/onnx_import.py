@@ -225,7 +225,7 @@ OPS: dict[str, Callable] = {
     "Or": lambda node, a, b: a | b,
     "Less": lambda node, a, b: a < b, "LessOrEqual": lambda node, a, b: a <= b, "Greater": lambda node, a, b: a > b,
     "GreaterOrEqual": lambda node, a, b: a >= b,
-    "Neg": lambda node, a: -a, "Sqrt": lambda node, a: torch.sqrt(a), "Reciprocal": lambda node, a: 1 / a,
+    "Neg": lambda node, a: -a, "Sqrt": lambda node, a: torch.sqrt(a), "Reciprocal": lambda node, a: torch.reciprocal(a),
     "Exp": lambda node, a: torch.exp(a), "Log": lambda node, a: torch.log(a),
     "Cos": lambda node, a: torch.cos(a), "Sin": lambda node, a: torch.sin(a), "Tanh": lambda node, a: torch.tanh(a),
     "Erf": lambda node, a: torch.erf(a), "Sigmoid": lambda node, a: torch.sigmoid(a), "Relu": lambda node, a: F.relu(a),
@@ -270,8 +270,60 @@ class OnnxModule(torch.nn.Module):
                 key = f"constant_{len(self.buffer_of)}"
                 self.register_buffer(key, torch.from_numpy(array.copy()), persistent=False)
                 self.buffer_of[name] = key
+        self.linear_of = self._linear_layers(constants)
+        for node in self.nodes:  # x ** c with a constant c: a Python exponent, as PyTorch code writes it
+            exponent = dict(constants).get(node.input[1]) if node.op_type == "Pow" else None
+            if exponent is not None and exponent.size == 1:
+                self.python_values[node.input[1]] = float(exponent.reshape(-1)[0])
+        self.rsqrt_of = self._reciprocal_square_roots()
         self.input_name = graph.input[0].name
         self.output_name = graph.output[0].name
+
+    def _linear_layers(self, constants) -> dict[str, tuple[str, str | None]]:
+        """MatMul / Gemm nodes with a constant 2-D weight, as linear layers: {node: (weight
+        buffer (out, in), bias buffer or None)}. torch.onnx stores nn.Linear's weight
+        transposed for MatMul; tracing F.linear gives the graph the PyTorch frontend gives,
+        which the passes match on (a weight read through a transpose would look like an
+        activation)."""
+        arrays = dict(constants)
+        for node in self.nodes:  # a constant read through a transpose (a tied LM head) is a constant
+            if node.op_type == "Transpose" and node.input[0] in arrays and arrays[node.input[0]].ndim == 2 \
+                    and list(_attr(node, "perm") or [1, 0]) == [1, 0]:
+                arrays[node.output[0]] = arrays[node.input[0]].T
+        layers = {}
+        for node in self.nodes:
+            weight = arrays.get(node.input[1]) if len(node.input) > 1 else None
+            if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+                continue
+            if node.op_type == "MatMul":
+                layers[node.name] = (self._buffer(weight.T), None)
+            elif node.op_type == "Gemm" and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0 \
+                    and _attr(node, "beta", 1.0) == 1.0:
+                bias = arrays.get(node.input[2]) if len(node.input) > 2 else None
+                if len(node.input) > 2 and (bias is None or bias.ndim != 1):
+                    continue
+                out_in = weight if _attr(node, "transB", 0) else weight.T
+                layers[node.name] = (self._buffer(out_in), self._buffer(bias) if bias is not None else None)
+        return layers
+
+    def _reciprocal_square_roots(self) -> dict[str, str]:
+        """{Reciprocal node: the input of the Sqrt it reads} where that Sqrt feeds nothing else."""
+        producer = {out: node for node in self.nodes for out in node.output}
+        readers: dict[str, int] = {}
+        for node in self.nodes:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+        pairs = {}
+        for node in self.nodes:
+            source = producer.get(node.input[0]) if node.op_type == "Reciprocal" else None
+            if source is not None and source.op_type == "Sqrt" and readers[source.output[0]] == 1:
+                pairs[node.name] = source.input[0]
+        return pairs
+
+    def _buffer(self, array: np.ndarray) -> str:
+        key = f"weight_{len(self._buffers)}"
+        self.register_buffer(key, torch.from_numpy(np.array(array, order="C")), persistent=False)
+        return key
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         values = {name: getattr(self, key) for name, key in self.buffer_of.items()}
@@ -280,6 +332,13 @@ class OnnxModule(torch.nn.Module):
         values[""] = None
         for node in self.nodes:
             if node.op_type == "Constant":
+                continue
+            if node.name in self.rsqrt_of:  # 1 / sqrt(a): torch.rsqrt, which the passes know as a norm
+                values[node.output[0]] = torch.rsqrt(values[self.rsqrt_of[node.name]])
+                continue
+            if node.name in self.linear_of:
+                weight, bias = (getattr(self, key) if key else None for key in self.linear_of[node.name])
+                values[node.output[0]] = F.linear(values[node.input[0]], weight, bias)
                 continue
             inputs = [values[name] for name in node.input]
             while inputs and inputs[-1] is None:

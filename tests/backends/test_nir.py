@@ -27,7 +27,8 @@ def test_nir_if_population_spikes_as_the_signed_if_neuron():
     currents = torch.tensor([[0.3, -0.7, 0.26, 2.5], [-1.4, 1.1, -0.05, -0.2]], dtype=torch.float64)
     spikes = torch.ops.snn.if_encode(currents, torch.tensor(theta), torch.tensor(v0), 7)
     expected = spikes.double().sum(0) / 7  # identity synapse: the mean spike per step
-    assert torch.equal(run_synapse(graph, "s", currents, 7).detach(), expected)
+    # equal spike counts: one spike more or less would move an output by 1/7
+    assert (run_synapse(graph, "s", currents, 7) - expected).abs().max() < 1e-12
 
 
 def test_fas_program_round_trips_and_runs_in_nirtorch(tmp_path):

@@ -172,16 +172,23 @@ def test_onnxruntime_executor_reads_int_ids(tmp_path):
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_an_onnx_model_compiles_like_its_pytorch_original(tmp_path, name):
     """ONNX frontend: an ANN exported with torch.onnx traces to a graph that computes what the
-    PyTorch frontend's graph computes (the tokenizer is found beside the file)."""
+    PyTorch frontend's graph computes, and `las` compiles it into the same program (the
+    tokenizer is found beside the file)."""
     original = _program(name, "none")
     path = tmp_path / "ann.onnx"
     export_onnx(original, path, "onnx")
     original.tokenizer.save(tmp_path)
-    loaded, ann, ctx = prepare(str(path), calib_tokens=256)
+    loaded, ann, ctx = prepare(str(path), calib_tokens=1024)
     assert loaded.task == original.info.task and loaded.max_positions == original.info.max_positions
     ids = heldout_ids(name)[:2, :33]
     with torch.no_grad():
         expected, got = original.graph_module(ids), ann(ids)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    imported = compile_graph(loaded, ann, ctx, "las", 8)
+    reference = compile_graph(*prepared(name), "las", 8)  # same calibration text and tokens
+    assert imported.info.coverage["coverage"] == 1.0
+    with torch.no_grad(), execution_mode("exact"):
+        expected, got = reference.graph_module(ids), imported.graph_module(ids)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
