@@ -16,6 +16,7 @@ external data file beside the model when the model would pass protobuf's 2 GB li
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import tempfile
 import time
@@ -95,6 +96,9 @@ def to_onnx(program, fmt: str = "onnx"):
     info = program.info
     example = torch.randint(0, info.vocab_size, (2, min(8, info.max_positions)))
     dims = {INPUT_NAME: {0: Dim("batch", min=1), 1: Dim("seq", min=1, max=info.max_positions)}}
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # its notes on optional packages (torchvision) are noise here
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -111,6 +115,8 @@ def to_onnx(program, fmt: str = "onnx"):
         if isinstance(cause, ExportError):
             raise cause from exc
         raise ExportError(f"torch.onnx could not export the program: {first_line(cause)}") from exc
+    finally:
+        exporter_log.setLevel(level)
     model = exported.model
     _name_spiking_values(model, program.graph_module)
     onnxscript.optimizer.optimize(model)  # constant folding, common subexpressions, dead code

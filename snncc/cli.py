@@ -125,7 +125,7 @@ def main(verbose: int) -> None:
               help="held-out tokens for the fidelity check printed after compiling (0: skip)")
 @_fail_cleanly
 def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens):
-    """Compile MODEL (builtin name, HF id or directory) with a pipeline; print fidelity and profile."""
+    """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline; print fidelity and profile."""
     from snncc.api import compile_graph
     from snncc.render import print_eval, print_profile_summary
 

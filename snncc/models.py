@@ -211,5 +211,5 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
             raise ModelError(f"cannot load the model in directory '{model}': {first_line(exc)}") from exc
     if "/" not in model or model.count("/") > 1:
         raise ModelError(f"unknown model '{model}': use a builtin ({', '.join(BUILTINS)}), "
-                         "a local model directory, or a Hugging Face id (owner/name)")
+                         "a local model directory, an .onnx file, or a Hugging Face id (owner/name)")
     return _load_hub_id(model)

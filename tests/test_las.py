@@ -16,7 +16,8 @@ _FLOAT_FUNCTIONS = NONLINEAR_OPS | {aten.rsqrt.default, aten.reciprocal.default,
 
 
 def test_las_is_the_five_method_passes_in_order():
-    assert PIPELINES["las"] == ("fold", "nonlinear", "attention", "outlier", "ffn", "encode")
+    # then `portable`, which only widens runtime-dependent analog arithmetic to float64
+    assert PIPELINES["las"] == ("fold", "nonlinear", "attention", "outlier", "ffn", "encode", "portable")
 
 
 def test_las_leaves_no_float_nonlinearity_and_no_analog_product(tiny_name):

@@ -25,7 +25,7 @@ def test_pipeline_names_and_pass_lists_parse():
 
 @pytest.mark.parametrize("spec, message", [
     ("bogus", "unknown pass or pipeline 'bogus'"),
-    ("encode,bogus", "passes: attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, qcfs"),
+    ("encode,bogus", "passes: attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, portable, qcfs"),
     ("encode,encode", "appears twice"),
     ("encode{bogus=1}", "has no option 'bogus'"),
     ("encode{headroom=abc}", "must be of type float"),

@@ -123,3 +123,27 @@ def test_minilm_fas_runs_fully_spiking():
     result = evaluate(program, loaded.module, _chunks("minilm-l6", 512))
     assert program.info.coverage["coverage"] == 1.0
     assert result["cosine"] >= 0.8, result
+
+
+def test_smollm2_las_onnx_export_runs_as_the_reference(tmp_path):
+    """The SmolLM2 las program exports (no external data needed at 635 MiB) and onnxruntime
+    gives the reference executor's logits on held-out tokens."""
+    from snncc.backends.onnx import check_onnx, export_onnx, verify_onnx
+
+    program = _smollm2_las()
+    report = export_onnx(program, tmp_path / "smollm2.onnx", "onnx-snn")
+    check_onnx(report.path)
+    assert verify_onnx(program, report.path, heldout_ids("smollm2-135m", 256, CALIB_TOKENS)[:1, :64]) <= 1e-4
+
+
+@pytest.mark.parametrize(("pipeline", "fmt"), [("las", "onnx"), ("fas", "onnx-snn")])
+def test_minilm_onnx_export_runs_as_the_reference(tmp_path, pipeline, fmt):
+    from snncc.backends.onnx import check_onnx, export_onnx, verify_onnx
+
+    loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
+    spec = "fas,calibrate{layer_steps=3,neuron_steps=3,batches=1}" if pipeline == "fas" else pipeline
+    program = compile_graph(loaded, ann, ctx, spec)
+    path = tmp_path / "minilm.onnx"
+    export_onnx(program, path, fmt)
+    check_onnx(path)
+    assert verify_onnx(program, path, heldout_ids("minilm-l6", 256, CALIB_TOKENS)[:2, :48]) <= 1e-4

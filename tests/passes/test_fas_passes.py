@@ -60,7 +60,7 @@ def test_qcfs_gradients_are_straight_through_inside_the_clip_range():
 
 def test_fas_pipeline_and_its_default_T():
     assert PIPELINES["fas"] == ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "outlier", "ffn",
-                                "encode")
+                                "encode", "portable")
     assert default_T("fas") == 8 and default_T("fas,qcfs{steps=3}") == 8
     passes = parse_pipeline("fas,qcfs{steps=3,mode=full}", None)
     assert [p.name for p in passes] == list(PIPELINES["fas"])
