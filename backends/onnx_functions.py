@@ -18,7 +18,7 @@ bit for bit (same float64 membranes, same comparisons), synapses up to float64 s
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -29,7 +29,8 @@ DOMAIN = "snn"
 DOMAIN_VERSION = 1
 STANDARD_OPSET = 18  # the opset the bodies use (and torch.onnx emits)
 
-FLOAT, DOUBLE, INT64, INT8, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.INT8, TensorProto.BOOL
+FLOAT, DOUBLE, INT64 = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64
+INT8, BOOL = TensorProto.INT8, TensorProto.BOOL
 _ATTRIBUTE_FIELDS = {"int": ("value_int", onnx.AttributeProto.INT), "float": ("value_float", onnx.AttributeProto.FLOAT)}
 _SCHEMA_ATTRIBUTES = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
 
@@ -78,8 +79,8 @@ def _loop(body: Body, steps: str, carried: list[str], step_fn, scans: int) -> tu
     keep = inner.op("Identity", "_loop_cond_in")
     graph = helper.make_graph(
         inner.nodes, f"step{next(Body._ids)}",
-        [helper.make_tensor_value_info("_loop_iter", INT64, []), helper.make_tensor_value_info("_loop_cond_in", BOOL, []),
-         *(onnx.ValueInfoProto(name=name) for name in state)],
+        [helper.make_tensor_value_info("_loop_iter", INT64, []),
+         helper.make_tensor_value_info("_loop_cond_in", BOOL, []), *(onnx.ValueInfoProto(name=name) for name in state)],
         [onnx.ValueInfoProto(name=name) for name in (keep, *new_state, *per_step)])
     outputs = body.op("Loop", steps, "", *carried, outputs=len(carried) + scans, body=graph)
     outputs = [outputs] if isinstance(outputs, str) else outputs
@@ -171,7 +172,7 @@ class SnnOp:
     inputs: tuple[tuple[str, str], ...]  # (name, type string)
     output: tuple[str, str]
     attributes: tuple[tuple[str, str], ...]  # (name, "int" or "float")
-    body: callable
+    body: Callable[..., str]  # (Body, input names..., attribute values...) -> output name
 
     def schema(self) -> OpSchema:
         types = {"float": "tensor(float)", "int8": "tensor(int8)", "int64": "tensor(int64)"}
@@ -343,7 +344,8 @@ OPS: dict[str, SnnOp] = {op.name: op for op in (
           "exponent from comparisons with powers of two and a T-step mantissa train from a table neuron.",
           (("X", "float"), ("A", "float"), ("thresholds", "float"), ("codes", "int64")), ("Y", "float"),
           (("power", "float"), _T), _spike_normalize),
-    SnnOp("Qcfs", "Signed quantization-clip-floor-shift activation: lambda / L * clip(floor(X L / lambda + 1/2), -L, L).",
+    SnnOp("Qcfs", "Signed quantization-clip-floor-shift activation: "
+          "lambda / L * clip(floor(X L / lambda + 1/2), -L, L).",
           (("X", "float"), ("lambda", "float")), ("Y", "float"), (("L", "int"),), _qcfs),
 )}
 

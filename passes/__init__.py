@@ -1,4 +1,3 @@
 """Rewrite passes; importing this package registers them all."""
 
-from snncc.passes import (  # noqa: F401
-    attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, portable, qcfs)
+from snncc.passes import attention, calibrate, encode, ffn, fold, ifencode, nonlinear, outlier, portable, qcfs  # noqa: F401

@@ -57,7 +57,7 @@ class PortablePass(Pass):
             node.update_arg(0, wide)
             with graph.inserting_after(node):
                 rounded = graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
-            node.replace_all_uses_with(rounded, delete_user_cb=lambda user: user is not rounded)
+            node.replace_all_uses_with(rounded, delete_user_cb=lambda user, keep=rounded: user is not keep)
             for new in (wide, rounded):
                 new.meta.update(source=node.meta.get("source", ""), created_by=self.name)
         gm.recompile()

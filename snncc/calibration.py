@@ -107,6 +107,9 @@ class CalibrationContext:
     ann: fx.GraphModule | None = None
     progress: bool = False
     teacher: fx.GraphModule | None = None  # the original ANN, whatever `ann` now is
+    # Tensors recorded from a pass's graph (not the ANN's): they depend on that pipeline run
+    # (its T, its earlier passes), so a new run must record them afresh.
+    recorded_from_passes: set[str] = field(default_factory=set)
 
     @property
     def tokens(self) -> int:
@@ -141,6 +144,14 @@ class CalibrationContext:
             if current is None:
                 raise RuntimeError(f"tensors {sorted(missing - in_ann)} are not in the ANN graph")
             self._record(current, missing - in_ann)
+            self.recorded_from_passes |= missing - in_ann
+
+    def forget_pass_records(self) -> None:
+        """Drop what earlier pipeline runs recorded from their own graphs (see recorded_from_passes):
+        compiling twice with one context must give what two fresh contexts give."""
+        for name in self.recorded_from_passes:
+            self.stats.pop(name, None)
+        self.recorded_from_passes.clear()
 
     def _record(self, gm: fx.GraphModule, names: set[str]) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}

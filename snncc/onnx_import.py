@@ -19,8 +19,6 @@ import torch.nn.functional as F
 
 from snncc.errors import ModelError, first_line
 
-Shape = list  # sizes as a Python list: the value of a 1-D int64 shape tensor
-
 
 def _attr(node, name: str, default=None):
     import onnx

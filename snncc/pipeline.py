@@ -222,6 +222,7 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> fx.GraphModule:
         from snncc.ir.verify import verify
 
+        ctx.forget_pass_records()
         if self.instrument:
             self.instrument(None, gm, None)
         for p in self.passes:

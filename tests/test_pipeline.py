@@ -109,3 +109,18 @@ def test_context_records_each_required_tensor_once_per_batch():
     before = {name: s.absmax.clone() for name, s in ctx.stats.items()}
     ctx.require(names)  # already recorded: no second run
     assert all(ctx.stats[n].samples == len(ctx.batches) and torch.equal(ctx.stats[n].absmax, before[n]) for n in names)
+
+
+def test_one_context_compiles_twice_as_two_fresh_ones_do():
+    """Tensors a pass records from its own graph depend on that run (its T): a second compile
+    through the same context must record them afresh (it reused T = 14's before)."""
+    from snncc.api import compile_graph, prepare
+    from snncc.ir.ops import execution_mode
+
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    fresh = compile_graph(*prepare("tiny-opt", calib_tokens=1024), "las", 8)
+    loaded, ann, ctx = prepare("tiny-opt", calib_tokens=1024)
+    compile_graph(loaded, ann, ctx, "las", 14)
+    again = compile_graph(loaded, ann, ctx, "las", 8)
+    with torch.no_grad(), execution_mode("exact"):
+        assert torch.equal(again.graph_module(ids), fresh.graph_module(ids))
