@@ -29,11 +29,6 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def _ints(value) -> list:
-    """A shape-like value as a Python list."""
-    return value if isinstance(value, list) else [value]
-
-
 def _is_shape(value) -> bool:
     return isinstance(value, list)
 
@@ -56,6 +51,7 @@ def _elementwise(fn: Callable) -> Callable:
 
 
 def _listed(value) -> list:
+    """A size list as it is; a single size or index as a one-element list."""
     return value if isinstance(value, list) else [value]
 
 
@@ -69,7 +65,7 @@ def _tensor(value):
 def _reshape(node, x, shape):
     if not isinstance(x, torch.Tensor):  # shape arithmetic: a size list stays a list
         return _listed(x)
-    sizes = _ints(shape)
+    sizes = _listed(shape)
     sizes = [x.shape[i] if s == 0 and not _attr(node, "allowzero", 0) else s for i, s in enumerate(sizes)]
     return x.reshape(sizes)
 
@@ -87,9 +83,9 @@ def _gather(node, data, indices):
 
 
 def _slice(node, data, starts, ends, axes=None, steps=None):
-    starts, ends = _ints(starts), _ints(ends)
-    axes = _ints(axes) if axes is not None else list(range(len(starts)))
-    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    starts, ends = _listed(starts), _listed(ends)
+    axes = _listed(axes) if axes is not None else list(range(len(starts)))
+    steps = _listed(steps) if steps is not None else [1] * len(starts)
     if _is_shape(data):
         (start, end, step), = zip(starts, ends, steps, strict=True)
         return data[start:min(end, len(data)):step]
@@ -104,7 +100,7 @@ def _slice(node, data, starts, ends, axes=None, steps=None):
 
 
 def _unsqueeze(node, x, axes=None):
-    axes = sorted(_ints(axes if axes is not None else _attr(node, "axes")))
+    axes = sorted(_listed(axes if axes is not None else _attr(node, "axes")))
     if not isinstance(x, torch.Tensor):  # a scalar size becomes a one-element shape list
         return _listed(x)
     for axis in axes:
@@ -115,13 +111,13 @@ def _unsqueeze(node, x, axes=None):
 def _squeeze(node, x, axes=None):
     if _is_shape(x):
         return x[0]
-    axes = _ints(axes) if axes is not None else None
+    axes = _listed(axes) if axes is not None else None
     return x.squeeze() if axes is None else x.squeeze(tuple(axes))
 
 
 def _concat(node, *values):
     if any(_is_shape(v) for v in values):
-        return [s for v in values for s in _ints(v)]
+        return [s for v in values for s in _listed(v)]
     return torch.cat(values, _attr(node, "axis"))
 
 
@@ -134,7 +130,7 @@ def _constant_of_shape(node, shape):
 
     value = _attr(node, "value")
     array = np.array([0.0], dtype=np.float32) if value is None else onnx.numpy_helper.to_array(value)
-    return torch.full(_ints(shape), array.reshape(-1)[0].item(), dtype=torch.from_numpy(array).dtype)
+    return torch.full(_listed(shape), array.reshape(-1)[0].item(), dtype=torch.from_numpy(array).dtype)
 
 
 def _range(node, start, limit, delta):
@@ -150,7 +146,7 @@ def _where(node, condition, a, b):
 
 
 def _expand(node, x, shape):
-    sizes = _ints(shape)
+    sizes = _listed(shape)
     ndim = max(len(sizes), x.dim())
     sizes = [1] * (ndim - len(sizes)) + sizes
     current = [1] * (ndim - x.dim()) + list(x.shape)
@@ -160,7 +156,7 @@ def _expand(node, x, shape):
 
 def _reduce(fn):
     def op(node, x, axes=None):
-        axes = _ints(axes) if axes is not None else _attr(node, "axes")
+        axes = _listed(axes) if axes is not None else _attr(node, "axes")
         keep = bool(_attr(node, "keepdims", 1))
         return fn(x, dim=tuple(axes), keepdim=keep) if axes else fn(x)
 
@@ -182,7 +178,7 @@ def _gemm(node, a, b, c=None):
 
 def _split(node, x, split=None):
     axis = _attr(node, "axis", 0)
-    sizes = _ints(split) if split is not None else _attr(node, "split")
+    sizes = _listed(split) if split is not None else _attr(node, "split")
     if sizes is None:
         parts = len(node.output)
         sizes = [x.shape[axis] // parts] * parts
