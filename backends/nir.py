@@ -33,7 +33,10 @@ import torch
 import torch.fx as fx
 
 from snncc.errors import ExportError
-from snncc.ir.analysis import matmul_sites, propagate_shapes
+from snncc.evaluate import max_relative_error
+from snncc.ir.analysis import capture, matmul_sites, propagate_shapes
+from snncc.ir.ops import execution_mode
+from snncc.ir.rewrite import get_tensor
 
 snn = torch.ops.snn
 
@@ -74,7 +77,7 @@ def _name(node: fx.Node) -> str:
 
 def _tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        return getattr(gm, node.target).detach().double()
+        return get_tensor(gm, node).detach().double()
     return None
 
 
@@ -253,36 +256,19 @@ def verify_nir(program, export: NirExport, path: str | Path, input_ids: torch.Te
     from the reference executor (exact mode) at the synapse outputs."""
     import nir
 
-    from snncc.ir.ops import execution_mode
-
     graph = nir.read(str(path))
     if set(graph.nodes) != set(export.graph.nodes) or sorted(graph.edges) != sorted(export.graph.edges):
         raise ExportError(f"the NIR file '{path}' read back differs from the graph written")
     wanted = {name for _, name in export.synapses.values()}
     nodes = {node.name: node for node in program.graph_module.graph.nodes}
     wanted |= {nodes[name].args[0].args[0].name for name in wanted}
-    values = _record(program.graph_module, program.check_input(input_ids), wanted, execution_mode)
+    with execution_mode("exact"):
+        values = capture(program.graph_module, wanted, program.check_input(input_ids))
     worst = 0.0
     for synapse, (_, fx_name) in export.synapses.items():
         encoder = nodes[fx_name].args[0]
         currents = values[encoder.args[0].name]
         out = run_synapse(graph, synapse, currents.reshape(-1, currents.shape[-1]), encoder.args[3])
         reference = values[fx_name].reshape(out.shape).double()
-        worst = max(worst, float((out - reference).abs().max() / reference.abs().max().clamp(min=1e-30)))
+        worst = max(worst, max_relative_error(out, reference))
     return worst
-
-
-def _record(gm: fx.GraphModule, input_ids: torch.Tensor, names: set[str], execution_mode) -> dict:
-    """The values of the named nodes for input_ids, from the reference kernels in exact mode."""
-    values = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            result = super().run_node(node)
-            if node.name in names:
-                values[node.name] = result
-            return result
-
-    with torch.no_grad(), execution_mode("exact"):
-        Recorder(gm).run(input_ids)
-    return values

@@ -29,6 +29,7 @@ import torch
 import snncc
 from snncc.backends.onnx_functions import DOMAIN, DOMAIN_VERSION, function_library, register_schemas
 from snncc.errors import ExportError, InputError, first_line
+from snncc.evaluate import max_relative_error
 from snncc.ir.ops import TABLE_MAX_BITS, execution_mode
 from snncc.models import CAUSAL_LM
 
@@ -216,14 +217,10 @@ def check_onnx(path: str | Path) -> None:
 class OnnxRuntimeExecutor:
     """Runs an exported model with onnxruntime on the CPU: executor(input_ids) -> outputs."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.device = torch.device("cpu")
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         (out,) = self.session.run(None, {INPUT_NAME: input_ids.cpu().numpy().astype("int64")})
@@ -238,5 +235,4 @@ def verify_onnx(program, path: str | Path, input_ids: torch.Tensor) -> float:
     input_ids = program.check_input(input_ids)
     with torch.no_grad(), execution_mode("exact"):
         reference = program.executor.gm(input_ids.to(program.executor.device)).cpu()
-    exported = OnnxRuntimeExecutor(path)(input_ids)
-    return float((exported - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+    return max_relative_error(OnnxRuntimeExecutor(path)(input_ids), reference)

@@ -120,7 +120,7 @@ def _signed_train(b: Body, code: str, T: str) -> str:
 def _step_gains(b: Body, T: str, rate: str) -> str:
     """(T,) float32 membrane gain per step: 2^-(t+1) for MT codes, 1/T for rate codes."""
     t = b.op("Range", b.constant(1.0), b.op("Add", b.cast(T, DOUBLE), b.constant(1.0)), b.constant(1.0))
-    mt = b.op("Pow", b.constant(2.0), b.op("Neg", t))
+    mt = _power_of_two(b, b.op("Neg", t))
     rate_gain = b.op("Expand", b.op("Reciprocal", b.cast(T, DOUBLE)), b.op("Shape", t))
     return b.cast(b.op("Where", b.cast(rate, BOOL), rate_gain, mt), FLOAT)
 
@@ -298,9 +298,8 @@ def _spike_normalize(b: Body, x, a, thresholds, codes, power, T):
     exponent = b.op("Div", b.op("Sub", exponent, odd), b.op("Add", square_root, b.constant(1.0)))
     zero = b.constant([0], INT64)
     first_table = [b.op("Gather", table, zero) for table in (thresholds, codes)]
-    code = _table_codes(b, b.cast(mantissa, FLOAT), *first_table, b.constant([0], INT64))
-    spikes = _signed_train(b, code, T)
-    k = _accumulate(b, b.cast(spikes, DOUBLE), b.cast(_step_gains(b, T, b.constant(0, INT64)), DOUBLE))
+    spikes = _signed_train(b, _table_codes(b, b.cast(mantissa, FLOAT), *first_table, zero), T)
+    k = _decoded64(b, spikes, b.constant(1.0, FLOAT), b.constant(0, INT64))  # k 2^-T, exact
     factor = b.op("Mul", k, _power_of_two(b, b.op("Neg", exponent)))
     return b.cast(b.op("Mul", b.cast(x, DOUBLE), factor), FLOAT)
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.finetune import FinetuneConfig, finetune, probe_kl
-from snncc.ir.analysis import activation_product, data_dependent_nodes, weight_linear
+from snncc.ir.analysis import activation_product, capture, data_dependent_nodes, weight_linear
 from snncc.ir.rewrite import add_constant, first_reader, get_tensor, set_tensor
 from snncc.passes.attention import is_probability
 from snncc.passes.encode import Encoders, calib_name
@@ -65,22 +65,6 @@ def _is_square(node: fx.Node, dependent: set[fx.Node]) -> bool:
     """x * x or x^2: a norm's mean square, left to `outlier`'s multi-range neurons."""
     product = activation_product(node, dependent)
     return product is not None and product[0] is product[1]
-
-
-def capture(gm: fx.GraphModule, names: set[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The values of the named nodes when `gm` runs on `batch`."""
-    values: dict[str, torch.Tensor] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            result = super().run_node(n)
-            if n.name in names:
-                values[n.name] = result.detach()
-            return result
-
-    with torch.no_grad():
-        _Recorder(gm).run(batch)
-    return values
 
 
 def best_lambda(x: torch.Tensor, absmax: torch.Tensor, L: int) -> tuple[torch.Tensor, float]:

@@ -12,6 +12,12 @@ from snncc.models import CAUSAL_LM
 from snncc.program import SpikingProgram
 
 
+def max_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |output - reference| / max |reference|: one number for how far another runtime's
+    result is from the reference, relative to the reference's range."""
+    return float((output - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+
+
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[0, :-1].double(), ids[0, 1:], reduction="sum"))
 

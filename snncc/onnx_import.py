@@ -164,9 +164,7 @@ def _reduce(fn):
 
 
 def _layer_norm(node, x, weight, bias=None):
-    axis = _attr(node, "axis", -1)
-    shape = x.shape[axis:] if axis >= 0 else x.shape[axis:]
-    return F.layer_norm(x, tuple(shape), weight, bias, _attr(node, "epsilon", 1e-5))
+    return F.layer_norm(x, tuple(x.shape[_attr(node, "axis", -1):]), weight, bias, _attr(node, "epsilon", 1e-5))
 
 
 def _gemm(node, a, b, c=None):
@@ -252,26 +250,48 @@ class OnnxModule(torch.nn.Module):
             raise ModelError(f"the ONNX model uses op '{op}' (node '{name}'), which the ONNX frontend does not "
                              f"support; supported: {', '.join(sorted(OPS))}")
         self.nodes = list(graph.node)
-        self.python_values: dict = {}  # small integer constants: shape arithmetic, axes, indices
-        self.buffer_of: dict[str, str] = {}
-        constants = [(i.name, onnx.numpy_helper.to_array(i)) for i in graph.initializer]
-        constants += [(n.output[0], onnx.numpy_helper.to_array(_attr(n, "value")))
-                      for n in self.nodes if n.op_type == "Constant"]
-        for name, array in constants:
-            if array.dtype in (np.int64, np.int32) and array.ndim <= 1 and array.size <= 64:
-                self.python_values[name] = array.tolist()
-            else:
-                key = f"constant_{len(self.buffer_of)}"
-                self.register_buffer(key, torch.from_numpy(array.copy()), persistent=False)
-                self.buffer_of[name] = key
+        constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        constants |= {n.output[0]: onnx.numpy_helper.to_array(_attr(n, "value"))
+                      for n in self.nodes if n.op_type == "Constant"}
         self.linear_of = self._linear_layers(constants)
-        for node in self.nodes:  # x ** c with a constant c: a Python exponent, as PyTorch code writes it
-            exponent = dict(constants).get(node.input[1]) if node.op_type == "Pow" else None
-            if exponent is not None and exponent.size == 1:
-                self.python_values[node.input[1]] = float(exponent.reshape(-1)[0])
         self.rsqrt_of = self._reciprocal_square_roots()
         self.input_name = graph.input[0].name
         self.output_name = graph.output[0].name
+        self.nodes = self._live_nodes()  # a linear layer's weight is its own buffer: the original is dead
+        read = {name for node in self.nodes for name in self._reads(node)}
+        # x ** c with a constant c: a Python exponent, as PyTorch code writes it
+        exponents = {n.input[1] for n in self.nodes
+                     if n.op_type == "Pow" and n.input[1] in constants and constants[n.input[1]].size == 1}
+        self.python_values: dict = {}  # exponents and small integer constants (shapes, axes, indices)
+        self.buffer_of: dict[str, str] = {}
+        for name in read & constants.keys():
+            array = constants[name]
+            if name in exponents:
+                self.python_values[name] = float(array.reshape(-1)[0])
+            elif array.dtype in (np.int64, np.int32) and array.ndim <= 1 and array.size <= 64:
+                self.python_values[name] = array.tolist()
+            else:
+                self.buffer_of[name] = self._buffer(array)
+
+    def _reads(self, node) -> list[str]:
+        """The values a node reads as it runs here: a linear layer its activation only (its
+        weight is a buffer of its own), 1/sqrt(a) the Sqrt's input."""
+        if node.name in self.linear_of:
+            return [node.input[0]]
+        if node.name in self.rsqrt_of:
+            return [self.rsqrt_of[node.name]]
+        return list(node.input)
+
+    def _live_nodes(self) -> list:
+        """The nodes the output depends on, in graph order (Constant nodes are values)."""
+        producer = {out: node for node in self.nodes if node.op_type != "Constant" for out in node.output}
+        live, wanted = set(), [self.output_name]
+        while wanted:
+            node = producer.get(wanted.pop())
+            if node is not None and node.name not in live:
+                live.add(node.name)
+                wanted.extend(self._reads(node))
+        return [node for node in self.nodes if node.name in live]
 
     def _linear_layers(self, constants) -> dict[str, tuple[str, str | None]]:
         """MatMul / Gemm nodes with a constant 2-D weight, as linear layers: {node: (weight
@@ -315,7 +335,7 @@ class OnnxModule(torch.nn.Module):
         return pairs
 
     def _buffer(self, array: np.ndarray) -> str:
-        key = f"weight_{len(self._buffers)}"
+        key = f"constant_{len(self._buffers)}"
         self.register_buffer(key, torch.from_numpy(np.array(array, order="C")), persistent=False)
         return key
 
@@ -325,8 +345,6 @@ class OnnxModule(torch.nn.Module):
         values[self.input_name] = input_ids
         values[""] = None
         for node in self.nodes:
-            if node.op_type == "Constant":
-                continue
             if node.name in self.rsqrt_of:  # 1 / sqrt(a): torch.rsqrt, which the passes know as a norm
                 values[node.output[0]] = torch.rsqrt(values[self.rsqrt_of[node.name]])
                 continue

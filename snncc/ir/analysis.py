@@ -93,6 +93,22 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
         _ShapeRecorder(gm).run(example)
 
 
+def capture(gm: fx.GraphModule, names: set[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The values of the named nodes when `gm` runs on `batch`."""
+    values: dict[str, torch.Tensor] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            result = super().run_node(n)
+            if n.name in names:
+                values[n.name] = result.detach()
+            return result
+
+    with torch.no_grad():
+        _Recorder(gm).run(batch)
+    return values
+
+
 @dataclass(frozen=True)
 class MatmulSite:
     """One matmul-like node and the multiply-accumulates it does at the recorded shapes."""
