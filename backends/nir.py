@@ -162,20 +162,12 @@ def to_nir(program) -> NirExport:
 
 def write_nir(export: NirExport, path: str | Path) -> None:
     """Write the graph (HDF5, nir.write) atomically."""
-    import os
-    import tempfile
-
     import nir
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        nir.write(tmp, export.graph)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from snncc.artifact import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        nir.write(str(tmp), export.graph)
 
 
 # --- running a NIR synapse with nirtorch ---------------------------------------------------

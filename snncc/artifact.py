@@ -7,6 +7,7 @@ checksum and refuse anything else with one clear error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ import operator
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -167,13 +169,21 @@ def save_program(program: SpikingProgram, path: Path) -> None:
         "torch_version": torch.__version__, "info": dataclasses.asdict(program.info),
         "aliases": aliases, "sha256": {name: _sha256(data) for name, data in members.items()},
     }
+    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write; it replaces `path` only if the block ends
+    without an error, so a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
-            archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
-            for name, data in members.items():
-                archive.writestr(name, data)
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
