@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from snncc.backends.fuse import fuse_for_execution
 from snncc.errors import InputError
+from snncc.ir.incremental import incremental_graph
 from snncc.ir.ops import execution_mode
 
 
@@ -31,10 +32,24 @@ class ReferenceExecutor:
         self.gm = _place_on(gm, self.device)  # the program itself: spike trains and all
         self.mode = mode
         self._runnable = fuse_for_execution(self.gm) if mode == "fused" else self.gm
+        self._step: fx.GraphModule | None = None  # built on the first cached step
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), execution_mode(self.mode):
             return self._runnable(input_ids.to(self.device))
+
+    def step(self, input_ids: torch.Tensor, past: list[torch.Tensor] | None,
+             past_length: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs for `input_ids`, the tokens after `past_length` earlier ones whose
+        attention keys and values are cached in `past` (None: no earlier tokens); returns the
+        outputs of the new tokens and the cache extended by them (snncc.ir.incremental)."""
+        if self._step is None:
+            self._step, _ = incremental_graph(self._runnable)
+        if past is None:
+            past = [None] * (len(self._step.graph.find_nodes(op="placeholder")) - 2)
+        with torch.no_grad(), execution_mode(self.mode):
+            output, *present = self._step(input_ids.to(self.device), past_length, *past)
+        return output, present
 
 
 def _place_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:

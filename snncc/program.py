@@ -76,21 +76,36 @@ class SpikingProgram:
         return profile_graph(self.executor.gm, self.check_input(input_ids).to(self.executor.device), energy,
                              self.executor.mode)
 
-    def generate(self, prompt: str, max_new_tokens: int, progress: bool = False) -> str:
-        """Greedy continuation of `prompt` (re-runs the whole sequence per token)."""
+    def generate(self, prompt: str, max_new_tokens: int, progress: bool = False, cache: bool = True) -> str:
+        """Greedy continuation of `prompt` (see `greedy_tokens`)."""
         if self.info.task != CAUSAL_LM:
             raise InputError(f"{self.info.model} is an encoder model; it cannot generate text")
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise InputError("the prompt is empty: give some text to continue")
-        if len(ids) + max_new_tokens > self.info.max_positions:
-            raise InputError(f"the prompt is {len(ids)} tokens and {max_new_tokens} new tokens were asked "
-                             f"for; {self.info.model} allows at most {self.info.max_positions} in all")
-        tokens = torch.tensor([ids])
+        new = self.greedy_tokens(torch.tensor([ids]), max_new_tokens, progress, cache)
+        return self.tokenizer.decode(new[0].tolist())
+
+    def greedy_tokens(self, input_ids: torch.Tensor, max_new_tokens: int, progress: bool = False,
+                      cache: bool = True) -> torch.Tensor:
+        """The `max_new_tokens` (batch, new) token ids greedy decoding appends to `input_ids`.
+        With `cache` (reference backend) each step runs only the newest token against cached
+        attention keys and values; without, each step re-runs the whole sequence."""
+        tokens = self.check_input(input_ids)
+        if tokens.shape[1] + max_new_tokens > self.info.max_positions:
+            raise InputError(f"the prompt is {tokens.shape[1]} tokens and {max_new_tokens} new tokens were "
+                             f"asked for; {self.info.model} allows at most {self.info.max_positions} in all")
+        cache = cache and hasattr(self.executor, "step")
+        new, past, step_input = [], None, tokens
         for _ in tqdm(range(max_new_tokens), desc="generating", disable=not progress, leave=False):
-            next_id = self(tokens)[:, -1].argmax(-1, keepdim=True).cpu()
-            tokens = torch.cat([tokens, next_id], dim=1)
-        return self.tokenizer.decode(tokens[0, len(ids):].tolist())
+            if cache:
+                logits, past = self.executor.step(step_input, past, tokens.shape[1] - step_input.shape[1])
+            else:
+                logits = self.executor(tokens)
+            step_input = logits[:, -1].argmax(-1, keepdim=True).cpu()
+            tokens = torch.cat([tokens, step_input], dim=1)
+            new.append(step_input)
+        return torch.cat(new, dim=1)
 
     def save(self, path: str | Path) -> None:
         """Write a self-contained artifact (see snncc.artifact)."""
