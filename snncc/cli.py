@@ -276,15 +276,19 @@ def inspect_cmd(model, as_json):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["reference", "event"]), default="reference", show_default=True,
               help="dense reference executor, or event-driven execution (CPU) with a progress bar over time steps")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="reference backend: run each new token against cached attention keys and values "
+                   "(the same tokens as --no-cache, which re-runs the whole sequence per token)")
 @_fail_cleanly
-def run_cmd(artifact, prompt, max_new_tokens, device, backend):
+def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache):
     """Generate text greedily with a compiled artifact."""
     import snncc
 
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     program = snncc.load(artifact, device=device, backend=backend, progress=_progress())
-    click.echo(prompt + program.generate(prompt, max_new_tokens, progress=_progress() and backend == "reference"))
+    progress = _progress() and backend == "reference"
+    click.echo(prompt + program.generate(prompt, max_new_tokens, progress=progress, cache=cache))
 
 
 def _program(model, passes, T, calib, calib_tokens, device="cpu"):
