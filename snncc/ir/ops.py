@@ -129,6 +129,8 @@ def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, tor
 def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
     """What an mr_encode train decodes to (in units of scale), computed without the train;
     bit-identical to decoding it for T <= 22. For the fused executor."""
+    if T <= 22:
+        return _mr_quantize_float32(x / scale, T, G)
     u = (x / scale).reshape(-1)
     out = torch.empty_like(u)
     gains = torch.tensor([2.0 ** (i - T) for i in range(G + 1)], dtype=u.dtype, device=u.device)
@@ -137,6 +139,21 @@ def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.T
         membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
         out[start : start + chunk] = membrane.mul_(sign).to(u.dtype).mul_(gains[j])
     return out.view(torch.broadcast_shapes(x.shape, scale.shape))
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2^e as float32 for int32 e in [-126, 127], written as its bits (exact, one pass)."""
+    return torch.bitwise_left_shift(exponent + 127, 23).view(torch.float32)
+
+
+def _mr_quantize_float32(u: torch.Tensor, T: int, G: int) -> torch.Tensor:
+    """mr_quantize in a few float32 and int32 passes for T <= 22, bit-identical to
+    multi_range_code: the code is floor(|u| 2^(T-j) + 1/2) capped at the top code, and every
+    product is by a power of two built from its bits."""
+    a = u.float().abs()
+    j = _range_index32(a, ternary_limit(T), G)
+    code = torch.floor(a.mul_(_power_of_two(T - j)).add_(0.5)).clamp_(max=ternary_max_code(T))
+    return torch.copysign(code.mul_(_power_of_two(j - T)), u).to(u.dtype)
 
 
 @mr_quantize.register_fake
@@ -157,10 +174,21 @@ def ternary_limit(T: int) -> float:
 
 def range_index(a: torch.Tensor, limit: float, G: int) -> torch.Tensor:
     """How many of the range thresholds 2^i * limit (i < G, 1/2 <= limit < 1) |u| = a
-    reaches: the smallest range 2^j whose codes hold it. With a = m 2^e (m in [1/2, 1)),
-    that count is e + [m >= limit], clipped to 0..G: one exact comparison, not G."""
+    reaches (int64): the smallest range 2^j whose codes hold it. With a = m 2^e (m in
+    [1/2, 1)), that count is e + [m >= limit], clipped to 0..G: one exact comparison, not G.
+    float32 reads e and m from the bits (subnormals and 0 land in range 0, inf in range G)."""
+    if a.dtype == torch.float32:
+        return _range_index32(a, limit, G).long()
     mantissa, exponent = torch.frexp(a)
-    return (exponent + (mantissa >= limit)).clamp_(0, G).long()
+    return torch.where(torch.isinf(a), G, exponent + (mantissa >= limit)).clamp_(0, G).long()
+
+
+def _range_index32(a: torch.Tensor, limit: float, G: int) -> torch.Tensor:
+    """range_index of float32 a >= 0 as int32, from the bits: the biased exponent is e + 126,
+    and m >= limit compares the two 23-bit mantissas."""
+    bits = a.view(torch.int32)
+    limit_mantissa = int(torch.tensor(limit, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
+    return (bits >> 23).sub_(126).add_(torch.bitwise_and(bits, 0x7FFFFF) >= limit_mantissa).clamp_(0, G)
 
 
 @mr_encode.register_fake
@@ -216,6 +244,10 @@ def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     sign(u) * min(floor(|u| 2^T + 1/2), 2^T - 1) * 2^-T with u = x / scale. Bit-identical to
     decoding `mt_encode` for T <= 24 (float32 holds every such code exactly); the fused
     executor uses it where only synapses read a train."""
+    if T <= 22:  # float32 holds |u| 2^T + 1/2 exactly: the same codes in a few float32 passes
+        u = x / scale
+        code = torch.floor(u.float().abs().clamp_(max=1.0).mul_(2.0**T).add_(0.5)).clamp_(max=2**T - 1)
+        return torch.copysign(code.mul_(2.0**-T), u).to(u.dtype)
     u = (x / scale).reshape(-1)
     out = torch.empty_like(u)
     chunk = 1 << 20  # bounds the int64 / float64 scratch to a few MiB

@@ -21,7 +21,7 @@ from snncc.ir.neurons import (
     table_neuron,
     table_neuron_error,
 )
-from snncc.ir.ops import code_digits, execution_mode, ternary_limit, ternary_max_code
+from snncc.ir.ops import code_digits, execution_mode, range_index, ternary_limit, ternary_max_code
 
 snn = torch.ops.snn
 
@@ -143,3 +143,33 @@ def test_mantissa_table_covers_one_octave_pair():
     table = mantissa_table(-0.5, 12)
     assert math.isclose(float(table.thresholds.min()), 1.0, rel_tol=1e-2)
     assert float(table.thresholds.max()) <= 4.0
+
+
+def _hard_inputs(T: int, G: int) -> torch.Tensor:
+    """Values across 20 decades, zeros, subnormals, range edges and rounding ties."""
+    g = torch.Generator().manual_seed(T * 10 + G)
+    spread = torch.randn(4000, generator=g) * torch.pow(10.0, torch.randint(-12, 8, (4000,), generator=g).float())
+    ties = (torch.arange(-300, 300).float() + 0.5) * 2.0**-T
+    edges = torch.tensor([ternary_limit(T) * 2.0**i for i in range(-1, G + 2)])
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-42, 1.0, -1.0, 2.0**G, 3e38])
+    values = torch.cat([spread, ties, ties * 2.0**G, edges, -edges, edges.nextafter(torch.tensor(0.0)), special])
+    return torch.cat([values, values.new_zeros(-values.numel() % 8)]).reshape(-1, 8)
+
+
+@pytest.mark.parametrize("T", [1, 4, 8, 14, 16, 22])
+@pytest.mark.parametrize("G", [0, 3, 6])
+@pytest.mark.parametrize("r", [1.0, 0.37])
+def test_fast_quantizers_equal_the_decoded_trains(T, G, r):
+    """The float32 quantizers (fused executor) against decoding the encoders' trains."""
+    x, scale = _hard_inputs(T, G), torch.full((8,), r)
+    assert torch.equal(snn.mr_quantize(x, scale, T, G) * scale, snn.decode(snn.mr_encode(x, scale, T, G), scale))
+    assert torch.equal(snn.mt_quantize(x, scale, T) * scale, snn.decode(snn.mt_encode(x, scale, T), scale))
+
+
+@pytest.mark.parametrize("T", [4, 14, 22])
+def test_range_index_from_the_bits_is_frexps(T):
+    a = _hard_inputs(T, 6).abs().reshape(-1)
+    mantissa, exponent = torch.frexp(a)
+    expected = torch.where(torch.isinf(a), 6, exponent + (mantissa >= ternary_limit(T))).clamp(0, 6)
+    assert torch.equal(range_index(a, ternary_limit(T), 6), expected.long())
+    assert torch.equal(range_index(a.double(), ternary_limit(T), 6), expected.long())
