@@ -2,7 +2,8 @@
 
     python benchmarks/compile_time.py --model smollm2-135m --passes las
 
-Prints JSON (seconds per phase and per pass) and a one-line summary.
+Prints JSON (seconds per phase and per pass, also written to
+benchmarks/results/compile_time_MODEL_PASSES.json) and a one-line summary.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--passes", default="las")
     parser.add_argument("-T", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -44,6 +47,8 @@ def main() -> None:
               "calib_tokens": ctx.tokens, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads()}
     print(json.dumps(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"compile_time_{args.model}_{args.passes}.json").write_text(json.dumps(result, indent=1))
     print(f"summary: {args.model} '{args.passes}' T={program.T}: compile {result['compile_s']:.1f} s after a "
           f"{loaded_s:.1f} s load (trace {trace_s:.1f} s, calibration + passes {passes_s:.1f} s)")
 

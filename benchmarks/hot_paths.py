@@ -58,7 +58,8 @@ def main() -> None:
                         [[o["op"], f"{o['self_ms']:.1f}", o["calls"], f"{o['share']:.1%}"] for o in ops])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"hot_paths_{args.model}_{args.passes}.json").write_text(json.dumps(result, indent=1))
-    shares = ", ".join(f"{name} {r['self_ms']:.0f} ms (top: {r['top'][0]['op']})" for name, r in result["runners"].items())
+    shares = ", ".join(f"{name} {r['self_ms']:.0f} ms (top: {r['top'][0]['op']})"
+                       for name, r in result["runners"].items())
     print(f"summary: {args.model} {args.passes} T={program.T}, {args.tokens} tokens: {shares}")
 
 

@@ -215,9 +215,15 @@ def code_digits(magnitude: torch.Tensor, sign: torch.Tensor, T: int, ternary: bo
 
 
 def signed_code_digits(k: torch.Tensor, T: int) -> torch.Tensor:
-    """The binary T-step train (T, k.numel()) of signed integer codes k."""
+    """The binary T-step train (T, k.numel()) of signed integer codes k, built in chunks so
+    the scratch space stays bounded whatever T and the size of k."""
     flat = k.reshape(-1)
-    return code_digits(flat.abs(), torch.sign(flat), T)
+    out = torch.empty((T, flat.numel()), dtype=torch.int8, device=k.device)
+    chunk = max(4096, _ENCODE_SCRATCH // T)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk]
+        out[:, start : start + chunk] = code_digits(part.abs(), torch.sign(part), T)
+    return out
 
 
 def mt_initial_membrane(u: torch.Tensor, T: int, max_code: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

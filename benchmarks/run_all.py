@@ -1,0 +1,221 @@
+"""Run the benchmark suite and refresh the README's results section (tables and plots).
+
+    python benchmarks/run_all.py                       # every script below (about an hour on 2 cores)
+    python benchmarks/run_all.py --only executor_speed generation
+    python benchmarks/run_all.py --render-only         # rebuild the section from the JSON on disk
+
+Each script runs in its own process with the arguments listed in SUITE, prints JSON and a
+`summary:` line, and writes its JSON to benchmarks/results. The README section between the
+`benchmarks:begin` / `benchmarks:end` markers is then rebuilt from those files alone: figures
+are ratios measured within one run, absolute times name the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+SUITE = {
+    "compile_time": ["--model", "smollm2-135m", "--passes", "las"],
+    "executor_speed": ["--model", "smollm2-135m", "--tokens", "128", "-T", "16", "--passes", "encode", "las"],
+    "executor_memory": ["--passes", "encode", "las", "--lengths", "128", "512", "1024", "--T", "8", "16", "32"],
+    "generation": ["--model", "smollm2-135m", "--passes", "las"],
+    "event_scaling": ["--rates", "0.001", "0.003", "0.01", "0.05", "0.2", "0.5"],
+    "fidelity_vs_T": ["--passes", "las", "--T", "8", "12", "14", "16", "24", "32"],
+}
+
+
+def run(name: str) -> str:
+    """Run one benchmark script, echoing its output; returns its summary line."""
+    command = [sys.executable, str(HERE / f"{name}.py"), *SUITE[name]]
+    print(f"== {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE.parent)
+    summary = ""
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        summary = line.strip() if line.startswith("summary:") else summary
+    if process.wait() != 0:
+        raise RuntimeError(f"benchmarks/{name}.py failed with exit code {process.returncode}")
+    return f"{summary} [{time.perf_counter() - start:.0f} s]"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+           ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _bar_plot(path: Path, labels: list[str], values: list[float], xlabel: str, title: str, line: float | None = None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
+    ax.barh(labels[::-1], values[::-1], color="tab:blue")
+    if line is not None:
+        ax.axvline(line, color="tab:red", linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speed_section() -> list[str]:
+    data = _load("executor_speed_cpu.json")
+    if data is None:
+        return ["Executor speed: not measured (run `python benchmarks/run_all.py --only executor_speed`)."]
+    rows = data["rows"]
+    ann = next(r["seconds"] for r in rows if r["runner"] == "ANN")
+    _bar_plot(RESULTS / "executor_speed_cpu.png", [r["runner"] for r in rows], [r["x_ann"] for r in rows],
+              "wall time / ANN's (log)", f"{data['model']}, {data['tokens']} tokens, T = {data['T']}")
+    return [f"One {data['tokens']}-token {data['model']} forward at T = {data['T']} on {data['machine']} "
+            f"({data['threads']} threads; ANN {ann:.3f} s), best of 3, side by side "
+            "(`benchmarks/executor_speed.py`; targets: fused <= 2x, unrolled <= 1.2 x T = "
+            f"{1.2 * data['T']:.1f}x):", "",
+            *_table(["runner", "seconds", "x ANN", "x ANN / T"],
+                    [[r["runner"], f"{r['seconds']:.3f}", f"{r['x_ann']:.2f}", f"{r['x_ann'] / data['T']:.2f}"]
+                     for r in rows]),
+            "", "![executor speed](benchmarks/results/executor_speed_cpu.png)"]
+
+
+def memory_section() -> list[str]:
+    data = _load("executor_memory_fused.json")
+    if data is None:
+        return ["Executor memory: not measured (run `python benchmarks/run_all.py --only executor_memory`)."]
+    rows = data["rows"]
+    lengths = sorted({r["length"] for r in rows})
+    programs = list(dict.fromkeys(r["program"] for r in rows))
+    cell = {(r["program"], r["length"]): r for r in rows}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for program in programs:
+        ax.plot(lengths, [cell[program, n]["peak_mib"] for n in lengths], marker="o", label=program)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("peak MiB (one forward)")
+    ax.set_title(f"peak memory, SmolLM2-shaped, {data['layers']} blocks, {data.get('mode', 'fused')} mode")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "executor_memory_fused.png", dpi=110)
+    plt.close(fig)
+    body = [[program] + [f"{cell[program, n]['peak_mib']:.1f} MiB" if program == "ANN"
+                         else f"{cell[program, n]['ratio_to_ann']:.2f}x" for n in lengths] for program in programs]
+    return [f"Peak memory of one forward (`benchmarks/executor_memory.py`: SmolLM2-shaped Llama, {data['layers']} "
+            "blocks, random weights, fresh process per cell, fused mode; target <= 3x the ANN):", "",
+            *_table(["program"] + [f"{n} tokens" for n in lengths], body),
+            "", "![executor memory](benchmarks/results/executor_memory_fused.png)"]
+
+
+def generation_section() -> list[str]:
+    data = _load("generation_smollm2-135m_las.json")
+    if data is None:
+        return ["Generation: not measured (run `python benchmarks/run_all.py --only generation`)."]
+    rows = data["rows"]
+    _bar_plot(RESULTS / "generation_smollm2-135m_las.png", [r["runner"] for r in rows],
+              [r["tokens_per_s"] for r in rows], "tokens/s (log)",
+              f"greedy generation, {data['model']} {data['passes']} T = {data['T']}")
+    return [f"Greedy generation (`benchmarks/generation.py`): {data['new_tokens']} new tokens after a "
+            f"{data['prompt_tokens']}-token held-out prompt, {data['model']} `{data['passes']}` T = {data['T']}, "
+            f"on {data['machine']}; cached and uncached runs give the same tokens: "
+            f"{all(data['cached_equals_uncached'].values())}:", "",
+            *_table(["runner", "seconds", "tokens/s", "x ANN cached", "same tokens as the ANN"],
+                    [[r["runner"], f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.2f}",
+                      f"{r['x_ann_cached_speed']:.3f}", r["tokens_equal_ann"]] for r in rows]),
+            "", "![generation](benchmarks/results/generation_smollm2-135m_las.png)"]
+
+
+def compile_section() -> list[str]:
+    data = _load("compile_time_smollm2-135m_las.json")
+    if data is None:
+        return ["Compile time: not measured (run `python benchmarks/run_all.py --only compile_time`)."]
+    passes = ", ".join(f"{name} {s:.1f} s" for name, s in data["per_pass_s"].items())
+    return [f"Compile time (`benchmarks/compile_time.py`), {data['model']} `{data['pipeline']}` T = {data['T']} on "
+            f"{data['machine']}: {data['compile_s']:.1f} s after a {data['load_s']:.1f} s load (trace "
+            f"{data['trace_s']:.1f} s; calibration on {data['calib_tokens']} tokens and passes "
+            f"{data['calibration_and_passes_s']:.1f} s: {passes})."]
+
+
+def event_section() -> list[str]:
+    data = _load("event_scaling.json")
+    if data is None:
+        return ["Event scaling: not measured (run `python benchmarks/run_all.py --only event_scaling`)."]
+    crossover = data.get("crossover_vs_unrolled")
+    return [f"Event backend (`benchmarks/event_scaling.py`, one {data['layer'][0]} -> {data['layer'][1]} layer, "
+            f"T = {data['T']}, {data['tokens']} tokens, {data['machine']}): beats the dense unrolled executor below "
+            f"a firing rate of {crossover if crossover is None else f'{crossover:.2%}'}.", "",
+            *_table(["firing rate", "events", "event s", "dense fused s", "dense unrolled s", "SOPs/s"],
+                    [[r["rate"], r["events"], f"{r['event_s']:.4f}", f"{r['dense_fused_s']:.4f}",
+                      f"{r['dense_unrolled_s']:.4f}", f"{r['event_sops_per_s']:.2e}"] for r in data["rows"]])]
+
+
+def fidelity_section() -> list[str]:
+    data = _load("fidelity_vs_T_smollm2-135m_las.json")
+    if data is None:
+        return ["Fidelity vs T: not measured (run `python benchmarks/run_all.py --only fidelity_vs_T`)."]
+    return [f"Fidelity vs T (`benchmarks/fidelity_vs_T.py`, SmolLM2 `las`, held-out tokens, {data['machine']}):", "",
+            *_table(["T", "tokens", "ppl ratio", "top-1", "mean abs logit err", "energy SNN/ANN"],
+                    [[r["T"], r["tokens"], f"{r['ppl_ratio']:.6f}", f"{r['top1_agreement']:.4f}",
+                      f"{r['mean_abs_logit_err']:.4f}", f"{r['energy_ratio']:.3f}"] for r in data["rows"]]),
+            "", "![fidelity](benchmarks/results/fidelity_vs_T_smollm2-135m_las.png)"]
+
+
+def render(summaries: dict[str, str]) -> str:
+    parts = [BEGIN, "_Rebuilt by `python benchmarks/run_all.py` from benchmarks/results/*.json._", ""]
+    if summaries:
+        parts += ["Last run's summaries:", "", *[f"- `{name}`: {line}" for name, line in summaries.items()], ""]
+    for section in (compile_section, speed_section, memory_section, generation_section, event_section,
+                    fidelity_section):
+        parts += [*section(), ""]
+    return "\n".join(parts).rstrip() + "\n" + END
+
+
+def refresh_readme(summaries: dict[str, str]) -> None:
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} section to refresh")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    scratch = README.with_suffix(".md.tmp")
+    scratch.write_text(head + render(summaries) + tail)
+    scratch.replace(README)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run only these scripts")
+    parser.add_argument("--render-only", action="store_true", help="rebuild the README section, run nothing")
+    args = parser.parse_args()
+    summaries, failed = {}, []
+    for name in [] if args.render_only else args.only or list(SUITE):
+        try:
+            summaries[name] = run(name)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            failed.append(name)
+    refresh_readme(summaries)
+    print(f"README.md refreshed ({len(summaries)} scripts run" + (f"; failed: {', '.join(failed)})" if failed else ")"))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
