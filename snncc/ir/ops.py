@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -362,18 +364,104 @@ def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
     one entry) and takes the code of the interval it lands in."""
     if bucket.numel() == 1:
         b = int(bucket)
-        return _lookup(x.float().contiguous(), thresholds[b], codes[b], T)
+        return _lookup(x.float().contiguous(), thresholds, b, codes[b], T)
     flat = x.reshape(-1, x.shape[-1]).float()
     out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
     for b in torch.unique(bucket).tolist():
         columns = torch.nonzero(bucket == b).squeeze(1)
-        out[:, columns] = _lookup(flat[:, columns].contiguous(), thresholds[b], codes[b], T)
+        out[:, columns] = _lookup(flat[:, columns].contiguous(), thresholds, b, codes[b], T)
     return out.view(x.shape)
 
 
-def _lookup(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, T: int) -> torch.Tensor:
-    """One table's codes for membranes x: the interval among the sorted thresholds, refined."""
-    return _refined(x, torch.searchsorted(thresholds, x, right=True), thresholds, codes, T)
+def _lookup(x: torch.Tensor, tables: torch.Tensor, row: int, codes: torch.Tensor, T: int) -> torch.Tensor:
+    """Table `row`'s codes for membranes x: the interval among its sorted thresholds, refined."""
+    return _refined(x, _interval(x, tables, row), tables[row], codes, T)
+
+
+class _Guide(NamedTuple):
+    """Where to start looking in a sorted table: the thresholds are bucketed by the top bits
+    of an order-preserving integer key of their float32 value; `starts[b]` counts the
+    thresholds in the buckets before b, and no bucket holds more than `width`."""
+
+    shift: int
+    first: int  # the first bucket's key >> shift
+    floor: int  # keys of magnitudes below the smallest nonzero |threshold| are squeezed to 0
+    starts: torch.Tensor
+    padded: torch.Tensor  # the finite thresholds and `width` NaN after them (never <= x)
+    width: int
+    padding: int  # +inf entries the table itself ends with (per-channel tables share a length)
+
+
+_GUIDE_WIDTHS = (1, 2)
+_GUIDE_MAX_BUCKETS = 1 << 18
+_guides: dict[int, tuple[weakref.ref, dict]] = {}  # id(tables) -> (tables, {(row, version): guide})
+
+
+def _guides_of(tables: torch.Tensor) -> dict:
+    """The guides built for a table tensor, kept while the tensor lives (by identity)."""
+    entry = _guides.get(id(tables))
+    if entry is None or entry[0]() is not tables:
+        entry = (weakref.ref(tables, lambda _, key=id(tables): _guides.pop(key, None)), {})
+        _guides[id(tables)] = entry
+    return entry[1]
+
+
+def _squeezed_keys(x: torch.Tensor, floor: int) -> torch.Tensor:
+    """An int32 key that orders float32 values as they compare (with -0 = +0), with the empty
+    stretch of magnitudes below the table's smallest threshold squeezed out."""
+    bits = x.view(torch.int32)
+    sign = bits >> 31  # -1 for negative values, else 0
+    magnitude = torch.bitwise_and(bits, 0x7FFFFFFF).sub_(floor).clamp_(min=0)
+    return magnitude.bitwise_xor_(sign).sub_(sign)
+
+
+def _table_guide(table: torch.Tensor) -> _Guide | None:
+    """A guide for one sorted table (finite, or finite then +inf padding), or None where no
+    narrow guide fits in _GUIDE_MAX_BUCKETS buckets (then binary search stays)."""
+    finite = int(torch.isfinite(table).sum())
+    padding = table.numel() - finite
+    table = table[:finite]
+    if finite < 64 or not bool(torch.isfinite(table).all()):
+        return None
+    magnitudes = table.abs()
+    nonzero = magnitudes[magnitudes > 0]
+    floor = int(nonzero.min().view(torch.int32)) if nonzero.numel() else 0
+    keys = _squeezed_keys(table.contiguous(), floor).long()
+    for width in _GUIDE_WIDTHS:
+        for shift in range(31, -1, -1):
+            buckets = keys >> shift
+            if int(torch.unique_consecutive(buckets, return_counts=True)[1].max()) <= width:
+                break
+        count = int(buckets[-1] - buckets[0]) + 1
+        if count <= _GUIDE_MAX_BUCKETS:
+            first = int(buckets[0])
+            starts = torch.searchsorted(keys, (torch.arange(count, device=table.device) + first) << shift)
+            padded = torch.cat([table, table.new_full((width,), float("nan"))])
+            return _Guide(shift, first, floor, starts, padded, width, padding)
+    return None
+
+
+def _interval(x: torch.Tensor, tables: torch.Tensor, row: int) -> torch.Tensor:
+    """searchsorted(tables[row], x, right=True) for finite float32 x: how many thresholds are
+    <= x. Through the table's guide (one bucket lookup and `width` comparisons instead of a
+    binary search: ~5x faster on 16k thresholds) where one fits, else binary search."""
+    table = tables[row]
+    versions = _guides_of(tables)
+    key = (row, tables._version)
+    if key not in versions:
+        versions[key] = _table_guide(table)
+    guide = versions[key]
+    if guide is None or x.dtype != torch.float32:
+        return torch.searchsorted(table, x, right=True)
+    x = x + 0.0  # -0 -> +0: the key orders them apart, the comparisons below do not
+    bucket = (_squeezed_keys(x, guide.floor) >> guide.shift).sub_(guide.first).clamp_(0, guide.starts.numel() - 1)
+    start = torch.take(guide.starts, bucket.long())
+    index = start.clone()
+    for i in range(guide.width):
+        index += guide.padded.take(start + i) <= x
+    if guide.padding:
+        index.masked_fill_(torch.isposinf(x), table.numel())
+    return index
 
 
 def _refined(x: torch.Tensor, index: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor,
@@ -412,7 +500,7 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
 def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
                 T: int) -> torch.Tensor:
     """What an fn_encode train decodes to (before its range), without the train: k 2^-T."""
-    return torch.ldexp(table_codes(x, thresholds, codes, bucket, T).to(x.dtype), torch.tensor(-T))
+    return table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T)
 
 
 @fn_quantize.register_fake
@@ -455,7 +543,7 @@ def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor, co
         odd = torch.remainder(e, 2)
         m, e = m * (1 + odd), e - odd  # a = m 4^(e/2), m in [1, 4)
         e = torch.div(e, 2, rounding_mode="floor")
-    return _lookup(m.contiguous(), thresholds[0], codes[0], T), e
+    return _lookup(m.contiguous(), thresholds, 0, codes[0], T), e
 
 
 @torch.library.custom_op("snn::spike_normalize", mutates_args=())

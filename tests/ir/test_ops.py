@@ -99,3 +99,39 @@ def test_unknown_execution_mode_is_refused():
     with pytest.raises(ValueError, match="unknown execution mode"):
         with execution_mode("warp"):
             pass
+
+
+def _probe_points(table: torch.Tensor) -> torch.Tensor:
+    """Every threshold, its float neighbours, zeros of both signs, subnormals, infinities and
+    random values over the table's span."""
+    finite = table[torch.isfinite(table)]
+    span = float(finite.abs().max()) * 1.5 + 1.0
+    up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
+    return torch.cat([finite, finite.nextafter(up), finite.nextafter(down),
+                      torch.tensor([0.0, -0.0, 1e-42, -1e-42, float("inf"), -float("inf")]),
+                      (torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 2 - 1) * span])
+
+
+def _tables() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    dense = torch.sort(torch.randn(20000, generator=g) * 4).values
+    decades = torch.pow(10.0, torch.randint(-20, 10, (5000,), generator=g))
+    spread = torch.sort(torch.randn(5000, generator=g) * decades).values
+    repeated = torch.sort(torch.cat([dense[:3000], dense[:3000], torch.zeros(7), -torch.zeros(3)])).values
+    padded = torch.cat([dense[::3], torch.full((900,), float("inf"))])
+    uniform = torch.linspace(-8, 8, 2**14 - 1)
+    return {"dense": dense, "spread": spread, "repeated": repeated, "padded": padded, "uniform": uniform}
+
+
+@pytest.mark.parametrize("name", list(_tables()))
+def test_guided_table_search_is_searchsorted(name):
+    """snn table neurons find their interval through a bucket guide: the same index as a
+    binary search for every threshold, its neighbours and the special values."""
+    from snncc.ir.ops import _interval, _table_guide
+
+    table = _tables()[name]
+    tables = table.unsqueeze(0)
+    x = _probe_points(table)
+    assert torch.equal(_interval(x, tables, 0), torch.searchsorted(table, x, right=True))
+    if name in ("padded", "uniform"):
+        assert _table_guide(table) is not None  # the fast path is what was tested
