@@ -1,9 +1,11 @@
 """Wall time of one forward: ANN vs the reference executor's fused and unrolled modes.
 
-    python benchmarks/executor_speed.py --model smollm2-135m --tokens 128 -T 16 --passes encode las
+    python benchmarks/executor_speed.py --model smollm2-135m --passes encode las -T 16 --tokens 128
+    python benchmarks/executor_speed.py --passes las -T 8 16 --tokens 128 512   # vs T and length
 
-All three run side by side in one process on the same input (best of `--repeats`), so the
-ratios hold on any machine; absolute times are for the machine printed.
+For each length, the ANN and every (pipeline, T, mode) run side by side in one process on the
+same input (best of `--repeats`), so the ratios hold on any machine; absolute times are for
+the machine printed. The summary reports the first T and length given.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from snncc.render import print_table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("-T", type=int, default=16)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128])
+    parser.add_argument("-T", type=int, nargs="+", default=[16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--passes", nargs="+", default=["encode", "las"])
@@ -33,33 +35,35 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded, ann, ctx = prepare(args.model, calib_tokens=1024)
-    ids = torch.randint(0, 256, (1, args.tokens)).to(args.device)
     model = loaded.module.to(args.device)
-    runners = {"ANN": lambda: model(ids)}
-    for passes in args.passes:
-        program = compile_graph(loaded, ann, ctx, passes, args.T)
-        for mode in ("fused", "unrolled"):
-            executor = ReferenceExecutor(program.graph_module, args.device, mode)
-            runners[f"{passes} {mode}"] = lambda e=executor: e(ids)
+    executors = {(passes, T, mode): ReferenceExecutor(program.graph_module, args.device, mode)
+                 for passes in args.passes for T in args.T
+                 for program in [compile_graph(loaded, ann, ctx, passes, T)] for mode in ("fused", "unrolled")}
+    rows = []
     with torch.no_grad():
-        for run in runners.values():
-            run()  # warm-up
-        seconds = {name: best_of(args.repeats, run) for name, run in runners.items()}
-    rows = [{"runner": name, "seconds": s, "x_ann": s / seconds["ANN"]} for name, s in seconds.items()]
-    for row in rows:
-        print(json.dumps(row))
-    print_table(["runner", "seconds", "x ANN"],
-                [[r["runner"], f"{r['seconds']:.3f}", f"{r['x_ann']:.2f}"] for r in rows])
+        for tokens in args.tokens:
+            ids = torch.randint(0, 256, (1, tokens)).to(args.device)
+            ann_s = best_of(args.repeats, lambda x=ids: model(x))
+            rows.append({"runner": "ANN", "tokens": tokens, "T": None, "seconds": ann_s, "x_ann": 1.0})
+            print(json.dumps(rows[-1]), flush=True)
+            for (passes, T, mode), executor in executors.items():
+                seconds = best_of(args.repeats, lambda e=executor, x=ids: e(x))
+                rows.append({"runner": f"{passes} {mode}", "tokens": tokens, "T": T, "seconds": seconds,
+                             "x_ann": seconds / ann_s})
+                print(json.dumps(rows[-1]), flush=True)
+    print_table(["runner", "tokens", "T", "seconds", "x ANN", "x ANN / T"],
+                [[r["runner"], r["tokens"], r["T"] or "", f"{r['seconds']:.3f}", f"{r['x_ann']:.2f}",
+                  f"{r['x_ann'] / r['T']:.2f}" if r["T"] else ""] for r in rows])
     cuda = args.device.startswith("cuda")
     machine = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"executor_speed_{args.device}.json").write_text(json.dumps(
         {"model": args.model, "tokens": args.tokens, "T": args.T, "machine": machine,
          "threads": torch.get_num_threads(), "rows": rows}, indent=1))
-    ratios = {r["runner"]: r["x_ann"] for r in rows}
-    parts = [f"{p} fused {ratios[p + ' fused']:.2f}x, unrolled {ratios[p + ' unrolled']:.2f}x "
-             f"({ratios[p + ' unrolled'] / args.T:.2f} x T)" for p in args.passes]
-    print(f"summary: {args.model}, {args.tokens} tokens, T={args.T} on {machine}, wall time vs the ANN: "
+    head = {r["runner"]: r["x_ann"] for r in rows if r["tokens"] == args.tokens[0] and r["T"] in (None, args.T[0])}
+    parts = [f"{p} fused {head[p + ' fused']:.2f}x, unrolled {head[p + ' unrolled']:.2f}x "
+             f"({head[p + ' unrolled'] / args.T[0]:.2f} x T)" for p in args.passes]
+    print(f"summary: {args.model}, {args.tokens[0]} tokens, T={args.T[0]} on {machine}, wall time vs the ANN: "
           + "; ".join(parts))
 
 

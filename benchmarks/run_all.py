@@ -26,10 +26,12 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 SUITE = {
     "compile_time": ["--model", "smollm2-135m", "--passes", "las"],
-    "executor_speed": ["--model", "smollm2-135m", "--tokens", "128", "-T", "16", "--passes", "encode", "las"],
+    "executor_speed": ["--model", "smollm2-135m", "--passes", "encode", "las", "-T", "16", "8",
+                       "--tokens", "128", "512"],
     "executor_memory": ["--passes", "encode", "las", "--lengths", "128", "512", "1024", "--T", "8", "16", "32"],
     "generation": ["--model", "smollm2-135m", "--passes", "las"],
     "event_scaling": ["--rates", "0.001", "0.003", "0.01", "0.05", "0.2", "0.5"],
+    "hot_paths": ["--model", "smollm2-135m", "--passes", "las", "-T", "16", "--tokens", "128"],
     "fidelity_vs_T": ["--passes", "las", "--T", "8", "12", "14", "16", "24", "32"],
 }
 
@@ -82,16 +84,15 @@ def speed_section() -> list[str]:
     if data is None:
         return ["Executor speed: not measured (run `python benchmarks/run_all.py --only executor_speed`)."]
     rows = data["rows"]
-    ann = next(r["seconds"] for r in rows if r["runner"] == "ANN")
-    _bar_plot(RESULTS / "executor_speed_cpu.png", [r["runner"] for r in rows], [r["x_ann"] for r in rows],
-              "wall time / ANN's (log)", f"{data['model']}, {data['tokens']} tokens, T = {data['T']}")
-    return [f"One {data['tokens']}-token {data['model']} forward at T = {data['T']} on {data['machine']} "
-            f"({data['threads']} threads; ANN {ann:.3f} s), best of 3, side by side "
-            "(`benchmarks/executor_speed.py`; targets: fused <= 2x, unrolled <= 1.2 x T = "
-            f"{1.2 * data['T']:.1f}x):", "",
-            *_table(["runner", "seconds", "x ANN", "x ANN / T"],
-                    [[r["runner"], f"{r['seconds']:.3f}", f"{r['x_ann']:.2f}", f"{r['x_ann'] / data['T']:.2f}"]
-                     for r in rows]),
+    labels = [f"{r['runner']}" + (f" T={r['T']}" if r["T"] else "") + f", {r['tokens']} tok" for r in rows]
+    _bar_plot(RESULTS / "executor_speed_cpu.png", labels, [r["x_ann"] for r in rows],
+              "wall time / the ANN's at the same length (log)", f"{data['model']} forward, reference executor")
+    return [f"One {data['model']} forward on {data['machine']} ({data['threads']} threads), best of 3, the ANN and "
+            "every program side by side at each length (`benchmarks/executor_speed.py`; targets: fused <= 2x "
+            "the ANN, unrolled <= 1.2 x T x the ANN):", "",
+            *_table(["runner", "tokens", "T", "seconds", "x ANN", "x ANN / T"],
+                    [[r["runner"], r["tokens"], r["T"] or "", f"{r['seconds']:.3f}", f"{r['x_ann']:.2f}",
+                      f"{r['x_ann'] / r['T']:.2f}" if r["T"] else ""] for r in rows]),
             "", "![executor speed](benchmarks/results/executor_speed_cpu.png)"]
 
 
@@ -168,6 +169,18 @@ def event_section() -> list[str]:
                       f"{r['dense_unrolled_s']:.4f}", f"{r['event_sops_per_s']:.2e}"] for r in data["rows"]])]
 
 
+def hot_paths_section() -> list[str]:
+    data = _load("hot_paths_smollm2-135m_las.json")
+    if data is None:
+        return ["Hot paths: not measured (run `python benchmarks/run_all.py --only hot_paths`)."]
+    rows = [[name, f"{runner['self_ms']:.0f}",
+             ", ".join(f"{op['op']} {op['share']:.0%}" for op in runner["top"][:5])]
+            for name, runner in data["runners"].items()]
+    return [f"Where the time goes (`benchmarks/hot_paths.py`, torch.profiler, {data['model']} `{data['passes']}` "
+            f"T = {data['T']}, {data['tokens']} tokens; self CPU time, profiler overhead included):", "",
+            *_table(["runner", "self ms", "top ops (share of self time)"], rows)]
+
+
 def fidelity_section() -> list[str]:
     data = _load("fidelity_vs_T_smollm2-135m_las.json")
     if data is None:
@@ -183,8 +196,8 @@ def render(summaries: dict[str, str]) -> str:
     parts = [BEGIN, "_Rebuilt by `python benchmarks/run_all.py` from benchmarks/results/*.json._", ""]
     if summaries:
         parts += ["Last run's summaries:", "", *[f"- `{name}`: {line}" for name, line in summaries.items()], ""]
-    for section in (compile_section, speed_section, memory_section, generation_section, event_section,
-                    fidelity_section):
+    for section in (compile_section, speed_section, hot_paths_section, memory_section, generation_section,
+                    event_section, fidelity_section):
         parts += [*section(), ""]
     return "\n".join(parts).rstrip() + "\n" + END
 
