@@ -61,22 +61,28 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
            ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def _bar_plot(path: Path, labels: list[str], values: list[float], xlabel: str, title: str, line: float | None = None):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def _bar_plot(path: Path, labels: list[str], values: list[float], xlabel: str, title: str) -> None:
+    fig, ax = _pyplot().subplots(figsize=(7, 0.45 * len(labels) + 1.2))
     ax.barh(labels[::-1], values[::-1], color="tab:blue")
-    if line is not None:
-        ax.axvline(line, color="tab:red", linestyle="--")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def speed_section() -> list[str]:
@@ -104,21 +110,14 @@ def memory_section() -> list[str]:
     lengths = sorted({r["length"] for r in rows})
     programs = list(dict.fromkeys(r["program"] for r in rows))
     cell = {(r["program"], r["length"]): r for r in rows}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     for program in programs:
         ax.plot(lengths, [cell[program, n]["peak_mib"] for n in lengths], marker="o", label=program)
     ax.set_xlabel("tokens")
     ax.set_ylabel("peak MiB (one forward)")
     ax.set_title(f"peak memory, SmolLM2-shaped, {data['layers']} blocks, {data.get('mode', 'fused')} mode")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "executor_memory_fused.png", dpi=110)
-    plt.close(fig)
+    _save(fig, RESULTS / "executor_memory_fused.png")
     body = [[program] + [f"{cell[program, n]['peak_mib']:.1f} MiB" if program == "ANN"
                          else f"{cell[program, n]['ratio_to_ann']:.2f}x" for n in lengths] for program in programs]
     return [f"Peak memory of one forward (`benchmarks/executor_memory.py`: SmolLM2-shaped Llama, {data['layers']} "
