@@ -135,3 +135,19 @@ def test_guided_table_search_is_searchsorted(name):
     assert torch.equal(_interval(x, tables, 0), torch.searchsorted(table, x, right=True))
     if name in ("padded", "uniform"):
         assert _table_guide(table) is not None  # the fast path is what was tested
+
+
+def test_per_channel_tables_find_their_intervals_through_one_stacked_guide():
+    """A table neuron with one table per channel group reads all channels at once through a
+    stacked guide: the same codes as looking each group up in its own table."""
+    from snncc.ir.ops import _guide_for, table_codes
+
+    tables = _tables()
+    stack = torch.stack([tables["uniform"][:6000], tables["padded"][-6000:], tables["uniform"][6000:12000]])
+    codes = torch.randint(-(2**10), 2**10, (3, 6001))
+    bucket = torch.tensor([0, 2, 1, 1, 0, 2, 2, 1])
+    x = torch.cat([_probe_points(stack[b])[:4000] for b in range(3)]).reshape(-1, 1).expand(-1, 8).contiguous()
+    expected = torch.stack([codes[b][torch.searchsorted(stack[b], x[:, c].contiguous(), right=True)]
+                            for c, b in enumerate(bucket.tolist())], dim=1)
+    assert _guide_for(stack, bucket) is not None
+    assert torch.equal(table_codes(x, stack, codes, bucket, 10), expected)
