@@ -21,7 +21,7 @@ from common import best_of
 
 import snncc.ir  # noqa: F401  (registers snn ops)
 from snncc.backends.event import EventExecutor, SpikeEvents
-from snncc.ir.ops import execution_mode
+from snncc.ir.ops import execution_mode, step_gains
 from snncc.render import print_table
 
 
@@ -38,7 +38,7 @@ def _events(train: torch.Tensor) -> SpikeEvents:
         flat = step.reshape(-1)
         idx = torch.nonzero(flat).squeeze(1)
         steps.append((idx, flat[idx].long()))
-    return SpikeEvents(train.shape[1:], steps)
+    return SpikeEvents(train.shape[1:], steps, step_gains(train.shape[0]))  # an MT train's gains
 
 
 def main() -> None:
