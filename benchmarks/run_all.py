@@ -194,7 +194,8 @@ def fidelity_section() -> list[str]:
 def render(summaries: dict[str, str]) -> str:
     parts = [BEGIN, "_Rebuilt by `python benchmarks/run_all.py` from benchmarks/results/*.json._", ""]
     if summaries:
-        parts += ["Last run's summaries:", "", *[f"- `{name}`: {line}" for name, line in summaries.items()], ""]
+        parts += ["Each script's last summary line (and its wall time):", "",
+                  *[f"- `{name}`: {line}" for name, line in summaries.items()], ""]
     for section in (compile_section, speed_section, hot_paths_section, memory_section, generation_section,
                     event_section, fidelity_section):
         parts += [*section(), ""]
@@ -217,15 +218,19 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run only these scripts")
     parser.add_argument("--render-only", action="store_true", help="rebuild the README section, run nothing")
     args = parser.parse_args()
-    summaries, failed = {}, []
+    summaries_file = RESULTS / "summaries.json"
+    summaries = json.loads(summaries_file.read_text()) if summaries_file.exists() else {}
+    ran, failed = 0, []
     for name in [] if args.render_only else args.only or list(SUITE):
         try:
             summaries[name] = run(name)
+            ran += 1
         except RuntimeError as exc:
             print(exc, file=sys.stderr)
             failed.append(name)
-    refresh_readme(summaries)
-    print(f"README.md refreshed ({len(summaries)} scripts run" + (f"; failed: {', '.join(failed)})" if failed else ")"))
+    summaries_file.write_text(json.dumps({name: summaries[name] for name in SUITE if name in summaries}, indent=1))
+    refresh_readme({name: summaries[name] for name in SUITE if name in summaries})
+    print(f"README.md refreshed ({ran} scripts run" + (f"; failed: {', '.join(failed)})" if failed else ")"))
     sys.exit(1 if failed else 0)
 
 
