@@ -195,7 +195,7 @@ def render(summaries: dict[str, str]) -> str:
     parts = [BEGIN, "_Rebuilt by `python benchmarks/run_all.py` from benchmarks/results/*.json._", ""]
     if summaries:
         parts += ["Each script's last summary line (and its wall time):", "",
-                  *[f"- `{name}`: {line}" for name, line in summaries.items()], ""]
+                  *[f"- `{name}`: {line.removeprefix('summary: ')}" for name, line in summaries.items()], ""]
     for section in (compile_section, speed_section, hot_paths_section, memory_section, generation_section,
                     event_section, fidelity_section):
         parts += [*section(), ""]
