@@ -92,6 +92,8 @@ class SpikingProgram:
         With `cache` (reference backend) each step runs only the newest token against cached
         attention keys and values; without, each step re-runs the whole sequence."""
         tokens = self.check_input(input_ids)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if tokens.shape[1] + max_new_tokens > self.info.max_positions:
             raise InputError(f"the prompt is {tokens.shape[1]} tokens and {max_new_tokens} new tokens were "
                              f"asked for; {self.info.model} allows at most {self.info.max_positions} in all")

@@ -11,6 +11,7 @@ from torch.export import Dim
 
 from snncc.api import compile_graph
 from snncc.backends import create_executor
+from snncc.errors import InputError
 from snncc.frontend import _clean
 from snncc.ir.incremental import CacheError, incremental_graph
 from tests.conftest import prepared
@@ -62,6 +63,14 @@ def test_unrolled_mode_caches_spike_trains_and_fused_mode_their_values():
     assert len(trains) == len(values) == layers
     assert all(t.dtype == torch.int8 and t.shape[0] == program.T for t in trains)
     assert all(v.is_floating_point() and 9 in v.shape[-2:] for v in values)  # keys transposed, values not
+
+
+def test_bad_generation_requests_are_refused():
+    program = _program("tiny-llama", "none")
+    with pytest.raises(InputError, match="max_new_tokens must be at least 1"):
+        program.greedy_tokens(_prompt("tiny-llama"), 0)
+    with pytest.raises(InputError, match="allows at most"):
+        program.greedy_tokens(_prompt("tiny-llama"), program.info.max_positions)
 
 
 class _Toy(torch.nn.Module):
