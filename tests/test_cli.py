@@ -65,12 +65,13 @@ def test_profile_json(tmp_path):
     assert all(0 <= row["firing_rate"] <= 1 for row in profile["layers"])
 
 
-def test_run_with_the_event_backend_generates_the_same_text(tmp_path):
+def test_run_with_the_event_backend_or_without_the_cache_generates_the_same_text(tmp_path):
     artifact = tmp_path / "tiny.snn"
     _run("compile", "tiny-llama", "-T", "8", "--calib-tokens", "512", "--eval-tokens", "0", "-o", str(artifact))
     reference = _run("run", str(artifact), "--prompt", "Once upon", "--max-new-tokens", "4")
     event = _run("run", str(artifact), "--prompt", "Once upon", "--max-new-tokens", "4", "--backend", "event")
-    assert event == reference and event.startswith("Once upon")
+    uncached = _run("run", str(artifact), "--prompt", "Once upon", "--max-new-tokens", "4", "--no-cache")
+    assert event == reference == uncached and event.startswith("Once upon")
 
 
 def test_profile_plot_and_energy_tables(tmp_path):
