@@ -392,8 +392,8 @@ class _Guide(NamedTuple):
     of an order-preserving integer key of their float32 value; `starts[b]` counts the
     thresholds in the buckets before b, and no bucket holds more than `width`. A guide can
     stack several tables (per-channel tables): then the fields that differ between tables
-    are (channels,) tensors and each channel reads its own table's stretch of `starts` and
-    `padded`."""
+    are tensors (per table in the stack, per channel once read through a bucket) and each
+    channel reads its own table's stretch of `starts` and `padded`."""
 
     shift: int | torch.Tensor
     first: int | torch.Tensor  # the first bucket's key >> shift
@@ -408,10 +408,13 @@ class _Guide(NamedTuple):
     padded_table: bool  # some table ends with +inf entries (per-channel tables share a length)
 
 
+_PER_TABLE = _Guide._fields[:7]  # the fields a stacked guide holds per channel
+
+
 _GUIDE_WIDTHS = (1, 2, 4)
 _GUIDE_MAX_BUCKETS = 1 << 19
 _GUIDES_KEPT = 64  # distinct tables whose guides stay cached (a program shares a few dozen)
-_guides: dict[int, tuple[weakref.ref, dict]] = {}  # id(tables) -> (tables, {key: guide})
+_remembered_by: dict[int, tuple[weakref.ref, dict]] = {}  # id(tensor) -> (tensor, its cache)
 _guides_by_content: OrderedDict[bytes, _Guide | None] = OrderedDict()
 
 
@@ -419,26 +422,43 @@ def _digest(t: torch.Tensor) -> bytes:
     return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
+def _remembered(t: torch.Tensor) -> dict:
+    """A cache that lives as long as the tensor t (kept by identity, not by value)."""
+    entry = _remembered_by.get(id(t))
+    if entry is None or entry[0]() is not t:
+        entry = (weakref.ref(t, lambda _, key=id(t): _remembered_by.pop(key, None)), {})
+        _remembered_by[id(t)] = entry
+    return entry[1]
+
+
 def _guide_for(tables: torch.Tensor, row: int | torch.Tensor) -> _Guide | None:
     """The guide of tables[row], or of the per-channel tables tables[bucket] for a bucket
-    tensor: remembered per table tensor while it lives (by identity), and shared between
-    tables with equal contents (layers reuse the same neuron tables)."""
-    entry = _guides.get(id(tables))
-    if entry is None or entry[0]() is not tables:
-        entry = (weakref.ref(tables, lambda _, key=id(tables): _guides.pop(key, None)), {})
-        _guides[id(tables)] = entry
-    per_key = entry[1]
+    tensor: remembered with the table (or bucket) tensor while it lives, so a call costs a
+    dict lookup."""
     single = isinstance(row, int)
-    key = (row if single else _digest(row), tables._version)
-    if key not in per_key:
-        content = _digest(tables[row]) if single else _digest(tables) + key[0]
-        content += str(tables.device).encode()
-        if content not in _guides_by_content:
-            _guides_by_content[content] = _table_guide(tables[row]) if single else _stacked_guide(tables, row)
-            if len(_guides_by_content) > _GUIDES_KEPT:
-                _guides_by_content.popitem(last=False)
-        per_key[key] = _guides_by_content[content]
-    return per_key[key]
+    cache = _remembered(tables if single else row)
+    key = (row, tables._version) if single else (id(tables), tables._version, row._version)
+    hit = cache.get(key)
+    if hit is None or hit[0]() is not tables:
+        if single:
+            guide = _shared(_digest(tables[row]), tables, lambda: _table_guide(tables[row]))
+        else:  # the stack of all tables is shared; only its per-table fields are read per channel
+            stack = _shared(_digest(tables), tables, lambda: _stacked_guide(tables))
+            guide = None if stack is None else stack._replace(**{name: getattr(stack, name)[row]
+                                                                 for name in _PER_TABLE})
+        hit = cache[key] = (weakref.ref(tables), guide)
+    return hit[1]
+
+
+def _shared(digest: bytes, tables: torch.Tensor, build) -> _Guide | None:
+    """One guide per table contents (layers reuse the same neuron tables), the last
+    _GUIDES_KEPT of them kept."""
+    digest += str(tables.device).encode()
+    if digest not in _guides_by_content:
+        _guides_by_content[digest] = build()
+        if len(_guides_by_content) > _GUIDES_KEPT:
+            _guides_by_content.popitem(last=False)
+    return _guides_by_content[digest]
 
 
 def _squeezed_keys(x: torch.Tensor, floor: int | torch.Tensor) -> torch.Tensor:
@@ -476,28 +496,26 @@ def _table_guide(table: torch.Tensor) -> _Guide | None:
     return None
 
 
-def _stacked_guide(tables: torch.Tensor, bucket: torch.Tensor) -> _Guide | None:
-    """One guide over the per-channel tables tables[bucket[c]], or None if one has none."""
-    rows = torch.unique(bucket).tolist()
-    guides = {row: _guide_for(tables, row) for row in rows}
-    if any(guide is None for guide in guides.values()):
+def _stacked_guide(tables: torch.Tensor) -> _Guide | None:
+    """One guide over all rows of `tables`, its per-table fields (tables,) tensors, or None if
+    a row has no guide."""
+    guides = [_guide_for(tables, row) for row in range(tables.shape[0])]
+    if any(guide is None for guide in guides):
         return None
-    width = max(guide.width for guide in guides.values())
-    per_row: dict[str, list[int]] = {name: [0] * tables.shape[0] for name in _Guide._fields[:7]}
+    width = max(guide.width for guide in guides)
+    per_row: dict[str, list[int]] = {name: [] for name in _PER_TABLE}
     starts, padded, base, offset = [], [], 0, 0
-    for row, guide in guides.items():
-        values = dict(zip(_Guide._fields[:7], (guide.shift, guide.first, guide.floor, guide.last, base, offset,
-                                                guide.length), strict=True))
-        for name, value in values.items():
-            per_row[name][row] = value
+    for guide in guides:
+        fields = (guide.shift, guide.first, guide.floor, guide.last, base, offset, guide.length)
+        for name, value in zip(_PER_TABLE, fields, strict=True):
+            per_row[name].append(value)
         finite = guide.padded[: guide.padded.numel() - guide.width]
         starts.append(guide.starts)
         padded.append(torch.cat([finite, finite.new_full((width,), float("nan"))]))
         base, offset = base + guide.starts.numel(), offset + padded[-1].numel()
-    channel = {name: torch.tensor(values, dtype=torch.int32, device=tables.device)[bucket]
-               for name, values in per_row.items()}
-    return _Guide(**channel, starts=torch.cat(starts), padded=torch.cat(padded), width=width,
-                  padded_table=any(guide.padded_table for guide in guides.values()))
+    rows = {name: torch.tensor(values, dtype=torch.int32, device=tables.device) for name, values in per_row.items()}
+    return _Guide(**rows, starts=torch.cat(starts), padded=torch.cat(padded), width=width,
+                  padded_table=any(guide.padded_table for guide in guides))
 
 
 def _interval(x: torch.Tensor, tables: torch.Tensor, row: int) -> torch.Tensor:
