@@ -33,6 +33,7 @@ class ReferenceExecutor:
         self.mode = mode
         self._runnable = fuse_for_execution(self.gm) if mode == "fused" else self.gm
         self._step: fx.GraphModule | None = None  # built on the first cached step
+        self._cached: list[str] = []  # the tensors the step graph caches, in `past` order
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), execution_mode(self.mode):
@@ -44,9 +45,9 @@ class ReferenceExecutor:
         attention keys and values are cached in `past` (None: no earlier tokens); returns the
         outputs of the new tokens and the cache extended by them (snncc.ir.incremental)."""
         if self._step is None:
-            self._step, _ = incremental_graph(self._runnable)
+            self._step, self._cached = incremental_graph(self._runnable)
         if past is None:
-            past = [None] * (len(self._step.graph.find_nodes(op="placeholder")) - 2)
+            past = [None] * len(self._cached)
         with torch.no_grad(), execution_mode(self.mode):
             output, *present = self._step(input_ids.to(self.device), past_length, *past)
         return output, present
