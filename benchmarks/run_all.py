@@ -85,10 +85,7 @@ def _bar_plot(path: Path, labels: list[str], values: list[float], xlabel: str, t
     _save(fig, path)
 
 
-def speed_section() -> list[str]:
-    data = _load("executor_speed_cpu.json")
-    if data is None:
-        return ["Executor speed: not measured (run `python benchmarks/run_all.py --only executor_speed`)."]
+def speed_section(data: dict) -> list[str]:
     rows = data["rows"]
     labels = [f"{r['runner']}" + (f" T={r['T']}" if r["T"] else "") + f", {r['tokens']} tok" for r in rows]
     _bar_plot(RESULTS / "executor_speed_cpu.png", labels, [r["x_ann"] for r in rows],
@@ -102,10 +99,7 @@ def speed_section() -> list[str]:
             "", "![executor speed](benchmarks/results/executor_speed_cpu.png)"]
 
 
-def memory_section() -> list[str]:
-    data = _load("executor_memory_fused.json")
-    if data is None:
-        return ["Executor memory: not measured (run `python benchmarks/run_all.py --only executor_memory`)."]
+def memory_section(data: dict) -> list[str]:
     rows = data["rows"]
     lengths = sorted({r["length"] for r in rows})
     programs = list(dict.fromkeys(r["program"] for r in rows))
@@ -126,10 +120,7 @@ def memory_section() -> list[str]:
             "", "![executor memory](benchmarks/results/executor_memory_fused.png)"]
 
 
-def generation_section() -> list[str]:
-    data = _load("generation_smollm2-135m_las.json")
-    if data is None:
-        return ["Generation: not measured (run `python benchmarks/run_all.py --only generation`)."]
+def generation_section(data: dict) -> list[str]:
     rows = data["rows"]
     _bar_plot(RESULTS / "generation_smollm2-135m_las.png", [r["runner"] for r in rows],
               [r["tokens_per_s"] for r in rows], "tokens/s (log)",
@@ -144,10 +135,7 @@ def generation_section() -> list[str]:
             "", "![generation](benchmarks/results/generation_smollm2-135m_las.png)"]
 
 
-def compile_section() -> list[str]:
-    data = _load("compile_time_smollm2-135m_las.json")
-    if data is None:
-        return ["Compile time: not measured (run `python benchmarks/run_all.py --only compile_time`)."]
+def compile_section(data: dict) -> list[str]:
     passes = ", ".join(f"{name} {s:.1f} s" for name, s in data["per_pass_s"].items())
     return [f"Compile time (`benchmarks/compile_time.py`), {data['model']} `{data['pipeline']}` T = {data['T']} on "
             f"{data['machine']}: {data['compile_s']:.1f} s after a {data['load_s']:.1f} s load (trace "
@@ -155,10 +143,7 @@ def compile_section() -> list[str]:
             f"{data['calibration_and_passes_s']:.1f} s: {passes})."]
 
 
-def event_section() -> list[str]:
-    data = _load("event_scaling.json")
-    if data is None:
-        return ["Event scaling: not measured (run `python benchmarks/run_all.py --only event_scaling`)."]
+def event_section(data: dict) -> list[str]:
     crossover = data.get("crossover_vs_unrolled")
     return [f"Event backend (`benchmarks/event_scaling.py`, one {data['layer'][0]} -> {data['layer'][1]} layer, "
             f"T = {data['T']}, {data['tokens']} tokens, {data['machine']}): beats the dense unrolled executor below "
@@ -168,10 +153,7 @@ def event_section() -> list[str]:
                       f"{r['dense_unrolled_s']:.4f}", f"{r['event_sops_per_s']:.2e}"] for r in data["rows"]])]
 
 
-def hot_paths_section() -> list[str]:
-    data = _load("hot_paths_smollm2-135m_las.json")
-    if data is None:
-        return ["Hot paths: not measured (run `python benchmarks/run_all.py --only hot_paths`)."]
+def hot_paths_section(data: dict) -> list[str]:
     rows = [[name, f"{runner['self_ms']:.0f}",
              ", ".join(f"{op['op']} {op['share']:.0%}" for op in runner["top"][:5])]
             for name, runner in data["runners"].items()]
@@ -180,10 +162,7 @@ def hot_paths_section() -> list[str]:
             *_table(["runner", "self ms", "top ops (share of self time)"], rows)]
 
 
-def fidelity_section() -> list[str]:
-    data = _load("fidelity_vs_T_smollm2-135m_las.json")
-    if data is None:
-        return ["Fidelity vs T: not measured (run `python benchmarks/run_all.py --only fidelity_vs_T`)."]
+def fidelity_section(data: dict) -> list[str]:
     return [f"Fidelity vs T (`benchmarks/fidelity_vs_T.py`, SmolLM2 `las`, held-out tokens, {data['machine']}):", "",
             *_table(["T", "tokens", "ppl ratio", "top-1", "mean abs logit err", "energy SNN/ANN"],
                     [[r["T"], r["tokens"], f"{r['ppl_ratio']:.6f}", f"{r['top1_agreement']:.4f}",
@@ -191,14 +170,27 @@ def fidelity_section() -> list[str]:
             "", "![fidelity](benchmarks/results/fidelity_vs_T_smollm2-135m_las.png)"]
 
 
+# README order: (result file, the script that writes it, its section)
+SECTIONS = [
+    ("compile_time_smollm2-135m_las.json", "compile_time", compile_section),
+    ("executor_speed_cpu.json", "executor_speed", speed_section),
+    ("hot_paths_smollm2-135m_las.json", "hot_paths", hot_paths_section),
+    ("executor_memory_fused.json", "executor_memory", memory_section),
+    ("generation_smollm2-135m_las.json", "generation", generation_section),
+    ("event_scaling.json", "event_scaling", event_section),
+    ("fidelity_vs_T_smollm2-135m_las.json", "fidelity_vs_T", fidelity_section),
+]
+
+
 def render(summaries: dict[str, str]) -> str:
     parts = [BEGIN, "_Rebuilt by `python benchmarks/run_all.py` from benchmarks/results/*.json._", ""]
     if summaries:
         parts += ["Each script's last summary line (and its wall time):", "",
                   *[f"- `{name}`: {line.removeprefix('summary: ')}" for name, line in summaries.items()], ""]
-    for section in (compile_section, speed_section, hot_paths_section, memory_section, generation_section,
-                    event_section, fidelity_section):
-        parts += [*section(), ""]
+    for file, script, section in SECTIONS:
+        data = _load(file)
+        parts += [*(section(data) if data is not None else
+                    [f"`{script}`: not measured yet (run `python benchmarks/run_all.py --only {script}`)."]), ""]
     return "\n".join(parts).rstrip() + "\n" + END
 
 
