@@ -40,18 +40,23 @@ _EVENT_CHUNK_ELEMENTS = 1 << 22  # events x fan-out gathered at once: bounds scr
 @dataclass
 class SpikeEvents:
     """A spike train as events: per step, flat neuron indices and their signed payloads
-    (+-1; +-2^j for a multi-range neuron's graded spikes)."""
+    (+-1; +-2^j for a multi-range neuron's graded spikes, one spike each; +-n for a burst
+    of n spikes of an IF neuron, n spikes)."""
 
     shape: torch.Size  # the neuron array (the encoded tensor's shape)
     steps: list[tuple[torch.Tensor, torch.Tensor]]
     gains: list[float]  # what one unit event weighs at each step on a membrane (ops.step_gains)
+    bursts: bool = False  # whether a payload counts as |payload| spikes
 
     @property
     def T(self) -> int:
         return len(self.steps)
 
+    def spikes_per_step(self) -> list[int]:
+        return [int(payload.abs().sum()) if self.bursts else int(idx.numel()) for idx, payload in self.steps]
+
     def count(self) -> int:
-        return sum(int(idx.numel()) for idx, _ in self.steps)
+        return sum(self.spikes_per_step())
 
     def dense(self) -> torch.Tensor:
         """The (T, *shape) int8 train, for consumers that are not synapses."""
@@ -128,15 +133,17 @@ class EventExecutor(fx.Interpreter):
             self.bar.update(1)
         return self._train(x.shape, steps)
 
-    def if_encode(self, x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> SpikeEvents:
+    def if_encode(self, x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
+                  burst: int = 1) -> SpikeEvents:
         """Integrate-and-fire neurons: each step every membrane integrates its input and those
-        that cross a threshold fire (+1 above theta, -1 below 0) and reset by subtraction."""
+        that cross a threshold fire (+1 per theta above, -1 below 0; a burst neuron sends its
+        n spikes as one event of payload n) and reset by subtraction."""
         steps = []
-        for spikes in if_spikes(x, threshold, membrane, T):
+        for spikes in if_spikes(x, threshold, membrane, T, burst):
             fired = torch.nonzero(spikes).squeeze(1)
             steps.append((fired, spikes[fired].long()))
             self.bar.update(1)
-        return self._train(if_shape(x, threshold, membrane), steps, rate=True)
+        return self._train(if_shape(x, threshold, membrane), steps, rate=True, bursts=True)
 
     def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
         """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its
@@ -162,13 +169,13 @@ class EventExecutor(fx.Interpreter):
         return self._train(shape, steps)
 
     def _train(self, shape: torch.Size, steps: list[tuple[torch.Tensor, torch.Tensor]],
-               rate: bool = False) -> SpikeEvents:
+               rate: bool = False, bursts: bool = False) -> SpikeEvents:
         """The events of the current encoder, counted: spikes per step, one membrane update
         per neuron and step."""
-        name = self.node.name
-        self.counts.spikes_per_step[name] = [int(idx.numel()) for idx, _ in steps]
-        self.counts.membrane_updates[name] = shape.numel() * len(steps)
-        return SpikeEvents(shape, steps, step_gains(len(steps), rate))
+        events = SpikeEvents(shape, steps, step_gains(len(steps), rate), bursts)
+        self.counts.spikes_per_step[self.node.name] = events.spikes_per_step()
+        self.counts.membrane_updates[self.node.name] = shape.numel() * len(steps)
+        return events
 
     # --- synapses ----------------------------------------------------------------------
 

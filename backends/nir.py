@@ -51,6 +51,7 @@ _WHY = {
     snn.spike_linear.default: "synapses fed by multi-threshold trains",
     snn.if_encode.default: "IF populations read only by spike x spike products",
 }
+_BURST = "burst IF populations (several spikes per step; NIR's Threshold sends one)"
 
 
 @dataclass
@@ -129,6 +130,9 @@ def to_nir(program) -> NirExport:
         if node.target == snn.if_encode.default:
             readers = [u for u in node.users if u.target == snn.spike_linear.default]
             theta, v0 = _tensor(gm, node.args[1]), _tensor(gm, node.args[2])
+            if node.args[4:5] not in ((), (1,)):
+                export.left_out[_BURST] += 1
+                continue
             if not readers or theta is None or v0 is None or theta.dim() != 1:
                 export.left_out[_WHY[snn.if_encode.default]] += 1
                 continue
@@ -145,10 +149,16 @@ def to_nir(program) -> NirExport:
         elif node.target == snn.spike_linear.default:
             if node.args[0].target != snn.if_encode.default:
                 export.left_out[_WHY[node.target]] += 1
+            elif node.args[0].name not in export.populations.values():
+                export.left_out["synapses fed by IF populations left out"] += 1
         elif node.target in _WHY:
             export.left_out[_WHY[node.target]] += 1
         elif isinstance(node.target, torch._ops.OpOverload):
             export.left_out[f"analog {node.target.__name__.split('.')[0]} ops"] += 1
+    if not export.populations and export.left_out[_BURST]:
+        raise ExportError(f"NIR's thresholds send one spike per step and all {export.left_out[_BURST]} IF populations "
+                          "of this program send bursts (T < the QCFS levels L): compile with "
+                          '--passes "fas,ifencode{burst=1}" for plain IF neurons to export them')
     if not export.populations:
         raise ExportError("nothing in this program can be expressed in NIR, which has rate-coded neurons and static "
                           f"synapses only ({program.info.pipeline!r} uses "

@@ -72,7 +72,8 @@ def _translations() -> dict:
         snn.mt_encode.default: lambda x, scale, T: domain.MtEncode(x, scale, T=T),
         snn.mr_encode.default: lambda x, scale, T, G: domain.MrEncode(x, scale, T=T, G=G),
         snn.fn_encode.default: fn_encode,
-        snn.if_encode.default: lambda x, threshold, membrane, T: domain.IfEncode(x, threshold, membrane, T=T),
+        snn.if_encode.default: lambda x, threshold, membrane, T, burst=1: domain.IfEncode(x, threshold, membrane,
+                                                                                         T=T, burst=burst),
         snn.decode.default: lambda s, scale, rate=False: domain.Decode(s, scale, rate=int(rate)),
         snn.spike_linear.default: spike_linear,
         snn.spike_matmul.default: lambda sa, ra, sb, rb, rate_a=False, rate_b=False: domain.SpikeMatMul(

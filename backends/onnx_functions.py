@@ -227,20 +227,20 @@ def _fn_encode(b: Body, x, thresholds, codes, bucket, T):
     return _signed_train(b, _table_codes(b, x, thresholds, codes, bucket), T)
 
 
-def _if_encode(b: Body, x, threshold, membrane, T):
+def _if_encode(b: Body, x, threshold, membrane, T, burst):
     theta = b.cast(threshold, DOUBLE)
     u = b.op("Div", b.cast(x, DOUBLE), theta)
     m = b.op("Clip", b.op("Div", b.cast(membrane, DOUBLE), theta), b.constant(0.0), b.constant(1.0))
     shape = b.op("Shape", b.op("Add", u, m))
     u, m = b.op("Expand", u, shape), b.op("Expand", m, shape)
+    most = b.cast(burst, DOUBLE)
+    least = b.op("Neg", most)
 
     def step(inner: Body, state):
         (membrane,) = state
         membrane = inner.op("Add", membrane, u)
-        positive = inner.cast(inner.op("GreaterOrEqual", membrane, inner.constant(1.0)), DOUBLE)
-        negative = inner.cast(inner.op("Less", membrane, inner.constant(0.0)), DOUBLE)
-        membrane = inner.op("Add", inner.op("Sub", membrane, positive), negative)
-        return [membrane], [inner.op("Sub", positive, negative)]
+        fired = inner.op("Clip", inner.op("Floor", membrane), least, most)
+        return [inner.op("Sub", membrane, fired)], [fired]
 
     _, (spikes,) = _loop(b, T, [m], step, scans=1)
     return b.cast(spikes, INT8)
@@ -324,9 +324,11 @@ OPS: dict[str, SnnOp] = {op.name: op for op in (
           "and fires the MT code of f(X) for the function the thresholds encode.",
           (("X", "float"), ("thresholds", "float"), ("codes", "int64"), ("bucket", "int64")), ("spikes", "int8"),
           (_T,), _fn_encode),
-    SnnOp("IfEncode", "Signed integrate-and-fire neurons (rate code): m += X / threshold; +1 at m >= 1, -1 at m < 0, "
-          "reset by subtraction; m(0) = membrane / threshold clipped to [0, 1]. Decodes as threshold * mean_t s_t.",
-          (("X", "float"), ("threshold", "float"), ("membrane", "float")), ("spikes", "int8"), (_T,), _if_encode),
+    SnnOp("IfEncode", "Signed integrate-and-fire neurons (rate code): m += X / threshold; fires floor(m) spikes, "
+          "at most burst of either sign (burst 1: +1 at m >= 1, -1 at m < 0), reset by subtraction; "
+          "m(0) = membrane / threshold clipped to [0, 1]. Decodes as threshold * mean_t s_t.",
+          (("X", "float"), ("threshold", "float"), ("membrane", "float")), ("spikes", "int8"),
+          (_T, ("burst", "int")), _if_encode),
     SnnOp("Decode", "Reads a train back into the ANN's units: scale * sum_t gain_t s_t (gain 2^-(t+1), or 1/T "
           "if rate).", (("spikes", "int8"), ("scale", "float")), ("Y", "float"), (("rate", "int"),), _decode),
     SnnOp("SpikeLinear", "Synaptic layer: sum_t gain_t W s_t + B on a float64 membrane, rounded to float32 once "

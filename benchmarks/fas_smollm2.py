@@ -1,12 +1,15 @@
 """The fas pipeline on a real model: fine-tune, then calibrate, and measure each step.
 
     python benchmarks/fas_smollm2.py --steps 250 --T 8 4 16
+    python benchmarks/fas_smollm2.py --steps 500 --L 16 --T 8 4 16   # burst neurons at T < L
 
 Fine-tunes the QCFS model once (resumable checkpoint, loss plot), then for each T compiles
 `fas` without and with calibration and scores both on held-out text: perplexity ratio,
 top-1 agreement, spikes, energy; also the fine-tuned QCFS ANN itself (no spikes). Prints
 one JSON object per row and a table; writes JSON, and the profile (per-layer firing rates
-and SOPs) of the first T's calibrated program as JSON and a plot.
+and SOPs) of the first T's calibrated program as JSON and a plot. `--L` sets the QCFS levels
+(outputs of L != 8 carry _L<L> in their names, and of `--multirange K` _mr<K>); `ifencode` runs them as burst neurons of
+round(L / T) spikes per step unless `--burst` says otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ def main() -> None:
     parser.add_argument("--mode", default="full", choices=("full", "lambda"))
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--T", type=int, nargs="+", default=[8, 4, 16])
+    parser.add_argument("--L", type=int, default=8, help="QCFS levels")
+    parser.add_argument("--burst", type=int, default=0, help="spikes per step (0: round(L / T))")
+    parser.add_argument("--multirange", type=float, default=0.0,
+                        help="qcfs multirange: sites above this x the median sensitivity get multi-range neurons")
     parser.add_argument("--calibrate", default="layer_steps=20,neuron_steps=20,batches=2")
     parser.add_argument("--tokens", type=int, default=512, help="held-out tokens to score")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -37,9 +44,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     loaded, ann, ctx = prepare(args.model, progress=True)
     chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), 128, args.tokens)
-    qcfs = (f"qcfs{{steps={args.steps},mode={args.mode},lr={args.lr},"
-            f"checkpoint={args.out / f'fas_{args.model}_finetune.pt'},"
-            f"plot={args.out / f'fas_{args.model}_finetune_loss.png'}}}")
+    tag = args.model + (f"_L{args.L}" if args.L != 8 else "") + (f"_mr{args.multirange:g}" if args.multirange else "")
+    qcfs = (f"qcfs{{L={args.L},multirange={args.multirange},steps={args.steps},mode={args.mode},lr={args.lr},"
+            f"checkpoint={args.out / f'fas_{tag}_finetune.pt'},"
+            f"plot={args.out / f'fas_{tag}_finetune_loss.png'}}}")
     # The fine-tuned QCFS ANN itself (no IF neurons, no spiking nonlinearities): what the
     # spiking program is converted from, and the share of the error that is quantisation.
     qcfs_ann = compile_graph(loaded, ann, ctx, f"fold,{qcfs}")
@@ -50,24 +58,27 @@ def main() -> None:
     for T in args.T:
         for calibrate in ("layer_steps=0,neuron_steps=0", args.calibrate):
             start = time.perf_counter()
-            program = compile_graph(loaded, ann, ctx, f"fas,{qcfs},calibrate{{{calibrate}}}", T)
+            spec = f"fas,{qcfs},ifencode{{burst={args.burst}}},calibrate{{{calibrate}}}"
+            program = compile_graph(loaded, ann, ctx, spec, T)
             reports = {p["name"]: p["report"] for p in program.info.passes if p.get("report")}
             row = evaluate(program, loaded.module, chunks, progress=True)
             profile = program.profile(chunks[0])
             row.update(profile.totals())
-            row.update(calibrated=calibrate != "layer_steps=0,neuron_steps=0", reports=reports,
+            row.update(calibrated=calibrate != "layer_steps=0,neuron_steps=0", reports=reports, L=args.L,
+                       burst=args.burst or max(1, round(args.L / T)),
                        seconds=time.perf_counter() - start)
             if T == args.T[0] and row["calibrated"]:
                 from snncc.plots import plot_profile
 
-                plot_profile(profile, args.out / f"profile_{args.model}_fas_T{T}.png",
+                plot_profile(profile, args.out / f"profile_{tag}_fas_T{T}.png",
                              f"{args.model} fas T={T} (fine-tuned, calibrated)")
-                (args.out / f"profile_{args.model}_fas_T{T}.json").write_text(json.dumps(profile.to_dict(), indent=1))
+                (args.out / f"profile_{tag}_fas_T{T}.json").write_text(json.dumps(profile.to_dict(), indent=1))
             rows.append(row)
             print(json.dumps(row), flush=True)
-            (args.out / f"fas_{args.model}.json").write_text(json.dumps(rows, indent=1))
-    print_table(["T", "calibrated", "ppl_ratio", "top1", "spikes/act", "energy ratio"],
-                [[r["T"] or "ANN", r["calibrated"], f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement']:.4f}",
+            (args.out / f"fas_{tag}.json").write_text(json.dumps(rows, indent=1))
+    print_table(["T", "burst", "calibrated", "ppl_ratio", "top1", "spikes/act", "energy ratio"],
+                [[r["T"] or "ANN", r.get("burst", "-"), r["calibrated"], f"{r['ppl_ratio']:.4f}",
+                  f"{r['top1_agreement']:.4f}",
                   f"{r.get('spikes_per_neuron', 0):.2f}", f"{r.get('energy_ratio', 1):.3f}"] for r in rows])
 
 

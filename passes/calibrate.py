@@ -38,22 +38,24 @@ snn = torch.ops.snn
 
 
 class _Fire(torch.autograd.Function):
-    """Signed firing of membranes in threshold units (+1 at m >= 1, -1 at m < 0); backward:
-    triangle surrogates of width 1/2 around both thresholds."""
+    """Signed firing of membranes in threshold units (floor(m) spikes, at most `burst` of
+    either sign: +1 at m >= 1, -1 at m < 0 for plain IF neurons); backward: triangle
+    surrogates of width 1/2 around every threshold crossed (the integers -burst + 1 .. burst)."""
 
     @staticmethod
-    def forward(ctx, m: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, m: torch.Tensor, burst: int) -> torch.Tensor:
         ctx.save_for_backward(m)
-        return (m >= 1).to(m.dtype) - (m < 0).to(m.dtype)
+        ctx.burst = burst
+        return m.floor().clamp(-burst, burst)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (m,) = ctx.saved_tensors
-        surrogate = (1 - 2 * (m - 1).abs()).clamp(min=0) + (1 - 2 * m.abs()).clamp(min=0)
-        return grad * surrogate
+        surrogate = sum((1 - 2 * (m - k).abs()).clamp(min=0) for k in range(1 - ctx.burst, ctx.burst + 1))
+        return grad * surrogate, None
 
 
-def if_rate(x: torch.Tensor, theta: torch.Tensor, m0: torch.Tensor, T: int) -> torch.Tensor:
+def if_rate(x: torch.Tensor, theta: torch.Tensor, m0: torch.Tensor, T: int, burst: int = 1) -> torch.Tensor:
     """Differentiable IF neurons (the dynamics of snn.if_encode, unrolled): the decoded
     rate output theta * sum_t s_t / T. float64 membranes, as the op's: in float32 a few
     neurons at a threshold fire one step apart, and through 30 layers of 17-level codes
@@ -63,7 +65,7 @@ def if_rate(x: torch.Tensor, theta: torch.Tensor, m0: torch.Tensor, T: int) -> t
     total = torch.zeros_like(u)
     for _ in range(T):
         m = m + u
-        s = _Fire.apply(m)
+        s = _Fire.apply(m, burst)
         m = m - s
         total = total + s
     return (theta * total / T).to(x.dtype)
@@ -77,6 +79,7 @@ class _Site:
     v0: fx.Node
     lam: torch.Tensor
     L: int
+    burst: int = 1
 
 
 def if_sites(gm: fx.GraphModule) -> list[_Site]:
@@ -84,8 +87,8 @@ def if_sites(gm: fx.GraphModule) -> list[_Site]:
     sites = []
     for node in gm.graph.nodes:
         if node.target == snn.decode.default and "qcfs" in node.meta and node.args[0].target == snn.if_encode.default:
-            x, theta, v0, _ = node.args[0].args
-            sites.append(_Site(node, x, theta, v0, node.meta["qcfs"]["lambda"], node.meta["qcfs"]["L"]))
+            x, theta, v0, _, *burst = node.args[0].args
+            sites.append(_Site(node, x, theta, v0, node.meta["qcfs"]["lambda"], node.meta["qcfs"]["L"], *burst))
     return sites
 
 
@@ -110,6 +113,7 @@ class _Neurons(torch.nn.Module):
         super().__init__()
         self.T = T
         self.theta0 = [get_tensor(gm, s.theta).detach() for s in sites]
+        self.bursts = [s.burst for s in sites]
         self.gain = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(())) for _ in sites])
         self.m0 = torch.nn.ParameterList([torch.nn.Parameter(torch.full((), 0.5)) for _ in sites])
         self.outputs: dict[int, torch.Tensor] = {}
@@ -124,7 +128,7 @@ class _Neurons(torch.nn.Module):
         return self.theta0[i] * torch.exp(self.gain[i])
 
     def site(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        out = if_rate(x, self.threshold(i), self.m0[i].clamp(0.0, 1.0), self.T)
+        out = if_rate(x, self.threshold(i), self.m0[i].clamp(0.0, 1.0), self.T, self.bursts[i])
         self.outputs[i] = out
         return out
 

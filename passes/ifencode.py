@@ -1,12 +1,17 @@
 """ifencode: every QCFS site becomes signed integrate-and-fire neurons (FAS).
 
-    snn.qcfs(x, lambda, L)  ->  snn.decode(snn.if_encode(x, theta, v0, T), theta, rate=True)
+    snn.qcfs(x, lambda, L)  ->  snn.decode(snn.if_encode(x, theta, v0, T, B), theta, rate=True)
 
-with threshold theta = lambda and initial membrane v0 = theta / 2. Each neuron integrates
-its input T times, fires +1 at theta and -1 below 0, and resets by subtraction; the train
-decodes to theta * (spike count) / T. With T = L this is QCFS exactly (a test); at other T
-the code has 2T + 1 levels instead of 2L + 1, which `calibrate` compensates. Linear layers
-later fold theta into their weight columns (`encode`), so the spikes arrive as +-1 events.
+with threshold theta = lambda / B and initial membrane v0 = theta / 2. Each neuron
+integrates its input T times, fires up to B spikes of either sign per step (+1 per theta
+above 0, -1 below 0) and resets by subtraction; the train decodes to theta * (spike count)
+/ T. With B T = L this is QCFS exactly (a test). B = 1 is FAS's plain IF neuron; `burst=0`
+(the default) picks B = round(L / T) (at least 1), so a model fine-tuned with L levels keeps
+them at fewer steps: L = 16 at T = 8, or L = 8 at T = 4, run as the QCFS model they were
+trained as, for the same number of spikes (a burst of n counts n spikes) in fewer steps.
+Where B T != L the code has 2 B T + 1 levels instead of 2L + 1, which `calibrate`
+compensates. Linear layers later fold theta into their weight columns (`encode`), so the
+spikes arrive as integer events.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
+from snncc.errors import PipelineError
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
 from snncc.pipeline import Pass, PassResult, register_pass
 
@@ -31,20 +37,24 @@ class IfEncodePass(Pass):
     summary = "QCFS sites -> signed IF neurons (theta = lambda, v(0) = theta/2, reset by subtraction, rate code)"
 
     T: int = 8
+    burst: int = 0
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        if self.burst < 0:
+            raise PipelineError(f"ifencode: burst={self.burst} must be 0 (round(L / T)) or a number of spikes >= 1")
         sites = [n for n in gm.graph.nodes if n.target == snn.qcfs.default]
         for site in sites:
             x, lam_node, L = site.args
             lam = get_tensor(gm, lam_node)
-            theta = add_constant(gm, f"{x.name}_threshold", lam.clone(), site)
-            v0 = add_constant(gm, f"{x.name}_v0", lam / 2, site)
+            burst = self.burst or max(1, round(L / self.T))
+            theta = add_constant(gm, f"{x.name}_threshold", lam / burst, site)
+            v0 = add_constant(gm, f"{x.name}_v0", lam / burst / 2, site)
             with gm.graph.inserting_before(site):
-                spikes = gm.graph.call_function(snn.if_encode.default, (x, theta, v0, self.T))
+                spikes = gm.graph.call_function(snn.if_encode.default, (x, theta, v0, self.T, burst))
                 decoded = gm.graph.call_function(snn.decode.default, (spikes, theta), {"rate": True})
             spikes._rename(f"{x.name}_spikes")
             spikes.meta.update(source=site.meta.get("source", ""), created_by=self.name,
-                               snn={"code": "if", "T": self.T, "range": tuple(lam.shape)})
+                               snn={"code": "if", "T": self.T, "burst": burst, "range": tuple(lam.shape)})
             decoded.meta["qcfs"] = {"lambda": lam, "L": L}  # what `calibrate` aligns the neurons to
             replace_node(site, decoded, self.name)
         drop_unused_constants(gm)

@@ -18,6 +18,13 @@ matmuls): channels differ by 100x in LLMs, and a linear layer folds a per-channe
 into its weight columns for free. It starts at the calibrated max |x| times the factor (of
 a fixed grid) that minimises the site's QCFS error on the first calibration batch.
 
+`multirange=K` (K > 0) measures each site's sensitivity: the KL of the logits to the ANN's
+on the first calibration batch with only that site quantized. Sites above K times the
+median site are left to `outlier`'s multi-range neurons (a static clip with 2L + 1 levels
+cannot hold their token-to-token spread: SmolLM2's down-projection inputs, whose 30 sites
+at L = 16 alone multiply the perplexity by 1.6). That is a LAS neuron inside `fas`: it costs
+more spikes per value than a QCFS site, on few sites.
+
 With `steps` > 0 the graph is fine-tuned by distillation from the ANN (snncc.finetune):
 `mode=lambda` trains the lambdas, `mode=full` also every weight (on copies: the ANN is left
 alone), straight-through gradients through the floor. `checkpoint` makes it resumable and
@@ -31,12 +38,20 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
-from snncc.finetune import FinetuneConfig, finetune, probe_kl
+from snncc.finetune import FinetuneConfig, distillation_loss, finetune, logits_of, probe_kl
 from snncc.ir.analysis import activation_product, capture, data_dependent_nodes, weight_linear
-from snncc.ir.rewrite import add_constant, first_reader, get_tensor, set_tensor
+from snncc.ir.rewrite import (
+    add_constant,
+    copy_graph_module,
+    drop_unused_constants,
+    first_reader,
+    get_tensor,
+    set_tensor,
+)
 from snncc.passes.attention import is_probability
 from snncc.passes.encode import Encoders, calib_name
 from snncc.passes.nonlinear import function_regions, normalizer
@@ -88,10 +103,14 @@ class QcfsPass(Pass):
     lambda_lr: float = 3e-3
     checkpoint: str = ""
     plot: str = ""
+    multirange: float = 0.0
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         if self.L < 1:
             raise PipelineError(f"qcfs: L={self.L} levels must be at least 1")
+        if self.multirange < 0:
+            raise PipelineError(f"qcfs: multirange={self.multirange} must be 0 (off) or a factor of the median "
+                                "site's sensitivity")
         sites = qcfs_operands(gm)
         if not sites:
             return PassResult(gm, False)
@@ -108,9 +127,13 @@ class QcfsPass(Pass):
                 made[key] = self._insert_site(gm, x, lam)
             reader.replace_input_with(x, made[key])
         report = {"sites": len(made), "median_clip_factor": sorted(factors)[len(factors) // 2]}
+        kept = list(made.values())
+        if self.multirange > 0:
+            undone, report["multirange"] = self._leave_to_multirange(gm, ctx, kept)
+            kept = [site for site in kept if site not in undone]
         if self.steps > 0:
             gm.recompile()  # train the graph as it now stands
-            report["finetune"] = self._finetune(gm, ctx, [n.args[1].target for n in made.values()])
+            report["finetune"] = self._finetune(gm, ctx, [n.args[1].target for n in kept])
         return PassResult(gm, True, context=ctx.derive(gm), report=report)
 
     def _insert_site(self, gm: fx.GraphModule, x: fx.Node, lam: torch.Tensor) -> fx.Node:
@@ -121,6 +144,21 @@ class QcfsPass(Pass):
         site.meta.update(source=x.meta.get("source", ""), created_by=self.name, calib_name=calib_name(x),
                          val=x.meta.get("val"))
         return site
+
+    def _leave_to_multirange(self, gm: fx.GraphModule, ctx: CalibrationContext,
+                             sites: list[fx.Node]) -> tuple[list[fx.Node], dict]:
+        """Undo the sites whose sensitivity exceeds `multirange` x the median's: (them, a report)."""
+        gm.recompile()
+        sensitivity = site_sensitivities(gm, sites, ctx.batches[0], ctx.teacher or ctx.ann, ctx.progress)
+        median = sorted(sensitivity)[len(sensitivity) // 2]
+        undone = [site for site, kl in zip(sites, sensitivity, strict=True) if kl > self.multirange * median]
+        names = [site.args[0].name for site in undone]
+        for site in undone:
+            site.replace_all_uses_with(site.args[0])
+            gm.graph.erase_node(site)
+        drop_unused_constants(gm)
+        return undone, {"median_site_kl": median, "max_site_kl": max(sensitivity), "sites": len(undone),
+                        "names": names}
 
     def _finetune(self, gm: fx.GraphModule, ctx: CalibrationContext, lambdas: list[str]) -> dict:
         tensors = {name: get_tensor(gm, node) for name, node in ((n.target, n) for n in gm.graph.nodes
@@ -142,6 +180,30 @@ class QcfsPass(Pass):
         return {"steps": len(losses), "mode": self.mode, "tensors": len(tensors),
                 "kl_first": sum(losses[:window]) / window, "kl_last": sum(losses[-window:]) / window,
                 "kl_batch0_before": before, "kl_batch0_after": probe_kl(gm, teacher, ctx.batches[0])}
+
+
+def site_sensitivities(gm: fx.GraphModule, sites: list[fx.Node], batch: torch.Tensor, teacher: fx.GraphModule,
+                       progress: bool = False) -> list[float]:
+    """Per QCFS site, the KL of the logits to the teacher's on `batch` with only that site
+    quantized (the others pass their input through)."""
+    active = [-1]
+
+    def site_or_identity(x: torch.Tensor, lam: torch.Tensor, L: int, index: int) -> torch.Tensor:
+        return snn.qcfs(x, lam, L) if index == active[0] else x
+
+    probe = copy_graph_module(gm)
+    nodes = {n.name: n for n in probe.graph.nodes}
+    for index, site in enumerate(sites):
+        node = nodes[site.name]
+        node.target, node.args = site_or_identity, (*node.args, index)
+    probe.recompile()
+    with torch.no_grad():
+        teacher_logits = logits_of(teacher(batch))
+        kls = []
+        for index in tqdm(range(len(sites)), desc="site sensitivity", unit="site", disable=not progress, leave=False):
+            active[0] = index
+            kls.append(float(distillation_loss(logits_of(probe(batch)), teacher_logits)))
+    return kls
 
 
 def _private_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Spike, synaptic-operation and energy profiling of a spiking program on real input.
 
 SOPs follow the field's convention (METHODS.md): each spike adds one weight column into its
-targets, so a spike costs as many accumulates (ACs) as its neuron has targets (fan-out).
+targets, so a spike costs as many accumulates (ACs) as its neuron has targets (fan-out); a
+burst of n spikes in one step costs n.
 Energy = SOPs * E_AC + analog MACs * E_MAC, against the ANN's MACs * E_MAC.
 """
 
@@ -128,7 +129,7 @@ class _Counter(fx.Interpreter):
             return result
         p = self.profile
         if n.target in SPIKE_SOURCES:
-            self._count_train(n.name, result)
+            self._count_train(n.name, result, bursts=n.target == snn.if_encode.default)
         elif n.target == snn.spike_linear.default:
             s = self.env[n.args[0]]
             fan_out = result.shape[-1]
@@ -175,9 +176,11 @@ class _Counter(fx.Interpreter):
                                          analog_macs=macs, ann_macs=macs))
         return result
 
-    def _count_train(self, name: str, spikes: torch.Tensor) -> None:
+    def _count_train(self, name: str, spikes: torch.Tensor, bursts: bool = False) -> None:
+        """A graded spike (+-2^j of a multi-range neuron) is one event; a burst of n spikes
+        of an IF neuron counts n, as n plain spikes in n steps would."""
         p = self.profile
-        per_step = [int(torch.count_nonzero(step)) for step in spikes]
+        per_step = [int(step.abs().sum() if bursts else torch.count_nonzero(step)) for step in spikes]
         p.spikes_per_step[name] = per_step
         self.nnz[name] = sum(per_step)
         p.spikes += self.nnz[name]

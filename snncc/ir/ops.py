@@ -651,24 +651,27 @@ def _(x, a, power, thresholds, codes, T):
 # --- rate-coded integrate-and-fire neurons (the `fas` pipeline) ---------------------------
 
 
-def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> Iterator[torch.Tensor]:
-    """The T steps (int8 in {-1, 0, 1}) of signed IF neurons fed the constant current x.
+def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
+              burst: int = 1) -> Iterator[torch.Tensor]:
+    """The T steps (int8 in [-burst, burst]) of signed IF neurons fed the constant current x.
 
     Per step, in threshold units (u = x / theta, m(0) = v(0) / theta, clipped to [0, 1]):
-    m += u; at m >= 1 the neuron fires +1 and subtracts 1, at m < 0 it fires -1 and adds 1
-    (reset by subtraction). For |u| <= 1, m stays in [0, 1), so after T steps the count is
-    floor(T u + m(0)): with m(0) = 1/2 and T = L that is QCFS's floor(z L / lambda + 1/2).
-    float64 membranes; every backend steps through this one function. The three tensors
-    broadcast; the steps are flat over their joint shape (if_shape)."""
+    m += u; the neuron fires n = floor(m) spikes, at most `burst` of either sign, and
+    subtracts n (reset by subtraction). For |u| <= burst, m stays in [0, 1), so after T steps
+    the count is floor(T u + m(0)): with m(0) = 1/2 and burst * T = L that is QCFS's
+    floor(z L / lambda + 1/2) for theta = lambda / burst. burst = 1 is the plain IF neuron
+    (+1 at m >= 1, -1 at m < 0); a burst neuron (Li & Zeng, IJCAI 2022) sends up to `burst`
+    spikes in one step, so it codes burst * T levels per sign in T steps. float64 membranes;
+    every backend steps through this one function. The three tensors broadcast; the steps
+    are flat over their joint shape (if_shape)."""
     shape = if_shape(x, threshold, membrane)
     u = (x.double() / threshold.double()).expand(shape).reshape(-1)
     m = (membrane.double() / threshold.double()).clamp(0.0, 1.0).expand(shape).reshape(-1).clone()
     for _ in range(T):
         m += u
-        positive, negative = m >= 1.0, m < 0.0
-        m -= positive.double()
-        m += negative.double()
-        yield positive.to(torch.int8) - negative.to(torch.int8)
+        fired = m.floor().clamp_(-burst, burst)
+        m -= fired
+        yield fired.to(torch.int8)
 
 
 def if_shape(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor) -> torch.Size:
@@ -677,30 +680,33 @@ def if_shape(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor) -
 
 
 @torch.library.custom_op("snn::if_encode", mutates_args=())
-def if_encode(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> torch.Tensor:
-    """Signed integrate-and-fire neurons (rate code, FAS): T steps of if_spikes. The train
-    decodes to threshold * mean_t s_t (decode with rate=True)."""
-    return torch.stack(list(if_spikes(x, threshold, membrane, T))).view(T, *if_shape(x, threshold, membrane))
+def if_encode(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
+              burst: int = 1) -> torch.Tensor:
+    """Signed integrate-and-fire neurons (rate code, FAS): T steps of if_spikes, up to
+    `burst` spikes per step. The train decodes to threshold * sum_t s_t / T (decode with
+    rate=True)."""
+    return torch.stack(list(if_spikes(x, threshold, membrane, T, burst))).view(T, *if_shape(x, threshold, membrane))
 
 
 @if_encode.register_fake
-def _(x, threshold, membrane, T):
+def _(x, threshold, membrane, T, burst=1):
     return x.new_empty((T, *if_shape(x, threshold, membrane)), dtype=torch.int8)
 
 
 @torch.library.custom_op("snn::if_quantize", mutates_args=())
-def if_quantize(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int) -> torch.Tensor:
+def if_quantize(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
+                burst: int = 1) -> torch.Tensor:
     """What an if_encode train decodes to in threshold units (spike count / T), without
     the train: for the fused executor."""
     shape = if_shape(x, threshold, membrane)
     count = torch.zeros(shape.numel(), dtype=torch.float64, device=x.device)
-    for spikes in if_spikes(x, threshold, membrane, T):
+    for spikes in if_spikes(x, threshold, membrane, T, burst):
         count += spikes
     return (count / T).to(x.dtype).view(shape)
 
 
 @if_quantize.register_fake
-def _(x, threshold, membrane, T):
+def _(x, threshold, membrane, T, burst=1):
     return torch.empty(if_shape(x, threshold, membrane), dtype=x.dtype, device=x.device)
 
 

@@ -46,6 +46,17 @@ def test_fas_program_round_trips_and_runs_in_nirtorch(tmp_path):
     assert nir.read(str(path)).metadata["snncc.pipeline"] == program.info.pipeline
 
 
+def test_burst_populations_are_left_out_by_name():
+    """NIR's Threshold sends one spike per step: a fas program whose IF neurons burst (T = 4
+    < L = 8) has nothing to export and says why; with plain IF neurons it exports."""
+    loaded, ann, ctx = prepared("tiny-llama")
+    bursting = compile_graph(loaded, ann, ctx, _FAS_QUICK, 4)
+    with pytest.raises(ExportError, match="send bursts.*burst=1"):
+        to_nir(bursting)
+    plain = compile_graph(loaded, ann, ctx, f"{_FAS_QUICK},ifencode{{burst=1}}", 4)
+    assert to_nir(plain).populations
+
+
 def test_las_program_has_nothing_nir_can_express():
     loaded, ann, ctx = prepared("tiny-llama")
     program = compile_graph(loaded, ann, ctx, "las", 8)

@@ -57,7 +57,9 @@ def test_neuron_functions_spike_exactly_as_their_kernels(T):
         x = _X * 10  # reaches the outlier ranges
         assert torch.equal(_run_op("MrEncode", [x, _SCALE], {"T": T, "G": G}, 4), snn.mr_encode(x, _SCALE, T, G))
     theta, membrane = _SCALE * 0.7, _SCALE * 0.35
-    assert torch.equal(_run_op("IfEncode", [_X, theta, membrane], {"T": T}, 4), snn.if_encode(_X, theta, membrane, T))
+    for burst in (1, 3):
+        assert torch.equal(_run_op("IfEncode", [_X * burst, theta, membrane], {"T": T, "burst": burst}, 4),
+                           snn.if_encode(_X * burst, theta, membrane, T, burst))
 
 
 @pytest.mark.parametrize("T", [6, 14])

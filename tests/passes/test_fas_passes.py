@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snncc.api import compile_graph
+from snncc.errors import PipelineError
 from snncc.ir.ops import if_spikes, qcfs_levels
 from snncc.pipeline import PIPELINES, default_T, parse_pipeline
 from tests.conftest import prepared
@@ -42,10 +43,28 @@ def test_if_spike_count_is_floor_of_charge_plus_initial_membrane(T, seed):
     assert torch.equal(count, torch.floor(T * u + m0).long())
 
 
-def test_if_neurons_saturate_at_one_spike_per_step():
-    x = torch.tensor([-5.0, -1.0, 3.0, 100.0])
-    spikes = snn.if_encode(x, torch.tensor(1.0), torch.tensor(0.5), 4)
-    assert spikes.sum(0).tolist() == [-4, -4, 4, 4]
+@given(T=st.integers(1, 16), burst=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_burst_neurons_reproduce_qcfs_with_burst_times_T_levels(T, burst, seed):
+    """A burst neuron (threshold lambda / B, v(0) = theta / 2) fed a constant current codes
+    exactly QCFS with L = B T levels, clipping included (B a power of two, so that lambda / B
+    is exact in float32 and no tie can round apart)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.rand(500, generator=generator) * 2 - 1) * 3
+    lam = torch.rand(500, generator=generator) + 0.25
+    theta = lam / burst
+    count = snn.if_encode(x, theta, theta / 2, T, burst).long().sum(0)
+    assert torch.equal(count, qcfs_levels(x, lam, burst * T).long())
+    decoded = snn.decode(snn.if_encode(x, theta, theta / 2, T, burst), theta, rate=True)
+    torch.testing.assert_close(decoded, snn.qcfs(x, lam, burst * T), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("burst", [1, 3])
+def test_if_neurons_saturate_at_burst_spikes_per_step(burst):
+    x = torch.tensor([-50.0, -1.0, 3.0, 100.0])
+    spikes = snn.if_encode(x, torch.tensor(1.0), torch.tensor(0.5), 4, burst)
+    assert spikes.abs().max() == burst
+    assert spikes.sum(0).tolist() == [-4 * burst, -4, min(3 * 4, 4 * burst), 4 * burst]
 
 
 def test_qcfs_gradients_are_straight_through_inside_the_clip_range():
@@ -67,22 +86,53 @@ def test_fas_pipeline_and_its_default_T():
     assert passes[1].steps == 3 and passes[1].mode == "full" and passes[2].T == 8
 
 
-@pytest.mark.parametrize("T", [4, 8])
-def test_calibration_does_not_raise_and_off_L_lowers_the_calibration_loss(tiny_name, T):
+@pytest.mark.parametrize(("T", "burst"), [(4, 1), (8, 0), (4, 2)])
+def test_calibration_does_not_raise_and_off_L_lowers_the_calibration_loss(tiny_name, T, burst):
     loaded, ann, ctx = prepared(tiny_name)
-    program = compile_graph(loaded, ann, ctx, "fas,calibrate{layer_steps=15,neuron_steps=15,batches=2}", T)
+    spec = f"fas,ifencode{{burst={burst}}},calibrate{{layer_steps=15,neuron_steps=15,batches=2}}"
+    program = compile_graph(loaded, ann, ctx, spec, T)
     report = next(p["report"] for p in program.info.passes if p["name"] == "calibrate")
     assert report["after"]["loss"] <= report["before"]["loss"]
-    if T != 8:  # T = L starts at QCFS exactly; elsewhere there is a code mismatch to calibrate away
+    if (burst or 8 // T) * T != 8:  # B T = L starts at QCFS exactly; elsewhere a code mismatch to calibrate away
         assert report["after"]["loss"] < 0.95 * report["before"]["loss"], report
 
 
-def test_ifencode_at_T_equal_L_changes_nothing_the_qcfs_model_computes():
+@pytest.mark.parametrize(("L", "T"), [(8, 8), (8, 4), (16, 8), (12, 4)])
+def test_ifencode_at_burst_times_T_equal_L_changes_nothing_the_qcfs_model_computes(L, T):
+    """burst=0 picks B = L / T: the IF neurons run the fine-tuned QCFS model as it is, in T steps."""
     loaded, ann, ctx = prepared("tiny-llama")
     ids = torch.randint(0, 200, (1, 24))
-    qcfs_model = compile_graph(loaded, ann, ctx, "fold,qcfs{L=8}", 8)
-    snn_model = compile_graph(loaded, ann, ctx, "fold,qcfs{L=8},ifencode", 8)
+    qcfs_model = compile_graph(loaded, ann, ctx, f"fold,qcfs{{L={L}}}", T)
+    snn_model = compile_graph(loaded, ann, ctx, f"fold,qcfs{{L={L}}},ifencode", T)
+    bursts = {n.args[4] for n in snn_model.graph_module.graph.nodes if n.target == snn.if_encode.default}
+    assert bursts == {L // T}
     assert torch.equal(qcfs_model(ids), snn_model(ids))
+
+
+def test_multirange_leaves_the_most_sensitive_sites_to_multi_range_neurons():
+    loaded, ann, ctx = prepared("tiny-llama")
+    plain = compile_graph(loaded, ann, ctx, "fas,calibrate{layer_steps=0,neuron_steps=0}")
+    mixed = compile_graph(loaded, ann, ctx, "fas,qcfs{multirange=2},calibrate{layer_steps=0,neuron_steps=0}")
+    report = next(p["report"] for p in mixed.info.passes if p["name"] == "qcfs")
+    chosen = report["multirange"]
+    assert 0 < chosen["sites"] < report["sites"] and chosen["max_site_kl"] > 2 * chosen["median_site_kl"]
+
+    def sources(program, target):
+        return {n.args[0].name for n in program.graph_module.graph.nodes if n.target == target}
+
+    # every site it names is now a multi-range neuron, not an IF population; nothing is left analog
+    assert set(chosen["names"]) <= sources(mixed, snn.mr_encode.default) - sources(mixed, snn.if_encode.default)
+    assert set(chosen["names"]) <= sources(plain, snn.if_encode.default)
+    assert len(sources(mixed, snn.if_encode.default)) == len(sources(plain, snn.if_encode.default)) - chosen["sites"]
+    assert mixed.info.coverage["coverage"] == 1.0
+
+
+def test_qcfs_and_ifencode_refuse_bad_options():
+    loaded, ann, ctx = prepared("tiny-llama")
+    with pytest.raises(PipelineError, match="multirange=-1"):
+        compile_graph(loaded, ann, ctx, "fold,qcfs{multirange=-1}", 8)
+    with pytest.raises(PipelineError, match="burst=-1"):
+        compile_graph(loaded, ann, ctx, "fold,qcfs,ifencode{burst=-1}", 8)
 
 
 def test_finetuning_lowers_the_distillation_loss_resumes_and_leaves_the_ann_alone(tmp_path):
