@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
+
+from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
+
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
     """The fastest of `repeats` wall-clock timings of fn() after one untimed warm-up call:
@@ -16,3 +20,9 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def heldout_chunks(tokenizer, tokens: int, seq_len: int = 128) -> list[torch.Tensor]:
+    """`tokens` tokens of the held-out text (never used for calibration or fine-tuning) in
+    `seq_len`-token sequences: what the fidelity benchmarks score on."""
+    return token_chunks(tokenizer, read_text(HELDOUT_TEXT), seq_len, tokens)

@@ -19,8 +19,9 @@ import json
 import time
 from pathlib import Path
 
+from common import heldout_chunks
+
 from snncc.api import compile_graph, prepare
-from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
 from snncc.evaluate import evaluate
 from snncc.render import print_table
 
@@ -43,7 +44,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     loaded, ann, ctx = prepare(args.model, progress=True)
-    chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), 128, args.tokens)
+    chunks = heldout_chunks(loaded.tokenizer, args.tokens)
     tag = args.model + (f"_L{args.L}" if args.L != 8 else "") + (f"_mr{args.multirange:g}" if args.multirange else "")
     qcfs = (f"qcfs{{L={args.L},multirange={args.multirange},steps={args.steps},mode={args.mode},lr={args.lr},"
             f"checkpoint={args.out / f'fas_{tag}_finetune.pt'},"

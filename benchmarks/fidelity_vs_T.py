@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import heldout_chunks
 
 from snncc.api import compile_graph, prepare
-from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
 from snncc.evaluate import evaluate
 from snncc.render import print_table
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded, ann, ctx = prepare(args.model, calib_tokens=args.calib_tokens)
-    chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), 128, args.tokens)
+    chunks = heldout_chunks(loaded.tokenizer, args.tokens)
     rows = []
     for T in args.T:
         start = time.perf_counter()

@@ -1,0 +1,85 @@
+"""fas variants before fine-tuning: perplexity against energy, one row per pipeline spec.
+
+    python benchmarks/fas_variants.py                      # the default specs below, T = 8
+    python benchmarks/fas_variants.py --specs "fas,qcfs{L=16}" "fas,qcfs{L=16,multirange=4}"
+
+Each spec is compiled without fine-tuning or calibration (what the levels L, burst neurons
+and multi-range sites do by themselves) and scored on held-out text: perplexity ratio and
+top-1 agreement against the ANN, spikes per activation and energy (45 nm) from the profile
+of the first sequence. Prints one JSON object per row, a table and a summary line; writes
+JSON and a plot of perplexity ratio against energy (the accuracy/energy trade-off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import heldout_chunks
+
+from snncc.api import compile_graph, prepare
+from snncc.evaluate import evaluate
+from snncc.render import print_table
+
+_NO_CALIBRATION = "calibrate{layer_steps=0,neuron_steps=0}"
+DEFAULT_SPECS = ("fas,qcfs{L=8}", "fas,qcfs{L=8,multirange=4}", "fas,qcfs{L=16}", "fas,qcfs{L=16,multirange=8}",
+                 "fas,qcfs{L=16,multirange=4}", "fas,qcfs{L=16,multirange=2}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--specs", nargs="+", default=list(DEFAULT_SPECS))
+    parser.add_argument("--T", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=512, help="held-out tokens to score")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    loaded, ann, ctx = prepare(args.model, progress=True)
+    chunks = heldout_chunks(loaded.tokenizer, args.tokens)
+    rows = []
+    for spec in args.specs:
+        program = compile_graph(loaded, ann, ctx, f"{spec},{_NO_CALIBRATION}", args.T)
+        qcfs = next(p["report"] for p in program.info.passes if p["name"] == "qcfs")
+        row = evaluate(program, loaded.module, chunks, progress=True)
+        row.update(program.profile(chunks[0]).totals())
+        row.update(spec=spec, qcfs_sites=qcfs["sites"], multirange_sites=qcfs.get("multirange", {}).get("sites", 0))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    path = args.out / f"fas_variants_{args.model}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    _plot(rows, args.out / f"fas_variants_{args.model}.png", f"{args.model} fas at T = {args.T}, before fine-tuning")
+    print_table(["spec", "multi-range sites", "ppl ratio", "top-1", "spikes/act", "energy ratio"],
+                [[r["spec"], f"{r['multirange_sites']}/{r['qcfs_sites']}", f"{r['ppl_ratio']:.4f}",
+                  f"{r['top1_agreement']:.4f}", f"{r['spikes_per_neuron']:.2f}", f"{r['energy_ratio']:.3f}"]
+                 for r in rows])
+    best = min(rows, key=lambda r: r["ppl_ratio"])
+    print(f"summary: best before fine-tuning {best['spec']}: ppl ratio {best['ppl_ratio']:.3f} "
+          f"at {best['energy_ratio']:.3f} of the ANN's energy (T = {args.T}; {path})")
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.scatter(row["energy_ratio"], row["ppl_ratio"])
+        ax.annotate(row["spec"].removeprefix("fas,"), (row["energy_ratio"], row["ppl_ratio"]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("energy SNN / ANN (45 nm)")
+    ax.set_ylabel("perplexity ratio SNN / ANN")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
