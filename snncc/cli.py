@@ -168,18 +168,20 @@ def _print_reports(records: list[dict]) -> None:
               help="train every weight and the QCFS lambdas, or the lambdas only")
 @click.option("--lr", type=float, default=2e-5, show_default=True, help="learning rate of the weights")
 @click.option("-L", "L", type=int, default=8, show_default=True, help="QCFS quantization levels")
+@click.option("--multirange", type=float, default=0.0, show_default=True,
+              help="leave sites more sensitive than this x the median site to multi-range neurons (0: none)")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="save the loss curve here (PNG)")
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help="text to fine-tune on (default: snncc's packaged dev text)")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="tokens of that text to use")
 @_fail_cleanly
-def finetune_cmd(model, checkpoint, steps, mode, lr, L, plot, calib, calib_tokens):
+def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib, calib_tokens):
     """Fine-tune MODEL with QCFS activations by distillation from itself (FAS stage 1)."""
     from snncc.api import compile_graph
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
-    options = f"L={L},steps={steps},mode={mode},lr={lr},checkpoint={checkpoint}"
+    options = f"L={L},multirange={multirange:g},steps={steps},mode={mode},lr={lr},checkpoint={checkpoint}"
     qcfs = f"qcfs{{{options}}}"
     spec = f"fold,qcfs{{{options},plot={plot}}}" if plot else f"fold,{qcfs}"
     loaded, ann, ctx = _prepare(model, spec, None, calib, calib_tokens)

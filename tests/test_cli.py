@@ -99,3 +99,14 @@ def test_export_onnx_and_nir_from_an_artifact(tmp_path):
     assert result.exit_code == 0, result.output
     assert "warning: NIR holds" in result.stderr and "left out" in result.stderr
     assert "read back with nir" in result.stdout and (tmp_path / "m.nir").is_file()
+
+
+def test_finetune_writes_a_checkpoint_and_prints_the_spec_that_compiles_with_it(tmp_path):
+    checkpoint = tmp_path / "ft.pt"
+    out = _run("finetune", "tiny-llama", "--checkpoint", str(checkpoint), "--steps", "2", "-L", "16",
+               "--multirange", "2", "--calib-tokens", "512")
+    assert checkpoint.exists()
+    spec = out.strip().splitlines()[-1].split("--passes ")[-1].strip("'")
+    assert spec.startswith("fas,qcfs{L=16,multirange=2,steps=2,")
+    compiled = _run("compile", "tiny-llama", "--passes", spec, "--calib-tokens", "512", "-o", str(tmp_path / "a.snn"))
+    assert "coverage" in compiled and (tmp_path / "a.snn").exists()
