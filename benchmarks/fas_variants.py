@@ -40,6 +40,7 @@ def main() -> None:
     loaded, ann, ctx = prepare(args.model, progress=True)
     chunks = heldout_chunks(loaded.tokenizer, args.tokens)
     rows = []
+    path = args.out / f"fas_variants_{args.model}.json"
     for spec in args.specs:
         program = compile_graph(loaded, ann, ctx, f"{spec},{_NO_CALIBRATION}", args.T)
         qcfs = next(p["report"] for p in program.info.passes if p["name"] == "qcfs")
@@ -48,8 +49,7 @@ def main() -> None:
         row.update(spec=spec, qcfs_sites=qcfs["sites"], multirange_sites=qcfs.get("multirange", {}).get("sites", 0))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    path = args.out / f"fas_variants_{args.model}.json"
-    path.write_text(json.dumps(rows, indent=1))
+        path.write_text(json.dumps(rows, indent=1))  # after every row: a long run keeps what it measured
     _plot(rows, args.out / f"fas_variants_{args.model}.png", f"{args.model} fas at T = {args.T}, before fine-tuning")
     print_table(["spec", "multi-range sites", "ppl ratio", "top-1", "spikes/act", "energy ratio"],
                 [[r["spec"], f"{r['multirange_sites']}/{r['qcfs_sites']}", f"{r['ppl_ratio']:.4f}",
