@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
 from snncc.finetune import distillation_loss, logits_of
-from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
+from snncc.ir.rewrite import get_tensor, rewired_copy, set_tensor
 from snncc.pipeline import Pass, PassResult, register_pass
 
 snn = torch.ops.snn
@@ -94,16 +94,7 @@ def if_sites(gm: fx.GraphModule) -> list[_Site]:
 
 def _rewired(gm: fx.GraphModule, sites: list[_Site], fn) -> fx.GraphModule:
     """A copy of gm in which site i's decoded train is fn(x, i)."""
-    copy = copy_graph_module(gm)
-    nodes = {n.name: n for n in copy.graph.nodes}
-    for i, site in enumerate(sites):
-        old = nodes[site.decoded.name]
-        with copy.graph.inserting_before(old):
-            new = copy.graph.call_function(fn, (nodes[site.x.name], i))
-        old.replace_all_uses_with(new)
-    copy.graph.eliminate_dead_code()
-    copy.recompile()
-    return copy
+    return rewired_copy(gm, [(site.decoded, site.x) for site in sites], fn)
 
 
 class _Neurons(torch.nn.Module):

@@ -44,14 +44,7 @@ from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.finetune import FinetuneConfig, distillation_loss, finetune, logits_of, probe_kl
 from snncc.ir.analysis import activation_product, capture, data_dependent_nodes, weight_linear
-from snncc.ir.rewrite import (
-    add_constant,
-    copy_graph_module,
-    drop_unused_constants,
-    first_reader,
-    get_tensor,
-    set_tensor,
-)
+from snncc.ir.rewrite import add_constant, drop_unused_constants, first_reader, get_tensor, rewired_copy, set_tensor
 from snncc.passes.attention import is_probability
 from snncc.passes.encode import Encoders, calib_name
 from snncc.passes.nonlinear import function_regions, normalizer
@@ -148,7 +141,6 @@ class QcfsPass(Pass):
     def _leave_to_multirange(self, gm: fx.GraphModule, ctx: CalibrationContext,
                              sites: list[fx.Node]) -> tuple[list[fx.Node], dict]:
         """Undo the sites whose sensitivity exceeds `multirange` x the median's: (them, a report)."""
-        gm.recompile()
         sensitivity = site_sensitivities(gm, sites, ctx.batches[0], ctx.teacher or ctx.ann, ctx.progress)
         median = sorted(sensitivity)[len(sensitivity) // 2]
         undone = [site for site, kl in zip(sites, sensitivity, strict=True) if kl > self.multirange * median]
@@ -186,17 +178,13 @@ def site_sensitivities(gm: fx.GraphModule, sites: list[fx.Node], batch: torch.Te
                        progress: bool = False) -> list[float]:
     """Per QCFS site, the KL of the logits to the teacher's on `batch` with only that site
     quantized (the others pass their input through)."""
+    lambdas = [get_tensor(gm, site.args[1]) for site in sites]
     active = [-1]
 
-    def site_or_identity(x: torch.Tensor, lam: torch.Tensor, L: int, index: int) -> torch.Tensor:
-        return snn.qcfs(x, lam, L) if index == active[0] else x
+    def site_or_identity(x: torch.Tensor, index: int) -> torch.Tensor:
+        return snn.qcfs(x, lambdas[index], sites[index].args[2]) if index == active[0] else x
 
-    probe = copy_graph_module(gm)
-    nodes = {n.name: n for n in probe.graph.nodes}
-    for index, site in enumerate(sites):
-        node = nodes[site.name]
-        node.target, node.args = site_or_identity, (*node.args, index)
-    probe.recompile()
+    probe = rewired_copy(gm, [(site, site.args[0]) for site in sites], site_or_identity)
     with torch.no_grad():
         teacher_logits = logits_of(teacher(batch))
         kls = []

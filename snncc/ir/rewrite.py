@@ -81,6 +81,21 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(root, graph)
 
 
+def rewired_copy(gm: fx.GraphModule, sites: list[tuple[fx.Node, fx.Node]], fn) -> fx.GraphModule:
+    """A copy of gm in which, for each (node, input) of `sites`, node i's value is fn(input, i):
+    a way to run a graph with some sites swapped for Python code (calibration, probes)."""
+    copy = copy_graph_module(gm)
+    nodes = {n.name: n for n in copy.graph.nodes}
+    for i, (node, value) in enumerate(sites):
+        old = nodes[node.name]
+        with copy.graph.inserting_before(old):
+            new = copy.graph.call_function(fn, (nodes[value.name], i))
+        old.replace_all_uses_with(new)
+    copy.graph.eliminate_dead_code()
+    copy.recompile()
+    return copy
+
+
 def first_reader(x: fx.Node) -> fx.Node:
     """Where a node computed from x goes: right after x (after the inputs, if x is one),
     before every reader of x."""
