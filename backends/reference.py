@@ -60,6 +60,10 @@ def _place_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
         if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
             node.update_kwarg("device", device)
             changed = True
+        for i, arg in enumerate(node.args):  # aten.to.device(x, device, dtype): traced rotary tables
+            if isinstance(arg, torch.device) and arg != device:
+                node.update_arg(i, device)
+                changed = True
     if changed:
         gm.recompile()
     return gm.to(device)

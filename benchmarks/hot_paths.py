@@ -3,16 +3,18 @@
     python benchmarks/hot_paths.py --model smollm2-135m --passes las --tokens 128
 
 Prints, per runner, the ops with the most self CPU time (JSON lines, then a table) and
-writes them to benchmarks/results/hot_paths_MODEL_PASSES.json.
+writes them to benchmarks/results/hot_paths_MODEL_PASSES_DEVICE.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 import torch
+from common import SMOLLM2_SHAPED, benchmark_model
 from torch.profiler import ProfilerActivity, profile
 
 from snncc.api import compile_graph, prepare
@@ -20,20 +22,28 @@ from snncc.backends import create_executor
 from snncc.render import print_table
 
 
-def top_ops(fn, count: int) -> tuple[float, list[dict]]:
-    """Total and per-op self CPU milliseconds of one call of fn (after a warm-up call)."""
+def top_ops(fn, count: int, cuda: bool) -> tuple[float, list[dict]]:
+    """Total and per-op self milliseconds of one call of fn (after a warm-up call): CPU time,
+    or on CUDA the kernels' device time, where a GPU forward spends it."""
     fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         fn()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) / 1e3
-    return total, [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count,
-                    "share": e.self_cpu_time_total / 1e3 / total} for e in events[:count]]
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) / 1e3
+    return total, [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "calls": e.count,
+                    "share": getattr(e, key) / 1e3 / total} for e in events[:count]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help=f"a model snncc loads, or {SMOLLM2_SHAPED} (random weights, no package needed)")
+    parser.add_argument("--layers", type=int, default=30, help=f"blocks of {SMOLLM2_SHAPED}")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--passes", default="las")
     parser.add_argument("-T", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=128)
@@ -42,22 +52,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    loaded, ann, ctx = prepare(args.model, calib_tokens=1024)
+    loaded, ann, ctx = prepare(benchmark_model(args.model, args.layers), calib_tokens=1024)
     program = compile_graph(loaded, ann, ctx, args.passes, args.T)
     ids = torch.randint(0, 256, (1, args.tokens))
-    runners = {"ANN": lambda: loaded.module(ids)}
+    ann_module, ann_ids = copy.deepcopy(loaded.module).to(args.device), ids.to(args.device)
+    runners = {"ANN": lambda: ann_module(ann_ids)}
     for mode in args.modes:
-        runners[f"SNN {mode}"] = lambda e=create_executor(program.graph_module, "reference", "cpu", mode): e(ids)
-    result = {"model": args.model, "passes": args.passes, "T": program.T, "tokens": args.tokens, "runners": {}}
+        runners[f"SNN {mode}"] = lambda e=create_executor(program.graph_module, "reference", args.device, mode): e(ids)
+    result = {"model": args.model, "device": args.device, "passes": args.passes, "T": program.T,
+              "tokens": args.tokens, "runners": {}}
     with torch.no_grad():
         for name, fn in runners.items():
-            total, ops = top_ops(fn, args.top)
+            total, ops = top_ops(fn, args.top, args.device.startswith("cuda"))
             result["runners"][name] = {"self_ms": total, "top": ops}
             print(json.dumps({"runner": name, "self_ms": total, "top": ops[:3]}))
             print_table([f"{name}: op", "self ms", "calls", "share"],
                         [[o["op"], f"{o['self_ms']:.1f}", o["calls"], f"{o['share']:.1%}"] for o in ops])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"hot_paths_{args.model}_{args.passes}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"hot_paths_{args.model}_{args.passes}_{args.device}.json").write_text(json.dumps(result, indent=1))
     shares = ", ".join(f"{name} {r['self_ms']:.0f} ms (top: {r['top'][0]['op']})"
                        for name, r in result["runners"].items())
     print(f"summary: {args.model} {args.passes} T={program.T}, {args.tokens} tokens: {shares}")

@@ -174,7 +174,7 @@ def fidelity_section(data: dict) -> list[str]:
 SECTIONS = [
     ("compile_time_smollm2-135m_las.json", "compile_time", compile_section),
     ("executor_speed_cpu.json", "executor_speed", speed_section),
-    ("hot_paths_smollm2-135m_las.json", "hot_paths", hot_paths_section),
+    ("hot_paths_smollm2-135m_las_cpu.json", "hot_paths", hot_paths_section),
     ("executor_memory_fused.json", "executor_memory", memory_section),
     ("generation_smollm2-135m_las.json", "generation", generation_section),
     ("event_scaling.json", "event_scaling", event_section),

@@ -63,18 +63,35 @@ def _clean(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _export(module: torch.nn.Module, max_positions: int,
+            hint: bool = False) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic (batch, sequence) input. Named dims first; where torch
+    cannot prove a guard the model raises on them (torch 2.11 on transformers' attention masks:
+    min(64 s, 192 s) == 64 s), AUTO dims, which keep such guards as runtime checks. Either way
+    both dims must come out dynamic: a program traced for one shape would silently refuse others."""
+    example = torch.randint(0, 2, _EXAMPLE_SHAPE)
+    if hint:
+        dims = {"input_ids": {0: Dim.AUTO(min=1, max=MAX_BATCH), 1: Dim.AUTO(min=1, max=max_positions)}}
+    else:
+        dims = {"input_ids": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=max_positions)}}
+    try:
+        exported = torch.export.export(module, (example,), dynamic_shapes=dims)
+    except torch._dynamo.exc.UserError:
+        if hint:
+            raise
+        return _export(module, max_positions, hint=True)
+    user_input = exported.graph_signature.user_inputs[0]
+    shape = next(n for n in exported.graph.nodes if n.name == user_input).meta["val"].shape
+    if any(isinstance(size, int) for size in shape):
+        raise ModelError(f"torch.export fixed the input shape to {tuple(shape)}; snncc needs batch and length dynamic")
+    return exported
+
+
 def trace(model: LoadedModel) -> fx.GraphModule:
     """Export `model` with a dynamic (batch, sequence) input and return the ANN graph."""
-    example = torch.randint(0, 2, _EXAMPLE_SHAPE)
-    dims = {
-        "input_ids": {
-            0: Dim("batch", min=1, max=MAX_BATCH),
-            1: Dim("seq", min=1, max=model.max_positions),
-        }
-    }
     try:
         with torch.no_grad():
-            exported = torch.export.export(model.module, (example,), dynamic_shapes=dims)
+            exported = _export(model.module, model.max_positions)
     except Exception as exc:
         raise ModelError(f"torch.export could not trace '{model.name}': {first_line(exc)}") from exc
     gm = _clean(exported.module())

@@ -1,4 +1,5 @@
-"""The reference executor on CUDA matches the CPU (runs only where a GPU is present)."""
+"""The reference executor on another device: CUDA matches the CPU (where a GPU is present);
+on the meta device, which exists everywhere, every tensor of a program follows it."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import pytest
 import torch
 
 from snncc.api import compile_graph
+from snncc.backends import create_executor
 from snncc.ir.ops import execution_mode
+from snncc.ir.rewrite import copy_graph_module
+from snncc.models import CAUSAL_LM
 from tests.conftest import heldout_ids, prepared
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
+@needs_cuda
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
 @pytest.mark.parametrize("mode", ["fused", "unrolled"])
 def test_cuda_matches_cpu(name, mode):
@@ -26,3 +31,19 @@ def test_cuda_matches_cpu(name, mode):
     program.to("cpu")
     # Float order differs on the GPU; at T = 24 a flipped code is worth ~1e-6 of a range.
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
+@pytest.mark.parametrize("mode", ["fused", "unrolled"])
+def test_program_follows_the_device(name, mode):
+    """A tensor the executor leaves on the CPU (a traced `aten.to(x, device)` of llama's rotary
+    table, say) fails against meta weights as it would against CUDA ones."""
+    loaded, ann, ctx = prepared(name)
+    program = compile_graph(loaded, ann, ctx, "las", 8)
+    executor = create_executor(copy_graph_module(program.graph_module), "reference", "meta", mode)
+    ids = heldout_ids(name)[:1, :9]
+    assert executor(ids).device.type == "meta"
+    if loaded.task == CAUSAL_LM:
+        _, past = executor.step(ids, None, 0)
+        logits, _ = executor.step(ids[:, :1], past, ids.shape[1])
+        assert logits.device.type == "meta"

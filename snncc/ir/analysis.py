@@ -87,9 +87,12 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-    """Record concrete shapes for an input of `input_shape` without computing (fake tensors)."""
+    """Record concrete shapes for an input of `input_shape` without computing (fake tensors).
+    The input sits on the weights' device: fake tensors check devices as real ones do."""
+    weights = next(iter([*gm.parameters(), *gm.buffers()]), None)
+    device = weights.device if weights is not None else torch.device("cpu")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        example = mode.from_tensor(torch.zeros(input_shape, dtype=torch.long))
+        example = mode.from_tensor(torch.zeros(input_shape, dtype=torch.long, device=device))
         _ShapeRecorder(gm).run(example)
 
 
