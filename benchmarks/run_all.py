@@ -99,6 +99,31 @@ def speed_section(data: dict) -> list[str]:
             "", "![executor speed](benchmarks/results/executor_speed_cpu.png)"]
 
 
+def gpu_section(speed: dict) -> list[str]:
+    """The device run (benchmarks/gpu_check.sh): executor speed, generation and hot paths on CUDA."""
+    lines = [f"On the GPU (`bash benchmarks/gpu_check.sh` on the device machine, {speed['machine']}; a "
+             f"{speed['model']} Llama with random weights, since the weights cannot travel there):", "",
+             *_table(["runner", "tokens", "T", "seconds", "x ANN", "x ANN / T"],
+                     [[r["runner"], r["tokens"], r["T"] or "", f"{r['seconds']:.4f}", f"{r['x_ann']:.2f}",
+                       f"{r['x_ann'] / r['T']:.2f}" if r["T"] else ""] for r in speed["rows"]])]
+    generation = _load(f"generation_{speed['model']}_las_cuda.json")
+    if generation is not None:
+        rates = ", ".join(f"{r['runner']} {r['tokens_per_s']:.1f} tokens/s" for r in generation["rows"])
+        snn = _runner(generation, "SNN fused cached")["x_ann_cached_speed"]
+        lines += ["", f"Generation there ({generation['new_tokens']} new tokens, `las` T = {generation['T']}): "
+                  f"{rates}; SNN/ANN tokens/s with the cache: {snn:.2f}."]
+    hot = _load(f"hot_paths_{speed['model']}_las_cuda.json")
+    if hot is not None:
+        lines += ["", "Kernel time (torch.profiler, device self time) of one forward there: " + ", ".join(
+            f"{name} {runner['self_ms']:.0f} ms" for name, runner in hot["runners"].items())
+            + ": the rest of the wall time above is the host launching small kernels."]
+    return lines
+
+
+def _runner(data: dict, name: str) -> dict:
+    return next(r for r in data["rows"] if r["runner"] == name)
+
+
 def memory_section(data: dict) -> list[str]:
     rows = data["rows"]
     lengths = sorted({r["length"] for r in rows})
@@ -175,6 +200,7 @@ SECTIONS = [
     ("compile_time_smollm2-135m_las.json", "compile_time", compile_section),
     ("executor_speed_cpu.json", "executor_speed", speed_section),
     ("hot_paths_smollm2-135m_las_cpu.json", "hot_paths", hot_paths_section),
+    ("executor_speed_cuda.json", "gpu_check.sh (device machine)", gpu_section),
     ("executor_memory_fused.json", "executor_memory", memory_section),
     ("generation_smollm2-135m_las.json", "generation", generation_section),
     ("event_scaling.json", "event_scaling", event_section),
