@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from snncc.ir.kernels import kernels_for
+
 MAX_T = 32
 
 # "fused": decode each train once, then one matmul (exact by linearity of the synapses).
@@ -153,7 +155,14 @@ def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
 def _mr_quantize_float32(u: torch.Tensor, T: int, G: int) -> torch.Tensor:
     """mr_quantize in a few float32 and int32 passes for T <= 22, bit-identical to
     multi_range_code: the code is floor(|u| 2^(T-j) + 1/2) capped at the top code, and every
-    product is by a power of two built from its bits."""
+    product is by a power of two built from its bits. One compiled pass on the CPU."""
+    compiled = kernels_for(u)
+    if compiled is not None:
+        return compiled.mr_quantize(u.contiguous(), T, G, _limit_mantissa(ternary_limit(T)), ternary_max_code(T))
+    return _mr_quantize_torch(u, T, G)
+
+
+def _mr_quantize_torch(u: torch.Tensor, T: int, G: int) -> torch.Tensor:
     a = u.float().abs()
     j = _range_index32(a, ternary_limit(T), G)
     code = torch.floor(a.mul_(_power_of_two(T - j)).add_(0.5)).clamp_(max=ternary_max_code(T))
@@ -191,8 +200,12 @@ def _range_index32(a: torch.Tensor, limit: float, G: int) -> torch.Tensor:
     """range_index of float32 a >= 0 as int32, from the bits: the biased exponent is e + 126,
     and m >= limit compares the two 23-bit mantissas."""
     bits = a.view(torch.int32)
-    limit_mantissa = int(torch.tensor(limit, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
-    return (bits >> 23).sub_(126).add_(torch.bitwise_and(bits, 0x7FFFFF) >= limit_mantissa).clamp_(0, G)
+    return (bits >> 23).sub_(126).add_(torch.bitwise_and(bits, 0x7FFFFF) >= _limit_mantissa(limit)).clamp_(0, G)
+
+
+def _limit_mantissa(limit: float) -> int:
+    """The 23 mantissa bits of float32 `limit`."""
+    return int(torch.tensor(limit, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
 
 
 @mr_encode.register_fake
@@ -373,8 +386,7 @@ def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
     flat = x.reshape(-1, x.shape[-1]).float()
     guide = _guide_for(thresholds, bucket) if T <= TABLE_MAX_BITS else None
     if guide is not None:  # all channels at once: each reads its own table's guide
-        index = _guided_interval(flat, guide)
-        return codes.reshape(-1).take(index + bucket * codes.shape[1]).view(x.shape)
+        return _guided_codes(flat.contiguous(), guide, codes.reshape(-1), bucket * codes.shape[1]).view(x.shape)
     out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
     for b in torch.unique(bucket).tolist():
         columns = torch.nonzero(bucket == b).squeeze(1)
@@ -384,7 +396,22 @@ def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
 
 def _lookup(x: torch.Tensor, tables: torch.Tensor, row: int, codes: torch.Tensor, T: int) -> torch.Tensor:
     """Table `row`'s codes for membranes x: the interval among its sorted thresholds, refined."""
+    guide = _guide_for(tables, row)
+    if guide is not None and T <= TABLE_MAX_BITS and x.dtype == torch.float32:  # nothing to refine
+        zero = torch.zeros(1, dtype=torch.int64, device=x.device)
+        return _guided_codes(x.reshape(-1, 1), guide, codes, zero).view(x.shape)
     return _refined(x, _interval(x, tables, row), tables[row], codes, T)
+
+
+def _guided_codes(x: torch.Tensor, guide: _Guide, codes: torch.Tensor, code_base: torch.Tensor) -> torch.Tensor:
+    """codes[code_base[c] + interval] for contiguous float32 x (N, C), the interval found
+    through the guide (code_base: one start per channel of the flat codes, or one for all)."""
+    compiled = kernels_for(x)
+    if compiled is not None and codes.dtype == torch.int64:
+        fields = [torch.as_tensor(getattr(guide, name), dtype=torch.int32).reshape(-1) for name in _PER_TABLE]
+        return compiled.table_codes(x, *fields, guide.starts, guide.padded, guide.width, guide.padded_table,
+                                    codes.contiguous(), code_base.reshape(-1).long().contiguous())
+    return codes.take(_guided_interval(x, guide) + code_base)
 
 
 class _Guide(NamedTuple):
@@ -411,7 +438,7 @@ class _Guide(NamedTuple):
 _PER_TABLE = _Guide._fields[:7]  # the fields a stacked guide holds per channel
 
 
-_GUIDE_WIDTHS = (1, 2, 4)
+_GUIDE_WIDTHS = (1, 2, 4, 8)
 _GUIDE_MAX_BUCKETS = 1 << 19
 _GUIDES_KEPT = 64  # distinct tables whose guides stay cached (a program shares a few dozen)
 _remembered_by: dict[int, tuple[weakref.ref, dict]] = {}  # id(tensor) -> (tensor, its cache)

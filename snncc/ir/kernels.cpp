@@ -1,0 +1,140 @@
+// One-pass CPU kernels for the two neurons the fused executor evaluates most (snncc.ir.kernels).
+//
+// Each is the element-wise body of a chain of PyTorch ops in snncc/ir/ops.py, written as one
+// loop so a value is read and written once instead of once per op; the results are bit for
+// bit those of the PyTorch chain (tests/ir/test_kernels.py). Built with -ffp-contract=off:
+// a fused multiply-add would round differently.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;
+
+inline int32_t bits_of(float value) {
+    int32_t bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+inline float float_of(int32_t bits) {
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+// a - b wrapping around as torch's int32 arithmetic does (signed overflow is undefined in C++).
+inline int32_t wrapping_sub(int32_t a, int32_t b) {
+    return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b));
+}
+
+// 2^e for int32 e in [-126, 127], from its bits (ops._power_of_two).
+inline float power_of_two(int32_t e) { return float_of((e + 127) << 23); }
+
+// ops._mr_quantize_float32 over n values: the multi-range code of |u| in its range 2^j, capped
+// at the top code, scaled back, with u's sign. Branch-free, so GCC vectorizes it.
+void mr_quantize_values(const float* __restrict__ in, float* __restrict__ res, int64_t n, int32_t T, int32_t G,
+                        int32_t limit_mantissa, float top) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float a = std::fabs(in[i]);
+        const int32_t bits = bits_of(a);
+        const int32_t j = std::min(std::max((bits >> 23) - 126 + ((bits & 0x7FFFFF) >= limit_mantissa), 0), G);
+        const float rounded = a * power_of_two(T - j) + 0.5f;  // >= 1/2, or NaN (no FMA: -ffp-contract=off)
+        // min(floor(rounded), top), NaN kept as torch.clamp keeps it: below the top code
+        // (< 2^23) truncation is floor, and needs no libm call.
+        const bool nan = rounded != rounded;
+        const float capped = nan ? 0.0f : std::min(rounded, top);
+        const float code = nan ? rounded : static_cast<float>(static_cast<int32_t>(capped));
+        res[i] = std::copysign(code * power_of_two(j - T), in[i]);
+    }
+}
+
+torch::Tensor mr_quantize(torch::Tensor u, int64_t T, int64_t G, int64_t limit_mantissa, double top_code) {
+    TORCH_CHECK(u.scalar_type() == torch::kFloat32 && u.is_contiguous() && u.device().is_cpu(),
+                "mr_quantize kernel: contiguous float32 CPU input");
+    auto out = torch::empty_like(u);
+    const float* in = u.data_ptr<float>();
+    float* res = out.data_ptr<float>();
+    at::parallel_for(0, u.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        mr_quantize_values(in + begin, res + begin, end - begin, static_cast<int32_t>(T), static_cast<int32_t>(G),
+                           static_cast<int32_t>(limit_mantissa), static_cast<float>(top_code));
+    });
+    return out;
+}
+
+// A guide field: one value for all channels (numel 1) or one per channel of the last dim.
+struct Field {
+    const int32_t* data;
+    bool per_channel;
+    int32_t at(int64_t channel) const { return data[per_channel ? channel : 0]; }
+};
+
+Field field(const torch::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous(), "guide fields are contiguous int32");
+    return {t.data_ptr<int32_t>(), t.numel() != 1};
+}
+
+// ops._guided_interval followed by the code lookup of ops.table_codes: for x (N, C), the
+// code of the interval among its channel's table thresholds that each value lies in.
+// code_base (numel 1 or C) is where the channel's table starts in the flat codes.
+torch::Tensor table_codes(torch::Tensor x, torch::Tensor shift, torch::Tensor first, torch::Tensor floor_,
+                          torch::Tensor last, torch::Tensor base, torch::Tensor offset, torch::Tensor length,
+                          torch::Tensor starts, torch::Tensor padded, int64_t width, bool padded_table,
+                          torch::Tensor codes, torch::Tensor code_base) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.device().is_cpu(),
+                "table_codes kernel: contiguous (N, C) float32 CPU input");
+    TORCH_CHECK(starts.scalar_type() == torch::kInt32 && padded.scalar_type() == torch::kFloat32 &&
+                codes.scalar_type() == torch::kInt64 && code_base.scalar_type() == torch::kInt64 &&
+                starts.is_contiguous() && padded.is_contiguous() && codes.is_contiguous() &&
+                code_base.is_contiguous(), "table_codes kernel: bad table dtypes");
+    const int64_t channels = x.size(1);
+    const Field f_shift = field(shift), f_first = field(first), f_floor = field(floor_), f_last = field(last),
+                f_base = field(base), f_offset = field(offset), f_length = field(length);
+    const int64_t* code_start = code_base.data_ptr<int64_t>();
+    const bool code_per_channel = code_base.numel() != 1;
+    auto out = torch::empty(x.sizes(), x.options().dtype(torch::kInt64));
+    const float* in = x.data_ptr<float>();
+    const int32_t* start_of = starts.data_ptr<int32_t>();
+    const float* thresholds = padded.data_ptr<float>();
+    const int64_t* code = codes.data_ptr<int64_t>();
+    int64_t* res = out.data_ptr<int64_t>();
+    const int64_t rows = x.size(0);
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1)), [&](int64_t begin,
+                                                                                                  int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+            for (int64_t c = 0; c < channels; ++c) {
+                const int64_t i = row * channels + c;
+                const float value = in[i] + 0.0f;  // -0 -> +0
+                const int32_t bits = bits_of(value);
+                const int32_t sign = bits >> 31;
+                int32_t magnitude = (bits & 0x7FFFFFFF) - f_floor.at(c);
+                magnitude = magnitude < 0 ? 0 : magnitude;
+                const int32_t key = (magnitude ^ sign) - sign;
+                int32_t bucket = wrapping_sub(key >> f_shift.at(c), f_first.at(c));
+                bucket = bucket < 0 ? 0 : bucket;
+                bucket = bucket > f_last.at(c) ? f_last.at(c) : bucket;
+                const int64_t start = static_cast<int64_t>(start_of[bucket + f_base.at(c)]) + f_offset.at(c);
+                int64_t index = start;
+                for (int64_t k = 0; k < width; ++k) index += thresholds[start + k] <= value ? 1 : 0;
+                index -= f_offset.at(c);
+                if (padded_table && std::isinf(value) && value > 0) index = f_length.at(c);
+                res[i] = code[code_start[code_per_channel ? c : 0] + index];
+            }
+        }
+    });
+    return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("mr_quantize", &mr_quantize, "multi-range quantizer, one pass");
+    m.def("table_codes", &table_codes, "table neuron codes through a guide, one pass");
+}

@@ -1,0 +1,52 @@
+"""Compiled one-pass CPU kernels for the neurons the fused executor evaluates most (kernels.cpp).
+
+The multi-range quantizer and the table-neuron lookup are chains of ten to thirty PyTorch
+element-wise ops; on the CPU each op streams the whole tensor through memory, so the chain
+costs more than the matmuls around it. kernels.cpp runs each chain as one loop. The PyTorch
+chains in snncc.ir.ops stay the definition: the kernels equal them bit for bit (tested) and
+they remain the path on CUDA, for float64, and wherever the kernels cannot be built.
+
+Built on first use by torch.utils.cpp_extension (a C++ compiler and ninja: about a minute
+once, then cached by torch). SNNCC_KERNELS=0 switches them off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from snncc.errors import first_line
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("kernels.cpp")
+
+
+@functools.cache
+def _compiled() -> ModuleType | None:
+    if os.environ.get("SNNCC_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("building snncc's C++ kernels (once; torch caches the build)")
+        # No FMA contraction (it rounds differently from torch's separate ops); no trapping
+        # math, so the branch-free loops vectorize (results are the same, only FP flags differ).
+        return load(name="snncc_kernels", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch path stays
+        log.warning("snncc's C++ kernels could not be built (%s); the fused executor takes its slower "
+                    "PyTorch path (install g++ and ninja to build them)", first_line(exc))
+        return None
+
+
+def kernels_for(x: torch.Tensor) -> ModuleType | None:
+    """The compiled kernels where they apply to x (a float32 CPU tensor), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return _compiled()

@@ -1,0 +1,83 @@
+"""The compiled CPU kernels (snncc/ir/kernels.cpp) equal the PyTorch chains they replace, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import snncc.ir.ops as ops
+from snncc.api import compile_graph
+from snncc.ir.kernels import _compiled
+from tests.conftest import prepared
+
+pytestmark = pytest.mark.skipif(_compiled() is None, reason="the C++ kernels cannot be built here")
+snn = torch.ops.snn
+
+SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 1e-38, 3e38, -3e38, 0.5, -0.5,
+            2 / 3, 1.0, 1e6]
+
+
+def awkward_values(n: int, spread: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Random float32 values over many orders of magnitude, with the special ones."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitudes = spread * 10 ** (torch.rand(n, generator=generator) * 12 - 8)
+    signs = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
+    return torch.cat([(magnitudes * signs).float(), torch.tensor(SPECIALS)])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32) if a.dtype == torch.float32
+                                                                        else a, b.view(torch.int32)
+                                                                        if b.dtype == torch.float32 else b)
+
+
+@pytest.mark.parametrize("T", [4, 8, 14, 16, 22])
+@pytest.mark.parametrize("G", [0, 3, 6])
+def test_mr_quantize_kernel(T, G):
+    u = awkward_values(50_000)
+    compiled = _compiled().mr_quantize(u, T, G, ops._limit_mantissa(ops.ternary_limit(T)), ops.ternary_max_code(T))
+    assert same_bits(compiled, ops._mr_quantize_torch(u, T, G))
+
+
+def _without_kernels(monkeypatch, fn):
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "kernels_for", lambda x: None)
+        return fn()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_table_neurons_kernel(name, monkeypatch):
+    """Every table neuron of a `las` program (shared and per-channel tables) and its
+    normalisers' mantissa tables give the same codes through the kernel and through PyTorch."""
+    loaded, ann, ctx = prepared(name)
+    gm = compile_graph(loaded, ann, ctx, "las", 16).graph_module
+    tables = [n for n in gm.graph.nodes if n.target in (snn.fn_encode.default, snn.spike_normalize.default)]
+    assert tables
+    for node in tables:
+        if node.target == snn.fn_encode.default:
+            thresholds, codes, bucket = (getattr(gm, a.target) for a in node.args[1:4])
+            channels = bucket.numel()
+            finite = thresholds[torch.isfinite(thresholds)]
+            x = torch.cat([awkward_values(4000 * channels, float(finite.abs().max())),
+                           finite[torch.randint(0, finite.numel(), (4000 * channels,))]])
+            x = x[: x.numel() // channels * channels].view(-1, channels)
+            run = lambda x=x, t=thresholds, c=codes, b=bucket: ops.table_codes(x, t, c, b, 16)  # noqa: E731
+        else:
+            thresholds, codes = (getattr(gm, a.target) for a in node.args[3:5])
+            a = awkward_values(20_000, 100.0).abs()
+            run = lambda a=a, t=thresholds, c=codes, p=node.args[2]: ops.normalizer_codes(a, p, t, c, 16)  # noqa: E731
+        expected = _without_kernels(monkeypatch, run)
+        assert all(torch.equal(got, want) for got, want in zip(_as_tuple(run()), _as_tuple(expected), strict=True))
+
+
+def _as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+def test_fused_program_with_and_without_kernels(monkeypatch):
+    loaded, ann, ctx = prepared("tiny-llama")
+    program = compile_graph(loaded, ann, ctx, "las", 16)
+    ids = torch.randint(0, 200, (2, 33))
+    with ops.execution_mode("fused"):
+        expected = _without_kernels(monkeypatch, lambda: program(ids))
+        assert torch.equal(program(ids), expected)
