@@ -81,54 +81,71 @@ Field field(const torch::Tensor& t) {
     return {t.data_ptr<int32_t>(), t.numel() != 1};
 }
 
-// ops._guided_interval followed by the code lookup of ops.table_codes: for x (N, C), the
-// code of the interval among its channel's table thresholds that each value lies in.
-// code_base (numel 1 or C) is where the channel's table starts in the flat codes.
+// The tables of ops.table_codes read through a guide (ops._Guide): for a value in channel c,
+// the code of the interval among the channel's table thresholds that it lies in.
+struct GuidedTables {
+    Field shift, first, floor_, last, base, offset, length;
+    const int32_t* starts;
+    const float* padded;
+    int64_t width;
+    bool padded_table;
+    const int64_t* codes;
+    const int64_t* code_base;  // where channel c's table starts in codes
+    bool code_per_channel;
+
+    // ops._guided_interval, then the code lookup.
+    int64_t code_of(float x, int64_t c) const {
+        const float value = x + 0.0f;  // -0 -> +0
+        const int32_t bits = bits_of(value);
+        const int32_t sign = bits >> 31;
+        const int32_t magnitude = std::max((bits & 0x7FFFFFFF) - floor_.at(c), 0);
+        const int32_t key = (magnitude ^ sign) - sign;
+        const int32_t bucket = std::min(std::max(wrapping_sub(key >> shift.at(c), first.at(c)), 0), last.at(c));
+        const int64_t start = static_cast<int64_t>(starts[bucket + base.at(c)]) + offset.at(c);
+        int64_t index = start;
+        for (int64_t k = 0; k < width; ++k) index += padded[start + k] <= value ? 1 : 0;
+        index -= offset.at(c);
+        if (padded_table && std::isinf(value) && value > 0) index = length.at(c);
+        return codes[code_base[code_per_channel ? c : 0] + index];
+    }
+};
+
+// For x (N, C): the codes (int64), or with scale > 0 the values code * scale (float32, what
+// ops.fn_quantize computes: one pass instead of a lookup, a conversion and a product).
 torch::Tensor table_codes(torch::Tensor x, torch::Tensor shift, torch::Tensor first, torch::Tensor floor_,
                           torch::Tensor last, torch::Tensor base, torch::Tensor offset, torch::Tensor length,
                           torch::Tensor starts, torch::Tensor padded, int64_t width, bool padded_table,
-                          torch::Tensor codes, torch::Tensor code_base) {
+                          torch::Tensor codes, torch::Tensor code_base, double scale) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.device().is_cpu(),
                 "table_codes kernel: contiguous (N, C) float32 CPU input");
     TORCH_CHECK(starts.scalar_type() == torch::kInt32 && padded.scalar_type() == torch::kFloat32 &&
                 codes.scalar_type() == torch::kInt64 && code_base.scalar_type() == torch::kInt64 &&
                 starts.is_contiguous() && padded.is_contiguous() && codes.is_contiguous() &&
                 code_base.is_contiguous(), "table_codes kernel: bad table dtypes");
-    const int64_t channels = x.size(1);
-    const Field f_shift = field(shift), f_first = field(first), f_floor = field(floor_), f_last = field(last),
-                f_base = field(base), f_offset = field(offset), f_length = field(length);
-    const int64_t* code_start = code_base.data_ptr<int64_t>();
-    const bool code_per_channel = code_base.numel() != 1;
-    auto out = torch::empty(x.sizes(), x.options().dtype(torch::kInt64));
+    const GuidedTables tables{field(shift), field(first), field(floor_), field(last), field(base), field(offset),
+                              field(length), starts.data_ptr<int32_t>(), padded.data_ptr<float>(), width,
+                              padded_table, codes.data_ptr<int64_t>(), code_base.data_ptr<int64_t>(),
+                              code_base.numel() != 1};
+    const bool values = scale > 0;
+    auto out = torch::empty(x.sizes(), x.options().dtype(values ? torch::kFloat32 : torch::kInt64));
     const float* in = x.data_ptr<float>();
-    const int32_t* start_of = starts.data_ptr<int32_t>();
-    const float* thresholds = padded.data_ptr<float>();
-    const int64_t* code = codes.data_ptr<int64_t>();
-    int64_t* res = out.data_ptr<int64_t>();
-    const int64_t rows = x.size(0);
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1)), [&](int64_t begin,
-                                                                                                  int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-            for (int64_t c = 0; c < channels; ++c) {
-                const int64_t i = row * channels + c;
-                const float value = in[i] + 0.0f;  // -0 -> +0
-                const int32_t bits = bits_of(value);
-                const int32_t sign = bits >> 31;
-                int32_t magnitude = (bits & 0x7FFFFFFF) - f_floor.at(c);
-                magnitude = magnitude < 0 ? 0 : magnitude;
-                const int32_t key = (magnitude ^ sign) - sign;
-                int32_t bucket = wrapping_sub(key >> f_shift.at(c), f_first.at(c));
-                bucket = bucket < 0 ? 0 : bucket;
-                bucket = bucket > f_last.at(c) ? f_last.at(c) : bucket;
-                const int64_t start = static_cast<int64_t>(start_of[bucket + f_base.at(c)]) + f_offset.at(c);
-                int64_t index = start;
-                for (int64_t k = 0; k < width; ++k) index += thresholds[start + k] <= value ? 1 : 0;
-                index -= f_offset.at(c);
-                if (padded_table && std::isinf(value) && value > 0) index = f_length.at(c);
-                res[i] = code[code_start[code_per_channel ? c : 0] + index];
-            }
-        }
-    });
+    const int64_t rows = x.size(0), channels = x.size(1);
+    const float gain = static_cast<float>(scale);
+    float* value_out = values ? out.data_ptr<float>() : nullptr;
+    int64_t* code_out = values ? nullptr : out.data_ptr<int64_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1)),
+                     [&](int64_t begin, int64_t end) {
+                         for (int64_t row = begin; row < end; ++row) {
+                             for (int64_t c = 0, i = row * channels; c < channels; ++c, ++i) {
+                                 const int64_t code = tables.code_of(in[i], c);
+                                 if (values) {
+                                     value_out[i] = static_cast<float>(code) * gain;
+                                 } else {
+                                     code_out[i] = code;
+                                 }
+                             }
+                         }
+                     });
     return out;
 }
 

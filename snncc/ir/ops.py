@@ -376,42 +376,52 @@ TABLE_MAX_BITS = 20  # threshold tables resolve at most 2^20 levels (snncc.ir.ne
 
 
 def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
-                T: int) -> torch.Tensor:
+                T: int, scale: float = 0.0) -> torch.Tensor:
     """The integer codes (int64, shape of x) a table neuron sends: channel c of the last dim
     compares its membrane with the thresholds of table bucket[c] (one table if bucket has
-    one entry) and takes the code of the interval it lands in."""
+    one entry) and takes the code of the interval it lands in. scale > 0: the codes times
+    scale as float32 (exact for codes below 2^24), in the same pass where the kernels run."""
     if bucket.numel() == 1:
         b = int(bucket)
-        return _lookup(x.float().contiguous(), thresholds, b, codes[b], T)
+        return _lookup(x.float().contiguous(), thresholds, b, codes[b], T, scale)
     flat = x.reshape(-1, x.shape[-1]).float()
     guide = _guide_for(thresholds, bucket) if T <= TABLE_MAX_BITS else None
     if guide is not None:  # all channels at once: each reads its own table's guide
-        return _guided_codes(flat.contiguous(), guide, codes.reshape(-1), bucket * codes.shape[1]).view(x.shape)
+        return _guided_codes(flat.contiguous(), guide, codes.reshape(-1), bucket * codes.shape[1],
+                             scale).view(x.shape)
     out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
     for b in torch.unique(bucket).tolist():
         columns = torch.nonzero(bucket == b).squeeze(1)
         out[:, columns] = _lookup(flat[:, columns].contiguous(), thresholds, b, codes[b], T)
-    return out.view(x.shape)
+    return _scaled(out.view(x.shape), scale)
 
 
-def _lookup(x: torch.Tensor, tables: torch.Tensor, row: int, codes: torch.Tensor, T: int) -> torch.Tensor:
-    """Table `row`'s codes for membranes x: the interval among its sorted thresholds, refined."""
+def _scaled(codes: torch.Tensor, scale: float) -> torch.Tensor:
+    return codes.float().mul_(scale) if scale > 0 else codes
+
+
+def _lookup(x: torch.Tensor, tables: torch.Tensor, row: int, codes: torch.Tensor, T: int,
+            scale: float = 0.0) -> torch.Tensor:
+    """Table `row`'s codes for membranes x: the interval among its sorted thresholds, refined
+    (scale: as in table_codes)."""
     guide = _guide_for(tables, row)
     if guide is not None and T <= TABLE_MAX_BITS and x.dtype == torch.float32:  # nothing to refine
         zero = torch.zeros(1, dtype=torch.int64, device=x.device)
-        return _guided_codes(x.reshape(-1, 1), guide, codes, zero).view(x.shape)
-    return _refined(x, _interval(x, tables, row), tables[row], codes, T)
+        return _guided_codes(x.reshape(-1, 1), guide, codes, zero, scale).view(x.shape)
+    return _scaled(_refined(x, _interval(x, tables, row), tables[row], codes, T), scale)
 
 
-def _guided_codes(x: torch.Tensor, guide: _Guide, codes: torch.Tensor, code_base: torch.Tensor) -> torch.Tensor:
+def _guided_codes(x: torch.Tensor, guide: _Guide, codes: torch.Tensor, code_base: torch.Tensor,
+                  scale: float = 0.0) -> torch.Tensor:
     """codes[code_base[c] + interval] for contiguous float32 x (N, C), the interval found
-    through the guide (code_base: one start per channel of the flat codes, or one for all)."""
+    through the guide (code_base: one start per channel of the flat codes, or one for all);
+    scale > 0: those codes times scale, as float32."""
     compiled = kernels_for(x)
     if compiled is not None and codes.dtype == torch.int64:
         fields = [torch.as_tensor(getattr(guide, name), dtype=torch.int32).reshape(-1) for name in _PER_TABLE]
         return compiled.table_codes(x, *fields, guide.starts, guide.padded, guide.width, guide.padded_table,
-                                    codes.contiguous(), code_base.reshape(-1).long().contiguous())
-    return codes.take(_guided_interval(x, guide) + code_base)
+                                    codes.contiguous(), code_base.reshape(-1).long().contiguous(), scale)
+    return _scaled(codes.take(_guided_interval(x, guide) + code_base), scale)
 
 
 class _Guide(NamedTuple):
@@ -606,6 +616,8 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
 def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
                 T: int) -> torch.Tensor:
     """What an fn_encode train decodes to (before its range), without the train: k 2^-T."""
+    if x.dtype == torch.float32 and T <= TABLE_MAX_BITS:  # codes below 2^20: exact in float32
+        return table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T)
     return table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T)
 
 

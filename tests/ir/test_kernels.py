@@ -61,7 +61,8 @@ def test_table_neurons_kernel(name, monkeypatch):
             x = torch.cat([awkward_values(4000 * channels, float(finite.abs().max())),
                            finite[torch.randint(0, finite.numel(), (4000 * channels,))]])
             x = x[: x.numel() // channels * channels].view(-1, channels)
-            run = lambda x=x, t=thresholds, c=codes, b=bucket: ops.table_codes(x, t, c, b, 16)  # noqa: E731
+            run = lambda x=x, t=thresholds, c=codes, b=bucket: (ops.table_codes(x, t, c, b, 16),  # noqa: E731
+                                                                ops.table_codes(x, t, c, b, 16, scale=2.0**-16))
         else:
             thresholds, codes = (getattr(gm, a.target) for a in node.args[3:5])
             a = awkward_values(20_000, 100.0).abs()
