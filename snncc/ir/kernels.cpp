@@ -38,21 +38,32 @@ inline int32_t wrapping_sub(int32_t a, int32_t b) {
 // 2^e for int32 e in [-126, 127], from its bits (ops._power_of_two).
 inline float power_of_two(int32_t e) { return float_of((e + 127) << 23); }
 
-// ops._mr_quantize_float32 over n values: the multi-range code of |u| in its range 2^j, capped
-// at the top code, scaled back, with u's sign. Branch-free, so GCC vectorizes it.
+// The multi-range code of one normalised value u (ops.multi_range_code in float32): the
+// range index j and the code magnitude floor(|u| 2^(T-j) + 1/2) capped at the top code, as a
+// float (NaN for NaN u). Branch-free, so the loops around it vectorize.
+struct MultiRangeCode {
+    int32_t j;
+    float code;
+};
+
+inline MultiRangeCode multi_range_code(float u, int32_t T, int32_t G, int32_t limit_mantissa, float top) {
+    const float a = std::fabs(u);
+    const int32_t bits = bits_of(a);
+    const int32_t j = std::min(std::max((bits >> 23) - 126 + ((bits & 0x7FFFFF) >= limit_mantissa), 0), G);
+    const float rounded = a * power_of_two(T - j) + 0.5f;  // >= 1/2, or NaN (no FMA: -ffp-contract=off)
+    // min(floor(rounded), top), NaN kept as torch.clamp keeps it: below the top code
+    // (< 2^23) truncation is floor, and needs no libm call.
+    const bool nan = rounded != rounded;
+    const float capped = nan ? 0.0f : std::min(rounded, top);
+    return {j, nan ? rounded : static_cast<float>(static_cast<int32_t>(capped))};
+}
+
+// ops._mr_quantize_float32 over n values: the code scaled back, with u's sign.
 void mr_quantize_values(const float* __restrict__ in, float* __restrict__ res, int64_t n, int32_t T, int32_t G,
                         int32_t limit_mantissa, float top) {
     for (int64_t i = 0; i < n; ++i) {
-        const float a = std::fabs(in[i]);
-        const int32_t bits = bits_of(a);
-        const int32_t j = std::min(std::max((bits >> 23) - 126 + ((bits & 0x7FFFFF) >= limit_mantissa), 0), G);
-        const float rounded = a * power_of_two(T - j) + 0.5f;  // >= 1/2, or NaN (no FMA: -ffp-contract=off)
-        // min(floor(rounded), top), NaN kept as torch.clamp keeps it: below the top code
-        // (< 2^23) truncation is floor, and needs no libm call.
-        const bool nan = rounded != rounded;
-        const float capped = nan ? 0.0f : std::min(rounded, top);
-        const float code = nan ? rounded : static_cast<float>(static_cast<int32_t>(capped));
-        res[i] = std::copysign(code * power_of_two(j - T), in[i]);
+        const MultiRangeCode m = multi_range_code(in[i], T, G, limit_mantissa, top);
+        res[i] = std::copysign(m.code * power_of_two(m.j - T), in[i]);
     }
 }
 
@@ -65,6 +76,79 @@ torch::Tensor mr_quantize(torch::Tensor u, int64_t T, int64_t G, int64_t limit_m
     at::parallel_for(0, u.numel(), kGrain, [&](int64_t begin, int64_t end) {
         mr_quantize_values(in + begin, res + begin, end - begin, static_cast<int32_t>(T), static_cast<int32_t>(G),
                            static_cast<int32_t>(limit_mantissa), static_cast<float>(top_code));
+    });
+    return out;
+}
+
+// ops.code_digits for a block of codes: the T digits (binary, or ternary non-adjacent form)
+// of magnitudes k, times sign_gain (the sign, times 2^j for a multi-range spike), digit t of
+// code i written to out[t n + i]. Step by step over the block, so the inner loop vectorizes.
+void write_digits(int8_t* __restrict__ out, int64_t n, const int32_t* __restrict__ k,
+                  const int32_t* __restrict__ sign_gain, int64_t count, int32_t T, bool ternary) {
+    for (int32_t t = 0; t < T; ++t) {
+        const int32_t shift = T - 1 - t;
+        int8_t* __restrict__ row = out + t * n;
+        if (ternary) {
+            for (int64_t i = 0; i < count; ++i) {
+                const int32_t digit = ((3 * k[i] >> (shift + 1)) & 1) - ((k[i] >> (shift + 1)) & 1);
+                row[i] = static_cast<int8_t>(digit * sign_gain[i]);
+            }
+        } else {
+            for (int64_t i = 0; i < count; ++i) row[i] = static_cast<int8_t>(((k[i] >> shift) & 1) * sign_gain[i]);
+        }
+    }
+}
+
+constexpr int64_t kBlock = 2048;  // codes per block: their magnitudes and gains stay in L1
+
+// ops.mr_encode's train (T, n) for normalised u (n,): ternary digits of each value's
+// multi-range code, each spike carrying +-2^j. A NaN value sends no spikes.
+torch::Tensor mr_encode(torch::Tensor u, int64_t T, int64_t G, int64_t limit_mantissa, double top_code) {
+    TORCH_CHECK(u.scalar_type() == torch::kFloat32 && u.is_contiguous() && u.device().is_cpu() && T <= 22,
+                "mr_encode kernel: contiguous float32 CPU input, T <= 22");
+    const int64_t n = u.numel();
+    auto out = torch::empty({T, n}, u.options().dtype(torch::kInt8));
+    const float* in = u.data_ptr<float>();
+    int8_t* res = out.data_ptr<int8_t>();
+    const int32_t steps = static_cast<int32_t>(T);
+    at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t first_block, int64_t end_block) {
+        int32_t k[kBlock], sign_gain[kBlock];
+        for (int64_t begin = first_block * kBlock; begin < std::min(end_block * kBlock, n); begin += kBlock) {
+            const int64_t count = std::min(kBlock, n - begin);
+            for (int64_t i = 0; i < count; ++i) {
+                const float x = in[begin + i];
+                const MultiRangeCode m = multi_range_code(x, steps, static_cast<int32_t>(G),
+                                                          static_cast<int32_t>(limit_mantissa),
+                                                          static_cast<float>(top_code));
+                const bool nan = m.code != m.code;
+                k[i] = nan ? 0 : static_cast<int32_t>(m.code);
+                sign_gain[i] = nan ? 0 : ((x > 0.0f) - (x < 0.0f)) << m.j;
+            }
+            write_digits(res + begin, n, k, sign_gain, count, steps, true);
+        }
+    });
+    return out;
+}
+
+// ops.signed_code_digits: the binary train (T, n) of signed integer codes k (|k| < 2^T).
+torch::Tensor signed_digits(torch::Tensor codes, int64_t T) {
+    TORCH_CHECK(codes.scalar_type() == torch::kInt64 && codes.is_contiguous() && codes.device().is_cpu() && T <= 29,
+                "signed_digits kernel: contiguous int64 CPU codes, T <= 29");
+    const int64_t n = codes.numel();
+    auto out = torch::empty({T, n}, codes.options().dtype(torch::kInt8));
+    const int64_t* in = codes.data_ptr<int64_t>();
+    int8_t* res = out.data_ptr<int8_t>();
+    at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t first_block, int64_t end_block) {
+        int32_t k[kBlock], sign[kBlock];
+        for (int64_t begin = first_block * kBlock; begin < std::min(end_block * kBlock, n); begin += kBlock) {
+            const int64_t count = std::min(kBlock, n - begin);
+            for (int64_t i = 0; i < count; ++i) {
+                const int64_t code = in[begin + i];
+                k[i] = static_cast<int32_t>(code < 0 ? -code : code);
+                sign[i] = (code > 0) - (code < 0);
+            }
+            write_digits(res + begin, n, k, sign, count, static_cast<int32_t>(T), false);
+        }
     });
     return out;
 }
@@ -154,4 +238,6 @@ torch::Tensor table_codes(torch::Tensor x, torch::Tensor shift, torch::Tensor fi
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("mr_quantize", &mr_quantize, "multi-range quantizer, one pass");
     m.def("table_codes", &table_codes, "table neuron codes through a guide, one pass");
+    m.def("mr_encode", &mr_encode, "multi-range neuron train, one pass");
+    m.def("signed_digits", &signed_digits, "binary train of signed codes, one pass");
 }

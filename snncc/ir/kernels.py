@@ -45,8 +45,8 @@ def _compiled() -> ModuleType | None:
         return None
 
 
-def kernels_for(x: torch.Tensor) -> ModuleType | None:
-    """The compiled kernels where they apply to x (a float32 CPU tensor), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+def kernels_for(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> ModuleType | None:
+    """The compiled kernels where they apply to x (a CPU tensor of `dtype`), else None."""
+    if x.device.type != "cpu" or x.dtype != dtype:
         return None
     return _compiled()

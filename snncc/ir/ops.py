@@ -108,6 +108,10 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
     range, and a third of the digits or fewer are non-zero (binary: half). Decodes like
     mt_encode."""
     u = (x / scale).reshape(-1)
+    compiled = kernels_for(u)
+    if compiled is not None and T <= 22:
+        train = compiled.mr_encode(u.contiguous(), T, G, _limit_mantissa(ternary_limit(T)), ternary_max_code(T))
+        return train.view(T, *x.shape)
     out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
     chunk = max(4096, _ENCODE_SCRATCH // T)
     for start in range(0, u.numel(), chunk):
@@ -235,6 +239,9 @@ def signed_code_digits(k: torch.Tensor, T: int) -> torch.Tensor:
     """The binary T-step train (T, k.numel()) of signed integer codes k, built in chunks so
     the scratch space stays bounded whatever T and the size of k."""
     flat = k.reshape(-1)
+    compiled = kernels_for(flat, torch.int64)
+    if compiled is not None and T <= 29:
+        return compiled.signed_digits(flat.contiguous(), T)
     out = torch.empty((T, flat.numel()), dtype=torch.int8, device=k.device)
     chunk = max(4096, _ENCODE_SCRATCH // T)
     for start in range(0, flat.numel(), chunk):

@@ -41,7 +41,7 @@ def test_mr_quantize_kernel(T, G):
 
 def _without_kernels(monkeypatch, fn):
     with monkeypatch.context() as patch:
-        patch.setattr(ops, "kernels_for", lambda x: None)
+        patch.setattr(ops, "kernels_for", lambda *args: None)
         return fn()
 
 
@@ -82,3 +82,20 @@ def test_fused_program_with_and_without_kernels(monkeypatch):
     with ops.execution_mode("fused"):
         expected = _without_kernels(monkeypatch, lambda: program(ids))
         assert torch.equal(program(ids), expected)
+
+
+@pytest.mark.parametrize("T", [4, 8, 14, 16, 22])
+@pytest.mark.parametrize("G", [0, 3, 6])
+def test_mr_encode_kernel(T, G, monkeypatch):
+    x = awkward_values(19_985).view(-1, 10)
+    scale = torch.rand(10) + 0.1
+    expected = _without_kernels(monkeypatch, lambda: snn.mr_encode(x, scale, T, G))
+    assert torch.equal(snn.mr_encode(x, scale, T, G), expected)
+
+
+@pytest.mark.parametrize("T", [1, 8, 16, 29])
+def test_signed_digits_kernel(T, monkeypatch):
+    k = torch.randint(-(2**T) + 1, 2**T, (5000,))
+    k[:3] = torch.tensor([0, 2**T - 1, -(2**T) + 1])
+    expected = _without_kernels(monkeypatch, lambda: ops.signed_code_digits(k, T))
+    assert torch.equal(ops.signed_code_digits(k, T), expected)
