@@ -217,19 +217,27 @@ torch::Tensor table_codes(torch::Tensor x, torch::Tensor shift, torch::Tensor fi
     const float gain = static_cast<float>(scale);
     float* value_out = values ? out.data_ptr<float>() : nullptr;
     int64_t* code_out = values ? nullptr : out.data_ptr<int64_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1)),
-                     [&](int64_t begin, int64_t end) {
-                         for (int64_t row = begin; row < end; ++row) {
-                             for (int64_t c = 0, i = row * channels; c < channels; ++c, ++i) {
-                                 const int64_t code = tables.code_of(in[i], c);
-                                 if (values) {
-                                     value_out[i] = static_cast<float>(code) * gain;
-                                 } else {
-                                     code_out[i] = code;
-                                 }
+    const auto write = [&](int64_t i, int64_t c) {
+        const int64_t code = tables.code_of(in[i], c);
+        if (values) {
+            value_out[i] = static_cast<float>(code) * gain;
+        } else {
+            code_out[i] = code;
+        }
+    };
+    if (channels == 1) {  // one table: plain order
+        at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) write(i, 0);
+        });
+    } else {  // channel by channel: a channel's values sit in one stretch of its table, which
+              // then stays in cache; row by row the channels' tables would compete for it
+        at::parallel_for(0, channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(rows, 1)),
+                         [&](int64_t begin, int64_t end) {
+                             for (int64_t c = begin; c < end; ++c) {
+                                 for (int64_t row = 0; row < rows; ++row) write(row * channels + c, c);
                              }
-                         }
-                     });
+                         });
+    }
     return out;
 }
 
