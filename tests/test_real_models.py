@@ -103,7 +103,7 @@ def test_smollm2_fas_fine_tunes_calibrates_and_runs_fully_spiking():
     """A short fas run on the real model: 8 full fine-tuning steps lower the distillation loss
     on the first batch by 10% or more (measured: 1.77 -> 1.00, the same in two runs;
     8 lambda-only steps are within the noise: 1.77 -> 1.97 in one run), calibration
-    does not raise its loss, and the program is spike-driven end to end (the full-length
+    keeps a state no worse on its held-out batch, and the program is spike-driven end to end (the full-length
     figures: benchmarks/fas_smollm2.py)."""
     loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
     spec = "fas,qcfs{steps=8,mode=full,lr=3e-5},calibrate{layer_steps=3,neuron_steps=3,batches=1}"
@@ -112,7 +112,8 @@ def test_smollm2_fas_fine_tunes_calibrates_and_runs_fully_spiking():
     assert program.T == 8 and program.info.coverage["coverage"] == 1.0
     finetuned = reports["qcfs"]["finetune"]
     assert finetuned["kl_batch0_after"] < 0.9 * finetuned["kl_batch0_before"], finetuned
-    assert reports["calibrate"]["after"]["loss"] <= reports["calibrate"]["before"]["loss"]
+    calibrated = reports["calibrate"]
+    assert calibrated["check_batches"] == 1 and calibrated["after"]["check_loss"] <= calibrated["before"]["check_loss"]
     result = evaluate(program, loaded.module, _chunks("smollm2-135m", 256))
     assert result["ppl_ratio"] < 200 and result["top1_agreement"] > 0.1, result  # unfine-tuned: x110 at most
 
