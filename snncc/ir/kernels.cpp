@@ -101,56 +101,50 @@ void write_digits(int8_t* __restrict__ out, int64_t n, const int32_t* __restrict
 
 constexpr int64_t kBlock = 2048;  // codes per block: their magnitudes and gains stay in L1
 
-// ops.mr_encode's train (T, n) for normalised u (n,): ternary digits of each value's
-// multi-range code, each spike carrying +-2^j. A NaN value sends no spikes.
-torch::Tensor mr_encode(torch::Tensor u, int64_t T, int64_t G, int64_t limit_mantissa, double top_code) {
-    TORCH_CHECK(u.scalar_type() == torch::kFloat32 && u.is_contiguous() && u.device().is_cpu() && T <= 22,
-                "mr_encode kernel: contiguous float32 CPU input, T <= 22");
-    const int64_t n = u.numel();
-    auto out = torch::empty({T, n}, u.options().dtype(torch::kInt8));
-    const float* in = u.data_ptr<float>();
+// The train (T, n) of the codes that fill(i, k, sign_gain) gives: block by block, the codes
+// first, then their digits step by step (write_digits).
+template <typename Fill>
+torch::Tensor digit_train(const torch::TensorOptions& options, int64_t n, int32_t T, bool ternary, Fill fill) {
+    auto out = torch::empty({T, n}, options.dtype(torch::kInt8));
     int8_t* res = out.data_ptr<int8_t>();
-    const int32_t steps = static_cast<int32_t>(T);
     at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t first_block, int64_t end_block) {
         int32_t k[kBlock], sign_gain[kBlock];
         for (int64_t begin = first_block * kBlock; begin < std::min(end_block * kBlock, n); begin += kBlock) {
             const int64_t count = std::min(kBlock, n - begin);
-            for (int64_t i = 0; i < count; ++i) {
-                const float x = in[begin + i];
-                const MultiRangeCode m = multi_range_code(x, steps, static_cast<int32_t>(G),
-                                                          static_cast<int32_t>(limit_mantissa),
-                                                          static_cast<float>(top_code));
-                const bool nan = m.code != m.code;
-                k[i] = nan ? 0 : static_cast<int32_t>(m.code);
-                sign_gain[i] = nan ? 0 : ((x > 0.0f) - (x < 0.0f)) << m.j;
-            }
-            write_digits(res + begin, n, k, sign_gain, count, steps, true);
+            for (int64_t i = 0; i < count; ++i) fill(begin + i, k[i], sign_gain[i]);
+            write_digits(res + begin, n, k, sign_gain, count, T, ternary);
         }
     });
     return out;
 }
 
-// ops.signed_code_digits: the binary train (T, n) of signed integer codes k (|k| < 2^T).
+// ops.mr_encode's train (T, n) for normalised u (n,): ternary digits of each value's
+// multi-range code, each spike carrying +-2^j. A NaN value sends no spikes.
+torch::Tensor mr_encode(torch::Tensor u, int64_t T, int64_t G, int64_t limit_mantissa, double top_code) {
+    TORCH_CHECK(u.scalar_type() == torch::kFloat32 && u.is_contiguous() && u.device().is_cpu() && T <= 22,
+                "mr_encode kernel: contiguous float32 CPU input, T <= 22");
+    const float* in = u.data_ptr<float>();
+    const int32_t steps = static_cast<int32_t>(T), ranges = static_cast<int32_t>(G);
+    const int32_t limit = static_cast<int32_t>(limit_mantissa);
+    const float top = static_cast<float>(top_code);
+    return digit_train(u.options(), u.numel(), steps, true, [&](int64_t i, int32_t& k, int32_t& sign_gain) {
+        const MultiRangeCode m = multi_range_code(in[i], steps, ranges, limit, top);
+        const bool nan = m.code != m.code;
+        k = nan ? 0 : static_cast<int32_t>(m.code);
+        sign_gain = nan ? 0 : ((in[i] > 0.0f) - (in[i] < 0.0f)) << m.j;
+    });
+}
+
+// ops.signed_code_digits: the binary train (T, n) of signed integer codes (|code| < 2^T).
 torch::Tensor signed_digits(torch::Tensor codes, int64_t T) {
     TORCH_CHECK(codes.scalar_type() == torch::kInt64 && codes.is_contiguous() && codes.device().is_cpu() && T <= 29,
                 "signed_digits kernel: contiguous int64 CPU codes, T <= 29");
-    const int64_t n = codes.numel();
-    auto out = torch::empty({T, n}, codes.options().dtype(torch::kInt8));
     const int64_t* in = codes.data_ptr<int64_t>();
-    int8_t* res = out.data_ptr<int8_t>();
-    at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t first_block, int64_t end_block) {
-        int32_t k[kBlock], sign[kBlock];
-        for (int64_t begin = first_block * kBlock; begin < std::min(end_block * kBlock, n); begin += kBlock) {
-            const int64_t count = std::min(kBlock, n - begin);
-            for (int64_t i = 0; i < count; ++i) {
-                const int64_t code = in[begin + i];
-                k[i] = static_cast<int32_t>(code < 0 ? -code : code);
-                sign[i] = (code > 0) - (code < 0);
-            }
-            write_digits(res + begin, n, k, sign, count, static_cast<int32_t>(T), false);
-        }
-    });
-    return out;
+    return digit_train(codes.options(), codes.numel(), static_cast<int32_t>(T), false,
+                       [&](int64_t i, int32_t& k, int32_t& sign) {
+                           k = static_cast<int32_t>(in[i] < 0 ? -in[i] : in[i]);
+                           sign = (in[i] > 0) - (in[i] < 0);
+                       });
 }
 
 // A guide field: one value for all channels (numel 1) or one per channel of the last dim.
