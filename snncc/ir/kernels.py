@@ -24,6 +24,7 @@ from snncc.errors import first_line
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
+_NAME = "snncc_kernels"
 
 
 @functools.cache
@@ -33,16 +34,28 @@ def _compiled() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building snncc's C++ kernels (once; torch caches the build)")
+        if not _built():
+            log.warning("building snncc's C++ kernels: about a minute, once (torch caches the build)")
         # No FMA contraction (it rounds differently from torch's separate ops); no trapping
         # math, so the branch-free loops vectorize (results are the same, only FP flags differ).
-        return load(name="snncc_kernels", sources=[str(SOURCE)],
+        return load(name=_NAME, sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch path stays
         log.warning("snncc's C++ kernels could not be built (%s); the fused executor takes its slower "
                     "PyTorch path (install g++ and ninja to build them)", first_line(exc))
         return None
+
+
+def _built() -> bool:
+    """Whether torch's extension cache holds a build (a private torch helper: if it moves,
+    assume built and say nothing)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(_NAME, verbose=False)).glob(f"{_NAME}*.so"))
+    except Exception:
+        return True
 
 
 def kernels_for(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> ModuleType | None:

@@ -99,3 +99,23 @@ def test_signed_digits_kernel(T, monkeypatch):
     k[:3] = torch.tensor([0, 2**T - 1, -(2**T) + 1])
     expected = _without_kernels(monkeypatch, lambda: ops.signed_code_digits(k, T))
     assert torch.equal(ops.signed_code_digits(k, T), expected)
+
+
+def test_a_failed_build_leaves_the_pytorch_path_with_a_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension as extension
+
+    from snncc.ir import kernels
+
+    def no_compiler(**_):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(extension, "load", no_compiler)
+    kernels._compiled.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert kernels.kernels_for(torch.zeros(3)) is None
+        assert "could not be built (no compiler here)" in caplog.text
+        assert torch.equal(snn.mr_quantize(torch.tensor([0.3, -2.0]), torch.tensor(1.0), 8, 2),
+                           ops._mr_quantize_torch(torch.tensor([0.3, -2.0]), 8, 2))
+    finally:
+        kernels._compiled.cache_clear()
