@@ -1,9 +1,12 @@
-// One-pass CPU kernels for the two neurons the fused executor evaluates most (snncc.ir.kernels).
+// One-pass CPU kernels for the neurons the reference executor spends most time in
+// (snncc.ir.kernels): the multi-range quantizer and train, the table-neuron lookup, and
+// binary code trains.
 //
 // Each is the element-wise body of a chain of PyTorch ops in snncc/ir/ops.py, written as one
 // loop so a value is read and written once instead of once per op; the results are bit for
-// bit those of the PyTorch chain (tests/ir/test_kernels.py). Built with -ffp-contract=off:
-// a fused multiply-add would round differently.
+// bit those of the PyTorch chain (tests/ir/test_kernels.py). Built with -ffp-contract=off (a
+// fused multiply-add would round differently) and -fno-trapping-math (so the branch-free
+// loops vectorize; only floating-point exception flags differ).
 
 #include <torch/extension.h>
 
