@@ -44,7 +44,15 @@ from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.finetune import FinetuneConfig, distillation_loss, finetune, logits_of, probe_kl
 from snncc.ir.analysis import activation_product, capture, data_dependent_nodes, weight_linear
-from snncc.ir.rewrite import add_constant, drop_unused_constants, first_reader, get_tensor, rewired_copy, set_tensor
+from snncc.ir.rewrite import (
+    add_constant,
+    contents_digest,
+    drop_unused_constants,
+    first_reader,
+    get_tensor,
+    rewired_copy,
+    set_tensor,
+)
 from snncc.passes.attention import is_probability
 from snncc.passes.encode import Encoders, calib_name
 from snncc.passes.nonlinear import function_regions, normalizer
@@ -141,7 +149,12 @@ class QcfsPass(Pass):
     def _leave_to_multirange(self, gm: fx.GraphModule, ctx: CalibrationContext,
                              sites: list[fx.Node]) -> tuple[list[fx.Node], dict]:
         """Undo the sites whose sensitivity exceeds `multirange` x the median's: (them, a report)."""
-        sensitivity = site_sensitivities(gm, sites, ctx.batches[0], ctx.teacher or ctx.ann, ctx.progress)
+        teacher = ctx.teacher or ctx.ann
+        # Recompiles of the same model reuse the scan (100 s on SmolLM2).
+        key = f"qcfs site sensitivity {id(teacher)} {contents_digest(gm, ctx.batches[0])}"
+        if key not in ctx.memo:
+            ctx.memo[key] = site_sensitivities(gm, sites, ctx.batches[0], teacher, ctx.progress)
+        sensitivity = ctx.memo[key]
         median = sorted(sensitivity)[len(sensitivity) // 2]
         undone = [site for site, kl in zip(sites, sensitivity, strict=True) if kl > self.multirange * median]
         names = [site.args[0].name for site in undone]

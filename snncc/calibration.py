@@ -110,6 +110,9 @@ class CalibrationContext:
     # Tensors recorded from a pass's graph (not the ANN's): they depend on that pipeline run
     # (its T, its earlier passes), so a new run must record them afresh.
     recorded_from_passes: set[str] = field(default_factory=set)
+    # Costly results a pass can reuse in later compiles from this context (qcfs's site
+    # sensitivity scan), keyed by contents_digest of what they were computed from.
+    memo: dict[str, object] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -126,7 +129,7 @@ class CalibrationContext:
         fine-tuned weights): ranges are recorded afresh from a snapshot of `changed`; the
         original ANN stays the teacher. This context is left as it was."""
         return CalibrationContext(self.batches, self.source, ann=copy_graph_module(changed),
-                                  progress=self.progress, teacher=self.teacher)
+                                  progress=self.progress, teacher=self.teacher, memo=self.memo)
 
     def require(self, names: Iterable[str], current: fx.GraphModule | None = None) -> None:
         """Make sure `stats` holds every named tensor, recording what is missing: from the ANN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -103,3 +104,14 @@ def first_reader(x: fx.Node) -> fx.Node:
     while after.op == "placeholder":
         after = after.next
     return after
+
+
+def contents_digest(gm: fx.GraphModule, *tensors: torch.Tensor) -> str:
+    """A hash of the graph's nodes and the values of its tensors and of `tensors`: equal
+    digests, equal computation (a cache key that outlives the graph object)."""
+    digest = hashlib.blake2b(str(gm.graph).encode(), digest_size=16)
+    named = sorted(gm.state_dict().items()) + [(f"extra{i}", t) for i, t in enumerate(tensors)]
+    for name, tensor in named:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snncc.api import compile_graph
+from snncc.api import compile_graph, prepare
 from snncc.errors import PipelineError
 from snncc.ir.ops import if_spikes, qcfs_levels
 from snncc.pipeline import PIPELINES, default_T, parse_pipeline
@@ -133,6 +133,22 @@ def test_multirange_leaves_the_most_sensitive_sites_to_multi_range_neurons():
     assert set(chosen["names"]) <= sources(plain, snn.if_encode.default)
     assert len(sources(mixed, snn.if_encode.default)) == len(sources(plain, snn.if_encode.default)) - chosen["sites"]
     assert mixed.info.coverage["coverage"] == 1.0
+
+
+def test_a_recompile_reuses_the_sensitivity_scan_and_a_new_L_does_not(monkeypatch):
+    import snncc.passes.qcfs as qcfs_pass
+
+    scans = []
+    real = qcfs_pass.site_sensitivities
+    monkeypatch.setattr(qcfs_pass, "site_sensitivities", lambda *args: scans.append(1) or real(*args))
+    loaded, ann, ctx = prepare("tiny-llama", calib_tokens=512)  # a fresh context: nothing scanned yet
+    spec = "fas,qcfs{{L={},multirange=2}},calibrate{{layer_steps=0,neuron_steps=0}}"
+    first, again = (compile_graph(loaded, ann, ctx, spec.format(8)) for _ in range(2))
+    assert len(scans) == 1
+    ids = torch.randint(0, 200, (1, 16))
+    assert torch.equal(first(ids), again(ids))
+    compile_graph(loaded, ann, ctx, spec.format(16))
+    assert len(scans) == 2
 
 
 def test_qcfs_and_ifencode_refuse_bad_options():
