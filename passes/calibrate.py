@@ -182,27 +182,29 @@ class CalibratePass(Pass):
             return {"loss": sum(float(p[0]) for p in parts) / len(parts),
                     "mse": sum(p[1] for p in parts) / len(parts), "kl": sum(p[2] for p in parts) / len(parts)}
 
+        best = {"loss": evaluate(check)["loss"]}  # the check loss of the state kept so far
+
         def measured() -> dict:
-            return {**evaluate(train), "check_loss": evaluate(check)["loss"] if check != train else None}
+            """The kept state's losses: training batches, and the check loss already known."""
+            return {**evaluate(train), "check_loss": best["loss"] if check != train else None}
+
+        def keep_if_best(step: int) -> None:
+            check_loss = evaluate(check)["loss"]
+            if check_loss < best["loss"]:
+                best.update(loss=check_loss, state=_snapshot(neurons), step=step)
 
         report = {"T": self.T, "sites": len(sites), "train_batches": len(train),
                   "check_batches": len(check) if check != train else 0, "before": measured()}
-        best = {"loss": evaluate(check)["loss"]}
         for stage, steps in (("layer", self.layer_steps), ("neuron", self.neuron_steps)):
             if stage == "neuron":
                 neurons.per_channel()  # from the best state so far
             best.update(state=_snapshot(neurons), step=0)
-
-            def keep_if_best(step: int, stage_best: dict = best) -> None:
-                check_loss = evaluate(check)["loss"]
-                if check_loss < stage_best["loss"]:
-                    stage_best.update(loss=check_loss, state=_snapshot(neurons), step=step)
-
             if steps:
                 self._train(neurons, loss, steps, len(train), stage, ctx.progress, keep_if_best)
             neurons.load_state_dict(best["state"])
-            report[f"after_{stage}"] = {**measured(), "kept_step": best["step"], "steps": steps}
-        report["after"] = measured()
+            after = measured()
+            report[f"after_{stage}"] = {**after, "kept_step": best["step"], "steps": steps}
+        report["after"] = after
         self._write_back(gm, sites, neurons)
         return PassResult(gm, True, report=report)
 
