@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from snncc.api import prepare
 from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
 
 
@@ -55,3 +58,21 @@ def heldout_chunks(tokenizer, tokens: int, seq_len: int = 128) -> list[torch.Ten
     """`tokens` tokens of the held-out text (never used for calibration or fine-tuning) in
     `seq_len`-token sequences: what the fidelity benchmarks score on."""
     return token_chunks(tokenizer, read_text(HELDOUT_TEXT), seq_len, tokens)
+
+
+def scoring_parser(doc: str, tokens: int) -> argparse.ArgumentParser:
+    """The arguments every fidelity benchmark takes: --model, --tokens (held-out tokens to
+    score, default `tokens`) and --out; the script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=tokens, help="held-out tokens to score")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser
+
+
+def prepare_scored(args: argparse.Namespace, **prepare_options):
+    """(loaded, ann, ctx, held-out chunks) for a fidelity benchmark's parsed arguments; makes
+    --out."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    loaded, ann, ctx = prepare(args.model, **prepare_options)
+    return loaded, ann, ctx, heldout_chunks(loaded.tokenizer, args.tokens)

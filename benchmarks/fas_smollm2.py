@@ -14,21 +14,18 @@ round(L / T) spikes per step unless `--burst` says otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
-from common import heldout_chunks
+from common import prepare_scored, scoring_parser
 
-from snncc.api import compile_graph, prepare
+from snncc.api import compile_graph
 from snncc.evaluate import evaluate
 from snncc.render import print_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = scoring_parser(__doc__, tokens=512)
     parser.add_argument("--steps", type=int, default=250, help="fine-tuning steps (128 tokens each)")
     parser.add_argument("--mode", default="full", choices=("full", "lambda"))
     parser.add_argument("--lr", type=float, default=2e-5)
@@ -38,13 +35,9 @@ def main() -> None:
     parser.add_argument("--multirange", type=float, default=0.0,
                         help="qcfs multirange: sites above this x the median sensitivity get multi-range neurons")
     parser.add_argument("--calibrate", default="layer_steps=20,neuron_steps=20,batches=2")
-    parser.add_argument("--tokens", type=int, default=512, help="held-out tokens to score")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    loaded, ann, ctx = prepare(args.model, progress=True)
-    chunks = heldout_chunks(loaded.tokenizer, args.tokens)
+    loaded, ann, ctx, chunks = prepare_scored(args, progress=True)
     tag = args.model + (f"_L{args.L}" if args.L != 8 else "") + (f"_mr{args.multirange:g}" if args.multirange else "")
     qcfs = (f"qcfs{{L={args.L},multirange={args.multirange},steps={args.steps},mode={args.mode},lr={args.lr},"
             f"checkpoint={args.out / f'fas_{tag}_finetune.pt'},"

@@ -12,13 +12,12 @@ JSON and a plot of perplexity ratio against energy (the accuracy/energy trade-of
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from common import heldout_chunks
+from common import prepare_scored, scoring_parser
 
-from snncc.api import compile_graph, prepare
+from snncc.api import compile_graph
 from snncc.evaluate import evaluate
 from snncc.render import print_table
 
@@ -28,17 +27,12 @@ DEFAULT_SPECS = ("fas,qcfs{L=8}", "fas,qcfs{L=8,multirange=4}", "fas,qcfs{L=16}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = scoring_parser(__doc__, tokens=512)
     parser.add_argument("--specs", nargs="+", default=list(DEFAULT_SPECS))
     parser.add_argument("--T", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=512, help="held-out tokens to score")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    loaded, ann, ctx = prepare(args.model, progress=True)
-    chunks = heldout_chunks(loaded.tokenizer, args.tokens)
+    loaded, ann, ctx, chunks = prepare_scored(args, progress=True)
     rows = []
     path = args.out / f"fas_variants_{args.model}.json"
     for spec in args.specs:

@@ -8,32 +8,27 @@ The model is traced and calibrated once; each T is a fresh compile of the same A
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 from pathlib import Path
 
 import torch
-from common import heldout_chunks
+from common import prepare_scored, scoring_parser
 
-from snncc.api import compile_graph, prepare
+from snncc.api import compile_graph
 from snncc.evaluate import evaluate
 from snncc.render import print_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = scoring_parser(__doc__, tokens=2048)
     parser.add_argument("--passes", default="encode")
     parser.add_argument("--T", type=int, nargs="+", default=[4, 8, 12, 16, 24, 32])
-    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens to score")
     parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
-    loaded, ann, ctx = prepare(args.model, calib_tokens=args.calib_tokens)
-    chunks = heldout_chunks(loaded.tokenizer, args.tokens)
+    loaded, ann, ctx, chunks = prepare_scored(args, calib_tokens=args.calib_tokens)
     rows = []
     for T in args.T:
         start = time.perf_counter()
@@ -50,7 +45,6 @@ def main() -> None:
     print_table(["T", *metric, "spikes/act", "energy ratio"],
                 [[r["T"], *(f"{r[m]:.6f}" for m in metric), f"{r['spikes_per_neuron']:.2f}",
                   f"{r['energy_ratio']:.3f}"] for r in rows])
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"fidelity_vs_T_{args.model}_{args.passes}".replace("{", "(").replace("}", ")").replace(",", "+")
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}, indent=1))
