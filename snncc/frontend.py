@@ -63,23 +63,27 @@ def _clean(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _dynamic_dims(max_positions: int, auto: bool) -> dict:
+    """The input's dynamic (batch, sequence) dims: named, or AUTO (guards kept as runtime checks)."""
+    if auto:
+        return {"input_ids": {0: Dim.AUTO(min=1, max=MAX_BATCH), 1: Dim.AUTO(min=1, max=max_positions)}}
+    return {"input_ids": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=max_positions)}}
+
+
 def _export(module: torch.nn.Module, max_positions: int,
-            hint: bool = False) -> torch.export.ExportedProgram:
+            tries: tuple[bool, ...] = (False, True)) -> torch.export.ExportedProgram:
     """torch.export with a dynamic (batch, sequence) input. Named dims first; where torch
     cannot prove a guard the model raises on them (torch 2.11 on transformers' attention masks:
-    min(64 s, 192 s) == 64 s), AUTO dims, which keep such guards as runtime checks. Either way
-    both dims must come out dynamic: a program traced for one shape would silently refuse others."""
+    min(64 s, 192 s) == 64 s), AUTO dims. Either way both dims must come out dynamic: a program
+    traced for one shape would silently refuse others."""
     example = torch.randint(0, 2, _EXAMPLE_SHAPE)
-    if hint:
-        dims = {"input_ids": {0: Dim.AUTO(min=1, max=MAX_BATCH), 1: Dim.AUTO(min=1, max=max_positions)}}
-    else:
-        dims = {"input_ids": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("seq", min=1, max=max_positions)}}
-    try:
-        exported = torch.export.export(module, (example,), dynamic_shapes=dims)
-    except torch._dynamo.exc.UserError:
-        if hint:
-            raise
-        return _export(module, max_positions, hint=True)
+    for auto in tries:
+        try:
+            exported = torch.export.export(module, (example,), dynamic_shapes=_dynamic_dims(max_positions, auto))
+            break
+        except torch._dynamo.exc.UserError:
+            if auto == tries[-1]:
+                raise
     user_input = exported.graph_signature.user_inputs[0]
     shape = next(n for n in exported.graph.nodes if n.name == user_input).meta["val"].shape
     if any(isinstance(size, int) for size in shape):

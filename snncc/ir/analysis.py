@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 
@@ -89,7 +90,7 @@ class _ShapeRecorder(fx.Interpreter):
 def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     """Record concrete shapes for an input of `input_shape` without computing (fake tensors).
     The input sits on the weights' device: fake tensors check devices as real ones do."""
-    weights = next(iter([*gm.parameters(), *gm.buffers()]), None)
+    weights = next(itertools.chain(gm.parameters(), gm.buffers()), None)
     device = weights.device if weights is not None else torch.device("cpu")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         example = mode.from_tensor(torch.zeros(input_shape, dtype=torch.long, device=device))
