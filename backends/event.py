@@ -152,10 +152,14 @@ class EventExecutor(fx.Interpreter):
         return self._digit_events(x.shape, code_digits(membrane, sign, T, ternary=True), j)
 
     def fn_encode(self, x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
-                  T: int) -> SpikeEvents:
+                  T: int, G: int = 0) -> SpikeEvents:
         """Table neurons: compare the membrane with the sorted thresholds (a binary search,
-        one comparison per step) and fire the digits of the interval's code."""
-        return self._digit_events(x.shape, signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T), None)
+        one comparison per step) and fire the digits of the interval's code (G > 0: the
+        graded ternary digits of its range, as a multi-range neuron sends that value)."""
+        k = table_codes(x, thresholds, codes, bucket, T)
+        if G:
+            return self.mr_encode(k.float().mul_(2.0**-T), torch.ones(()), T, G)
+        return self._digit_events(x.shape, signed_code_digits(k, T), None)
 
     def _digit_events(self, shape: torch.Size, digits: torch.Tensor, exponent: torch.Tensor | None) -> SpikeEvents:
         steps = []

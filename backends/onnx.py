@@ -62,10 +62,12 @@ def _translations() -> dict:
         bias = op.Constant(value_float=0.0) if bias is None else bias
         return domain.SpikeLinear(s, weight, bias, rate=int(rate))
 
-    def fn_encode(x, thresholds, codes, bucket, T):
+    def fn_encode(x, thresholds, codes, bucket, T, G=0):
         if T > TABLE_MAX_BITS:
             raise ExportError(f"table neurons at T = {T} refine their tables at run time, which the ONNX export "
                               f"does not express: compile with T <= {TABLE_MAX_BITS} to export")
+        if G:
+            return domain.FnMrEncode(x, thresholds, codes, bucket, T=T, G=G)
         return domain.FnEncode(x, thresholds, codes, bucket, T=T)
 
     return {
@@ -149,14 +151,21 @@ def _name_spiking_values(model, gm) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
                 and node.target.namespace == "snn":
-            originals[node.target].append(node)
-    for target, nodes in originals.items():
-        onnx_nodes = translated[_ONNX_NAMES[target]]
+            originals[_onnx_name(node)].append(node)
+    for name, nodes in originals.items():
+        onnx_nodes = translated[name]
         if len(onnx_nodes) != len(nodes):
             return  # the exporter merged or dropped some: keep its names rather than guess
         for onnx_node, node in zip(onnx_nodes, nodes, strict=True):
             onnx_node.name = node.name
             onnx_node.outputs[0].name = node.name
+
+
+def _onnx_name(node: torch.fx.Node) -> str:
+    """The snn-domain op a program node exports as (table neurons with ranges: FnMrEncode)."""
+    if node.target == snn.fn_encode.default and len(node.args) > 5 and node.args[5]:
+        return "FnMrEncode"
+    return _ONNX_NAMES[node.target]
 
 
 def metadata(program, fmt: str, spiking_ops: list[str]) -> dict[str, str]:

@@ -227,6 +227,12 @@ def _fn_encode(b: Body, x, thresholds, codes, bucket, T):
     return _signed_train(b, _table_codes(b, x, thresholds, codes, bucket), T)
 
 
+def _fn_mr_encode(b: Body, x, thresholds, codes, bucket, T, G):
+    """The multi-range train of the table's value k 2^-T (exact in float32: |k| < 2^24)."""
+    value = b.op("Mul", _table_codes(b, x, thresholds, codes, bucket), _power_of_two(b, b.op("Neg", b.cast(T, DOUBLE))))
+    return _mr_encode(b, b.cast(value, FLOAT), b.constant(1.0, FLOAT), T, G)
+
+
 def _if_encode(b: Body, x, threshold, membrane, T, burst):
     theta = b.cast(threshold, DOUBLE)
     u = b.op("Div", b.cast(x, DOUBLE), theta)
@@ -324,6 +330,11 @@ OPS: dict[str, SnnOp] = {op.name: op for op in (
           "and fires the MT code of f(X) for the function the thresholds encode.",
           (("X", "float"), ("thresholds", "float"), ("codes", "int64"), ("bucket", "int64")), ("spikes", "int8"),
           (_T,), _fn_encode),
+    SnnOp("FnMrEncode", "Table neuron with multi-range codes: as FnEncode, but the interval's code k (units of "
+          "2^-T) is sent as MrEncode sends k 2^-T at scale 1: ternary digits of the range 2^j holding it, "
+          "graded spikes +-2^j.",
+          (("X", "float"), ("thresholds", "float"), ("codes", "int64"), ("bucket", "int64")), ("spikes", "int8"),
+          (_T, ("G", "int")), _fn_mr_encode),
     SnnOp("IfEncode", "Signed integrate-and-fire neurons (rate code): m += X / threshold; fires floor(m) spikes, "
           "at most burst of either sign (burst 1: +1 at m >= 1, -1 at m < 0), reset by subtraction; "
           "m(0) = membrane / threshold clipped to [0, 1]. Decodes as threshold * mean_t s_t.",

@@ -21,7 +21,9 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.ir.neurons import exp_table, mantissa_table, stack_tables
+from snncc.errors import PipelineError
+from snncc.ir.neurons import exp_range, exp_table, mantissa_table, stack_tables, table_ranges
+from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, replace_node
 from snncc.pipeline import Pass, PassResult, register_pass
 
@@ -60,18 +62,24 @@ class AttentionPass(Pass):
     lowers = frozenset({aten.softmax.int, aten._softmax.default})
 
     T: int = 16
+    # G > 0 (at T <= 16): exp sends multi-range codes from the range 2^(1 - G) up, so small
+    # probabilities keep T digits relative to their range (range 1: 2^-T absolute).
+    ranges: int = 0
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         softmaxes = [n for n in gm.graph.nodes if n.target in self.lowers]
         if not softmaxes:
             return PassResult(gm, False)
+        if not 0 <= self.ranges <= MAX_OUTLIER_RANGES:
+            raise PipelineError(f"attention: ranges={self.ranges} is out of 0..{MAX_OUTLIER_RANGES}")
+        self.G = table_ranges(self.T, self.ranges)
         first = softmaxes[0]
-        exp_thr, exp_codes = stack_tables([exp_table(self.T)])
+        exp_thr, exp_codes = stack_tables([exp_table(self.T, self.G)])
         inv_thr, inv_codes = stack_tables([mantissa_table(-1.0, self.T)])
         tables = {name: add_constant(gm, name, t, first).target for name, t in (
             ("exp_thresholds", exp_thr), ("exp_codes", exp_codes), ("inv_thresholds", inv_thr),
             ("inv_codes", inv_codes), ("exp_bucket", torch.zeros(1, dtype=torch.int64)),
-            ("unit_range", torch.ones(()))
+            ("exp_range", torch.tensor(exp_range(self.G)))
         )}
         for node in softmaxes:
             self._lower(gm, node, tables)
@@ -86,11 +94,12 @@ class AttentionPass(Pass):
             peak = graph.call_function(aten.amax.default, (x, [dim], True))
             shifted = graph.call_function(aten.sub.Tensor, (x, peak))
             spikes = graph.call_function(snn.fn_encode.default, (shifted, get["exp_thresholds"], get["exp_codes"],
-                                                                 get["exp_bucket"], self.T))
-            e = graph.call_function(snn.decode.default, (spikes, get["unit_range"]))
+                                                                 get["exp_bucket"], self.T)
+                                         + ((self.G,) if self.G else ()))
+            e = graph.call_function(snn.decode.default, (spikes, get["exp_range"]))
             total = graph.call_function(aten.sum.dim_IntList, (e, [dim], True))
         spikes.meta.update(source=node.meta.get("source", ""), created_by=self.name,
-                           snn={"code": "table", "T": self.T, "function": "exp"})
+                           snn={"code": "table", "T": self.T, "function": "exp", "ranges": self.G + 1})
         spikes._rename(f"{node.name}_exp_spikes")
         e.meta["val"] = node.meta.get("val")
         for matmul in _pv_products(node):

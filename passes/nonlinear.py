@@ -30,7 +30,9 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import data_dependent_nodes
-from snncc.ir.neurons import NeuronTable, build_table, mantissa_table, stack_tables
+from snncc.errors import PipelineError
+from snncc.ir.neurons import NeuronTable, build_table, mantissa_table, stack_tables, table_ranges
+from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
 from snncc.passes.encode import calib_name
 from snncc.pipeline import Pass, PassResult, register_pass
@@ -145,8 +147,14 @@ class NonlinearPass(Pass):
 
     T: int = 16
     headroom: float = 16.0
+    # G > 0 (at T <= 16): table neurons send multi-range codes, G ranges each twice the last
+    # above the calibrated one: values keep T digits relative to the range that holds them.
+    ranges: int = 0
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        if not 0 <= self.ranges <= MAX_OUTLIER_RANGES:
+            raise PipelineError(f"nonlinear: ranges={self.ranges} is out of 0..{MAX_OUTLIER_RANGES}")
+        self.G = table_ranges(self.T, self.ranges)
         self.sites: list[NeuronSite] = []  # per-site statistics, for `snncc debug`
         self._buffers: dict[str, tuple[str, str]] = {}  # table key -> buffer names
         modified = self._decompose_layer_norms(gm)
@@ -182,10 +190,11 @@ class NonlinearPass(Pass):
         b_node = add_constant(gm, f"{node.name}_bucket", bucket, node)
         s_node = add_constant(gm, f"{node.name}_out_range", scale, node)
         with gm.graph.inserting_before(node):
-            spikes = gm.graph.call_function(snn.fn_encode.default, (root, t_node, c_node, b_node, self.T))
+            spikes = gm.graph.call_function(snn.fn_encode.default,
+                                            (root, t_node, c_node, b_node, self.T) + ((self.G,) if self.G else ()))
             decoded = gm.graph.call_function(snn.decode.default, (spikes, s_node))
         spikes.meta.update(source=node.meta.get("source", ""), created_by=self.name,
-                           snn={"code": "table", "T": self.T, "function": signature})
+                           snn={"code": "table", "T": self.T, "function": signature, "ranges": self.G + 1})
         spikes._rename(f"{node.name}_spikes")
         replace_node(node, decoded, self.name)
         self.sites.append(NeuronSite(decoded.name, signature, (float(scale.min()), float(scale.max())),
@@ -193,10 +202,11 @@ class NonlinearPass(Pass):
 
     def _table(self, signature: str, f, exponent: int) -> NeuronTable:
         """Tables depend only on (function, range, T): built once per process."""
-        key = (signature, exponent, self.T)
+        key = (signature, exponent, self.T, self.G)
         if key not in _TABLES:
-            r = 2.0**exponent
-            _TABLES[key] = build_table(f, r, self.T, (-max(_DOMAIN, 4 * r), max(_DOMAIN, 4 * r)))
+            top = 2.0 ** (exponent + self.G)  # the largest range
+            _TABLES[key] = build_table(f, 2.0**exponent, self.T, (-max(_DOMAIN, 4 * top), max(_DOMAIN, 4 * top)),
+                                       self.G)
         return _TABLES[key]
 
     def _table_nodes(self, gm: fx.GraphModule, key: str, tables: list[NeuronTable],

@@ -73,6 +73,13 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "outlier", "ffn", "encode",
             "portable"),
 }
+# Options a pipeline gives its passes; a spec's own options for the pass override them key by key.
+PIPELINE_OPTIONS: dict[str, dict[str, dict[str, str]]] = {
+    # At fas's few steps, table neurons send multi-range codes: SiLU at its calibrated range
+    # (no 16x headroom, which costs 4 of 8 digits) with 6 ranges above it for what unseen
+    # text exceeds; exp from 2^-5 up, so small probabilities keep their digits.
+    "fas": {"nonlinear": {"ranges": "6", "headroom": "1"}, "attention": {"ranges": "6"}},
+}
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -146,7 +153,7 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
     if not spec or not spec.strip():
         raise PipelineError("empty --passes: give a pipeline (" + ", ".join(PIPELINES) + ") or pass names")
     passes: list[Pass] = []
-    pipeline_members: set[int] = set()  # positions of passes a pipeline name brought in
+    pipeline_members: dict[int, dict[str, str]] = {}  # position of a pass a pipeline brought -> its options
     for item in _split_items(spec):
         match = _ITEM.match(item)
         if not match:
@@ -156,18 +163,20 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
         if opts and any("=" not in kv for kv in opts.split(",") if kv.strip()):
             raise PipelineError(f"options of '{name}' must be key=value pairs, got {{{opts}}}")
         if name in PASSES:
-            made = _make_pass(name, {k.strip(): v.strip() for k, v in options.items()}, T)
+            options = {k.strip(): v.strip() for k, v in options.items()}
             from_pipeline = [i for i, p in enumerate(passes) if p.name == name and i in pipeline_members]
             if from_pipeline:  # `fas,qcfs{steps=600}`: set options of a pass the pipeline brought
-                passes[from_pipeline[0]] = made
-                pipeline_members.discard(from_pipeline[0])
+                i = from_pipeline[0]
+                passes[i] = _make_pass(name, {**pipeline_members.pop(i), **options}, T)
             else:
-                passes.append(made)
+                passes.append(_make_pass(name, options, T))
         elif name in PIPELINES:
             if options:
                 raise PipelineError(f"'{name}' is a pipeline; give options to its passes instead")
-            pipeline_members |= set(range(len(passes), len(passes) + len(PIPELINES[name])))
-            passes += [_make_pass(p, {}, T) for p in PIPELINES[name]]
+            for p in PIPELINES[name]:
+                given = PIPELINE_OPTIONS.get(name, {}).get(p, {})
+                pipeline_members[len(passes)] = given
+                passes.append(_make_pass(p, given, T))
         else:
             raise PipelineError(
                 f"unknown pass or pipeline '{name}'; pipelines: {', '.join(PIPELINES)}; "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from snncc.ir.ops import TABLE_MAX_BITS
+from snncc.ir.ops import TABLE_MAX_BITS, range_index, ternary_limit, ternary_max_code
 
 _GRID = 1 << 16  # samples used to find the monotone pieces of f
 _BISECT = 48  # bisection steps: a domain of width 2^9 shrinks to 2^-39, below float32 resolution
@@ -44,15 +44,46 @@ class NeuronTable:
     bits: int  # code bits the thresholds resolve (<= T)
 
 
-def table_bits(T: int) -> int:
-    return min(T, TABLE_MAX_BITS)
+MULTI_RANGE_MAX_T = 16  # tables of multi-range codes hold about (G + 1) 2^T thresholds per piece of f
 
 
-def code_of(y: torch.Tensor, out_range: float, bits: int) -> torch.Tensor:
-    """The MT code (signed integer, units of out_range * 2^-bits) of values y."""
-    levels = 2**bits
-    magnitude = torch.floor(y.abs() / out_range * levels + 0.5).clamp(max=levels - 1)
-    return (torch.sign(y) * magnitude).to(torch.int64)
+def table_ranges(T: int, G: int) -> int:
+    """The outlier ranges a table neuron asked for G gets at T steps: none above
+    MULTI_RANGE_MAX_T, where the tables would grow large and plain codes are fine already."""
+    return G if T <= MULTI_RANGE_MAX_T else 0
+
+
+def table_bits(T: int, G: int = 0) -> int:
+    return T if G else min(T, TABLE_MAX_BITS)
+
+
+def code_of(y: torch.Tensor, out_range: float, bits: int, G: int = 0) -> torch.Tensor:
+    """The code (signed integer, units of out_range * 2^-bits) a neuron sends for values y:
+    G = 0, the MT code; G > 0, the multi-range code of snn.mr_encode (the T = bits digits of
+    the smallest range out_range * 2^j, j <= G, that holds |y|, times 2^j)."""
+    a = y.abs() / out_range
+    if G:
+        j = range_index(a, ternary_limit(bits), G)
+        magnitude = torch.floor(torch.ldexp(a, bits - j) + 0.5).clamp(max=ternary_max_code(bits)).long() << j
+    else:
+        magnitude = torch.floor(a * 2**bits + 0.5).clamp(max=2**bits - 1).long()
+    return torch.sign(y).long() * magnitude
+
+
+def level_boundaries(bits: int, G: int = 0) -> torch.Tensor:
+    """The sorted values (float64, units of the range) where a code of `bits` bits (G: with G
+    outlier ranges) changes: the points a table neuron places thresholds at, where f crosses
+    them. The code at a boundary is the one of larger magnitude (rounding half away from 0)."""
+    if not G:
+        levels = 2**bits
+        return (torch.arange(-(levels - 1), levels - 1, dtype=torch.float64) + 0.5) / levels
+    halves = torch.arange(ternary_max_code(bits) + 1, dtype=torch.float64) + 0.5
+    candidates = torch.cat([torch.ldexp(halves, torch.tensor(j - bits)) for j in range(G + 1)]
+                           + [ternary_limit(bits) * 2.0 ** torch.arange(G, dtype=torch.float64)])
+    candidates = torch.unique(candidates)
+    codes = code_of(candidates, 1.0, bits, G)
+    positive = candidates[codes != torch.cat([codes.new_zeros(1), codes[:-1]])]
+    return torch.cat([-positive.flip(0), positive])
 
 
 def _extrema(f: Function, lo: float, hi: float) -> list[float]:
@@ -79,17 +110,13 @@ def _extrema(f: Function, lo: float, hi: float) -> list[float]:
     return points
 
 
-def _piece_thresholds(f: Function, a: float, b: float, out_range: float, bits: int) -> torch.Tensor:
-    """Points in [a, b] where the monotone f crosses a code boundary (c + 1/2) r 2^-bits."""
-    levels = 2**bits
-    delta = out_range / levels
+def _piece_thresholds(f: Function, a: float, b: float, boundaries: torch.Tensor) -> torch.Tensor:
+    """Points in [a, b] where the monotone f crosses one of the code boundaries (in f's units)."""
     fa, fb = (float(v) for v in f(torch.tensor([a, b], dtype=torch.float64)))
     low, high = min(fa, fb), max(fa, fb)
-    c_lo = max(math.ceil(low / delta - 0.5), -(levels - 1))
-    c_hi = min(math.floor(high / delta - 0.5), levels - 2)
-    if c_hi < c_lo:
+    target = boundaries[(boundaries >= low) & (boundaries <= high)]
+    if not len(target):
         return torch.empty(0, dtype=torch.float64)
-    target = (torch.arange(c_lo, c_hi + 1, dtype=torch.float64) + 0.5) * delta
     rising = fb >= fa
     left = torch.full_like(target, a)
     right = torch.full_like(target, b)
@@ -106,20 +133,22 @@ def _piece_thresholds(f: Function, a: float, b: float, out_range: float, bits: i
     return right
 
 
-def build_table(f: Function, out_range: float, T: int, domain: tuple[float, float]) -> NeuronTable:
-    """The threshold table of a neuron sending f(x) with range `out_range` at T steps.
+def build_table(f: Function, out_range: float, T: int, domain: tuple[float, float], G: int = 0) -> NeuronTable:
+    """The threshold table of a neuron sending f(x) with range `out_range` at T steps (G > 0:
+    multi-range codes, whose values keep T digits relative to the range that holds them).
 
     Inputs below or above `domain` get the code at its ends."""
-    bits = table_bits(T)
+    bits = table_bits(T, G)
     lo, hi = domain
     edges = [lo, *_extrema(f, lo, hi), hi]
-    pieces = [_piece_thresholds(f, a, b, out_range, bits) for a, b in zip(edges, edges[1:], strict=False)]
+    boundaries = level_boundaries(bits, G) * out_range
+    pieces = [_piece_thresholds(f, a, b, boundaries) for a, b in zip(edges, edges[1:], strict=False)]
     thresholds = torch.sort(torch.cat(pieces)).values
     inner = (thresholds[1:] + thresholds[:-1]) / 2
     first = torch.tensor([min(lo, float(thresholds[0]) - 1.0) if len(thresholds) else lo], dtype=torch.float64)
     last = torch.tensor([hi], dtype=torch.float64)
     samples = torch.cat([first, inner, last]) if len(thresholds) else first
-    codes = code_of(f(samples), out_range, bits)
+    codes = code_of(f(samples), out_range, bits, G)
     keep = torch.ones(len(thresholds), dtype=torch.bool)
     keep[codes[1:] == codes[:-1]] = False  # thresholds that change nothing (an extremum's own level)
     codes = torch.cat([codes[:1], codes[1:][keep]])
@@ -140,9 +169,15 @@ def stack_tables(tables: list[NeuronTable]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @functools.lru_cache(maxsize=16)
-def exp_table(T: int) -> NeuronTable:
-    """exp(x) for x <= 0 (softmax after the row max), range 1."""
-    return build_table(torch.exp, 1.0, T, (-64.0, 64.0))
+def exp_table(T: int, G: int = 0) -> NeuronTable:
+    """exp(x) for x <= 0 (softmax after the row max), range exp_range(G)."""
+    return build_table(torch.exp, exp_range(G), T, (-64.0, 64.0), G)
+
+
+def exp_range(G: int) -> float:
+    """The range of the exp neuron: 1, or with G outlier ranges 2^(1 - G), whose top range
+    holds 1 (a ternary code reaches about 2/3 of its range)."""
+    return 2.0 ** (1 - G) if G else 1.0
 
 
 @functools.lru_cache(maxsize=16)

@@ -613,30 +613,36 @@ def _refined(x: torch.Tensor, index: torch.Tensor, thresholds: torch.Tensor, cod
 
 @torch.library.custom_op("snn::fn_encode", mutates_args=())
 def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
-              T: int) -> torch.Tensor:
-    """Nonlinear table neuron: the T-step MT train of f(x) for the f its thresholds encode
+              T: int, G: int = 0) -> torch.Tensor:
+    """Nonlinear table neuron: the T-step train of f(x) for the f its thresholds encode
     (snncc.ir.neurons): it compares its membrane x with sorted thresholds and fires the
-    binary digits of the code of the interval x lies in. Decodes with the range of each
-    channel's table (snn.decode)."""
-    return signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T).view(T, *x.shape)
+    digits of the code of the interval x lies in: binary MT digits, or for tables of
+    multi-range codes (G > 0) the ternary digits of the range that holds the value, as
+    graded spikes +-2^j (the train mr_encode sends for that value). Decodes with the range
+    of each channel's table (snn.decode)."""
+    k = table_codes(x, thresholds, codes, bucket, T)
+    if G:
+        return mr_encode(k.float().mul_(2.0**-T), torch.ones((), device=x.device), T, G)
+    return signed_code_digits(k, T).view(T, *x.shape)
 
 
 @torch.library.custom_op("snn::fn_quantize", mutates_args=())
 def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
-                T: int) -> torch.Tensor:
-    """What an fn_encode train decodes to (before its range), without the train: k 2^-T."""
-    if x.dtype == torch.float32 and T <= TABLE_MAX_BITS:  # codes below 2^20: exact in float32
+                T: int, G: int = 0) -> torch.Tensor:
+    """What an fn_encode train decodes to (before its range), without the train: k 2^-T
+    (the code holds the value whatever digits send it, so G does not enter)."""
+    if x.dtype == torch.float32 and T + G <= TABLE_MAX_BITS:  # codes below 2^20: exact in float32
         return table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T)
     return table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T)
 
 
 @fn_quantize.register_fake
-def _(x, thresholds, codes, bucket, T):
+def _(x, thresholds, codes, bucket, T, G=0):
     return torch.empty_like(x)
 
 
 @fn_encode.register_fake
-def _(x, thresholds, codes, bucket, T):
+def _(x, thresholds, codes, bucket, T, G=0):
     return x.new_empty((T, *x.shape), dtype=torch.int8)
 
 

@@ -69,6 +69,12 @@ def test_table_and_normaliser_functions_equal_their_kernels(T):
     for bucket in (torch.tensor([1]), torch.tensor([0, 1, 1, 0, 1, 0, 0])):
         expected = snn.fn_encode(_X, thresholds, codes, bucket, T)
         assert torch.equal(_run_op("FnEncode", [_X, thresholds, codes, bucket], {"T": T}, 4), expected)
+    G = 6  # multi-range codes: SiLU's beyond its range, exp's small values
+    thresholds, codes = stack_tables([build_table(torch.nn.functional.silu, 0.25, T, (-64.0, 64.0), G),
+                                      build_table(torch.exp, 2.0 ** (1 - G), T, (-64.0, 64.0), G)])
+    for bucket in (torch.tensor([1]), torch.tensor([0, 1, 1, 0, 1, 0, 0])):
+        expected = snn.fn_encode(_X * 3, thresholds, codes, bucket, T, G)
+        assert torch.equal(_run_op("FnMrEncode", [_X * 3, thresholds, codes, bucket], {"T": T, "G": G}, 4), expected)
     a = torch.rand(2, 5, 1) * 10.0 ** torch.randint(-8, 8, (2, 5, 1)).float()  # any scale
     for power in (-1.0, -0.5):
         thresholds, codes = stack_tables([mantissa_table(power, T)])

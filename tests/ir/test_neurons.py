@@ -15,6 +15,8 @@ from snncc.ir.neurons import (
     DOMAINS,
     FUNCTIONS,
     build_table,
+    exp_range,
+    exp_table,
     mantissa_table,
     stack_tables,
     table_bits,
@@ -56,6 +58,44 @@ def test_table_neuron_sends_binary_spikes_that_decode_to_its_code():
     assert set(spikes.unique().tolist()) <= {-1, 0, 1}
     fused = snn.fn_quantize(x, thresholds, codes, torch.zeros(1, dtype=torch.int64), 10)
     assert torch.equal(snn.decode(spikes, torch.tensor(1.0)), fused)
+
+
+@pytest.mark.parametrize(("T", "G"), [(4, 2), (8, 6), (12, 3)])
+def test_multi_range_table_sends_the_multi_range_code_of_f(T, G):
+    """A table of multi-range codes sends the value mr_encode sends for f(x) (wherever f(x) is
+    clear of a level boundary), as the multi-range train of that value: values keep T digits
+    relative to their range, and SiLU reaches 2^G times its range, where a plain table clips."""
+    r = 0.5
+    table = build_table(F.silu, r, T, (-64.0, 64.0), G)
+    thresholds, codes = stack_tables([table])
+    x = torch.linspace(-8, 30, 20001)
+    bucket = torch.zeros(1, dtype=torch.int64)
+    spikes = snn.fn_encode(x, thresholds, codes, bucket, T, G)
+    value = snn.fn_quantize(x, thresholds, codes, bucket, T, G) * r
+    assert torch.equal(snn.decode(spikes, torch.tensor(r)), value)
+    assert torch.equal(spikes, snn.mr_encode(value, torch.tensor(r), T, G))
+    y = F.silu(x.double())
+    below, above = (snn.mr_quantize((y * (1 + d)).float(), torch.tensor(r), T, G) * r for d in (-1e-5, 1e-5))
+    clear = below == above
+    assert float(clear.float().mean()) > 0.99
+    assert torch.equal(value[clear], below[clear])
+    assert float(value.max()) > r * 2 ** (G - 1)
+
+
+def test_multi_range_exp_keeps_small_probabilities():
+    """exp at T = 8: a plain table (range 1) rounds to multiples of 2^-8; with 6 ranges from
+    2^-5 up, values above e^-4 keep 8 ternary digits (relative error <= 2^-7) and those below
+    the smallest range are within 2^-14."""
+    bucket = torch.zeros(1, dtype=torch.int64)
+    errors = {}
+    for G in (0, 6):
+        thresholds, codes = stack_tables([exp_table(8, G)])
+        for part, x in (("large", torch.linspace(-4, 0, 401)), ("small", torch.linspace(-12, -4.2, 781))):
+            value = (snn.fn_quantize(x, thresholds, codes, bucket, 8, G) * exp_range(G)).double()
+            error = (value - torch.exp(x.double())).abs()
+            errors[G, part] = float((error / torch.exp(x.double())).max() if part == "large" else error.max())
+    assert errors[6, "large"] <= 2.0**-7 < errors[0, "large"]
+    assert errors[6, "small"] <= 2.0**-14 < 2.0**-10 <= errors[0, "small"]
 
 
 def test_per_channel_tables_use_each_channels_range():

@@ -86,6 +86,14 @@ def test_fas_pipeline_and_its_default_T():
     assert passes[1].steps == 3 and passes[1].mode == "full" and passes[2].T == 8
 
 
+def test_a_spec_overrides_the_options_a_pipeline_gives_key_by_key():
+    by_name = {p.name: p for p in parse_pipeline("fas", None)}
+    assert (by_name["nonlinear"].ranges, by_name["nonlinear"].headroom, by_name["attention"].ranges) == (6, 1.0, 6)
+    by_name = {p.name: p for p in parse_pipeline("fas,nonlinear{headroom=4}", 12)}
+    assert (by_name["nonlinear"].ranges, by_name["nonlinear"].headroom, by_name["nonlinear"].T) == (6, 4.0, 12)
+    assert parse_pipeline("las", None)[1].ranges == 0  # las's tables keep plain codes
+
+
 @pytest.mark.parametrize(("T", "burst"), [(4, 1), (8, 0), (4, 2)])
 def test_calibration_does_not_raise_and_off_L_lowers_the_calibration_loss(tiny_name, T, burst):
     loaded, ann, ctx = prepared(tiny_name)
