@@ -29,8 +29,8 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.ir.analysis import data_dependent_nodes
 from snncc.errors import PipelineError
+from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.neurons import NeuronTable, build_table, mantissa_table, stack_tables, table_ranges
 from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
