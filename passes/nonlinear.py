@@ -12,6 +12,11 @@
   shared by every layer. Error: at most half a code step, r 2^-(T+1), over the calibrated
   range (tested per function, and tabled by benchmarks/neuron_error.py).
 
+  With `ranges=G` (T <= 16) the codes are multi-range codes, as `outlier`'s neurons send:
+  a value keeps T digits relative to the smallest of the ranges r 2^j (j <= G) holding it,
+  and goes out as graded ternary spikes +-2^j. Few steps need it: at T = 8 a headroom of 16
+  leaves SiLU 4 digits of its calibrated range, and no headroom clips unseen values.
+
 * Norm denominators become floating-point neurons (snn.spike_normalize): x * rsqrt(a),
   x / a, x / sqrt(a) and x * reciprocal(a). LayerNorm is decomposed first:
   mean (an accumulation), centring, the square (a spike x spike product, lowered by `ffn`),
