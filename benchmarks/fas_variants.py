@@ -22,8 +22,11 @@ from snncc.evaluate import evaluate
 from snncc.render import print_table
 
 _NO_CALIBRATION = "calibrate{layer_steps=0,neuron_steps=0}"
+# fas's table neurons as they were before multi-range codes (las's plain tables, 16x headroom)
+PLAIN_TABLES = "nonlinear{ranges=0,headroom=16},attention{ranges=0}"
 DEFAULT_SPECS = ("fas,qcfs{L=8}", "fas,qcfs{L=8,multirange=4}", "fas,qcfs{L=16}", "fas,qcfs{L=16,multirange=8}",
-                 "fas,qcfs{L=16,multirange=4}", "fas,qcfs{L=16,multirange=2}")
+                 f"fas,qcfs{{L=16,multirange=4}},{PLAIN_TABLES}", "fas,qcfs{L=16,multirange=4}",
+                 "fas,qcfs{L=16,multirange=2}", "fas,qcfs{L=16,multirange=1}", "fas,qcfs{L=16,multirange=0.5}")
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from snncc.api import compile_graph, prepare
 from snncc.errors import PipelineError
 from snncc.ir.ops import if_spikes, qcfs_levels
 from snncc.pipeline import PIPELINES, default_T, parse_pipeline
-from tests.conftest import prepared
+from tests.conftest import heldout_ids, prepared
 
 snn = torch.ops.snn
 
@@ -181,3 +181,19 @@ def test_finetuning_lowers_the_distillation_loss_resumes_and_leaves_the_ann_alon
     resumed = compile_graph(loaded, ann, ctx, f"{spec}}}")
     ids = torch.randint(0, 200, (1, 16))
     assert torch.equal(first(ids), resumed(ids))  # 12 of 12 steps done: the checkpoint is the result
+
+
+def test_finetuning_keeps_the_state_that_does_best_on_held_out_batches():
+    """A learning rate that wrecks the model: the held-out loss never beats the start, so
+    fine-tuning leaves the graph as it found it; a sane one keeps a state better than the start."""
+    loaded, ann, ctx = prepared("tiny-llama")
+    untrained = compile_graph(loaded, ann, ctx, "fold,qcfs{L=2}")
+    wrecked = compile_graph(loaded, ann, ctx, "fold,qcfs{L=2,steps=4,mode=full,lr=1.0}")
+    report = next(p["report"] for p in wrecked.info.passes if p["name"] == "qcfs")["finetune"]
+    assert report["kept_step"] == 0 and report["check_kl_kept"] == report["check_kl_start"], report
+    assert report["check_batches"] == 4 and report["train_batches"] == len(ctx.batches) - 4
+    ids = heldout_ids("tiny-llama")[:1, :32]
+    assert torch.equal(untrained(ids), wrecked(ids))
+    trained = compile_graph(loaded, ann, ctx, "fold,qcfs{L=2,steps=12,mode=full,lr=1e-4,check=4}")
+    report = next(p["report"] for p in trained.info.passes if p["name"] == "qcfs")["finetune"]
+    assert report["kept_step"] == 12 and report["check_kl_kept"] < report["check_kl_start"], report
