@@ -11,7 +11,7 @@ relative error, 2^-T, for any row length and any logits (equal logits, one domin
 masked entries: exp's table sends 0 below its lowest threshold). With `ranges=G` exp sends
 multi-range codes from the range 2^(1-G) up: probabilities above it keep T digits relative
 to their size (at T = 8 on SmolLM2 this and multi-range SiLU neurons take `las` from
-perplexity x1.25 to x1.05). Readers of p other than a
+perplexity x1.198 to x1.041 on 2048 held-out tokens). Readers of p other than a
 PV product get spike_normalize(e, s, -1). QK^T and E @ V become spike x spike products in
 `encode`, which reads E as it is. GQA needs nothing: repeated K/V heads are views.
 """
