@@ -58,7 +58,7 @@ _AFFINE_OPS = {
 _IDENTITY_OPS = {aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default}
 ELEMENTWISE_OPS = NONLINEAR_OPS | _AFFINE_OPS | _IDENTITY_OPS
 _TABLES: dict[tuple[str, int, int], NeuronTable] = {}
-_DOMAIN = 64.0  # table neurons place thresholds on [-D, D], D = max(64, 4 r); beyond, codes saturate
+_DOMAIN = 64.0  # thresholds on [-D, D], D = max(64, 4 r 2^G) (the largest range); beyond, codes saturate
 _RANGE_SPREAD = 16  # a site's channel ranges span at most 2^16 below its largest (bounds the table count)
 
 
@@ -206,7 +206,7 @@ class NonlinearPass(Pass):
                                      len(tables), int(sum(len(t.thresholds) for t in tables))))
 
     def _table(self, signature: str, f, exponent: int) -> NeuronTable:
-        """Tables depend only on (function, range, T): built once per process."""
+        """Tables depend only on (function, range, T, ranges): built once per process."""
         key = (signature, exponent, self.T, self.G)
         if key not in _TABLES:
             top = 2.0 ** (exponent + self.G)  # the largest range
