@@ -24,9 +24,7 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.errors import PipelineError
 from snncc.ir.neurons import exp_range, exp_table, mantissa_table, stack_tables, table_ranges
-from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, replace_node
 from snncc.pipeline import Pass, PassResult, register_pass
 
@@ -73,9 +71,7 @@ class AttentionPass(Pass):
         softmaxes = [n for n in gm.graph.nodes if n.target in self.lowers]
         if not softmaxes:
             return PassResult(gm, False)
-        if not 0 <= self.ranges <= MAX_OUTLIER_RANGES:
-            raise PipelineError(f"attention: ranges={self.ranges} is out of 0..{MAX_OUTLIER_RANGES}")
-        self.G = table_ranges(self.T, self.ranges)
+        self.G = table_ranges(self.T, self.ranges, self.name)
         first = softmaxes[0]
         exp_thr, exp_codes = stack_tables([exp_table(self.T, self.G)])
         inv_thr, inv_codes = stack_tables([mantissa_table(-1.0, self.T)])

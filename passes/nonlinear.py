@@ -34,10 +34,8 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.errors import PipelineError
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.neurons import NeuronTable, build_table, mantissa_table, stack_tables, table_ranges
-from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
 from snncc.passes.encode import calib_name
 from snncc.pipeline import Pass, PassResult, register_pass
@@ -157,9 +155,7 @@ class NonlinearPass(Pass):
     ranges: int = 0
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
-        if not 0 <= self.ranges <= MAX_OUTLIER_RANGES:
-            raise PipelineError(f"nonlinear: ranges={self.ranges} is out of 0..{MAX_OUTLIER_RANGES}")
-        self.G = table_ranges(self.T, self.ranges)
+        self.G = table_ranges(self.T, self.ranges, self.name)
         self.sites: list[NeuronSite] = []  # per-site statistics, for `snncc debug`
         self._buffers: dict[str, tuple[str, str]] = {}  # table key -> buffer names
         modified = self._decompose_layer_norms(gm)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from snncc.ir.ops import TABLE_MAX_BITS, range_index, ternary_limit, ternary_max_code
+from snncc.errors import PipelineError
+from snncc.ir.ops import MAX_OUTLIER_RANGES, TABLE_MAX_BITS, range_index, ternary_limit, ternary_max_code
 
 _GRID = 1 << 16  # samples used to find the monotone pieces of f
 _BISECT = 48  # bisection steps: a domain of width 2^9 shrinks to 2^-39, below float32 resolution
@@ -47,9 +48,12 @@ class NeuronTable:
 MULTI_RANGE_MAX_T = 16  # tables of multi-range codes hold about (G + 1) 2^T thresholds per piece of f
 
 
-def table_ranges(T: int, G: int) -> int:
-    """The outlier ranges a table neuron asked for G gets at T steps: none above
-    MULTI_RANGE_MAX_T, where the tables would grow large and plain codes are fine already."""
+def table_ranges(T: int, G: int, owner: str) -> int:
+    """The outlier ranges the table neurons of pass `owner` asked for G get at T steps: none
+    above MULTI_RANGE_MAX_T, where the tables would grow large and plain codes are fine
+    already. G must fit a graded spike (0..MAX_OUTLIER_RANGES)."""
+    if not 0 <= G <= MAX_OUTLIER_RANGES:
+        raise PipelineError(f"{owner}: ranges={G} is out of 0..{MAX_OUTLIER_RANGES}")
     return G if T <= MULTI_RANGE_MAX_T else 0
 
 

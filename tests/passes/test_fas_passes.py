@@ -165,6 +165,9 @@ def test_qcfs_and_ifencode_refuse_bad_options():
         compile_graph(loaded, ann, ctx, "fold,qcfs{multirange=-1}", 8)
     with pytest.raises(PipelineError, match="burst=-1"):
         compile_graph(loaded, ann, ctx, "fold,qcfs,ifencode{burst=-1}", 8)
+    for spec in ("fold,nonlinear{ranges=7}", "fold,attention{ranges=-1}"):
+        with pytest.raises(PipelineError, match=r"(nonlinear|attention): ranges=(7|-1) is out of 0\.\.6"):
+            compile_graph(loaded, ann, ctx, spec, 8)
 
 
 def test_finetuning_lowers_the_distillation_loss_resumes_and_leaves_the_ann_alone(tmp_path):
