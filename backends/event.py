@@ -156,10 +156,9 @@ class EventExecutor(fx.Interpreter):
         """Table neurons: compare the membrane with the sorted thresholds (a binary search,
         one comparison per step) and fire the digits of the interval's code (G > 0: the
         graded ternary digits of its range, as a multi-range neuron sends that value)."""
-        k = table_codes(x, thresholds, codes, bucket, T)
         if G:
-            return self.mr_encode(k.float().mul_(2.0**-T), torch.ones(()), T, G)
-        return self._digit_events(x.shape, signed_code_digits(k, T), None)
+            return self.mr_encode(table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T), torch.ones(()), T, G)
+        return self._digit_events(x.shape, signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T), None)
 
     def _digit_events(self, shape: torch.Size, digits: torch.Tensor, exponent: torch.Tensor | None) -> SpikeEvents:
         steps = []

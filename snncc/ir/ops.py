@@ -620,10 +620,10 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
     multi-range codes (G > 0) the ternary digits of the range that holds the value, as
     graded spikes +-2^j (the train mr_encode sends for that value). Decodes with the range
     of each channel's table (snn.decode)."""
-    k = table_codes(x, thresholds, codes, bucket, T)
-    if G:
-        return mr_encode(k.float().mul_(2.0**-T), torch.ones((), device=x.device), T, G)
-    return signed_code_digits(k, T).view(T, *x.shape)
+    if G:  # the value k 2^-T (exact in float32: |k| < 2^(T+G) <= 2^22) as a multi-range train
+        value = table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T)
+        return mr_encode(value, torch.ones((), device=x.device), T, G)
+    return signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T).view(T, *x.shape)
 
 
 @torch.library.custom_op("snn::fn_quantize", mutates_args=())
