@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
-from snncc.finetune import distillation_loss, logits_of
+from snncc.finetune import Kept, distillation_loss, logits_of
 from snncc.ir.rewrite import get_tensor, rewired_copy, set_tensor
 from snncc.pipeline import Pass, PassResult, register_pass
 
@@ -86,10 +86,6 @@ class _Site:
     lam: torch.Tensor
     L: int
     burst: int = 1
-
-
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def if_sites(gm: fx.GraphModule) -> list[_Site]:
@@ -182,28 +178,27 @@ class CalibratePass(Pass):
             return {"loss": sum(float(p[0]) for p in parts) / len(parts),
                     "mse": sum(p[1] for p in parts) / len(parts), "kl": sum(p[2] for p in parts) / len(parts)}
 
-        best = {"loss": evaluate(check)["loss"]}  # the check loss of the state kept so far
+        best = Kept.snapshot(0, evaluate(check)["loss"], neurons.state_dict())
 
         def measured() -> dict:
             """The kept state's losses: training batches, and the check loss already known."""
-            return {**evaluate(train), "check_loss": best["loss"] if check != train else None}
+            return {**evaluate(train), "check_loss": best.loss if check != train else None}
 
         def keep_if_best(step: int) -> None:
-            check_loss = evaluate(check)["loss"]
-            if check_loss < best["loss"]:
-                best.update(loss=check_loss, state=_snapshot(neurons), step=step)
+            nonlocal best
+            best = best.offer(step, evaluate(check)["loss"], neurons.state_dict())
 
         report = {"T": self.T, "sites": len(sites), "train_batches": len(train),
                   "check_batches": len(check) if check != train else 0, "before": measured()}
         for stage, steps in (("layer", self.layer_steps), ("neuron", self.neuron_steps)):
             if stage == "neuron":
                 neurons.per_channel()  # from the best state so far
-            best.update(state=_snapshot(neurons), step=0)
+            best = Kept.snapshot(0, best.loss, neurons.state_dict())
             if steps:
                 self._train(neurons, loss, steps, len(train), stage, ctx.progress, keep_if_best)
-            neurons.load_state_dict(best["state"])
+            neurons.load_state_dict(best.tensors)
             after = measured()
-            report[f"after_{stage}"] = {**after, "kept_step": best["step"], "steps": steps}
+            report[f"after_{stage}"] = {**after, "kept_step": best.step, "steps": steps}
         report["after"] = after
         self._write_back(gm, sites, neurons)
         return PassResult(gm, True, report=report)

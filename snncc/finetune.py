@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,11 +48,20 @@ class FinetuneConfig:
 
 @dataclass
 class Kept:
-    """The state fine-tuning keeps: the one with the lowest loss on the held-out batches."""
+    """The state training keeps: the one with the lowest loss on held-out batches so far
+    (fine-tuning here, calibration in passes/calibrate.py)."""
 
     step: int
-    check_kl: float
+    loss: float
     tensors: dict[str, torch.Tensor]  # a copy: training goes on past it
+
+    @classmethod
+    def snapshot(cls, step: int, loss: float, tensors: Mapping[str, torch.Tensor]) -> Kept:
+        return cls(step, loss, {name: t.detach().clone() for name, t in tensors.items()})
+
+    def offer(self, step: int, loss: float, tensors: Mapping[str, torch.Tensor]) -> Kept:
+        """This state, or a snapshot of `tensors` if their loss is lower."""
+        return Kept.snapshot(step, loss, tensors) if loss < self.loss else self
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -92,11 +102,12 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
     if weights:
         groups.append({"params": weights, "lr": config.lr})
     optimizer = torch.optim.Adam(groups)
-    with torch.no_grad():
-        targets = [logits_of(teacher(batch)) for batch in check]
+    targets: list[torch.Tensor] = []  # the teacher's logits on the check batches, on first use
 
     def check_kl() -> float:
         with torch.no_grad():
+            if not targets:
+                targets.extend(logits_of(teacher(batch)) for batch in check)
             return sum(float(distillation_loss(logits_of(student(b)), t)) for b, t in zip(check, targets,
                                                                                            strict=True)) / len(check)
 
@@ -106,8 +117,8 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
         losses, kept, start_kl = _resume(checkpoint, tensors, optimizer, config)
     start = len(losses)
     if check and kept is None:
-        kept = Kept(start, check_kl(), _snapshot(tensors))
-        start_kl = kept.check_kl
+        kept = Kept.snapshot(start, check_kl(), tensors)
+        start_kl = kept.loss
     for t in tensors.values():
         t.requires_grad_(True)
     bar = tqdm(total=config.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress)
@@ -126,8 +137,7 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if check and ((step + 1) % config.check_every == 0 or step + 1 == config.steps):
                 kl = check_kl()
-                if kl < kept.check_kl:
-                    kept = Kept(step + 1, kl, _snapshot(tensors))
+                kept = kept.offer(step + 1, kl, tensors)
                 bar.set_postfix(kl=f"{losses[-1]:.4f}", check=f"{kl:.4f}", kept=kept.step)
             if checkpoint is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
                 _save(checkpoint, tensors, optimizer, config, losses, kept, start_kl)
@@ -141,12 +151,8 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
                 t.copy_(kept.tensors[name])
     report = {"check_batches": len(check), "train_batches": len(train)}
     if kept is not None:
-        report.update(kept_step=kept.step, check_kl_start=start_kl, check_kl_kept=kept.check_kl)
+        report.update(kept_step=kept.step, check_kl_start=start_kl, check_kl_kept=kept.loss)
     return losses, report
-
-
-def _snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone() for name, t in tensors.items()}
 
 
 def _keep_lambdas_positive(tensors: dict[str, torch.Tensor], lambdas: set[str]) -> None:
@@ -160,7 +166,7 @@ def _save(path: Path, tensors, optimizer, config: FinetuneConfig, losses: list[f
     state = {"config": asdict(config), "losses": losses, "optimizer": optimizer.state_dict(),
              "tensors": {name: t.detach() for name, t in tensors.items()}}
     if kept is not None:
-        state["kept"] = {"step": kept.step, "check_kl": kept.check_kl, "tensors": kept.tensors,
+        state["kept"] = {"step": kept.step, "check_kl": kept.loss, "tensors": kept.tensors,
                          "start_check_kl": start_kl}
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
