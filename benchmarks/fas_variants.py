@@ -1,7 +1,7 @@
 """fas variants before fine-tuning: perplexity against energy, one row per pipeline spec.
 
     python benchmarks/fas_variants.py                      # the default specs below, T = 8
-    python benchmarks/fas_variants.py --specs "fas,qcfs{L=16}" "fas,qcfs{L=16,multirange=4}"
+    python benchmarks/fas_variants.py --specs "fas,qcfs{L=16,multirange=0}" "fas,qcfs{L=16,multirange=4}"
 
 Each spec is compiled without fine-tuning or calibration (what the levels L, burst neurons
 and multi-range sites do by themselves) and scored on held-out text: perplexity ratio and
@@ -24,7 +24,8 @@ from snncc.render import print_table
 _NO_CALIBRATION = "calibrate{layer_steps=0,neuron_steps=0}"
 # fas's table neurons as they were before multi-range codes (las's plain tables, 16x headroom)
 PLAIN_TABLES = "nonlinear{ranges=0,headroom=16},attention{ranges=0}"
-DEFAULT_SPECS = ("fas,qcfs{L=8}", "fas,qcfs{L=8,multirange=4}", "fas,qcfs{L=16}", "fas,qcfs{L=16,multirange=8}",
+DEFAULT_SPECS = ("fas,qcfs{L=8,multirange=0}", "fas,qcfs{L=8,multirange=4}", "fas,qcfs{L=16,multirange=0}",
+                 "fas,qcfs{L=16,multirange=8}",
                  f"fas,qcfs{{L=16,multirange=4}},{PLAIN_TABLES}", "fas,qcfs{L=16,multirange=4}",
                  "fas,qcfs{L=16,multirange=2}", "fas,qcfs{L=16,multirange=1}", "fas,qcfs{L=16,multirange=0.5}")
 
@@ -63,12 +64,19 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        ax.scatter(row["energy_ratio"], row["ppl_ratio"])
-        ax.annotate(row["spec"].removeprefix("fas,"), (row["energy_ratio"], row["ppl_ratio"]), fontsize=7,
-                    xytext=(4, 2), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(8, 7))
+    for i, row in enumerate(rows, 1):
+        ax.scatter(row["energy_ratio"], row["ppl_ratio"], label=f"{i}: {row['spec'].removeprefix('fas,')}")
+        ax.annotate(str(i), (row["energy_ratio"], row["ppl_ratio"]), fontsize=8, xytext=(4, 2),
+                    textcoords="offset points")
+    # the fas issue's targets: perplexity ratio <= 1.10 at <= 0.10 of the ANN's energy
+    ax.axhline(1.10, color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(0.10, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlim(0, max(1.0, max(r["energy_ratio"] for r in rows) * 1.05))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("energy SNN / ANN (45 nm)")
     ax.set_ylabel("perplexity ratio SNN / ANN")
     ax.set_title(title)

@@ -25,7 +25,8 @@ cannot hold their token-to-token spread: SmolLM2's down-projection inputs, whose
 at L = 16 alone multiply the perplexity by 1.6). That is a LAS neuron inside `fas`; at
 T = 8 it sends fewer spikes per value than an L = 16 QCFS site does by bursts (SmolLM2:
 K = 4 -> 0.5 takes 42 -> 190 of 241 sites to multi-range neurons, perplexity x1.23 -> x1.06,
-energy 0.52 -> 0.48 of the ANN's).
+energy 0.52 -> 0.48 of the ANN's). The pass's own defaults are FAS's (L = 8, no multi-range
+sites); the `fas` pipeline gives it L = 16 and K = 0.5 (snncc.pipeline.PIPELINE_OPTIONS).
 
 With `steps` > 0 the graph is fine-tuned by distillation from the ANN (snncc.finetune):
 `mode=lambda` trains the lambdas, `mode=full` also every weight (on copies: the ANN is left

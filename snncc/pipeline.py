@@ -75,10 +75,18 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 }
 # Options a pipeline gives its passes; a spec's own options for the pass override them key by key.
 PIPELINE_OPTIONS: dict[str, dict[str, dict[str, str]]] = {
-    # At fas's few steps, table neurons send multi-range codes: SiLU at its calibrated range
-    # (no 16x headroom, which costs 4 of 8 digits) with 6 ranges above it for what unseen
-    # text exceeds; exp from 2^-5 up, so small probabilities keep their digits.
-    "fas": {"nonlinear": {"ranges": "6", "headroom": "1"}, "attention": {"ranges": "6"}},
+    "fas": {
+        # QCFS at L = 16 (burst neurons of 2 spikes at T = 8), the sites above half the median
+        # site's sensitivity on multi-range neurons: SmolLM2 at T = 8 x1.063 before fine-tuning,
+        # energy 0.48 of the ANN's, where FAS's L = 8 with every site an IF neuron
+        # (`fas,qcfs{L=8,multirange=0}`) is x6.9 at 0.29 (benchmarks/fas_variants.py).
+        "qcfs": {"L": "16", "multirange": "0.5"},
+        # At fas's few steps, table neurons send multi-range codes: SiLU at its calibrated range
+        # (no 16x headroom, which costs 4 of 8 digits) with 6 ranges above it for what unseen
+        # text exceeds; exp from 2^-5 up, so small probabilities keep their digits.
+        "nonlinear": {"ranges": "6", "headroom": "1"},
+        "attention": {"ranges": "6"},
+    },
 }
 
 

@@ -89,6 +89,9 @@ def test_fas_pipeline_and_its_default_T():
 def test_a_spec_overrides_the_options_a_pipeline_gives_key_by_key():
     by_name = {p.name: p for p in parse_pipeline("fas", None)}
     assert (by_name["nonlinear"].ranges, by_name["nonlinear"].headroom, by_name["attention"].ranges) == (6, 1.0, 6)
+    assert (by_name["qcfs"].L, by_name["qcfs"].multirange) == (16, 0.5)
+    by_name = {p.name: p for p in parse_pipeline("fas,qcfs{L=8}", None)}
+    assert (by_name["qcfs"].L, by_name["qcfs"].multirange) == (8, 0.5)
     by_name = {p.name: p for p in parse_pipeline("fas,nonlinear{headroom=4}", 12)}
     assert (by_name["nonlinear"].ranges, by_name["nonlinear"].headroom, by_name["nonlinear"].T) == (6, 4.0, 12)
     assert parse_pipeline("las", None)[1].ranges == 0  # las's tables keep plain codes
@@ -102,7 +105,7 @@ def test_calibration_does_not_raise_and_off_L_lowers_the_calibration_loss(tiny_n
     report = next(p["report"] for p in program.info.passes if p["name"] == "calibrate")
     assert report["check_batches"] == 4  # states are judged on batches the training never saw
     assert report["after"]["check_loss"] <= report["before"]["check_loss"]
-    if (burst or 8 // T) * T != 8:  # B T = L starts at QCFS exactly; elsewhere a code mismatch to calibrate away
+    if (burst or 16 // T) * T != 16:  # B T = L (fas's L = 16) starts at QCFS exactly; elsewhere a code mismatch
         assert report["after"]["loss"] < 0.95 * report["before"]["loss"], report
         assert report["after"]["check_loss"] < 0.95 * report["before"]["check_loss"], report
 
@@ -127,7 +130,7 @@ def test_ifencode_at_burst_times_T_equal_L_changes_nothing_the_qcfs_model_comput
 
 def test_multirange_leaves_the_most_sensitive_sites_to_multi_range_neurons():
     loaded, ann, ctx = prepared("tiny-llama")
-    plain = compile_graph(loaded, ann, ctx, "fas,calibrate{layer_steps=0,neuron_steps=0}")
+    plain = compile_graph(loaded, ann, ctx, "fas,qcfs{multirange=0},calibrate{layer_steps=0,neuron_steps=0}")
     mixed = compile_graph(loaded, ann, ctx, "fas,qcfs{multirange=2},calibrate{layer_steps=0,neuron_steps=0}")
     report = next(p["report"] for p in mixed.info.passes if p["name"] == "qcfs")
     chosen = report["multirange"]
