@@ -464,8 +464,13 @@ _remembered_by: dict[int, tuple[weakref.ref, dict]] = {}  # id(tensor) -> (tenso
 _guides_by_content: OrderedDict[bytes, _Guide | None] = OrderedDict()
 
 
+def tensor_bytes(t: torch.Tensor):
+    """t's values as a flat byte array (any dtype, bfloat16 included), for hashing."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(tensor_bytes(t), digest_size=16).digest()
 
 
 def _remembered(t: torch.Tensor) -> dict:

@@ -8,6 +8,8 @@ import re
 import torch
 import torch.fx as fx
 
+from snncc.ir.ops import tensor_bytes
+
 
 def readable_name(node: fx.Node) -> str:
     """`layers_3_mlp_down_proj_linear`: the source module path, then the op."""
@@ -113,5 +115,5 @@ def contents_digest(gm: fx.GraphModule, *tensors: torch.Tensor) -> str:
     named = sorted(gm.state_dict().items()) + [(f"extra{i}", t) for i, t in enumerate(tensors)]
     for name, tensor in named:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
