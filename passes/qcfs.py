@@ -184,7 +184,8 @@ class QcfsPass(Pass):
         if self.plot:
             from snncc.plots import plot_losses
 
-            plot_losses({"distillation KL": losses}, Path(self.plot), "QCFS fine-tuning")
+            plot_losses({"distillation KL": losses}, Path(self.plot), "QCFS fine-tuning", check.get("checks"),
+                        check.get("kept_step"))
         window = max(1, min(10, len(losses) // 5))
         # Per-step losses are on different batches; the first batch before and after is a
         # like-for-like comparison.

@@ -112,13 +112,13 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
                                                                                            strict=True)) / len(check)
 
     losses: list[float] = []
-    kept, start_kl = None, None
+    kept, checks = None, []  # checks: (step, check KL) of every held-out check, the start first
     if checkpoint is not None and checkpoint.exists():
-        losses, kept, start_kl = _resume(checkpoint, tensors, optimizer, config)
+        losses, kept, checks = _resume(checkpoint, tensors, optimizer, config)
     start = len(losses)
     if check and kept is None:
         kept = Kept.snapshot(start, check_kl(), tensors)
-        start_kl = kept.loss
+        checks = [(start, kept.loss)]
     for t in tensors.values():
         t.requires_grad_(True)
     bar = tqdm(total=config.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress)
@@ -137,10 +137,11 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if check and ((step + 1) % config.check_every == 0 or step + 1 == config.steps):
                 kl = check_kl()
+                checks.append((step + 1, kl))
                 kept = kept.offer(step + 1, kl, tensors)
                 bar.set_postfix(kl=f"{losses[-1]:.4f}", check=f"{kl:.4f}", kept=kept.step)
             if checkpoint is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
-                _save(checkpoint, tensors, optimizer, config, losses, kept, start_kl)
+                _save(checkpoint, tensors, optimizer, config, losses, kept, checks)
     finally:
         bar.close()
         for t in tensors.values():
@@ -151,7 +152,7 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
                 t.copy_(kept.tensors[name])
     report = {"check_batches": len(check), "train_batches": len(train)}
     if kept is not None:
-        report.update(kept_step=kept.step, check_kl_start=start_kl, check_kl_kept=kept.loss)
+        report.update(kept_step=kept.step, check_kl_start=checks[0][1], check_kl_kept=kept.loss, checks=checks)
     return losses, report
 
 
@@ -162,21 +163,22 @@ def _keep_lambdas_positive(tensors: dict[str, torch.Tensor], lambdas: set[str]) 
 
 
 def _save(path: Path, tensors, optimizer, config: FinetuneConfig, losses: list[float], kept: Kept | None,
-          start_kl: float | None) -> None:
+          checks: list[tuple[int, float]]) -> None:
     state = {"config": asdict(config), "losses": losses, "optimizer": optimizer.state_dict(),
              "tensors": {name: t.detach() for name, t in tensors.items()}}
     if kept is not None:
         state["kept"] = {"step": kept.step, "check_kl": kept.loss, "tensors": kept.tensors,
-                         "start_check_kl": start_kl}
+                         "start_check_kl": checks[0][1], "checks": checks}
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     os.replace(partial, path)
 
 
-def _resume(path: Path, tensors, optimizer, config: FinetuneConfig) -> tuple[list[float], Kept | None, float | None]:
+def _resume(path: Path, tensors, optimizer, config: FinetuneConfig
+            ) -> tuple[list[float], Kept | None, list[tuple[int, float]]]:
     """Load a checkpoint written by a run of the same set-up into tensors and optimizer;
-    returns its losses, the best state it had kept and the check loss it started from (None
-    for checkpoints written without held-out checks)."""
+    returns its losses, the best state it had kept and its held-out checks (None and [] for
+    checkpoints written without held-out checks)."""
     try:
         state = torch.load(path, weights_only=True)
     except Exception:
@@ -197,5 +199,7 @@ def _resume(path: Path, tensors, optimizer, config: FinetuneConfig) -> tuple[lis
     log.info("resumed fine-tuning from '%s' at step %d", path, len(losses))
     kept = state.get("kept")  # checkpoints written before held-out checks have none
     if kept is None or kept["step"] > config.steps:
-        return losses, None, None
-    return losses, Kept(kept["step"], kept["check_kl"], kept["tensors"]), kept["start_check_kl"]
+        return losses, None, []
+    # checkpoints written before the checks were kept hold only the first
+    checks = [tuple(c) for c in kept.get("checks", [(0, kept["start_check_kl"])]) if c[0] <= config.steps]
+    return losses, Kept(kept["step"], kept["check_kl"], kept["tensors"]), checks

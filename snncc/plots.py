@@ -108,9 +108,11 @@ def plot_profile(profile: Profile, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> Path:
+def plot_losses(curves: dict[str, list[float]], path: Path, title: str,
+                checks: list[tuple[int, float]] | None = None, kept_step: int | None = None) -> Path:
     """Loss per step, one line per curve, with its running mean over an epoch-like window
-    (per-batch losses differ more than they fall); log scale."""
+    (per-batch losses differ more than they fall); log scale. `checks` (step, loss) on
+    held-out batches show where training stops generalising; `kept_step` marks the state kept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,6 +126,10 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> Path:
         if window > 1:
             mean = np.convolve(losses, np.ones(window) / window, mode="valid")
             ax.plot(steps[window - 1:], mean, color=line.get_color(), label=f"{label} (mean of {window})")
+    if checks:
+        ax.plot(*zip(*checks, strict=True), "o-", color="black", markersize=4, label="held-out check")
+    if kept_step is not None:
+        ax.axvline(kept_step, color="grey", linestyle=":", label=f"kept (step {kept_step})")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

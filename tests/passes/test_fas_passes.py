@@ -187,6 +187,8 @@ def test_finetuning_lowers_the_distillation_loss_resumes_and_leaves_the_ann_alon
     resumed = compile_graph(loaded, ann, ctx, f"{spec}}}")
     ids = torch.randint(0, 200, (1, 16))
     assert torch.equal(first(ids), resumed(ids))  # 12 of 12 steps done: the checkpoint is the result
+    again = next(p["report"] for p in resumed.info.passes if p["name"] == "qcfs")["finetune"]
+    assert again["checks"] == report["checks"] and again["kept_step"] == report["kept_step"]  # kept with it
 
 
 def test_finetuning_keeps_the_state_that_does_best_on_held_out_batches():
@@ -197,6 +199,8 @@ def test_finetuning_keeps_the_state_that_does_best_on_held_out_batches():
     wrecked = compile_graph(loaded, ann, ctx, "fold,qcfs{L=2,steps=4,mode=full,lr=1.0}")
     report = next(p["report"] for p in wrecked.info.passes if p["name"] == "qcfs")["finetune"]
     assert report["kept_step"] == 0 and report["check_kl_kept"] == report["check_kl_start"], report
+    assert [step for step, _ in report["checks"]] == [0, 4]  # the start, then the last step
+    assert report["check_kl_kept"] == min(kl for _, kl in report["checks"])
     assert report["check_batches"] == 4 and report["train_batches"] == len(ctx.batches) - 4
     ids = heldout_ids("tiny-llama")[:1, :32]
     assert torch.equal(untrained(ids), wrecked(ids))
