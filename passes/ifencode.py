@@ -10,8 +10,13 @@ above 0, -1 below 0) and resets by subtraction; the train decodes to theta * (sp
 them at fewer steps: L = 16 at T = 8, or L = 8 at T = 4, run as the QCFS model they were
 trained as, for the same number of spikes (a burst of n counts n spikes) in fewer steps.
 Where B T != L the code has 2 B T + 1 levels instead of 2L + 1, which `calibrate`
-compensates. Linear layers later fold theta into their weight columns (`encode`), so the
-spikes arrive as integer events.
+compensates. At T > L that is a finer code than the model was fine-tuned with, and more
+spikes; `spread=true` instead keeps QCFS's L levels over the T steps (B = L / T < 1:
+threshold lambda T / L, at most one spike per step), so a value sends at most L spikes:
+QCFS exactly for |x| <= lambda, and counting on, up to T spikes, above it (no clip). That
+is how a program at T = 8 gets below one spike per activation (L = 2 or 4). Linear layers
+later fold theta into their weight columns (`encode`), so the spikes arrive as integer
+events.
 """
 
 from __future__ import annotations
@@ -38,17 +43,21 @@ class IfEncodePass(Pass):
 
     T: int = 8
     burst: int = 0
+    spread: bool = False  # at T > L: QCFS's L levels over the T steps, not T finer ones
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         if self.burst < 0:
             raise PipelineError(f"ifencode: burst={self.burst} must be 0 (round(L / T)) or a number of spikes >= 1")
+        if self.spread and self.burst:
+            raise PipelineError(f"ifencode: spread=true sets B = L / T itself; drop burst={self.burst}")
         sites = [n for n in gm.graph.nodes if n.target == snn.qcfs.default]
         for site in sites:
             x, lam_node, L = site.args
             lam = get_tensor(gm, lam_node)
             burst = self.burst or max(1, round(L / self.T))
-            theta = add_constant(gm, f"{x.name}_threshold", lam / burst, site)
-            v0 = add_constant(gm, f"{x.name}_v0", lam / burst / 2, site)
+            levels_per_step = L / self.T if self.spread and L < self.T else burst  # B: theta = lambda / B
+            theta = add_constant(gm, f"{x.name}_threshold", lam / levels_per_step, site)
+            v0 = add_constant(gm, f"{x.name}_v0", lam / levels_per_step / 2, site)
             with gm.graph.inserting_before(site):
                 spikes = gm.graph.call_function(snn.if_encode.default, (x, theta, v0, self.T, burst))
                 decoded = gm.graph.call_function(snn.decode.default, (spikes, theta), {"rate": True})

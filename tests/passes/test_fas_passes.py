@@ -128,6 +128,31 @@ def test_ifencode_at_burst_times_T_equal_L_changes_nothing_the_qcfs_model_comput
     assert torch.equal(qcfs_model(ids), snn_model(ids))
 
 
+@pytest.mark.parametrize("L", [2, 4])
+def test_ifencode_spread_keeps_the_qcfs_levels_at_T_above_L(L):
+    """spread=true at T = 8 > L: threshold lambda T / L, at most one spike per step; within
+    the clip range each neuron sends QCFS's level as its spike count (<= L spikes), where
+    plain neurons at the same T send a finer code and more spikes."""
+    loaded, ann, ctx = prepared("tiny-llama")
+    spread = compile_graph(loaded, ann, ctx, f"fold,qcfs{{L={L}}},ifencode{{spread=true}}", 8)
+    plain = compile_graph(loaded, ann, ctx, f"fold,qcfs{{L={L}}},ifencode", 8)
+    gm = spread.graph_module
+    encoders = [n for n in gm.graph.nodes if n.target == snn.if_encode.default]
+    assert encoders and all(tuple(n.args[3:]) == (8, 1) for n in encoders)
+    for n in encoders:
+        lam = next(iter(n.users)).meta["qcfs"]["lambda"]
+        theta, v0 = getattr(gm, n.args[1].target), getattr(gm, n.args[2].target)
+        assert torch.allclose(theta, lam * 8 / L) and torch.allclose(v0, theta / 2)
+    lam = torch.tensor(0.7, dtype=torch.float64)
+    x = torch.linspace(-1, 1, 401, dtype=torch.float64) * lam
+    count = sum(if_spikes(x, lam * 8 / L, lam * 4 / L, 8)).double()
+    assert torch.equal(count, qcfs_levels(x, lam, L).double()) and count.abs().max() == L
+    ids = heldout_ids("tiny-llama")[:1, :32]
+    assert spread.profile(ids).totals()["spikes_per_neuron"] < plain.profile(ids).totals()["spikes_per_neuron"]
+    with pytest.raises(PipelineError, match="spread=true"):
+        compile_graph(loaded, ann, ctx, "fold,qcfs,ifencode{spread=true,burst=2}", 8)
+
+
 def test_multirange_leaves_the_most_sensitive_sites_to_multi_range_neurons():
     loaded, ann, ctx = prepared("tiny-llama")
     plain = compile_graph(loaded, ann, ctx, "fas,qcfs{multirange=0},calibrate{layer_steps=0,neuron_steps=0}")
