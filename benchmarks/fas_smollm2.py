@@ -8,8 +8,9 @@ Fine-tunes the QCFS model once (resumable checkpoint, loss plot), then for each 
 top-1 agreement, spikes, energy; also the fine-tuned QCFS ANN itself (no spikes). Prints
 one JSON object per row and a table; writes JSON, and the profile (per-layer firing rates
 and SOPs) of the first T's calibrated program as JSON and a plot. `--L` sets the QCFS levels
-(outputs of L != 8 carry _L<L> in their names, and of `--multirange K` _mr<K>); `ifencode` runs them as burst neurons of
-round(L / T) spikes per step unless `--burst` says otherwise.
+(outputs of L != 8 carry _L<L> in their names, of `--multirange K` _mr<K>, of `--spread`
+_spread); `ifencode` runs them as burst neurons of round(L / T) spikes per step unless
+`--burst` says otherwise, or with `--spread` at T > L as neurons of at most L spikes.
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ def main() -> None:
     parser.add_argument("--T", type=int, nargs="+", default=[8, 4, 16])
     parser.add_argument("--L", type=int, default=8, help="QCFS levels")
     parser.add_argument("--burst", type=int, default=0, help="spikes per step (0: round(L / T))")
+    parser.add_argument("--spread", action="store_true",
+                        help="at T > L, IF neurons keep the L QCFS levels over the T steps (ifencode{spread=true})")
     parser.add_argument("--multirange", type=float, default=0.0,
                         help="qcfs multirange: sites above this x the median sensitivity get multi-range neurons")
     parser.add_argument("--calibrate", default="layer_steps=20,neuron_steps=20,batches=2")
     args = parser.parse_args()
 
     loaded, ann, ctx, chunks = prepare_scored(args, progress=True)
-    tag = args.model + (f"_L{args.L}" if args.L != 8 else "") + (f"_mr{args.multirange:g}" if args.multirange else "")
+    tag = (args.model + (f"_L{args.L}" if args.L != 8 else "") + (f"_mr{args.multirange:g}" if args.multirange else "")
+           + ("_spread" if args.spread else ""))
     qcfs = (f"qcfs{{L={args.L},multirange={args.multirange},steps={args.steps},mode={args.mode},lr={args.lr},"
             f"checkpoint={args.out / f'fas_{tag}_finetune.pt'},"
             f"plot={args.out / f'fas_{tag}_finetune_loss.png'}}}")
@@ -52,14 +56,15 @@ def main() -> None:
     for T in args.T:
         for calibrate in ("layer_steps=0,neuron_steps=0", args.calibrate):
             start = time.perf_counter()
-            spec = f"fas,{qcfs},ifencode{{burst={args.burst}}},calibrate{{{calibrate}}}"
+            ifencode = "ifencode{spread=true}" if args.spread else f"ifencode{{burst={args.burst}}}"
+            spec = f"fas,{qcfs},{ifencode},calibrate{{{calibrate}}}"
             program = compile_graph(loaded, ann, ctx, spec, T)
             reports = {p["name"]: p["report"] for p in program.info.passes if p.get("report")}
             row = evaluate(program, loaded.module, chunks, progress=True)
             profile = program.profile(chunks[0])
             row.update(profile.totals())
             row.update(calibrated=calibrate != "layer_steps=0,neuron_steps=0", reports=reports, L=args.L,
-                       burst=args.burst or max(1, round(args.L / T)),
+                       burst=args.burst or max(1, round(args.L / T)), spread=args.spread,
                        seconds=time.perf_counter() - start)
             if T == args.T[0] and row["calibrated"]:
                 from snncc.plots import plot_profile

@@ -34,11 +34,13 @@ def main() -> None:
     parser = scoring_parser(__doc__, tokens=512)
     parser.add_argument("--specs", nargs="+", default=list(DEFAULT_SPECS))
     parser.add_argument("--T", type=int, default=8)
+    parser.add_argument("--tag", default="", help="added to the output names (keeps the default run's files)")
     args = parser.parse_args()
 
     loaded, ann, ctx, chunks = prepare_scored(args, progress=True)
     rows = []
-    path = args.out / f"fas_variants_{args.model}.json"
+    name = f"fas_variants_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    path = args.out / f"{name}.json"
     for spec in args.specs:
         program = compile_graph(loaded, ann, ctx, f"{spec},{_NO_CALIBRATION}", args.T)
         qcfs = next(p["report"] for p in program.info.passes if p["name"] == "qcfs")
@@ -48,7 +50,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         path.write_text(json.dumps(rows, indent=1))  # after every row: a long run keeps what it measured
-    _plot(rows, args.out / f"fas_variants_{args.model}.png", f"{args.model} fas at T = {args.T}, before fine-tuning")
+    _plot(rows, args.out / f"{name}.png", f"{args.model} fas at T = {args.T}, before fine-tuning")
     print_table(["spec", "multi-range sites", "ppl ratio", "top-1", "spikes/act", "energy ratio"],
                 [[r["spec"], f"{r['multirange_sites']}/{r['qcfs_sites']}", f"{r['ppl_ratio']:.4f}",
                   f"{r['top1_agreement']:.4f}", f"{r['spikes_per_neuron']:.2f}", f"{r['energy_ratio']:.3f}"]
