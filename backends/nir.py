@@ -158,7 +158,9 @@ def to_nir(program) -> NirExport:
     if not export.populations and export.left_out[_BURST]:
         raise ExportError(f"NIR's thresholds send one spike per step and all {export.left_out[_BURST]} IF populations "
                           "of this program send bursts (T < the QCFS levels L): compile with "
-                          '--passes "fas,ifencode{burst=1}" for plain IF neurons to export them')
+                          f'--passes "fas,qcfs{{L={program.T},multirange=0}}" (FAS\'s plain IF neurons at T = L, '
+                          'on every synapse input) or "fas,ifencode{burst=1}" (plain neurons, a coarser code) to '
+                          'export them')
     if not export.populations:
         raise ExportError("nothing in this program can be expressed in NIR, which has rate-coded neurons and static "
                           f"synapses only ({program.info.pipeline!r} uses "

@@ -89,8 +89,9 @@ def test_profile_plot_and_energy_tables(tmp_path):
 
 def test_export_onnx_and_nir_from_an_artifact(tmp_path):
     artifact = tmp_path / "fas.snn"
-    _run("compile", "tiny-llama", "--passes", "fas,calibrate{layer_steps=2,neuron_steps=2,batches=1}",
-         "--calib-tokens", "512", "--eval-tokens", "0", "-o", str(artifact))
+    fas_plain_if = "fas,qcfs{L=8,multirange=0},calibrate{layer_steps=2,neuron_steps=2,batches=1}"  # what NIR holds
+    _run("compile", "tiny-llama", "--passes", fas_plain_if, "--calib-tokens", "512", "--eval-tokens", "0",
+         "-o", str(artifact))
     for fmt in ("onnx-snn", "onnx"):
         out = _run("export", str(artifact), "--format", fmt, "-o", str(tmp_path / f"{fmt}.onnx"))
         assert "onnx.checker passed" in out and "max relative error 0.00e+00" in out, out

@@ -14,7 +14,8 @@ from snncc.backends.nir import _if_population, _synapse, run_synapse, to_nir, ve
 from snncc.errors import ExportError
 from tests.conftest import heldout_ids, prepared
 
-_FAS_QUICK = "fas,calibrate{layer_steps=3,neuron_steps=3,batches=1}"
+# FAS's setting: every synapse input on plain IF neurons (at T = 8 no bursts), what NIR holds
+_FAS_QUICK = "fas,qcfs{L=8,multirange=0},calibrate{layer_steps=3,neuron_steps=3,batches=1}"
 
 
 def test_nir_if_population_spikes_as_the_signed_if_neuron():
@@ -51,7 +52,7 @@ def test_burst_populations_are_left_out_by_name():
     < L = 8) has nothing to export and says why; with plain IF neurons it exports."""
     loaded, ann, ctx = prepared("tiny-llama")
     bursting = compile_graph(loaded, ann, ctx, _FAS_QUICK, 4)
-    with pytest.raises(ExportError, match="send bursts.*burst=1"):
+    with pytest.raises(ExportError, match=r"send bursts.*fas,qcfs\{L=4,multirange=0\}.*burst=1"):
         to_nir(bursting)
     plain = compile_graph(loaded, ann, ctx, f"{_FAS_QUICK},ifencode{{burst=1}}", 4)
     assert to_nir(plain).populations
