@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 
+import torch
 from common import prepare_scored, scoring_parser
 
 from snncc.api import compile_graph
@@ -53,10 +54,10 @@ def main() -> None:
     row.update(T=0, calibrated=False, stage="QCFS ANN (fine-tuned), no spikes", reports={})
     rows = [row]
     print(json.dumps(row), flush=True)
+    ifencode = "ifencode{spread=true}" if args.spread else f"ifencode{{burst={args.burst}}}"
     for T in args.T:
         for calibrate in ("layer_steps=0,neuron_steps=0", args.calibrate):
             start = time.perf_counter()
-            ifencode = "ifencode{spread=true}" if args.spread else f"ifencode{{burst={args.burst}}}"
             spec = f"fas,{qcfs},{ifencode},calibrate{{{calibrate}}}"
             program = compile_graph(loaded, ann, ctx, spec, T)
             reports = {p["name"]: p["report"] for p in program.info.passes if p.get("report")}
@@ -64,7 +65,7 @@ def main() -> None:
             profile = program.profile(chunks[0])
             row.update(profile.totals())
             row.update(calibrated=calibrate != "layer_steps=0,neuron_steps=0", reports=reports, L=args.L,
-                       burst=args.burst or max(1, round(args.L / T)), spread=args.spread,
+                       burst=_burst(program), spread=args.spread,
                        seconds=time.perf_counter() - start)
             if T == args.T[0] and row["calibrated"]:
                 from snncc.plots import plot_profile
@@ -79,6 +80,12 @@ def main() -> None:
                 [[r["T"] or "ANN", r.get("burst", "-"), r["calibrated"], f"{r['ppl_ratio']:.4f}",
                   f"{r['top1_agreement']:.4f}",
                   f"{r.get('spikes_per_neuron', 0):.2f}", f"{r.get('energy_ratio', 1):.3f}"] for r in rows])
+
+
+def _burst(program) -> int:
+    """The spikes per step the program's IF neurons may send, as `ifencode` chose it."""
+    return max((n.meta["snn"]["burst"] for n in program.graph_module.graph.nodes
+                if n.target == torch.ops.snn.if_encode.default), default=0)
 
 
 if __name__ == "__main__":
