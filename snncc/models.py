@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from snncc.errors import ModelError, first_line
-from snncc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from snncc.errors import InputError, ModelError, SnnccError, first_line
+from snncc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_hf_tokenizer, refuse_remote_code
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -125,8 +125,8 @@ def _load_smollm2() -> LoadedModel:
         if importlib.util.find_spec(module) is None:
             raise ModelError(f"loading GGUF needs the package '{module}': `pip install {module}`")
     kwargs = dict(gguf_file=ggufs[0].name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
                                                  attn_implementation="eager", **kwargs)
     return _finish("smollm2-135m", model, HFTokenizer(tokenizer), CAUSAL_LM)
 
@@ -158,19 +158,22 @@ def _task_of(config) -> str:
 
 
 def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    refuse_remote_code(source)
+    config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
     task = _task_of(config)
     auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
     model = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager",
-                                 local_files_only=local_only)
+                                 local_files_only=local_only, trust_remote_code=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        tokenizer = load_hf_tokenizer(source, local_files_only=local_only)
+    except InputError:
+        raise
     except Exception as exc:
         raise ModelError(f"'{source}' has a model but no usable tokenizer ({first_line(exc)}): save one beside it with "
                          "tokenizer.save_pretrained(...)") from exc
-    return _finish(name, model, HFTokenizer(tokenizer), task)
+    return _finish(name, model, tokenizer, task)
 
 
 def _load_hub_id(model_id: str) -> LoadedModel:
@@ -205,7 +208,7 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
     if Path(model).is_dir():
         try:
             return _load_hf_directory(Path(model), Path(model).name)
-        except ModelError:
+        except SnnccError:
             raise
         except Exception as exc:
             raise ModelError(f"cannot load the model in directory '{model}': {first_line(exc)}") from exc

@@ -390,15 +390,13 @@ def load_onnx(path: str | Path):
 
 def _tokenizer_beside(path: Path, task: str, width: int):
     from snncc.models import CAUSAL_LM
-    from snncc.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+    from snncc.tokenizer import ByteTokenizer, load_hf_tokenizer, load_tokenizer
 
     folder = path.parent
     if (folder / "snncc_tokenizer.json").is_file():
         return load_tokenizer(folder)
     if (folder / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        return load_hf_tokenizer(folder)
     if task == CAUSAL_LM and 0 < width <= 256:
         return ByteTokenizer()
     raise ModelError(f"no tokenizer beside '{path}': save the model's tokenizer (tokenizer.json) in {folder}")

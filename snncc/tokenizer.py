@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from snncc.errors import InputError
+
 
 class Tokenizer(Protocol):
     """What snncc needs from a tokenizer: text <-> ids, and a way to ship it."""
@@ -52,11 +54,42 @@ class HFTokenizer:
         (directory / "snncc_tokenizer.json").write_text(json.dumps({"kind": self.kind}))
 
 
+REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json")
+MAX_CONFIG_BYTES = 16 * 2**20  # a config larger than this is not a config
+
+
+def refuse_remote_code(source: str | Path) -> None:
+    """Refuse a local folder whose configs name Python classes to import from the folder
+    (`auto_map`): snncc never runs code that comes with a model, tokenizer or artifact."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for name in REMOTE_CODE_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_bytes()[:MAX_CONFIG_BYTES + 1].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(f"'{file}' is not valid JSON") from None
+        if isinstance(config, dict) and "auto_map" in config:
+            raise InputError(f"'{file}' asks to run Python code shipped with it (auto_map); snncc never runs "
+                             "code from a model, tokenizer or artifact: use a model whose classes transformers has")
+
+
+
+def load_hf_tokenizer(source: str | Path, local_files_only: bool = True) -> HFTokenizer:
+    """A Hugging Face tokenizer from a folder or hub id, never running code shipped with it."""
+    from transformers import AutoTokenizer
+
+    refuse_remote_code(source)
+    return HFTokenizer(AutoTokenizer.from_pretrained(source, local_files_only=local_files_only,
+                                                     trust_remote_code=False))
+
+
 def load_tokenizer(directory: Path) -> Tokenizer:
     """Load a tokenizer written by one of the `save` methods above."""
     kind = json.loads((directory / "snncc_tokenizer.json").read_text())["kind"]
     if kind == ByteTokenizer.kind:
         return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    return HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+    return load_hf_tokenizer(directory)
