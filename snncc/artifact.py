@@ -1,8 +1,14 @@
 """The `.snn` artifact: one zip with the graph (JSON), weights (safetensors), tokenizer and a
 manifest (format version, versions, pipeline, T, calibration summary, SHA-256 of each member).
 
-Writes are atomic (temporary file, then rename); loads check the format version and every
-checksum and refuse anything else with one clear error.
+An artifact is shared like a checkpoint, so loading treats it as untrusted input: member
+names come from a fixed set and their sizes are checked in the zip directory before anything
+is read; the graph resolves ops only through `snncc.ir.opset`'s table and takes node names,
+input names and keyword names only as Python identifiers and attribute targets only as names
+of its own tensors, so no string from the file reaches FX's code generator unchecked; values
+decode through fixed tables; table-neuron tables are checked before a kernel indexes them;
+the tokenizer is written into a private temporary folder under checked flat names and loaded
+without remote code. Anything wrong is one `ArtifactError`. Writes are atomic.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import operator
+import keyword
+import math
 import os
+import re
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -23,37 +32,43 @@ import torch
 import torch.fx as fx
 
 import snncc
-from snncc.errors import ArtifactError
+from snncc.errors import ArtifactError, SnnccError, first_line
+from snncc.ir.analysis import matmul_sites
+from snncc.ir.ops import MAX_T
+from snncc.ir.opset import SNN_INT_BOUNDS, op_name, resolve_op
 from snncc.ir.rewrite import set_tensor
+from snncc.models import CAUSAL_LM, ENCODER
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.tokenizer import load_tokenizer
 
 FORMAT = "snncc-artifact"
 FORMAT_VERSION = 1
-_PY_NAMESPACES = {"_operator": operator, "operator": operator}
+
+# What a member may take, checked in the zip directory before it is read.
+MAX_MEMBERS = 64
+MAX_JSON_BYTES = {"manifest.json": 64 * 2**20, "graph.json": 1024 * 2**20}
+MAX_TOKENIZER_BYTES = 256 * 2**20  # all tokenizer files together
+MAX_NODES = 2_000_000
+MAX_NESTING = 16  # lists in lists in a node's arguments
+MAX_NAME = 512  # characters of a node, tensor or input name
+MAX_TEXT = 4096  # characters of a string in the manifest or node metadata
+MAX_POSITIONS = 2**20
+MAX_LITERAL_ELEMENTS = 2**31  # elements a size list or arange in the graph may ask for
+FIXED_MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
+TOKENIZER_PREFIX = "tokenizer/"
+_TOKENIZER_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # --- graph <-> JSON ----------------------------------------------------------------------
 
 
 def _target_name(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)
-    if getattr(target, "__module__", None) in _PY_NAMESPACES:
-        return f"operator.{target.__name__}"
-    raise ArtifactError(f"cannot save a graph that calls {target!r}: only aten, snn and operator calls are allowed")
-
-
-def _resolve_target(name: str):
-    namespace, *rest = name.split(".")
-    if namespace == "operator" and len(rest) == 1 and hasattr(operator, rest[0]):
-        return getattr(operator, rest[0])
-    if namespace in ("aten", "snn") and len(rest) == 2:
-        try:
-            return getattr(getattr(getattr(torch.ops, namespace), rest[0]), rest[1])
-        except AttributeError:
-            pass
-    raise ArtifactError(f"the artifact's graph calls unknown op '{name}': it needs a newer snncc or is corrupt")
+    name = op_name(target)
+    if name is None:
+        raise ArtifactError(f"cannot save a graph that calls {target!r}: artifacts hold only the ops in "
+                            "snncc.ir.opset (what snncc's passes and frontends emit)")
+    return name
 
 
 def _encode(value):
@@ -72,20 +87,34 @@ def _encode(value):
     raise ArtifactError(f"cannot save graph argument {value!r} of type {type(value).__name__}")
 
 
-def _decode(value, nodes: dict[str, fx.Node]):
-    if not isinstance(value, dict):
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}
+_LAYOUTS = {"strided": torch.strided}
+_MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format}
+_DEVICES = ("cpu", "cuda")
+_VALUE_TABLES = {"dtype": _DTYPES, "layout": _LAYOUTS, "memory_format": _MEMORY_FORMATS}
+
+
+def _decode(value, nodes: dict[str, fx.Node], where: str, depth: int = 0):
+    """A node argument from JSON: plain values, earlier nodes, lists and the fixed tables."""
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if not isinstance(value, dict) or len(value) != 1 or depth > MAX_NESTING:
+        raise ArtifactError(f"{where}: malformed argument")
     (kind, payload), = value.items()
     if kind == "node":
+        if not isinstance(payload, str) or payload not in nodes:
+            raise ArtifactError(f"{where}: refers to a node that is not defined before it")
         return nodes[payload]
-    if kind in ("list", "tuple"):
-        items = [_decode(v, nodes) for v in payload]
+    if kind in ("list", "tuple") and isinstance(payload, list):
+        items = [_decode(v, nodes, where, depth + 1) for v in payload]
         return items if kind == "list" else tuple(items)
-    if kind == "device":
+    if kind == "device" and payload in _DEVICES:
         return torch.device(payload)
-    if kind in ("dtype", "layout", "memory_format"):
-        return getattr(torch, payload)
-    raise ArtifactError(f"unknown value kind '{kind}' in the artifact's graph")
+    if kind in _VALUE_TABLES and isinstance(payload, str) and payload in _VALUE_TABLES[kind]:
+        return _VALUE_TABLES[kind][payload]
+    raise ArtifactError(f"{where}: unknown argument kind or value {str(kind)[:40]!r}")
 
 
 _KEPT_META = ("source", "created_by", "snn")
@@ -102,30 +131,123 @@ def graph_to_json(graph: fx.Graph) -> list[dict]:
     return rows
 
 
-def graph_from_json(rows: list[dict]) -> fx.Graph:
-    """Rebuild an FX graph from `graph_to_json` rows, resolving only known op namespaces."""
+def _identifier(value, where: str) -> str:
+    """A Python identifier that is not a keyword: the only names FX's code generator gets."""
+    if not (isinstance(value, str) and len(value) <= MAX_NAME and value.isidentifier()
+            and value.isascii() and not keyword.iskeyword(value)):
+        raise ArtifactError(f"{where}: {str(value)[:60]!r} is not a valid name")
+    return value
+
+
+_MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module()))  # a tensor named 'training' or 'to' would shadow them
+
+
+def _tensor_name(value, where: str) -> str:
+    """A dotted tensor path: identifiers or indices, none private or dunder."""
+    if not isinstance(value, str) or len(value) > MAX_NAME or not value:
+        raise ArtifactError(f"{where}: {str(value)[:60]!r} is not a valid tensor name")
+    for part in value.split("."):
+        if not (part.isdigit() and part.isascii()) and (_identifier(part, where).startswith("_")
+                                                          or part in _MODULE_ATTRIBUTES):
+            raise ArtifactError(f"{where}: {value[:60]!r} is not a valid tensor name")
+    return value
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ArtifactError(f"{where}: expected a text of at most {MAX_TEXT} characters")
+    return value
+
+
+def _meta(meta, where: str) -> dict:
+    """The node metadata kept in artifacts (provenance and neuron notes), checked by type."""
+    if not isinstance(meta, dict) or not set(meta) <= set(_KEPT_META):
+        raise ArtifactError(f"{where}: malformed metadata")
+    checked = {key: _text(meta[key], where) for key in ("source", "created_by") if key in meta}
+    if "snn" in meta:
+        notes = meta["snn"]
+        if not isinstance(notes, dict) or len(notes) > 64:
+            raise ArtifactError(f"{where}: malformed neuron notes")
+        checked["snn"] = {_text(k, where): _note(v, where) for k, v in notes.items()}
+    return checked
+
+
+def _note(value, where: str):
+    if isinstance(value, list) and len(value) <= 64 and all(isinstance(v, (int, float, str)) for v in value):
+        return tuple(value)
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= MAX_TEXT):
+        return value
+    raise ArtifactError(f"{where}: malformed neuron note")
+
+
+def _check_literals(target, args: tuple, kwargs: dict, where: str) -> None:
+    """Bound what literal arguments can ask for: snn ops' T, G and burst by their schema names,
+    and every size list (or arange) at MAX_LITERAL_ELEMENTS elements."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "snn":
+        schema = target._schema.arguments
+        named = {a.name: v for a, v in zip(schema, args, strict=False)} | kwargs
+        for name, (low, high) in SNN_INT_BOUNDS.items():
+            value = named.get(name)
+            if value is not None and not (isinstance(value, int) and low <= value <= high):
+                raise ArtifactError(f"{where}: {name}={str(value)[:20]} is out of {low}..{high}")
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+            if math.prod(abs(v) for v in value) > MAX_LITERAL_ELEMENTS:
+                raise ArtifactError(f"{where}: a size of {math.prod(abs(v) for v in value):.3g} elements")
+    if str(target).startswith("aten.arange"):
+        numbers = [v for v in args if isinstance(v, (int, float))]
+        if any(not math.isfinite(v) or abs(v) > MAX_LITERAL_ELEMENTS for v in numbers):
+            raise ArtifactError(f"{where}: arange over more than {MAX_LITERAL_ELEMENTS} values")
+
+
+def _node_row(row, index: int) -> tuple[str, str, object, object, dict, dict]:
+    if not isinstance(row, dict) or not {"name", "op", "target"} <= set(row) \
+            or not set(row) <= {"name", "op", "target", "args", "kwargs", "meta"}:
+        raise ArtifactError(f"graph node {index}: malformed row")
+    name = _identifier(row["name"], f"graph node {index}")
+    kwargs = row.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ArtifactError(f"graph node '{name}': malformed keyword arguments")
+    return name, row["op"], row["target"], row.get("args", {"tuple": []}), kwargs, row.get("meta", {})
+
+
+def graph_from_json(rows, tensor_names: set[str]) -> fx.Graph:
+    """Rebuild an FX graph from `graph_to_json` rows, taking ops only from snncc.ir.opset,
+    names only as identifiers and attribute targets only from `tensor_names`."""
+    if not isinstance(rows, list) or not 0 < len(rows) <= MAX_NODES:
+        raise ArtifactError(f"the graph is not a list of at most {MAX_NODES} nodes")
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
-    for row in rows:
-        args = _decode(row["args"], nodes)
-        kwargs = {k: _decode(v, nodes) for k, v in row["kwargs"].items()}
-        op = row["op"]
-        if op == "placeholder":
-            node = graph.placeholder(row["target"])
-        elif op == "get_attr":
-            node = graph.get_attr(row["target"])
-        elif op == "output":
-            node = graph.output(args[0])
-        elif op == "call_function":
-            node = graph.call_function(_resolve_target(row["target"]), tuple(args), kwargs)
+    for index, row in enumerate(rows):
+        name, op, target, raw_args, raw_kwargs, meta = _node_row(row, index)
+        where = f"graph node '{name}'"
+        if name in nodes:
+            raise ArtifactError(f"{where}: the name is used twice")
+        args = _decode(raw_args, nodes, where)
+        kwargs = {_identifier(k, where): _decode(v, nodes, where) for k, v in raw_kwargs.items()}
+        if not isinstance(args, tuple):
+            raise ArtifactError(f"{where}: malformed arguments")
+        if op == "placeholder" and not args and not kwargs and not graph.find_nodes(op="placeholder"):
+            target = _identifier(target, where)
+        elif op == "get_attr" and not args and not kwargs:
+            if target not in tensor_names:
+                raise ArtifactError(f"{where}: reads a tensor the artifact does not hold")
+            target = _tensor_name(target, where)
+        elif op == "call_function" and isinstance(target, str) and resolve_op(target) is not None:
+            target = resolve_op(target)
+            _check_literals(target, args, kwargs, where)
+        elif op == "output" and index == len(rows) - 1 and len(args) == 1 and not kwargs:
+            target = "output"
         else:
-            raise ArtifactError(f"unknown node kind '{op}' in the artifact's graph")
-        node._rename(row["name"])
-        meta = dict(row.get("meta", {}))
-        if isinstance(meta.get("snn"), dict) and "range" in meta["snn"]:
-            meta["snn"]["range"] = tuple(meta["snn"]["range"])
-        node.meta.update(meta)
-        nodes[row["name"]] = node
+            raise ArtifactError(f"{where}: a {str(op)[:20]!r} node with target {str(target)[:60]!r} is not "
+                                "allowed here (unknown op, misplaced input or output, or bad arguments)")
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        if node.name != name:  # FX renamed it: a Python builtin or a name FX reserves
+            raise ArtifactError(f"{where}: the name is reserved")
+        node.meta.update(_meta(meta, where))
+        nodes[name] = node
+    if rows[-1].get("op") != "output" or not graph.find_nodes(op="placeholder"):
+        raise ArtifactError("the graph must have one input and end with its output")
     return graph
 
 
@@ -197,23 +319,67 @@ def _umask() -> int:
     return mask
 
 
+def _member_cap(name: str, archive_bytes: int) -> int:
+    """The most bytes member `name` may hold, or 0 if snncc never writes such a member."""
+    if name in MAX_JSON_BYTES:
+        return MAX_JSON_BYTES[name]
+    if name == "weights.safetensors":
+        return archive_bytes
+    flat = name.removeprefix(TOKENIZER_PREFIX)
+    return MAX_TOKENIZER_BYTES if name != flat and _TOKENIZER_FILE.fullmatch(flat) else 0
+
+
+def _checked_directory(archive: zipfile.ZipFile, path: Path) -> list[zipfile.ZipInfo]:
+    """The zip directory's entries, each a member snncc writes, stored (not compressed, so
+    what is read is what the directory declares) and within its size cap."""
+    infos = archive.infolist()
+    names = [info.filename for info in infos]
+    if len(infos) > MAX_MEMBERS or len(set(names)) != len(names):
+        raise ArtifactError(f"'{path}' has {len(infos)} members or repeated names: not a snncc artifact")
+    archive_bytes = path.stat().st_size
+    tokenizer_bytes = 0
+    for info in infos:
+        cap = _member_cap(info.filename, archive_bytes)
+        if not cap or info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
+            raise ArtifactError(f"'{path}' has a member snncc never writes: {info.filename[:80]!r}")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.file_size != info.compress_size:
+            raise ArtifactError(f"'{path}': member '{info.filename}' is compressed or encrypted; snncc writes "
+                                "stored members only")
+        tokenizer_bytes += info.file_size if info.filename.startswith(TOKENIZER_PREFIX) else 0
+        if info.file_size > cap or tokenizer_bytes > MAX_TOKENIZER_BYTES:
+            raise ArtifactError(f"'{path}': member '{info.filename}' declares {info.file_size} bytes, over "
+                                "what such a member may hold")
+    missing = set(FIXED_MEMBERS) - set(names)
+    if missing:
+        raise ArtifactError(f"'{path}' lacks {', '.join(sorted(missing))}: not a complete snncc artifact")
+    return infos
+
+
+def _json(data: bytes, name: str):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"member '{name}' is not valid JSON ({first_line(exc)})") from None
+
+
 def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
     if not path.is_file():
         raise ArtifactError(f"artifact '{path}' does not exist: create it with `snncc compile MODEL -o {path}`")
     try:
         with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(archive.read("manifest.json"))
-            members = {name: archive.read(name) for name in archive.namelist() if name != "manifest.json"}
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError, zipfile.LargeZipFile) as exc:
-        raise ArtifactError(f"'{path}' is not a readable snncc artifact ({exc}): "
+            members = {info.filename: archive.read(info) for info in _checked_directory(archive, path)}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+            RuntimeError) as exc:
+        raise ArtifactError(f"'{path}' is not a readable snncc artifact ({first_line(exc)}): "
                             "recompile it with `snncc compile`") from None
-    if manifest.get("format") != FORMAT:
+    manifest = _json(members.pop("manifest.json"), "manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"'{path}' is not a snncc artifact (no '{FORMAT}' manifest)")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"'{path}' has artifact format {manifest.get('format_version')}; this snncc "
+        raise ArtifactError(f"'{path}' has artifact format {str(manifest.get('format_version'))[:20]}; this snncc "
                             f"reads format {FORMAT_VERSION}: recompile it with this snncc")
-    expected = manifest.get("sha256", {})
-    if set(expected) != set(members):
+    expected = manifest.get("sha256")
+    if not isinstance(expected, dict) or set(expected) != set(members):
         raise ArtifactError(f"'{path}' is corrupt: its members do not match its manifest; recompile it")
     for name, data in members.items():
         if _sha256(data) != expected[name]:
@@ -221,23 +387,124 @@ def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
     return manifest, members
 
 
+# --- the manifest's facts ------------------------------------------------------------------
+
+_INFO_FIELDS = {"model": str, "task": str, "pipeline": str, "T": int, "max_positions": int, "vocab_size": int,
+                "passes": list, "calibration": dict, "coverage": dict}
+
+
+def _program_info(info) -> ProgramInfo:
+    """The manifest's ProgramInfo, every field of its type and in its range."""
+    if not isinstance(info, dict) or set(info) != set(_INFO_FIELDS):
+        raise ArtifactError("the manifest's program info is malformed")
+    for key, kind in _INFO_FIELDS.items():
+        if not isinstance(info[key], kind) or isinstance(info[key], bool):
+            raise ArtifactError(f"the manifest's {key} is not a {kind.__name__}")
+    for key in ("model", "pipeline"):
+        _text(info[key], f"the manifest's {key}")
+    bounds = {"T": (0, MAX_T), "max_positions": (1, MAX_POSITIONS), "vocab_size": (1, 2**31 - 1)}
+    for key, (low, high) in bounds.items():
+        if not low <= info[key] <= high:
+            raise ArtifactError(f"the manifest's {key} = {info[key]} is out of {low}..{high}")
+    if info["task"] not in (CAUSAL_LM, ENCODER):
+        raise ArtifactError(f"the manifest's task {info['task'][:40]!r} is neither {CAUSAL_LM} nor {ENCODER}")
+    if not all(isinstance(record, dict) for record in info["passes"]):
+        raise ArtifactError("the manifest's pass records are malformed")
+    return ProgramInfo(**info)
+
+
+def _check_coverage(gm: fx.GraphModule, coverage: dict) -> None:
+    """The manifest's coverage must name exactly the graph's analog matmul sites: an artifact
+    cannot claim spikes where its graph computes analog products."""
+    analog = {site.node.name for site in matmul_sites(gm) if not site.spiking}
+    sites = coverage.get("analog_sites", [])
+    claimed = {site.get("name") for site in sites if isinstance(site, dict)} if isinstance(sites, list) else None
+    share = coverage.get("coverage")
+    if claimed != analog or not isinstance(share, (int, float)) or not 0 <= share <= 1 \
+            or (share == 1) != (not analog):
+        raise ArtifactError(f"the manifest's coverage does not match its graph ({len(analog)} analog matmul "
+                            "sites in the graph): the artifact was edited; recompile it")
+
+
+# --- weights and tables --------------------------------------------------------------------
+
+
+def _tensors(data: bytes, aliases) -> dict[str, torch.Tensor]:
+    """The weights by name (safetensors parses them; names checked), aliases pointing at them."""
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error type for every malformed file
+        raise ArtifactError(f"the artifact's weights are malformed ({first_line(exc)})") from None
+    if not isinstance(aliases, dict) or not all(isinstance(t, str) and t in tensors for t in aliases.values()):
+        raise ArtifactError("the manifest's tensor aliases are malformed")
+    for name in (*tensors, *aliases):
+        _tensor_name(name, "the weights")
+    return tensors | {name: tensors[target] for name, target in aliases.items()}
+
+
+_TABLE_OPS = {"fn_encode", "fn_quantize"}
+
+
+def _check_tables(gm: fx.GraphModule) -> None:
+    """Table neurons index their codes by where the membrane lands among the thresholds (in
+    compiled kernels, unchecked): thresholds must be sorted float32 rows without NaN, codes
+    one longer per row, and buckets valid rows, before any kernel reads them."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "_opname", "") not in _TABLE_OPS:
+            continue
+        operands = node.args[1:4]
+        if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in operands):
+            raise ArtifactError(f"table neuron '{node.name}': its tables must be stored tensors")
+        thresholds, codes, bucket = (_stored(gm, a.target) for a in operands)
+        ok = (thresholds.dtype == torch.float32 and thresholds.dim() == 2 and thresholds.shape[1] > 0
+              and codes.dtype == torch.int64 and codes.shape == (thresholds.shape[0], thresholds.shape[1] + 1)
+              and bucket.dtype == torch.int64 and bucket.dim() <= 1 and bucket.numel() > 0
+              and not bool(torch.isnan(thresholds).any())
+              and bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())
+              and 0 <= int(bucket.min()) and int(bucket.max()) < thresholds.shape[0])
+        if not ok:
+            raise ArtifactError(f"table neuron '{node.name}': its thresholds, codes or buckets are malformed")
+
+
+def _stored(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner = gm
+    for part in target.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def _tokenizer(members: dict[str, bytes]):
+    """The artifact's tokenizer, from its flat files written into a private temporary folder."""
+    with tempfile.TemporaryDirectory() as tok_dir:
+        for name, data in members.items():
+            if name.startswith(TOKENIZER_PREFIX):
+                (Path(tok_dir) / name.removeprefix(TOKENIZER_PREFIX)).write_bytes(data)
+        try:
+            return load_tokenizer(Path(tok_dir))
+        except SnnccError as exc:
+            raise ArtifactError(f"the artifact's tokenizer: {exc}") from None
+        except Exception as exc:  # json, transformers and tokenizers raise many types
+            raise ArtifactError(f"the artifact's tokenizer cannot be loaded ({type(exc).__name__}: "
+                                f"{first_line(exc)})") from None
+
+
 def load_program(path: Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:
     """Read and check an artifact, rebuild its graph and weights, return a runnable program."""
     manifest, members = _read_members(path)
-    tensors = safetensors.torch.load(members["weights.safetensors"])
+    info = _program_info(manifest.get("info"))
+    tensors = _tensors(members["weights.safetensors"], manifest.get("aliases"))
+    graph = graph_from_json(_json(members["graph.json"], "graph.json"), set(tensors))
     root = torch.nn.Module()
-    for name, tensor in tensors.items():
-        set_tensor(root, name, tensor)
-    for name, target in manifest["aliases"].items():
-        set_tensor(root, name, tensors[target])
-    gm = fx.GraphModule(root, graph_from_json(json.loads(members["graph.json"])))
-    with tempfile.TemporaryDirectory() as tok_dir:
-        for name, data in members.items():
-            if name.startswith("tokenizer/"):
-                (Path(tok_dir) / name.removeprefix("tokenizer/")).write_bytes(data)
-        tokenizer = load_tokenizer(Path(tok_dir))
-    info = ProgramInfo(**manifest["info"])
-    return SpikingProgram(gm, info, tokenizer, device=device, backend=backend, progress=progress)
+    try:
+        for name, tensor in tensors.items():
+            set_tensor(root, name, tensor)  # 'a' and 'a.b' both tensors: refused here
+        gm = fx.GraphModule(root, graph)
+    except Exception as exc:  # tensor paths that clash, a graph FX cannot generate code for
+        raise ArtifactError(f"the artifact's graph or tensor names are malformed ({type(exc).__name__}: "
+                            f"{first_line(exc)})") from None
+    _check_tables(gm)
+    _check_coverage(gm, info.coverage)
+    return SpikingProgram(gm, info, _tokenizer(members), device=device, backend=backend, progress=progress)
 
 
 def read_manifest(path: Path) -> dict:
