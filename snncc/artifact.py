@@ -227,10 +227,11 @@ def graph_from_json(rows, tensor_names: set[str]) -> fx.Graph:
         kwargs = {_identifier(k, where): _decode(v, nodes, where) for k, v in raw_kwargs.items()}
         if not isinstance(args, tuple):
             raise ArtifactError(f"{where}: malformed arguments")
-        if op == "placeholder" and not args and not kwargs and not graph.find_nodes(op="placeholder"):
-            target = _identifier(target, where)
+        if op == "placeholder" and target == name and not args and not kwargs \
+                and not graph.find_nodes(op="placeholder"):
+            pass  # the input's name is its node's, which FX's namespace checks below
         elif op == "get_attr" and not args and not kwargs:
-            if target not in tensor_names:
+            if not isinstance(target, str) or target not in tensor_names:
                 raise ArtifactError(f"{where}: reads a tensor the artifact does not hold")
             target = _tensor_name(target, where)
         elif op == "call_function" and isinstance(target, str) and resolve_op(target) is not None:
@@ -415,13 +416,14 @@ def _program_info(info) -> ProgramInfo:
 
 def _check_coverage(gm: fx.GraphModule, coverage: dict) -> None:
     """The manifest's coverage must name exactly the graph's analog matmul sites: an artifact
-    cannot claim spikes where its graph computes analog products."""
+    cannot claim spikes where its graph computes analog products. (Unknown coverage, None,
+    only where analog sites exist: a site whose MACs could not be counted.)"""
     analog = {site.node.name for site in matmul_sites(gm) if not site.spiking}
     sites = coverage.get("analog_sites", [])
-    claimed = {site.get("name") for site in sites if isinstance(site, dict)} if isinstance(sites, list) else None
+    claimed = {site.get("node") for site in sites if isinstance(site, dict)} if isinstance(sites, list) else None
     share = coverage.get("coverage")
-    if claimed != analog or not isinstance(share, (int, float)) or not 0 <= share <= 1 \
-            or (share == 1) != (not analog):
+    known = isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1
+    if claimed != analog or not (known or (share is None and analog)) or (share == 1) != (not analog):
         raise ArtifactError(f"the manifest's coverage does not match its graph ({len(analog)} analog matmul "
                             "sites in the graph): the artifact was edited; recompile it")
 
