@@ -7,15 +7,12 @@ checksum and refuse anything else with one clear error.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import operator
-import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -23,6 +20,7 @@ import torch
 import torch.fx as fx
 
 import snncc
+from snncc.atomic import atomic_file
 from snncc.errors import ArtifactError
 from snncc.ir.rewrite import set_tensor
 from snncc.program import ProgramInfo, SpikingProgram
@@ -173,28 +171,6 @@ def save_program(program: SpikingProgram, path: Path) -> None:
         archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
         for name, data in members.items():
             archive.writestr(name, data)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write; it replaces `path` only if the block ends
-    without an error, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
