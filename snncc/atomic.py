@@ -151,10 +151,13 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, keep_partial: bool = False) -> Iterator[Path]:
     """A temporary folder beside `path` to fill; when the block ends without an error its
     files move into `path` one atomic rename each (`path` is created if missing; files of
-    `path` that the block did not write are kept), so no file in `path` is ever half-written."""
+    `path` that the block did not write are kept), so no file in `path` is ever half-written.
+
+    keep_partial: on an exception, still move in the files the block wrote before it (a debug
+    dump of the passes before the one that failed is what the user needs); a signal drops them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
@@ -164,6 +167,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             tmp.mkdir()
             yield tmp
             _move_into(tmp, path)
+        except Exception:
+            if keep_partial:
+                _move_into(tmp, path)
+            raise
         finally:
             _remove(tmp)
 
