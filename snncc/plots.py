@@ -16,6 +16,7 @@ import numpy as np
 from snncc.atomic import atomic_file
 from snncc.profile import LayerProfile, Profile
 
+
 def _save(fig, path: Path, dpi: int) -> None:
     """Save atomically (a failed or interrupted plot leaves no half-written PNG) and free the figure."""
     import matplotlib.pyplot as plt
