@@ -472,8 +472,8 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache):
     with _arguments():
         _check_at_least("--max-new-tokens", max_new_tokens, 1)
         _check_prompt(prompt)
-        _check_artifact(artifact)
         _check_device(device)
+        _check_artifact(artifact)
     program = snncc.load(artifact, device=device, backend=backend, progress=_progress())
     progress = _progress() and backend == "reference"
     click.echo(prompt + program.generate(prompt, max_new_tokens, progress=progress, cache=cache))
@@ -494,8 +494,8 @@ def _program(model, passes, T, calib, calib_tokens, device="cpu"):
 def _check_program_options(model, passes, T, calib, calib_tokens, device) -> None:
     """What _program will need: an existing artifact, or options that compile MODEL."""
     if model.endswith(".snn"):
-        _check_artifact(model)
         _check_device(device)
+        _check_artifact(model)
     else:
         _check_model_options(passes, T, calib, calib_tokens, device)
 

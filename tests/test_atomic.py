@@ -139,3 +139,11 @@ def test_the_module_imports_nothing_from_snncc():
     source = (Path(__file__).parents[1] / "snncc" / "atomic.py").read_text()
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert imports and not [line for line in imports if "snncc" in line]
+
+
+def test_atomic_dir_keep_partial_moves_in_what_was_written_before_the_error(tmp_path):
+    target = tmp_path / "dump"
+    with pytest.raises(RuntimeError), atomic_dir(target, keep_partial=True) as tmp:
+        (tmp / "00_first_pass.txt").write_text("done")
+        raise RuntimeError("the second pass failed")
+    assert os.listdir(tmp_path) == ["dump"] and os.listdir(target) == ["00_first_pass.txt"]
