@@ -350,6 +350,7 @@ def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib,
     spec = f"fold,qcfs{{{options},plot={plot}}}" if plot else f"fold,{qcfs}"
     with _arguments():
         _check_at_least("--steps", steps, 1)
+        _check_spec_paths(checkpoint=checkpoint, plot=plot)
         _check_model_options(spec, None, calib, calib_tokens)
         _check_output_path(checkpoint, "--checkpoint")
         if plot:
@@ -358,6 +359,14 @@ def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib,
     program = compile_graph(loaded, ann, ctx, spec)
     _print_reports(program.info.passes)
     click.echo(f"checkpoint {checkpoint}; compile with it: snncc compile {model} --passes 'fas,{qcfs}'")
+
+
+def _check_spec_paths(**paths: str | None) -> None:
+    """Paths that travel inside a pass spec (qcfs{checkpoint=...}) cannot hold its separators."""
+    for option, path in paths.items():
+        if path and any(c in path for c in ",{}"):
+            raise InputError(f"--{option} '{path}' contains ',', '{{' or '}}', which a pass spec cannot hold: "
+                             "rename the file")
 
 
 # --- eval ---------------------------------------------------------------------------------
