@@ -116,8 +116,8 @@ def _registered(tmp: Path) -> Iterator[None]:
         yield
     finally:
         _active.discard(tmp)
-        if not _active:
-            _restore_handlers()
+        if not _active and threading.current_thread() is threading.main_thread():
+            _restore_handlers()  # (a worker thread may not; ours then only passes signals on)
 
 
 def _fsync(path: Path, directory: bool = False) -> None:

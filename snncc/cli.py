@@ -9,6 +9,8 @@ of an unexpected error before it), and an exit code that says whose move it is:
   2    the command line is wrong: click's usage errors, and snncc's checks of option values,
        input files, prompts, devices and output paths, all made before any model is loaded
   130  interrupted (Ctrl-C)
+
+A reader that leaves early (`snncc inspect MODEL | head`) ends the command quietly with 1.
 """
 
 from __future__ import annotations

@@ -147,3 +147,21 @@ def test_atomic_dir_keep_partial_moves_in_what_was_written_before_the_error(tmp_
         (tmp / "00_first_pass.txt").write_text("done")
         raise RuntimeError("the second pass failed")
     assert os.listdir(tmp_path) == ["dump"] and os.listdir(target) == ["00_first_pass.txt"]
+
+
+def test_a_write_from_a_worker_thread_works_without_handlers(tmp_path):
+    import threading
+
+    errors = []
+
+    def write():
+        try:
+            with atomic_file(tmp_path / "t.bin") as tmp:
+                tmp.write_bytes(b"from a thread")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=write)
+    worker.start()
+    worker.join()
+    assert not errors and (tmp_path / "t.bin").read_bytes() == b"from a thread"
