@@ -63,7 +63,8 @@ def _unexpected(exc: BaseException) -> None:
     """An exception snncc did not anticipate: its type and first line; -v adds the traceback."""
     if _verbose:
         traceback.print_exception(exc, file=sys.stderr)
-    _error(f"{type(exc).__name__}: {first_line(exc)}", EXIT_FAILED)
+    detail = f": {first_line(exc)}" if str(exc).strip() else ""
+    _error(f"{type(exc).__name__}{detail}", EXIT_FAILED)
 
 
 def _fail_cleanly(fn):
@@ -73,8 +74,8 @@ def _fail_cleanly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except click.ClickException:
-            raise  # usage errors: _Group.main prints them
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: _Group.main reports them
         except KeyboardInterrupt:
             click.echo("snncc: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

@@ -202,6 +202,13 @@ def test_end_of_input_is_an_error_not_an_interruption(tmp_path, monkeypatch):
     assert line == f"{PREFIX} EOFError: Ran out of input"
 
 
+def test_an_exception_without_a_message_is_named_by_its_type(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _compile_raises(monkeypatch, MemoryError())
+    line = assert_one_line(invoke("compile", "tiny-llama", "--calib-tokens", "64", "--eval-tokens", "0"), 1)
+    assert line == f"{PREFIX} MemoryError"
+
+
 def test_ctrl_c_exits_130(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _compile_raises(monkeypatch, KeyboardInterrupt())
@@ -263,3 +270,28 @@ def test_read_text_refuses_invalid_utf8_with_its_offset(tmp_path):
 def test_read_text_refuses_what_is_not_a_regular_file(tmp_path):
     with pytest.raises(InputError, match="not a regular file"):
         read_text(tmp_path)
+
+
+# --- plots are written atomically ---------------------------------------------------------------
+
+
+def test_a_plot_that_fails_while_saving_leaves_no_file(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from snncc.plots import _save
+
+    fig = plt.figure()
+
+    def half_then_fail(path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    fig.savefig = half_then_fail
+    with pytest.raises(OSError):
+        _save(fig, tmp_path / "plot.png", dpi=72)
+    assert os.listdir(tmp_path) == []
+    _save(plt.figure(), tmp_path / "plot.png", dpi=72)
+    assert os.listdir(tmp_path) == ["plot.png"] and (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
