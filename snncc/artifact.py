@@ -13,18 +13,15 @@ without remote code. Anything wrong is one `ArtifactError`. Writes are atomic.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import keyword
 import math
-import os
 import re
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -32,6 +29,7 @@ import torch
 import torch.fx as fx
 
 import snncc
+from snncc.atomic import atomic_file
 from snncc.errors import ArtifactError, SnnccError, first_line
 from snncc.ir.analysis import matmul_sites
 from snncc.ir.ops import MAX_T
@@ -296,28 +294,6 @@ def save_program(program: SpikingProgram, path: Path) -> None:
         archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
         for name, data in members.items():
             archive.writestr(name, data)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write; it replaces `path` only if the block ends
-    without an error, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _member_cap(name: str, archive_bytes: int) -> int:

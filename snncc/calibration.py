@@ -6,6 +6,7 @@ running the model themselves, so the ANN is recorded exactly once per compile.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,19 +28,55 @@ DEFAULT_CALIB_TEXT = DATA_DIR / "dev_text.txt"
 HELDOUT_TEXT = DATA_DIR / "heldout.txt"
 
 
-def read_text(path: str | Path) -> str:
-    """Read a UTF-8 text file, refusing missing or empty files with a clear error."""
+BYTES_PER_TOKEN = 64  # generous: real tokenizers average a few bytes per token
+MAX_TEXT_BYTES = 256 * 2**20
+
+
+def text_bytes_for(max_tokens: int | None) -> int:
+    """How much of a text file to read for `max_tokens` tokens: enough for any tokenizer,
+    never a whole multi-GB file."""
+    if max_tokens is None:
+        return MAX_TEXT_BYTES
+    return min(BYTES_PER_TOKEN * max(max_tokens, 1) + 4096, MAX_TEXT_BYTES)
+
+
+def read_text(path: str | Path, max_tokens: int | None = None) -> str:
+    """The start of a UTF-8 text file, as much as `max_tokens` tokens can need (text_bytes_for).
+
+    Missing, non-regular, empty and non-UTF-8 files are refused with a clear error: a byte
+    that is not UTF-8 means a file in another encoding or not text at all (an artifact given
+    as text), and calibrating on replacement characters would hide that. A character cut by
+    the end of the prefix is dropped; a leading byte-order mark is skipped."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"text file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    if not path.is_file():
+        raise InputError(f"text file '{path}' is not a regular file")
+    limit = text_bytes_for(max_tokens)
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read text file '{path}': {exc.strerror or exc}") from None
+    text = _decode_utf8(data[:limit], complete=len(data) <= limit, path=path)
     if not text.strip():
         raise InputError(f"text file '{path}' is empty: give a file with some text in it")
     return text
 
 
+def _decode_utf8(data: bytes, complete: bool, path: Path) -> str:
+    """Strict UTF-8; when `data` is a prefix, an incomplete last character is held back."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    try:
+        return decoder.decode(data, final=complete).removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"text file '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start}): convert it to UTF-8, e.g. with iconv") from None
+
+
 def token_chunks(tokenizer: Tokenizer, text: str, seq_len: int, max_tokens: int) -> list[torch.Tensor]:
-    """Split the text's tokens into (1, seq_len) chunks, at most `max_tokens` tokens in all."""
+    """Split the text's tokens into (1, seq_len) chunks, at most `max_tokens` tokens in all
+    (read the text with read_text(path, max_tokens) so that only what they need is tokenized)."""
     ids = tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise InputError("the text has fewer than 2 tokens: give a longer text")
@@ -178,5 +215,5 @@ def make_context(tokenizer: Tokenizer, calib: str | Path | None, seq_len: int,
                  max_tokens: int) -> CalibrationContext:
     """Tokenize the calibration text (default: the packaged dev text) into batches."""
     path = Path(calib) if calib else DEFAULT_CALIB_TEXT
-    batches = token_chunks(tokenizer, read_text(path), seq_len, max_tokens)
+    batches = token_chunks(tokenizer, read_text(path, max_tokens), seq_len, max_tokens)
     return CalibrationContext(batches=batches, source=path.name)

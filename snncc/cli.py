@@ -1,36 +1,93 @@
-"""The `snncc` command line: a thin layer over snncc.api that renders results."""
+"""The `snncc` command line: a thin layer over snncc.api that renders results.
+
+Anything that goes wrong is one line on stderr, `snncc: error: ...` (`-v`: with the traceback
+of an unexpected error before it), and an exit code that says whose move it is:
+
+  0    done
+  1    the work failed: the model or artifact could not be loaded, a pass or an export failed,
+       or an unexpected error (shown as `snncc: error: <ExceptionType>: <message>`)
+  2    the command line is wrong: click's usage errors, and snncc's checks of option values,
+       input files, prompts, devices and output paths, all made before any model is loaded
+  130  interrupted (Ctrl-C)
+
+A reader that leaves early (`snncc inspect MODEL | head`) ends the command quietly with 1.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from snncc.errors import InputError, SnnccError
+from snncc.errors import InputError, SnnccError, first_line
 from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, PIPELINE_OPTIONS, STANDARD_T
 from snncc.profile import ENERGY_TABLES
 
 HELDOUT_HELP = "held-out text (default: snncc's packaged heldout.txt, never used for calibration)"
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+_verbose = 0  # the group's -v count, for showing tracebacks of unexpected errors
+
+
+class ArgumentError(InputError):
+    """An argument refused by the checks made before any work starts: exit 2, like click's
+    usage errors, because the command line itself must change."""
+
+
+@contextlib.contextmanager
+def _arguments() -> Iterator[None]:
+    """Mark the checks of a command's arguments: what they refuse exits with EXIT_USAGE."""
+    try:
+        yield
+    except ArgumentError:
+        raise
+    except SnnccError as exc:
+        raise ArgumentError(str(exc)) from exc
+
+
+def _error(message: str, code: int) -> None:
+    """Print one `snncc: error:` line, whatever line breaks a library put into `message`, and exit."""
+    click.echo(f"snncc: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _unexpected(exc: BaseException) -> None:
+    """An exception snncc did not anticipate: its type and first line; -v adds the traceback."""
+    if _verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    detail = f": {first_line(exc)}" if str(exc).strip() else ""
+    _error(f"{type(exc).__name__}{detail}", EXIT_FAILED)
 
 
 def _fail_cleanly(fn):
-    """Turn SnnccError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+    """Every exception a command raises becomes one line and an exit code (module docstring)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SnnccError as exc:
-            message = " ".join(str(exc).split())  # always one line, whatever a library said
-            click.echo(f"snncc: error: {message}", err=True)
-            sys.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: _Group.main reports them
         except KeyboardInterrupt:
             click.echo("snncc: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except ArgumentError as exc:
+            _error(str(exc), EXIT_USAGE)
+        except SnnccError as exc:
+            _error(str(exc), EXIT_FAILED)
+        except BrokenPipeError:  # `snncc inspect m | head`: the reader left; say nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_FAILED)
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            _unexpected(exc)
 
     return wrapper
 
@@ -46,7 +103,7 @@ def _model_options(fn):
                       help="calibration text file (default: snncc's packaged dev text)")(fn)
     fn = click.option("--calib-tokens", type=int, default=8192, show_default=True,
                       help="tokens of calibration text to record")(fn)
-    fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda")(fn)
+    fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)")(fn)
     return fn
 
 
@@ -54,52 +111,153 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _prepare(model, passes, T, calib, calib_tokens):
-    """Check the pipeline spec and options (fast), then load, trace and set up calibration (slow)."""
-    from snncc.api import prepare
+# --- checks made before any work --------------------------------------------------------------
+
+
+def _check_model_options(passes: str, T: int | None, calib: str | None, calib_tokens: int,
+                         device: str = "cpu") -> None:
+    """The pipeline spec, calibration text and device of _model_options, checked in seconds."""
     from snncc.pipeline import parse_pipeline
 
     parse_pipeline(passes, T)
-    if calib_tokens < 2:
-        raise InputError(f"--calib-tokens must be at least 2, got {calib_tokens}")
+    _check_at_least("--calib-tokens", calib_tokens, 2)
+    if calib:
+        _check_text_file(calib, calib_tokens)
+    _check_device(device)
+
+
+def _check_at_least(option: str, value: int, least: int, zero_ok: bool = False) -> None:
+    if value < least and not (zero_ok and value == 0):
+        allowed = f"0 or at least {least}" if zero_ok else f"at least {least}"
+        raise InputError(f"{option} must be {allowed}, got {value}")
+
+
+def _check_text_file(path: str, max_tokens: int) -> None:
+    """Refuse a missing, empty or non-UTF-8 text file now rather than after loading a model."""
+    from snncc.calibration import read_text
+
+    read_text(path, max_tokens)
+
+
+def _check_device(device: str) -> None:
+    """A device torch knows and this machine has: cuda without CUDA fails here, not after loading."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device '{device}' is not a device: give cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise InputError(f"--device '{device}': snncc runs programs on cpu or cuda, not {parsed.type}")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device '{device}': CUDA is not available on this machine; use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InputError(f"--device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def _check_prompt(prompt: str) -> None:
+    """Refuse a prompt that is not UTF-8: click hands undecodable bytes over as surrogates,
+    which no tokenizer can encode."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(prompt[exc.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise InputError(f"--prompt is not valid UTF-8 ({byte} at position {exc.start}): give UTF-8 text") from None
+
+
+def _check_artifact(artifact: str) -> None:
+    path = Path(artifact)
+    if not path.exists():
+        raise InputError(f"artifact '{artifact}' does not exist: create it with `snncc compile MODEL -o {artifact}`")
+    if not path.is_file():
+        raise InputError(f"artifact '{artifact}' is not a file")
+
+
+_PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _check_output_path(output: str, option: str = "-o", directory: bool = False) -> Path:
+    """Refuse an output that cannot be written, before the long work that produces it: a
+    directory (or a file, for a folder output), a device or pseudo-file, a parent that is not a
+    directory or not writable. A real probe file is created (and removed) where the output will
+    go: permissions, read-only mounts and full quotas all show there, even for root."""
+    path = Path(output)
+    kind = "folder" if directory else "file"
+    if not output or (output.endswith(("/", os.sep)) and not directory):
+        raise InputError(f"{option} '{output}' is not a file name: give one such as out.snn")
+    resolved = path.resolve()
+    for pseudo in _PSEUDO_FILESYSTEMS:
+        if resolved == pseudo or pseudo in resolved.parents:
+            raise InputError(f"{option} '{output}' is under {pseudo}: give a {kind} on a real filesystem")
+    if path.exists() and directory and not path.is_dir():
+        raise InputError(f"{option} '{output}' exists and is not a folder")
+    if path.exists() and not directory and not path.is_file():
+        what = "a directory: give a file name such as out.snn" if path.is_dir() else "not a regular file"
+        raise InputError(f"{option} '{output}' is {what}")
+    folder = resolved if directory and path.is_dir() else _existing_ancestor(resolved.parent)
+    if not folder.is_dir():
+        raise InputError(f"cannot write {option} '{output}': '{folder}' is not a directory")
+    _probe(folder, option, output)
+    return path
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path` or its nearest existing ancestor: the folder that a write would create folders in."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe(folder: Path, option: str, output: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {option} '{output}': no permission to write in '{folder}'")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".snncc-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write {option} '{output}' in '{folder}': {exc.strerror or exc}") from None
+
+
+def _prepare(model, calib, calib_tokens):
+    """Load, trace and set up calibration (slow): call it after the checks."""
+    from snncc.api import prepare
+
     return prepare(model, calib, calib_tokens, progress=_progress())
 
 
 def _eval_chunks(tokenizer, text_path, max_tokens, seq_len, max_positions):
     from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
 
-    if max_tokens < 2:
-        raise InputError(f"--max-tokens must be at least 2, got {max_tokens}")
-    return token_chunks(tokenizer, read_text(text_path or HELDOUT_TEXT), min(seq_len, max_positions), max_tokens)
-
-
-def _check_output_path(output: str) -> Path:
-    path = Path(output)
-    if path.exists() and path.is_dir():
-        raise InputError(f"output '{output}' is a directory: give a file name such as out.snn")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"cannot write '{output}': '{parent}' is not a directory")
-    return path
+    text = read_text(text_path or HELDOUT_TEXT, max_tokens)
+    return token_chunks(tokenizer, text, min(seq_len, max_positions), max_tokens)
 
 
 class _Group(click.Group):
     """Click's own usage errors (bad option values, unknown options) in snncc's one-line form."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        global _verbose
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        _verbose = 0
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:
             exc.show()
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"snncc: error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
+            _error(exc.format_message(), exc.exit_code)
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, EOFError):  # click files end of input under Abort too
+                _unexpected(exc.__cause__)
             click.echo("snncc: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # noqa: BLE001 - outside any command (the group's own set-up)
+            _unexpected(exc)
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -108,6 +266,8 @@ class _Group(click.Group):
 @click.version_option(package_name="snncc")
 def main(verbose: int) -> None:
     """snncc: compile transformer LLMs into spiking neural networks."""
+    global _verbose
+    _verbose = verbose
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # the hub client's retry warnings would break snncc's one-line errors
@@ -129,8 +289,11 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     from snncc.api import compile_graph
     from snncc.render import print_eval, print_profile_summary
 
-    out_path = _check_output_path(output) if output else None
-    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
+    with _arguments():
+        _check_model_options(passes, T, calib, calib_tokens, device)
+        _check_at_least("--eval-tokens", eval_tokens, 2, zero_ok=True)
+        out_path = _check_output_path(output) if output else None
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, passes, T, device=device)
     cov = program.info.coverage
     nodes = len(program.graph_module.graph.nodes)
@@ -185,15 +348,28 @@ def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib,
     """Fine-tune MODEL with QCFS activations by distillation from itself (FAS stage 1)."""
     from snncc.api import compile_graph
 
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
     options = f"L={L},multirange={multirange:g},steps={steps},mode={mode},lr={lr},checkpoint={checkpoint}"
     qcfs = f"qcfs{{{options}}}"
     spec = f"fold,qcfs{{{options},plot={plot}}}" if plot else f"fold,{qcfs}"
-    loaded, ann, ctx = _prepare(model, spec, None, calib, calib_tokens)
+    with _arguments():
+        _check_at_least("--steps", steps, 1)
+        _check_spec_paths(checkpoint=checkpoint, plot=plot)
+        _check_model_options(spec, None, calib, calib_tokens)
+        _check_output_path(checkpoint, "--checkpoint")
+        if plot:
+            _check_output_path(plot, "--plot")
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, spec)
     _print_reports(program.info.passes)
     click.echo(f"checkpoint {checkpoint}; compile with it: snncc compile {model} --passes 'fas,{qcfs}'")
+
+
+def _check_spec_paths(**paths: str | None) -> None:
+    """Paths that travel inside a pass spec (qcfs{checkpoint=...}) cannot hold its separators."""
+    for option, path in paths.items():
+        if path and any(c in path for c in ",{}"):
+            raise InputError(f"--{option} '{path}' contains ',', '{{' or '}}', which a pass spec cannot hold: "
+                             "rename the file")
 
 
 # --- eval ---------------------------------------------------------------------------------
@@ -213,11 +389,13 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
     from snncc.evaluate import evaluate
     from snncc.render import print_eval
 
-    if text:
-        from snncc.calibration import read_text
-
-        read_text(text)  # refuse a missing or empty file before loading the model
-    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
+    with _arguments():
+        _check_model_options(passes, T, calib, calib_tokens, device)
+        _check_at_least("--max-tokens", max_tokens, 2)
+        _check_at_least("--seq-len", seq_len, 2)
+        if text:
+            _check_text_file(text, max_tokens)
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, passes, T, device=device)
     chunks = _eval_chunks(loaded.tokenizer, text, max_tokens, seq_len, loaded.max_positions)
     result = evaluate(program, loaded.module, chunks, progress=_progress())
@@ -242,12 +420,23 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
 def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
     """Run the pipeline pass by pass: time, nodes, coverage and error vs the ANN after each."""
     from snncc.api import compile_graph
+    from snncc.atomic import atomic_dir
     from snncc.debug import PassTable
 
-    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
+    with _arguments():
+        _check_model_options(passes, T, calib, calib_tokens, device)
+        if text:
+            _check_text_file(text, 128)
+        if dump:
+            _check_output_path(dump, "--dump", directory=True)
+        if plot:
+            _check_output_path(plot, "--plot")
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     sample = _eval_chunks(loaded.tokenizer, text, 128, 128, loaded.max_positions)[0]
-    table = PassTable(loaded, sample, Path(dump) if dump else None, device)
-    program = compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
+    # The dump appears file by file when complete; if a pass fails, the passes before it stay.
+    with atomic_dir(dump, keep_partial=True) if dump else contextlib.nullcontext() as dump_dir:
+        table = PassTable(loaded, sample, dump_dir, device)
+        program = compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
     table.print()
     if plot:
         table.plot(Path(plot), f"{loaded.name} '{passes}' T={program.T}: pass by pass")
@@ -292,8 +481,11 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache):
     """Generate text greedily with a compiled artifact."""
     import snncc
 
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    with _arguments():
+        _check_at_least("--max-new-tokens", max_new_tokens, 1)
+        _check_prompt(prompt)
+        _check_device(device)
+        _check_artifact(artifact)
     program = snncc.load(artifact, device=device, backend=backend, progress=_progress())
     progress = _progress() and backend == "reference"
     click.echo(prompt + program.generate(prompt, max_new_tokens, progress=progress, cache=cache))
@@ -307,8 +499,17 @@ def _program(model, passes, T, calib, calib_tokens, device="cpu"):
         return snncc.load(model, device=device)
     from snncc.api import compile_graph
 
-    loaded, ann, ctx = _prepare(model, passes, T, calib, calib_tokens)
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     return compile_graph(loaded, ann, ctx, passes, T, device=device)
+
+
+def _check_program_options(model, passes, T, calib, calib_tokens, device) -> None:
+    """What _program will need: an existing artifact, or options that compile MODEL."""
+    if model.endswith(".snn"):
+        _check_device(device)
+        _check_artifact(model)
+    else:
+        _check_model_options(passes, T, calib, calib_tokens, device)
 
 
 @main.command("profile")
@@ -326,6 +527,11 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
     """Spikes, firing rates, SOPs, MACs and energy per layer of MODEL or an artifact on PROMPT."""
     from snncc.render import print_profile
 
+    with _arguments():
+        _check_prompt(prompt)
+        _check_program_options(model, passes, T, calib, calib_tokens, device)
+        if plot:
+            _check_output_path(plot, "--plot")
     program = _program(model, passes, T, calib, calib_tokens, device)
     ids = program.tokenizer.encode(prompt)
     if not ids:
@@ -361,9 +567,10 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 @_fail_cleanly
 def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, external_data, verify_tokens):
     """Export an .snn artifact (or MODEL compiled with --passes) to ONNX or NIR."""
-    out_path = _check_output_path(output)
-    if verify_tokens < 0:
-        raise InputError(f"--verify-tokens must be 0 or more, got {verify_tokens}")
+    with _arguments():
+        _check_at_least("--verify-tokens", verify_tokens, 0)
+        _check_program_options(model, passes, T, calib, calib_tokens, device)
+        out_path = _check_output_path(output)
     program = _program(model, passes, T, calib, calib_tokens, device)
     sample = _eval_chunks(program.tokenizer, None, max(verify_tokens, 2), max(verify_tokens, 2),
                           program.info.max_positions)[0] if verify_tokens else None

@@ -13,7 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from snncc.atomic import atomic_file
 from snncc.profile import LayerProfile, Profile
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """Save atomically (a failed or interrupted plot leaves no half-written PNG) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+
 
 _BLOCK = re.compile(r"\.(\d+)(?=\.|$)")
 
@@ -64,8 +77,7 @@ def plot_passes(rows: list, path: Path, title: str, metric: str) -> None:
         axis.tick_params(axis="x", rotation=45)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def plot_profile(profile: Profile, path: Path, title: str) -> None:
@@ -104,8 +116,7 @@ def plot_profile(profile: Profile, path: Path, title: str) -> None:
     fig.suptitle(f"{title}: {totals['spikes_per_neuron']:.2f} spikes per activation, energy SNN/ANN "
                  f"{totals['energy_ratio']:.3f} ({profile.energy.name})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def plot_losses(curves: dict[str, list[float]], path: Path, title: str,
@@ -136,7 +147,5 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str,
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, dpi=120)
     return path
