@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, site_macs
+from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
 from snncc.ir.ops import (
     code_digits,
     if_shape,
@@ -112,7 +112,7 @@ class EventExecutor(fx.Interpreter):
             return handler(self, *args, **kwargs)
         args = tuple(a.dense() if isinstance(a, SpikeEvents) else a for a in args)
         result = super().call_function(target, args, kwargs)
-        if target in ANALOG_MATMULS and self.node in self.dependent:
+        if matmul_like(target) and self.node in self.dependent:
             self.counts.analog_macs[self.node.name] = site_macs(self.node, self._shape, getattr(result, "shape", None))
         return result
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, site_macs
+from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
 from snncc.ir.ops import SPIKE_SOURCES, execution_mode, normalizer_codes, signed_code_digits
 
 snn = torch.ops.snn
@@ -177,7 +177,7 @@ class _Counter(fx.Interpreter):
             row.sops = row.spikes_in * fan_out
             row.ann_macs = result.numel()
             p.layers.append(row)
-        elif n.target in ANALOG_MATMULS and n in self.dependent:
+        elif matmul_like(n.target) and n in self.dependent:
             macs = site_macs(n, self._shape, result.shape if isinstance(result, torch.Tensor) else None)
             if macs is None:
                 p.unknown_sites.append(n.name)

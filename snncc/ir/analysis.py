@@ -157,6 +157,7 @@ MATMUL_MACS: dict = {
     aten._addmm_activation.default: _out_times(_last_dim(1)),
     aten.baddbmm.default: _out_times(_last_dim(1)),
     aten.matmul.default: _out_times(_last_dim(0)),
+    aten.linalg_matmul.default: _out_times(_last_dim(0)),
     aten.mm.default: _out_times(_last_dim(0)),
     aten.bmm.default: _out_times(_last_dim(0)),
     aten._int_mm.default: _out_times(_last_dim(0)),
@@ -189,6 +190,21 @@ MATMUL_MACS: dict = {
 }
 ANALOG_MATMULS = frozenset(MATMUL_MACS)
 FUSED_ATTENTION = frozenset(t for t, count in MATMUL_MACS.items() if count is _attention_macs)
+# Words in an ATen op's name that say it multiplies matrices (quantized mm, backend convolutions).
+_MATMUL_WORDS = frozenset({"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "dot", "vdot", "einsum",
+                           "bilinear", "linear", "mv", "addmv", "tensordot", "outer", "ger", "addr", "inner",
+                           "vecdot", "attention"})
+
+
+def matmul_like(target) -> bool:
+    """A matmul-like ATen op: one of MATMUL_MACS, or one whose name says so (`_weight_int8pack_mm`,
+    `mkldnn_convolution`) whose MACs this table cannot count: it must be reported, not dropped."""
+    if target in ANALOG_MATMULS:
+        return True
+    if getattr(target, "namespace", None) != "aten":
+        return False
+    words = [w for w in str(target).split(".")[1].split("_") if w]
+    return "backward" not in words and any(w in _MATMUL_WORDS or w.startswith("conv") for w in words)
 
 
 def data_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -303,7 +319,8 @@ def site_macs(node: fx.Node, shape: ShapeOf = _recorded, out: Shape | None = Non
     out = shape_of(node) if out is None else out
     if node.target in SPIKE_SYNAPSES:
         return _spike_macs(node, shape, out)
-    return MATMUL_MACS[node.target](node.args, out, shape)
+    count = MATMUL_MACS.get(node.target)
+    return None if count is None else count(node.args, out, shape)
 
 
 def matmul_sites(gm: fx.GraphModule) -> list[MatmulSite]:
@@ -313,7 +330,7 @@ def matmul_sites(gm: fx.GraphModule) -> list[MatmulSite]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in dependent:
             continue
-        if node.target in ANALOG_MATMULS or node.target in SPIKE_SYNAPSES:
+        if matmul_like(node.target) or node.target in SPIKE_SYNAPSES:
             sites.append(MatmulSite(node, site_macs(node), node.target in SPIKE_SYNAPSES))
     return sites
 

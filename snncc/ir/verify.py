@@ -23,6 +23,7 @@ from snncc.ir.analysis import (
     MATMUL_TARGETS,
     data_dependent_nodes,
     is_python_builtin,
+    matmul_like,
     matmul_operands,
     matmul_sites,
     propagate_shapes,
@@ -118,6 +119,8 @@ def _analog_reason(node: fx.Node) -> str:
     if node.target in FUSED_ATTENTION:
         return (f"fused attention: no pass lowers {op}; load the model with attn_implementation='eager' "
                 "so attention is explicit matmuls")
+    if node.target not in ANALOG_MATMULS:
+        return f"no pass lowers {op} and snncc cannot count its MACs: coverage is unknown"
     if node.target not in LINEAR_TARGETS | MATMUL_TARGETS:
         return f"no pass in the pipeline lowers {op}"
     activation, weight = matmul_operands(node)
@@ -165,9 +168,9 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
         if n.op != "call_function" or _namespace(n.target) != "aten":
             continue
         if n not in dependent:
-            if n.target in ANALOG_MATMULS:
+            if matmul_like(n.target):
                 report.position_only.append(n.name)
-        elif n.target not in ANALOG_MATMULS and n.target not in DATA_MOVEMENT:
+        elif not matmul_like(n.target) and n.target not in DATA_MOVEMENT:
             op = str(n.target).removesuffix(".default")
             report.analog_ops.append(AnalogSite(n.name, n.meta.get("source", ""), op, 0,
                                                 analog_op_reason(n, dependent)))

@@ -4,6 +4,7 @@ counted from shapes, and a site whose MACs cannot be counted makes coverage unkn
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 import snncc
@@ -12,6 +13,7 @@ from snncc.api import compile_graph
 from snncc.frontend import trace
 from snncc.ir.verify import coverage_report, format_coverage
 from snncc.models import load_model
+from snncc.profile import profile_graph
 from tests.conftest import prepared
 
 aten = torch.ops.aten
@@ -93,3 +95,32 @@ def test_elementwise_spike_products_do_not_inflate_coverage():
     encode = compile_graph(loaded, ann, ctx, "encode", 8).info.coverage
     assert las["coverage"] == encode["coverage"] == 1.0
     assert las["spiking_macs"] == encode["spiking_macs"]
+
+
+class _Int8Weights(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(256, 32))
+        self.register_buffer("w", torch.randint(-8, 8, (16, 32), dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(16))
+
+
+def _quantized_matmul_graph() -> fx.GraphModule:
+    """input_ids -> embedding -> an int8-weight matmul that no MAC formula covers."""
+    graph = fx.Graph()
+    ids = graph.placeholder("input_ids")
+    x = graph.call_function(aten.embedding.default, (graph.get_attr("table"), ids))
+    x = graph.call_function(aten.view.default, (x, [-1, 32]))
+    w, scales = graph.get_attr("w"), graph.get_attr("scales")
+    graph.output(graph.call_function(aten._weight_int8pack_mm.default, (x, w, scales)))
+    return fx.GraphModule(_Int8Weights(), graph)
+
+
+def test_a_matmul_op_without_a_mac_formula_is_reported_unknown_not_zero():
+    gm = _quantized_matmul_graph()
+    report = coverage_report(gm, (1, 8))
+    assert report.coverage is None and report.unknown_sites == ["_weight_int8pack_mm_default"]
+    [site] = report.analog_sites
+    assert site.macs is None and "cannot count its MACs" in site.reason
+    totals = profile_graph(gm, torch.tensor([[1, 2, 3]])).totals()
+    assert totals["energy_ratio"] is None and totals["unknown_mac_sites"] == 1
