@@ -235,7 +235,9 @@ def _wrap_module(model: torch.nn.Module, tokenizer: Tokenizer | None, task: str,
         return LoadedModel(type(model).__name__, model.eval(), tokenizer or ByteTokenizer(), task, max_positions)
     _check_byte_vocabulary(model, tokenizer)
     module = OutputOnly(_eager_copy(model), task).eval()
-    return LoadedModel(type(model).__name__, module, tokenizer or ByteTokenizer(), task, max_positions)
+    own = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = min(max_positions, int(own)) if isinstance(own, int) else max_positions  # never past its table
+    return LoadedModel(type(model).__name__, module, tokenizer or ByteTokenizer(), task, limit)
 
 
 def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,

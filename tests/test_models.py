@@ -79,6 +79,7 @@ def test_hf_module_with_sdpa_attention_compiles_spike_driven_and_is_left_unchang
     assert torch.ops.snn.spike_matmul.default in targets
     assert torch.ops.aten.scaled_dot_product_attention.default not in targets
     assert program.info.coverage["coverage"] == 1.0 and not program.info.coverage["analog_sites"]
+    assert program.info.max_positions == 256  # the model's own position limit, not the 2048 default
     assert model.config._attn_implementation == "sdpa" and model.training
     assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in model.model.layers)
 
