@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
+from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
 from snncc.ir.ops import (
     code_digits,
     if_shape,
@@ -73,13 +73,13 @@ class EventCounts:
     spikes_per_step: dict[str, list[int]] = field(default_factory=dict)
     sops: dict[str, int] = field(default_factory=dict)
     membrane_updates: dict[str, int] = field(default_factory=dict)
-    analog_macs: dict[str, int] = field(default_factory=dict)
+    analog_macs: dict[str, int | None] = field(default_factory=dict)  # None: not countable
 
     def totals(self) -> dict:
         return {"spikes": sum(sum(s) for s in self.spikes_per_step.values()),
                 "sops": sum(self.sops.values()),
                 "membrane_updates": sum(self.membrane_updates.values()),
-                "analog_macs": sum(self.analog_macs.values())}
+                "analog_macs": None if None in self.analog_macs.values() else sum(self.analog_macs.values())}
 
 
 def _accumulate(out: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, table_rows: torch.Tensor,
@@ -112,10 +112,12 @@ class EventExecutor(fx.Interpreter):
             return handler(self, *args, **kwargs)
         args = tuple(a.dense() if isinstance(a, SpikeEvents) else a for a in args)
         result = super().call_function(target, args, kwargs)
-        if target in ANALOG_MATMULS and self.node in self.dependent:
-            activation, _ = matmul_operands(self.node)
-            self.counts.analog_macs[self.node.name] = result.numel() * self.env[activation].shape[-1]
+        if matmul_like(target) and self.node in self.dependent:
+            self.counts.analog_macs[self.node.name] = site_macs(self.node, self._shape, getattr(result, "shape", None))
         return result
+
+    def _shape(self, value: object) -> torch.Size | None:
+        return getattr(self.env.get(value), "shape", None) if isinstance(value, fx.Node) else None
 
     # --- neurons -----------------------------------------------------------------------
 

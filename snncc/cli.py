@@ -287,6 +287,7 @@ def main(verbose: int) -> None:
 def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens):
     """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline; print fidelity and profile."""
     from snncc.api import compile_graph
+    from snncc.ir.verify import format_coverage
     from snncc.render import print_eval, print_profile_summary
 
     with _arguments():
@@ -298,7 +299,7 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     cov = program.info.coverage
     nodes = len(program.graph_module.graph.nodes)
     click.echo(f"compiled {loaded.name} with '{passes}' (T={program.T}): {nodes} nodes, "
-               f"spike-driven coverage {100 * cov['coverage']:.2f}% of matmul MACs "
+               f"spike-driven coverage {format_coverage(cov)} of matmul MACs "
                f"({len(cov['analog_sites'])} analog matmul sites)")
     _print_reports(program.info.passes)
     if eval_tokens:

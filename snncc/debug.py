@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from snncc.backends.reference import ReferenceExecutor
 from snncc.ir.printer import format_graph
-from snncc.ir.verify import coverage_report
+from snncc.ir.verify import coverage_report, format_coverage
 from snncc.models import CAUSAL_LM, LoadedModel
 from snncc.pipeline import Pass, PassRecord
 
@@ -25,7 +25,7 @@ class PassRow:
     seconds: float
     modified: bool
     nodes: int
-    coverage: float
+    coverage: float | None  # None: some matmul's MACs are unknown
     max_abs_err: float
     agreement: float  # top-1 agreement (causal LMs) or mean token cosine (encoders)
 
@@ -83,7 +83,8 @@ class PassTable:
         metric = "top1" if self.model.task == CAUSAL_LM else "cosine"
         print_table(["pass", "seconds", "changed", "nodes", "coverage", "max|err|", metric],
                     [[r.name, f"{r.seconds:.2f}", "yes" if r.modified else "no", r.nodes,
-                      f"{100 * r.coverage:.2f}%", f"{r.max_abs_err:.3g}", f"{r.agreement:.4f}"] for r in self.rows])
+                      format_coverage({"coverage": r.coverage}), f"{r.max_abs_err:.3g}", f"{r.agreement:.4f}"]
+                     for r in self.rows])
 
     def print_sites(self) -> None:
         """Per-site statistics of the passes that keep them (outlier, nonlinear)."""

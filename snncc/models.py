@@ -1,12 +1,15 @@
 """Model loading: builtin names, Hugging Face ids or local directories, or an nn.Module.
 
 Every loader returns a `LoadedModel` in eval mode, float32, with eager attention so that
-attention shows up as explicit matmul / softmax ops for the passes to rewrite.
+attention shows up as explicit matmul / softmax ops for the passes to rewrite. A user's
+Hugging Face module is not changed: snncc traces a copy that shares its weights.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,15 +193,58 @@ def _load_hub_id(model_id: str) -> LoadedModel:
     )
 
 
+def _eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A Hugging Face model with eager attention, so attention traces as the explicit matmul and
+    softmax ops the passes lower (a fused scaled_dot_product_attention would stay analog).
+
+    It is a copy of the user's module tree and config that shares every parameter and buffer:
+    no weight memory, and the user's model keeps its attention setting and train/eval mode."""
+    name = type(model).__name__
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    try:
+        eager = copy.deepcopy(model, memo=shared)
+        if callable(getattr(eager, "set_attn_implementation", None)):
+            eager.set_attn_implementation("eager")
+        else:
+            eager.config._attn_implementation = "eager"
+    except Exception as exc:
+        raise ModelError(f"cannot switch {name} to eager attention ({first_line(exc)}): build or load it "
+                         "with attn_implementation='eager'") from exc
+    implementation = getattr(eager.config, "_attn_implementation", "eager")
+    if implementation != "eager":
+        raise ModelError(f"{name} keeps {implementation!r} attention, which no pass lowers: build or load it "
+                         "with attn_implementation='eager'")
+    return eager
+
+
+def _check_byte_vocabulary(model: torch.nn.Module, tokenizer: Tokenizer | None) -> None:
+    """Without a tokenizer snncc reads text as bytes (ids 0-255): that fits only a model whose
+    vocabulary is those 256 ids; any other would calibrate and be scored on meaningless tokens."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tokenizer is None and isinstance(vocab, int) and vocab != TINY_VOCAB:
+        raise InputError(f"{type(model).__name__} has a vocabulary of {vocab} token ids but no tokenizer was "
+                         f"given (the byte tokenizer has {TINY_VOCAB}): pass tokenizer=HFTokenizer(its tokenizer)")
+
+
+def _wrap_module(model: torch.nn.Module, tokenizer: Tokenizer | None, task: str,
+                 max_positions: int) -> LoadedModel:
+    """A user's nn.Module: a Hugging Face model (it has `.config`) runs through an eager copy."""
+    if task not in (CAUSAL_LM, ENCODER):
+        raise ModelError(f"unknown task {task!r}: use '{CAUSAL_LM}' or '{ENCODER}'")
+    if not hasattr(model, "config"):
+        return LoadedModel(type(model).__name__, model.eval(), tokenizer or ByteTokenizer(), task, max_positions)
+    _check_byte_vocabulary(model, tokenizer)
+    module = OutputOnly(_eager_copy(model), task).eval()
+    own = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = min(max_positions, int(own)) if isinstance(own, int) else max_positions  # never past its table
+    return LoadedModel(type(model).__name__, module, tokenizer or ByteTokenizer(), task, limit)
+
+
 def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
                task: str = CAUSAL_LM, max_positions: int = 2048) -> LoadedModel:
     """Resolve a builtin name, a local directory, a hub id, or wrap a user nn.Module."""
     if isinstance(model, torch.nn.Module):
-        if task not in (CAUSAL_LM, ENCODER):
-            raise ModelError(f"unknown task {task!r}: use '{CAUSAL_LM}' or '{ENCODER}'")
-        module = model if not hasattr(model, "config") else OutputOnly(model, task)
-        return LoadedModel(type(model).__name__, module.eval(), tokenizer or ByteTokenizer(),
-                           task, max_positions)
+        return _wrap_module(model, tokenizer, task, max_positions)
     if model in BUILTINS:
         return BUILTINS[model]()
     if model.endswith(".onnx"):

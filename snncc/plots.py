@@ -70,7 +70,7 @@ def plot_passes(rows: list, path: Path, title: str, metric: str) -> None:
     agree.bar(names, [row.agreement for row in rows])
     agree.set_ylim(min(0.9, min(row.agreement for row in rows)), 1.0)
     agree.set_title(metric)
-    cover.bar(names, [100 * row.coverage for row in rows])
+    cover.bar(names, [float("nan") if row.coverage is None else 100 * row.coverage for row in rows])
     cover.set_ylim(0, 100)
     cover.set_title("coverage (% of matmul MACs)")
     for axis in (err, agree, cover):
@@ -113,8 +113,9 @@ def plot_profile(profile: Profile, path: Path, title: str) -> None:
     ax_steps.set_ylabel("firing rate")
     ax_steps.set_title("firing rate per time step, all encoders")
     totals = profile.totals()
+    ratio = "unknown" if totals["energy_ratio"] is None else f"{totals['energy_ratio']:.3f}"
     fig.suptitle(f"{title}: {totals['spikes_per_neuron']:.2f} spikes per activation, energy SNN/ANN "
-                 f"{totals['energy_ratio']:.3f} ({profile.energy.name})")
+                 f"{ratio} ({profile.energy.name})")
     fig.tight_layout()
     _save(fig, path, dpi=110)
 

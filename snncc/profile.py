@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from snncc.ir.analysis import ANALOG_MATMULS, data_dependent_nodes, matmul_operands
+from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
 from snncc.ir.ops import SPIKE_SOURCES, execution_mode, normalizer_codes, signed_code_digits
 
 snn = torch.ops.snn
@@ -71,6 +71,7 @@ class Profile:
     neurons: int = 0
     T: int = 0
     energy: EnergyTable = ENERGY_TABLES["45nm"]
+    unknown_sites: list[str] = field(default_factory=list)  # analog matmuls whose MACs are unknown
 
     @property
     def sops(self) -> int:
@@ -92,6 +93,13 @@ class Profile:
     def energy_ann_pj(self) -> float:
         return self.ann_macs * self.energy.e_mac_pj
 
+    @property
+    def energy_ratio(self) -> float | None:
+        """SNN over ANN energy; None when an analog matmul's MACs are unknown (no number can be backed)."""
+        if self.unknown_sites:
+            return None
+        return self.energy_snn_pj / self.energy_ann_pj if self.ann_macs else 0.0
+
     def totals(self) -> dict:
         """The headline numbers as a JSON-able dict."""
         return {
@@ -100,8 +108,8 @@ class Profile:
             "firing_rate": self.spikes / (self.neurons * self.T) if self.neurons and self.T else 0.0,
             "sops": self.sops, "analog_macs": self.analog_macs, "ann_macs": self.ann_macs,
             "energy_snn_uj": self.energy_snn_pj * 1e-6, "energy_ann_uj": self.energy_ann_pj * 1e-6,
-            "energy_ratio": self.energy_snn_pj / self.energy_ann_pj if self.ann_macs else 0.0,
-            "energy_table": self.energy.name,
+            "energy_ratio": self.energy_ratio, "energy_table": self.energy.name,
+            "unknown_mac_sites": len(self.unknown_sites),
         }
 
     def firing_rate_per_step(self) -> list[float]:
@@ -169,12 +177,18 @@ class _Counter(fx.Interpreter):
             row.sops = row.spikes_in * fan_out
             row.ann_macs = result.numel()
             p.layers.append(row)
-        elif n.target in ANALOG_MATMULS and n in self.dependent:
-            a, _ = matmul_operands(n)
-            macs = result.numel() * self.env[a].shape[-1]
+        elif matmul_like(n.target) and n in self.dependent:
+            macs = site_macs(n, self._shape, result.shape if isinstance(result, torch.Tensor) else None)
+            if macs is None:
+                p.unknown_sites.append(n.name)
             p.layers.append(LayerProfile(n.name, n.meta.get("source", ""), "analog",
-                                         analog_macs=macs, ann_macs=macs))
+                                         analog_macs=macs or 0, ann_macs=macs or 0))
         return result
+
+    def _shape(self, value: object) -> torch.Size | None:
+        """The runtime shape of a node's value (fused attention's outputs are tuples: None)."""
+        value = self.env.get(value) if isinstance(value, fx.Node) else None
+        return value.shape if isinstance(value, torch.Tensor) else None
 
     def _count_train(self, name: str, spikes: torch.Tensor, bursts: bool = False) -> None:
         """A graded spike (+-2^j of a multi-range neuron) is one event; a burst of n spikes

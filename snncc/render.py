@@ -41,8 +41,9 @@ def print_profile_summary(profile: Profile, top: int = 5) -> None:
     click.echo(f"  spikes {_si(t['spikes'])} from {_si(t['neurons'])} neuron inputs "
                f"({t['spikes_per_neuron']:.2f} per activation, firing rate {t['firing_rate']:.3f})")
     click.echo(f"  SOPs {_si(t['sops'])}, analog MACs left {_si(t['analog_macs'])}, ANN MACs {_si(t['ann_macs'])}")
-    click.echo(f"  energy SNN {t['energy_snn_uj']:.2f} uJ vs ANN {t['energy_ann_uj']:.2f} uJ "
-               f"(ratio {t['energy_ratio']:.3f})")
+    ratio = (f"ratio {t['energy_ratio']:.3f}" if t["energy_ratio"] is not None
+             else f"ratio unknown: {t['unknown_mac_sites']} analog matmul sites with uncountable MACs")
+    click.echo(f"  energy SNN {t['energy_snn_uj']:.2f} uJ vs ANN {t['energy_ann_uj']:.2f} uJ ({ratio})")
     if not top:
         return
     busiest = sorted(profile.layers, key=lambda layer: -layer.sops)[:top]

@@ -2,7 +2,9 @@
 
 Invariants: every call is an ATen op, an `snn` op or a Python size/getitem helper; every
 spike operand of an `snn` synapse comes from a spike source; all spike trains share one T.
-Coverage is the share of data-dependent matmul MACs whose operands are all spike trains.
+Coverage is the share of data-dependent matmul MACs whose operands are all spike trains:
+every matmul-like ATen op no pass lowered (fused attention, einsum, convolutions included)
+counts as analog, and a site whose MACs cannot be counted makes coverage unknown, not 100%.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from snncc.errors import PipelineError
 from snncc.ir.analysis import (
     ANALOG_MATMULS,
     DATA_MOVEMENT,
+    FUSED_ATTENTION,
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
     data_dependent_nodes,
     is_python_builtin,
+    matmul_like,
     matmul_operands,
     matmul_sites,
     propagate_shapes,
@@ -62,12 +68,12 @@ def verify(gm: fx.GraphModule) -> None:
 
 @dataclass
 class AnalogSite:
-    """A matmul that still multiplies analog values, and why."""
+    """A matmul that still multiplies analog values, and why (macs None: not countable)."""
 
     node: str
     source: str
     op: str
-    macs: int
+    macs: int | None
     reason: str
 
 
@@ -81,21 +87,42 @@ class CoverageReport:
     analog_sites: list[AnalogSite] = field(default_factory=list)
     analog_ops: list[AnalogSite] = field(default_factory=list)  # non-matmul arithmetic left analog
     position_only: list[str] = field(default_factory=list)
+    unknown_sites: list[str] = field(default_factory=list)  # matmul sites whose MACs are unknown
 
     @property
-    def coverage(self) -> float:
+    def coverage(self) -> float | None:
+        """None when some matmul's MACs are unknown: the share cannot be stated honestly."""
+        if self.unknown_sites:
+            return None
         total = self.spiking_macs + self.analog_macs
         return self.spiking_macs / total if total else 1.0
 
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "coverage": self.coverage,
                 "spiking_macs": self.spiking_macs, "analog_macs": self.analog_macs,
+                "unknown_sites": list(self.unknown_sites),
                 "analog_sites": [vars(s) for s in self.analog_sites],
                 "analog_ops": [vars(s) for s in self.analog_ops],
                 "position_only": self.position_only}
 
 
+def format_coverage(coverage: dict) -> str:
+    """A coverage dict's share as text: 'unknown' (with why) instead of a number it cannot back."""
+    if coverage.get("coverage") is None:
+        unknown = len(coverage.get("unknown_sites", []))
+        return f"unknown ({unknown} matmul sites with uncountable MACs)" if unknown else "unknown"
+    return f"{100 * coverage['coverage']:.2f}%"
+
+
 def _analog_reason(node: fx.Node) -> str:
+    op = str(node.target).removesuffix(".default")
+    if node.target in FUSED_ATTENTION:
+        return (f"fused attention: no pass lowers {op}; load the model with attn_implementation='eager' "
+                "so attention is explicit matmuls")
+    if node.target not in ANALOG_MATMULS:
+        return f"no pass lowers {op} and snncc cannot count its MACs: coverage is unknown"
+    if node.target not in LINEAR_TARGETS | MATMUL_TARGETS:
+        return f"no pass in the pipeline lowers {op}"
     activation, weight = matmul_operands(node)
     if weight.op == "get_attr":
         return f"input '{activation.name}' is analog (no pass in the pipeline encoded it)"
@@ -125,10 +152,14 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
     propagate_shapes(gm, input_shape)
     report = CoverageReport(tuple(input_shape))
     for site in matmul_sites(gm):
+        if site.node.target == snn.spike_mul.default:
+            continue  # elementwise: its analog counterpart (aten.mul) is no matmul either
+        if site.macs is None:
+            report.unknown_sites.append(site.node.name)
         if site.spiking:
-            report.spiking_macs += site.macs
+            report.spiking_macs += site.macs or 0
         else:
-            report.analog_macs += site.macs
+            report.analog_macs += site.macs or 0
             report.analog_sites.append(AnalogSite(site.node.name, site.node.meta.get("source", ""),
                                                   str(site.node.target), site.macs,
                                                   _analog_reason(site.node)))
@@ -137,13 +168,13 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
         if n.op != "call_function" or _namespace(n.target) != "aten":
             continue
         if n not in dependent:
-            if n.target in ANALOG_MATMULS:
+            if matmul_like(n.target):
                 report.position_only.append(n.name)
-        elif n.target not in ANALOG_MATMULS and n.target not in DATA_MOVEMENT:
+        elif not matmul_like(n.target) and n.target not in DATA_MOVEMENT:
             op = str(n.target).removesuffix(".default")
             report.analog_ops.append(AnalogSite(n.name, n.meta.get("source", ""), op, 0,
                                                 analog_op_reason(n, dependent)))
     return report
 
 
-__all__ = ["verify", "coverage_report", "CoverageReport", "VerificationError"]
+__all__ = ["verify", "coverage_report", "format_coverage", "CoverageReport", "VerificationError"]
