@@ -17,6 +17,7 @@ from snncc.api import CALIB_TOKENS, compile_graph
 from snncc.evaluate import evaluate
 from snncc.pipeline import DEFAULT_T
 from tests.conftest import heldout_ids, prepared
+from tests.ir.test_opset import ops_outside_the_table
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +60,7 @@ def test_smollm2_las_at_its_default_T_meets_the_targets():
     assert result["top1_agreement"] >= 0.995, result
     assert result["ppl_ratio"] <= 1.005, result
     assert result["coverage"] == 1.0 and not program.info.coverage["analog_sites"]
+    assert not ops_outside_the_table(program.graph_module)  # so it saves and loads
 
 
 @pytest.mark.parametrize("prompt", ["The capital of France is", "The quick brown fox", "def fibonacci(n):"])
@@ -74,7 +76,9 @@ def test_smollm2_las_greedy_continuations_match_the_ann(prompt):
 
 def test_minilm_las_keeps_sentence_embeddings():
     loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
-    result = evaluate(compile_graph(loaded, ann, ctx, "las"), loaded.module, _chunks("minilm-l6", 1024))
+    program = compile_graph(loaded, ann, ctx, "las")
+    assert not ops_outside_the_table(program.graph_module)  # so it saves and loads
+    result = evaluate(program, loaded.module, _chunks("minilm-l6", 1024))
     assert result["cosine"] >= 0.9999, result
 
 
@@ -127,6 +131,7 @@ def test_smollm2_fas_as_it_ships_meets_the_perplexity_target_at_T8_before_fine_t
     loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
     program = compile_graph(loaded, ann, ctx, "fas,calibrate{layer_steps=0,neuron_steps=0}")
     assert program.T == DEFAULT_T["fas"] == 8 and program.info.coverage["coverage"] == 1.0
+    assert not ops_outside_the_table(program.graph_module)  # so it saves and loads
     result = evaluate(program, loaded.module, _chunks("smollm2-135m", 512))
     assert result["ppl_ratio"] <= 1.10, result
 
