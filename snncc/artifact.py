@@ -13,6 +13,7 @@ without remote code. Anything wrong is one `ArtifactError`. Writes are atomic.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -178,6 +179,9 @@ def _note(value, where: str):
     raise ArtifactError(f"{where}: malformed neuron note")
 
 
+_ARANGES = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
+
+
 def _check_literals(target, args: tuple, kwargs: dict, where: str) -> None:
     """Bound what literal arguments can ask for: snn ops' T, G and burst by their schema names,
     and every size list (or arange) at MAX_LITERAL_ELEMENTS elements."""
@@ -192,7 +196,7 @@ def _check_literals(target, args: tuple, kwargs: dict, where: str) -> None:
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
             if math.prod(abs(v) for v in value) > MAX_LITERAL_ELEMENTS:
                 raise ArtifactError(f"{where}: a size of {math.prod(abs(v) for v in value):.3g} elements")
-    if str(target).startswith("aten.arange"):
+    if target in _ARANGES:
         numbers = [v for v in args if isinstance(v, (int, float))]
         if any(not math.isfinite(v) or abs(v) > MAX_LITERAL_ELEMENTS for v in numbers):
             raise ArtifactError(f"{where}: arange over more than {MAX_LITERAL_ELEMENTS} values")
@@ -340,6 +344,8 @@ def _json(data: bytes, name: str):
 
 
 def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """The manifest and the other members' bytes; their checksums are checked apart
+    (`_check_sums`), so hashing can run beside the parsing."""
     if not path.is_file():
         raise ArtifactError(f"artifact '{path}' does not exist: create it with `snncc compile MODEL -o {path}`")
     try:
@@ -358,10 +364,15 @@ def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
     expected = manifest.get("sha256")
     if not isinstance(expected, dict) or set(expected) != set(members):
         raise ArtifactError(f"'{path}' is corrupt: its members do not match its manifest; recompile it")
-    for name, data in members.items():
-        if _sha256(data) != expected[name]:
-            raise ArtifactError(f"'{path}' is corrupt: checksum mismatch in '{name}'; recompile it")
     return manifest, members
+
+
+def _check_sums(path: Path, manifest: dict, members: dict[str, bytes]) -> None:
+    """Every member's SHA-256 against the manifest: damage, not tampering (anyone can
+    recompute them), so nothing else relies on them."""
+    for name, data in members.items():
+        if _sha256(data) != manifest["sha256"][name]:
+            raise ArtifactError(f"'{path}' is corrupt: checksum mismatch in '{name}'; recompile it")
 
 
 # --- the manifest's facts ------------------------------------------------------------------
@@ -420,28 +431,34 @@ def _tensors(data: bytes, aliases) -> dict[str, torch.Tensor]:
     return tensors | {name: tensors[target] for name, target in aliases.items()}
 
 
-_TABLE_OPS = {"fn_encode", "fn_quantize"}
+_TABLE_OPS = {torch.ops.snn.fn_encode.default, torch.ops.snn.fn_quantize.default}
 
 
 def _check_tables(gm: fx.GraphModule) -> None:
     """Table neurons index their codes by where the membrane lands among the thresholds (in
     compiled kernels, unchecked): thresholds must be sorted float32 rows without NaN, codes
-    one longer per row, and buckets valid rows, before any kernel reads them."""
+    one longer per row, and buckets valid rows, before any kernel reads them. Layers share
+    tables, so each distinct table is checked once."""
+    rows_of: dict[tuple[str, str], int] = {}  # (thresholds, codes) checked -> their rows
     for node in gm.graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "_opname", "") not in _TABLE_OPS:
+        if node.op != "call_function" or node.target not in _TABLE_OPS:
             continue
         operands = node.args[1:4]
         if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in operands):
             raise ArtifactError(f"table neuron '{node.name}': its tables must be stored tensors")
-        thresholds, codes, bucket = (_stored(gm, a.target) for a in operands)
-        ok = (thresholds.dtype == torch.float32 and thresholds.dim() == 2 and thresholds.shape[1] > 0
-              and codes.dtype == torch.int64 and codes.shape == (thresholds.shape[0], thresholds.shape[1] + 1)
-              and bucket.dtype == torch.int64 and bucket.dim() <= 1 and bucket.numel() > 0
-              and not bool(torch.isnan(thresholds).any())
-              and bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())
-              and 0 <= int(bucket.min()) and int(bucket.max()) < thresholds.shape[0])
-        if not ok:
-            raise ArtifactError(f"table neuron '{node.name}': its thresholds, codes or buckets are malformed")
+        key = (operands[0].target, operands[1].target)
+        if key not in rows_of:
+            thresholds, codes = _stored(gm, key[0]), _stored(gm, key[1])
+            if not (thresholds.dtype == torch.float32 and thresholds.dim() == 2 and thresholds.shape[1] > 0
+                    and codes.dtype == torch.int64 and codes.shape == (thresholds.shape[0], thresholds.shape[1] + 1)
+                    and not bool(torch.isnan(thresholds).any())
+                    and bool((thresholds[:, 1:] >= thresholds[:, :-1]).all())):
+                raise ArtifactError(f"table neuron '{node.name}': its thresholds or codes are malformed")
+            rows_of[key] = thresholds.shape[0]
+        bucket = _stored(gm, operands[2].target)
+        if not (bucket.dtype == torch.int64 and bucket.dim() <= 1 and bucket.numel() > 0
+                and 0 <= int(bucket.min()) and int(bucket.max()) < rows_of[key]):
+            raise ArtifactError(f"table neuron '{node.name}': its buckets name rows its table does not have")
 
 
 def _stored(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -467,11 +484,18 @@ def _tokenizer(members: dict[str, bytes]):
 
 
 def load_program(path: Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:
-    """Read and check an artifact, rebuild its graph and weights, return a runnable program."""
+    """Read and check an artifact, rebuild its graph and weights, return a runnable program.
+    The checksums are computed in a thread beside the parsing (hashlib releases the GIL), and
+    checked before anything runs."""
     manifest, members = _read_members(path)
-    info = _program_info(manifest.get("info"))
-    tensors = _tensors(members["weights.safetensors"], manifest.get("aliases"))
-    graph = graph_from_json(_json(members["graph.json"], "graph.json"), set(tensors))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        sums = pool.submit(_check_sums, path, manifest, members)
+        try:
+            info = _program_info(manifest.get("info"))
+            tensors = _tensors(members["weights.safetensors"], manifest.get("aliases"))
+            graph = graph_from_json(_json(members["graph.json"], "graph.json"), set(tensors))
+        finally:
+            sums.result()  # a damaged file is reported as damaged, whatever the parsing found
     root = torch.nn.Module()
     try:
         for name, tensor in tensors.items():
@@ -487,4 +511,6 @@ def load_program(path: Path, device: str = "cpu", backend: str = "reference", pr
 
 def read_manifest(path: Path) -> dict:
     """The checked manifest of an artifact (for `snncc inspect out.snn`)."""
-    return _read_members(path)[0]
+    manifest, members = _read_members(path)
+    _check_sums(path, manifest, members)
+    return manifest
