@@ -274,7 +274,7 @@ class OnnxModule(torch.nn.Module):
         graph = model.graph
         _check_graph(graph)
         self.nodes = list(graph.node)
-        constants = {i.name: _array(i, f"initializer '{i.name[:80]}'") for i in graph.initializer}
+        constants = {i.name: _array(i, f"initializer '{_shown(i.name)}'") for i in graph.initializer}
         constants |= {n.output[0]: _constant_value(n) for n in self.nodes if n.op_type == "Constant"}
         self.linear_of = self._linear_layers(constants)
         self.rsqrt_of = self._reciprocal_square_roots()
@@ -373,7 +373,7 @@ class OnnxModule(torch.nn.Module):
             except (SnnccError, torch._dynamo.exc.UserError):  # torch.export retries on UserError
                 raise
             except Exception as exc:
-                raise ModelError(f"ONNX node '{node.name[:80]}' ({node.op_type}) cannot run: "
+                raise ModelError(f"ONNX node '{_shown(node.name)}' ({node.op_type}) cannot run: "
                                  f"{first_line(exc)}") from exc
         return values[self.output_name]
 
@@ -402,24 +402,32 @@ def load_onnx(path: str | Path):
 
     The file is untrusted: it is checked (graph, tensors, metadata, external data inside its
     folder) before anything is allocated from it, and whatever is wrong is a ModelError."""
-    from snncc.models import CAUSAL_LM, ENCODER, LoadedModel
+    from snncc.models import LoadedModel
 
     path = Path(path)
     model = _read_model(path)
+    try:
+        module, task, max_positions, width = _imported(model, path.parent)
+    except SnnccError:
+        raise
+    except UnicodeDecodeError as exc:  # protobuf decodes string fields when they are read
+        raise ModelError(f"ONNX model '{path}' holds a name or text that is not UTF-8: the file is corrupt") from exc
+    except Exception as exc:  # a check missed it: still one line, naming the file
+        raise ModelError(f"cannot import ONNX model '{path}': {first_line(exc)}") from exc
+    return LoadedModel(path.stem, module, _tokenizer_beside(path, task, width), task, max_positions)
+
+
+def _imported(model, folder: Path) -> tuple[OnnxModule, str, int, int]:
+    """(module, task, max_positions, output width) of a parsed model, checked first."""
+    from snncc.models import CAUSAL_LM, ENCODER
+
     _check_graph(model.graph)
-    _read_tensors(model.graph, path.parent)
+    _read_tensors(model.graph, folder)
     output = model.graph.output[0]
     task = CAUSAL_LM if "logits" in output.name else ENCODER
     max_positions = _max_positions(model)
     dims = output.type.tensor_type.shape.dim
-    width = dims[-1].dim_value if dims else 0
-    try:
-        module = OnnxModule(model)
-    except SnnccError:
-        raise
-    except Exception as exc:  # a check above missed it: still one line, naming the file
-        raise ModelError(f"cannot import ONNX model '{path}': {first_line(exc)}") from exc
-    return LoadedModel(path.stem, module, _tokenizer_beside(path, task, width), task, max_positions)
+    return OnnxModule(model), task, max_positions, dims[-1].dim_value if dims else 0
 
 
 def _read_model(path: Path):
@@ -497,7 +505,11 @@ _ATTRIBUTE_TYPES = {
     **dict.fromkeys(("epsilon", "alpha", "beta", "value_float"), _A["FLOAT"]),
     "value_floats": _A["FLOATS"], "value": _A["TENSOR"],
 }
-_TYPE_NAMES = {v: k for k, v in _A.items()}
+
+
+def _shown(name: str) -> str:
+    """A name from the file as an error message may show it: short, on one line."""
+    return "".join(c if c.isprintable() else "?" for c in name[:80])
 
 
 def _check_graph(graph) -> None:
@@ -518,8 +530,8 @@ def _check_ops(graph) -> None:
                    OPS and n.op_type != "Constant"]
     if unsupported:
         op, name = unsupported[0]
-        raise ModelError(f"the ONNX model uses op '{op[:80]}' (node '{name[:80]}'), which the ONNX frontend does not "
-                         f"support; supported: {', '.join(sorted(OPS))}")
+        raise ModelError(f"the ONNX model uses op '{_shown(op)}' (node '{_shown(name)}'), which the ONNX frontend "
+                         f"does not support; supported: {', '.join(sorted(OPS))}")
 
 
 def _check_values(graph) -> None:
@@ -530,46 +542,49 @@ def _check_values(graph) -> None:
     defined = {graph.input[0].name}
     for tensor in graph.initializer:
         if not tensor.name or tensor.name in defined:
-            raise ModelError(f"the ONNX initializer {tensor.name[:80]!r} is unnamed or defined twice")
+            raise ModelError(f"the ONNX initializer '{_shown(tensor.name)}' is unnamed or defined twice")
         defined.add(tensor.name)
     computed = {name for node in graph.node for name in node.output}
     node_names: set[str] = set()
     for index, node in enumerate(graph.node):
         node.name = node.name or f"{node.op_type}_{index}"
         if node.name in node_names:
-            raise ModelError(f"two ONNX nodes are named '{node.name[:80]}': node names must be unique")
+            raise ModelError(f"two ONNX nodes are named '{_shown(node.name)}': node names must be unique")
         node_names.add(node.name)
         for name in node.input:
             if name and name not in defined:
                 why = ("which a later node computes: the graph has a cycle or is not topologically sorted"
                        if name in computed else "which no node, initializer or input defines")
-                raise ModelError(f"ONNX node '{node.name[:80]}' reads '{name[:80]}', {why}")
+                raise ModelError(f"ONNX node '{_shown(node.name)}' reads '{_shown(name)}', {why}")
         for name in node.output:
             if name in defined:
-                raise ModelError(f"ONNX node '{node.name[:80]}' computes '{name[:80]}', which is already defined: "
-                                 "every value must be defined once")
+                raise ModelError(f"ONNX node '{_shown(node.name)}' computes '{_shown(name)}', which is already "
+                                 "defined: every value must be defined once")
             defined.update([name] if name else [])
         if not node.output or not node.output[0]:
-            raise ModelError(f"ONNX node '{node.name[:80]}' ({node.op_type}) has no output")
+            raise ModelError(f"ONNX node '{_shown(node.name)}' ({node.op_type}) has no output")
     for output in graph.output:
         if output.name not in defined:
-            raise ModelError(f"the ONNX graph's output '{output.name[:80]}' is computed by no node")
+            raise ModelError(f"the ONNX graph's output '{_shown(output.name)}' is computed by no node")
 
 
 def _check_attributes(node) -> None:
+    import onnx
+
+    names = dict((v, k) for k, v in onnx.AttributeProto.AttributeType.items())
     for attribute in node.attribute:
-        if attribute.type in (_A["GRAPH"], _A["GRAPHS"]):
-            raise ModelError(f"ONNX node '{node.name[:80]}' carries a subgraph ('{attribute.name[:80]}'), which the "
-                             "ONNX frontend does not run")
         expected = _ATTRIBUTE_TYPES.get(attribute.name)
         if expected is not None and attribute.type != expected:
-            raise ModelError(f"ONNX node '{node.name[:80]}' ({node.op_type}): attribute '{attribute.name}' must be "
-                             f"{_TYPE_NAMES[expected]}, not {_TYPE_NAMES.get(attribute.type, attribute.type)}")
+            raise ModelError(f"ONNX node '{_shown(node.name)}' ({node.op_type}): attribute '{attribute.name}' must be "
+                             f"{names[expected]}, not {names.get(attribute.type, attribute.type)}")
+        if attribute.type in (_A["GRAPH"], _A["GRAPHS"]):
+            raise ModelError(f"ONNX node '{_shown(node.name)}' carries a subgraph ('{_shown(attribute.name)}'), which "
+                             "the ONNX frontend does not run")
     if node.op_type == "Cast" and _attr(node, "to") not in _DTYPES:
-        raise ModelError(f"ONNX node '{node.name[:80]}' casts to data type {_attr(node, 'to')}, which the ONNX "
+        raise ModelError(f"ONNX node '{_shown(node.name)}' casts to data type {_attr(node, 'to')}, which the ONNX "
                          f"frontend does not support; supported: {sorted(_DTYPES)}")
     if node.op_type == "Constant" and len(node.output) != 1:
-        raise ModelError(f"ONNX Constant node '{node.name[:80]}' must have one output, not {len(node.output)}")
+        raise ModelError(f"ONNX Constant node '{_shown(node.name)}' must have one output, not {len(node.output)}")
 
 
 # --- tensors: checked before they are materialised -------------------------------------------
@@ -584,11 +599,11 @@ MAX_RANK = 16
 
 def _tensors(graph) -> list[tuple[object, str]]:
     """Every tensor stored in the graph, with how to name it: initializers and node attributes."""
-    found = [(tensor, f"initializer '{tensor.name[:80]}'") for tensor in graph.initializer]
+    found = [(tensor, f"initializer '{_shown(tensor.name)}'") for tensor in graph.initializer]
     for node in graph.node:
         for attribute in node.attribute:
             tensors = [attribute.t] if attribute.type == _A["TENSOR"] else list(attribute.tensors)
-            found += [(t, f"node '{node.name[:80]}' attribute '{attribute.name[:80]}'") for t in tensors]
+            found += [(t, f"node '{_shown(node.name)}' attribute '{_shown(attribute.name)}'") for t in tensors]
     return found
 
 
@@ -658,7 +673,7 @@ def _inside(folder: Path, location: str, where: str) -> Path:
         raise ModelError(f"the ONNX {where} keeps its data at {location[:80]!r}, a link that leads outside the "
                          "model's folder: external data must be a file beside the model")
     if not file.is_file():
-        raise ModelError(f"the ONNX {where} keeps its data in '{location[:80]}', which is not a file in {folder}")
+        raise ModelError(f"the ONNX {where} keeps its data in '{_shown(location)}', which is not a file in {folder}")
     return file
 
 
@@ -688,10 +703,10 @@ def _constant_value(node) -> np.ndarray:
     """The value of a Constant node (a tensor, or one of the value_float(s) / value_int(s) forms)."""
     for attribute in node.attribute:
         if attribute.name == "value":
-            return _array(attribute.t, f"node '{node.name[:80]}' value")
+            return _array(attribute.t, f"node '{_shown(node.name)}' value")
         if attribute.name in ("value_float", "value_floats"):
             return np.array(_attr(node, attribute.name), dtype=np.float32)
         if attribute.name in ("value_int", "value_ints"):
             return np.array(_attr(node, attribute.name), dtype=np.int64)
-    raise ModelError(f"ONNX Constant node '{node.name[:80]}' has no value the ONNX frontend reads (value, "
+    raise ModelError(f"ONNX Constant node '{_shown(node.name)}' has no value the ONNX frontend reads (value, "
                      "value_float(s), value_int(s))")
