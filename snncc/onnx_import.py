@@ -26,6 +26,7 @@ MAX_MODEL_BYTES = 2 * 1024**3  # protobuf cannot hold more; larger weights live 
 MAX_TENSOR_BYTES = 16 * 1024**3  # one initializer (a 150k x 16k float32 embedding is under 10 GiB)
 MAX_WEIGHT_BYTES = 64 * 1024**3  # all initializers together
 MAX_ELEMENTS = 2**31  # a tensor the graph builds from sizes (ConstantOfShape, Expand, Range)
+MAX_SIZE_LIST = 1024  # shape arithmetic: a list of sizes or indices
 MAX_POSITIONS = 2**20  # a declared sequence length beyond this is a corrupt file, not a model
 MAX_TOKENIZER_BYTES = 256 * 1024**2  # a tokenizer side file
 
@@ -144,6 +145,27 @@ def _bounded(node, sizes: list) -> list:
         raise ModelError(f"ONNX node '{node.name}' ({node.op_type}) asks for a tensor of shape {sizes}: sizes must "
                          f"be non-negative and hold at most {MAX_ELEMENTS} elements; the file is corrupt")
     return sizes
+
+
+def _checked_output(node, value):
+    """`value` if it stays within bounds: a tensor's known sizes (traced tensors allocate
+    nothing, the program built from them would), a size list's length, an integer's int64
+    range. Each node can only grow what it reads by a bounded factor, so checking every
+    output stops a chain of nodes that doubles a list or squares an integer."""
+    if isinstance(value, torch.Tensor):
+        _bounded(node, list(value.shape))
+    elif isinstance(value, list) and (len(value) > MAX_SIZE_LIST or not all(map(_int64, value))):
+        raise ModelError(f"ONNX node '{_shown(node.name)}' ({node.op_type}) computes a list of {len(value)} sizes "
+                         f"or a size outside int64 (shape arithmetic holds at most {MAX_SIZE_LIST}): the file is "
+                         "corrupt")
+    elif not _int64(value):
+        raise ModelError(f"ONNX node '{_shown(node.name)}' ({node.op_type}) computes an integer outside int64: the "
+                         "file is corrupt")
+    return value
+
+
+def _int64(value) -> bool:
+    return not isinstance(value, int) or -(2**63) <= value < 2**63
 
 
 def _constant_of_shape(node, shape):
@@ -392,7 +414,7 @@ class OnnxModule(torch.nn.Module):
         result = OPS[node.op_type](node, *inputs)
         outputs = result if isinstance(result, list) and node.op_type == "Split" else [result]
         for name, value in zip(node.output, outputs, strict=False):
-            values[name] = value
+            values[name] = _checked_output(node, value)
 
 
 def load_onnx(path: str | Path):
