@@ -458,7 +458,8 @@ def _read_model(path: Path):
     import onnx
 
     if not path.is_file():
-        raise ModelError(f"ONNX model '{path}' does not exist")
+        kind = "is not a regular file" if path.exists() else "does not exist"
+        raise ModelError(f"ONNX model '{path}' {kind}")
     size = path.stat().st_size
     if size > MAX_MODEL_BYTES:
         raise ModelError(f"ONNX model '{path}' is {size} bytes, more than an ONNX file can hold "
@@ -478,11 +479,7 @@ def _tokenizer_beside(path: Path, task: str, width: int):
     from snncc.tokenizer import ByteTokenizer, load_hf_tokenizer, load_tokenizer
 
     folder = path.parent
-    for name in ("snncc_tokenizer.json", "tokenizer.json", "tokenizer_config.json"):
-        file = folder / name
-        if file.is_file() and file.stat().st_size > MAX_TOKENIZER_BYTES:
-            raise ModelError(f"the tokenizer file '{file}' is larger than {MAX_TOKENIZER_BYTES} bytes: it is "
-                             "not a tokenizer; replace it with the model's own")
+    _check_side_files(folder)
     try:
         if (folder / "snncc_tokenizer.json").is_file():
             return load_tokenizer(folder)
@@ -496,6 +493,26 @@ def _tokenizer_beside(path: Path, task: str, width: int):
     if task == CAUSAL_LM and 0 < width <= 256:
         return ByteTokenizer()
     raise ModelError(f"no tokenizer beside '{path}': save the model's tokenizer (tokenizer.json) in {folder}")
+
+
+# the files a tokenizer loader may open in the model's folder
+TOKENIZER_FILES = ("snncc_tokenizer.json", "tokenizer.json", "tokenizer_config.json", "config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json")
+
+
+def _check_side_files(folder: Path) -> None:
+    """Refuse tokenizer files a loader would read without a bound or block on: larger than
+    MAX_TOKENIZER_BYTES, or not regular files (a FIFO or device would hang or stream)."""
+    for name in TOKENIZER_FILES:
+        file = folder / name
+        if not (file.exists() or file.is_symlink()):
+            continue
+        if not file.is_file():
+            raise ModelError(f"'{file}' beside the model is not a regular file: replace it with the tokenizer's own")
+        if file.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise ModelError(f"the tokenizer file '{file}' is larger than {MAX_TOKENIZER_BYTES} bytes: it is "
+                             "not a tokenizer; replace it with the model's own")
 
 
 def _max_positions(model) -> int:

@@ -527,6 +527,22 @@ def test_a_malformed_tokenizer_is_one_line(base, files, words):
     _expect_error(base["model"], *words, extra=files)
 
 
+def test_a_tokenizer_side_file_that_is_not_a_file_is_refused(base):
+    with _case_folder() as folder, pytest.raises(ModelError, match="not a regular file"):
+        (folder / "case.onnx").write_bytes(base["model"])
+        os.mkfifo(folder / "tokenizer_config.json")  # a loader opening it would block forever
+        TALLY["run"] += 1
+        load_model(str(folder / "case.onnx"))
+    TALLY["error"] += 1
+
+
+def test_a_huge_tokenizer_file_is_refused_unread(base, monkeypatch):
+    import snncc.onnx_import as onnx_import
+
+    monkeypatch.setattr(onnx_import, "MAX_TOKENIZER_BYTES", 100)
+    _expect_error(base["model"], "larger than", extra={"snncc_tokenizer.json": b" " * 200 + b'{"kind": "bytes"}'})
+
+
 # --- through the CLI: one line, no traceback --------------------------------------------------
 
 
