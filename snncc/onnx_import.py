@@ -25,7 +25,7 @@ from snncc.errors import ModelError, SnnccError, first_line
 MAX_MODEL_BYTES = 2 * 1024**3  # protobuf cannot hold more; larger weights live in external data
 MAX_TENSOR_BYTES = 16 * 1024**3  # one initializer (a 150k x 16k float32 embedding is under 10 GiB)
 MAX_WEIGHT_BYTES = 64 * 1024**3  # all initializers together
-MAX_ELEMENTS = 2**31  # a tensor the graph builds from sizes (ConstantOfShape, Expand, Range)
+MAX_ELEMENTS = 2**31  # a tensor a node builds or computes (its sizes known while tracing)
 MAX_SIZE_LIST = 1024  # shape arithmetic: a list of sizes or indices
 MAX_POSITIONS = 2**20  # a declared sequence length beyond this is a corrupt file, not a model
 MAX_TOKENIZER_BYTES = 256 * 1024**2  # a tokenizer side file
@@ -103,7 +103,7 @@ def _slice(node, data, starts, ends, axes=None, steps=None):
     index = [slice(None)] * data.dim()
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         if step < 0:
-            raise ModelError(f"ONNX node '{node.name}': Slice with a negative step is not supported")
+            raise ModelError(f"ONNX node '{_shown(node.name)}': Slice with a negative step is not supported")
         size = data.shape[axis]
         end = size if isinstance(end, int) and end > 2**40 else end
         index[axis] = slice(start, end, step)
@@ -142,8 +142,8 @@ def _bounded(node, sizes: list) -> list:
     (batch, length) are bounded by the input."""
     known = [s for s in sizes if isinstance(s, int)]
     if any(s < 0 for s in known) or math.prod(known) > MAX_ELEMENTS:
-        raise ModelError(f"ONNX node '{node.name}' ({node.op_type}) asks for a tensor of shape {sizes}: sizes must "
-                         f"be non-negative and hold at most {MAX_ELEMENTS} elements; the file is corrupt")
+        raise ModelError(f"ONNX node '{_shown(node.name)}' ({node.op_type}) asks for a tensor of shape {sizes[:16]}: "
+                         f"sizes must be non-negative and hold at most {MAX_ELEMENTS} elements; the file is corrupt")
     return sizes
 
 
@@ -170,9 +170,9 @@ def _int64(value) -> bool:
 
 def _constant_of_shape(node, shape):
     value = _attr(node, "value")
-    array = np.array([0.0], dtype=np.float32) if value is None else _array(value, f"node '{node.name}' value")
+    array = np.array([0.0], dtype=np.float32) if value is None else _array(value, f"node '{_shown(node.name)}' value")
     if array.size != 1:
-        raise ModelError(f"ONNX node '{node.name}' (ConstantOfShape): its value must hold one element, not "
+        raise ModelError(f"ONNX node '{_shown(node.name)}' (ConstantOfShape): its value must hold one element, not "
                          f"{array.size}")
     return torch.full(_bounded(node, _listed(shape)), array.reshape(-1)[0].item(),
                       dtype=torch.from_numpy(array).dtype)
@@ -232,7 +232,7 @@ def _split(node, x, split=None):
 
 def _gather_nd(node, data, indices):
     if _attr(node, "batch_dims", 0):
-        raise ModelError(f"ONNX node '{node.name}': GatherND with batch_dims is not supported")
+        raise ModelError(f"ONNX node '{_shown(node.name)}': GatherND with batch_dims is not supported")
     depth = indices.shape[-1]
     return data[tuple(indices[..., i] for i in range(depth))]
 
@@ -248,7 +248,7 @@ def _transpose(node, x):
 
 def _cumsum(node, x, axis):
     if _attr(node, "exclusive", 0) or _attr(node, "reverse", 0):
-        raise ModelError(f"ONNX node '{node.name}': CumSum with exclusive or reverse is not supported")
+        raise ModelError(f"ONNX node '{_shown(node.name)}': CumSum with exclusive or reverse is not supported")
     return torch.cumsum(x, int(axis))
 
 
@@ -472,6 +472,8 @@ def _read_model(path: Path):
         raise ModelError(f"'{path}' must take one input (token ids) and give an output; it has "
                          f"{len(model.graph.input)} inputs and {len(model.graph.output)} outputs")
     return model
+
+
 def _tokenizer_beside(path: Path, task: str, width: int):
     """The tokenizer saved beside `path`; a side file that is too large or unreadable is a
     ModelError naming it (tokenizers and json raise many kinds of error on a bad file)."""
