@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,18 +213,40 @@ def _save_together(model, path: Path, data_name: str | None) -> None:
     """Save `model` to `path` (and its weights to `data_name` beside it) all or nothing: both
     files are written in full to temporaries beside the targets first, then the data file is
     moved into place and the model last, so a reader never finds a model without its data;
-    on any failure both temporaries go and earlier files stay as they were. The model records
-    its data file by name, so both are written under their final names in a scratch folder."""
+    on any failure both temporaries go and earlier files stay as they were (a data file
+    already moved is put back). The model records its data file by name, so both are written
+    under their final names in a scratch folder."""
     import onnx_ir
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch, \
-            atomic_file(path) as model_tmp, \
-            atomic_file(path.parent / data_name) if data_name else contextlib.nullcontext() as data_tmp:
-        onnx_ir.save(model, Path(scratch) / path.name, external_data=data_name)
-        if data_tmp is not None:
-            os.replace(Path(scratch) / data_name, data_tmp)
-        os.replace(Path(scratch) / path.name, model_tmp)
+    data_path = path.parent / data_name if data_name else None
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        scratch = Path(scratch)
+        with _restored_on_failure(data_path, scratch / "previous.data") if data_path else contextlib.nullcontext(), \
+                atomic_file(path) as model_tmp, \
+                atomic_file(data_path) if data_path else contextlib.nullcontext() as data_tmp:
+            onnx_ir.save(model, scratch / path.name, external_data=data_name)
+            if data_tmp is not None:
+                os.replace(scratch / data_name, data_tmp)
+            os.replace(scratch / path.name, model_tmp)
+
+
+@contextlib.contextmanager
+def _restored_on_failure(file: Path, backup: Path) -> Iterator[None]:
+    """Keep `file` as it is now (a hard link at `backup`, same folder) and put it back if the
+    block fails: the data file moves into place before the model, so a failed model move must
+    undo it. A file that did not exist is removed again."""
+    existed = file.exists()
+    if existed:
+        os.link(file, backup)
+    try:
+        yield
+    except BaseException:
+        if existed:
+            os.replace(backup, file)
+        else:
+            file.unlink(missing_ok=True)
+        raise
 
 
 def check_onnx(path: str | Path) -> None:

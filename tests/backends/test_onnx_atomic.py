@@ -57,7 +57,7 @@ def test_an_export_without_external_data_is_one_file(tmp_path):
 
 # os.replace calls of an export with external data, in order: scratch data -> its temporary,
 # scratch model -> its temporary, data temporary -> data file, model temporary -> model file.
-@pytest.mark.parametrize("failing_call", [1, 2, 3])
+@pytest.mark.parametrize("failing_call", [1, 2, 3, 4])
 def test_a_failed_write_leaves_earlier_files_and_no_temporaries(tmp_path, monkeypatch, failing_call):
     (tmp_path / "m.onnx").write_bytes(b"old model")
     (tmp_path / "m.onnx.data").write_bytes(b"old data")
@@ -74,6 +74,20 @@ def test_a_failed_write_leaves_earlier_files_and_no_temporaries(tmp_path, monkey
         export_onnx(None, tmp_path / "m.onnx", external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert (tmp_path / "m.onnx").read_bytes() == b"old model" and (tmp_path / "m.onnx.data").read_bytes() == b"old data"
+
+
+def test_a_failed_model_move_removes_a_new_data_file(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == tmp_path / "m.onnx":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        export_onnx(None, tmp_path / "m.onnx", external_data=True)
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_data_file_is_in_place_before_the_model(tmp_path, monkeypatch):
