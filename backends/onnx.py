@@ -19,6 +19,7 @@ import collections
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -238,7 +239,10 @@ def _restored_on_failure(file: Path, backup: Path) -> Iterator[None]:
     undo it. A file that did not exist is removed again."""
     existed = file.exists()
     if existed:
-        os.link(file, backup)
+        try:
+            os.link(file, backup)
+        except OSError:  # a file system without hard links: a copy keeps it just the same
+            shutil.copy2(file, backup)
     try:
         yield
     except BaseException:

@@ -76,6 +76,27 @@ def test_a_failed_write_leaves_earlier_files_and_no_temporaries(tmp_path, monkey
     assert (tmp_path / "m.onnx").read_bytes() == b"old model" and (tmp_path / "m.onnx.data").read_bytes() == b"old data"
 
 
+def test_without_hard_links_the_previous_data_file_is_copied_and_restored(tmp_path, monkeypatch):
+    (tmp_path / "m.onnx").write_bytes(b"old model")
+    (tmp_path / "m.onnx.data").write_bytes(b"old data")
+    real_replace = os.replace
+
+    def no_link(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    def replace(src, dst):
+        if Path(dst) == tmp_path / "m.onnx":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        export_onnx(None, tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_bytes() == b"old data"
+
+
 def test_a_failed_model_move_removes_a_new_data_file(tmp_path, monkeypatch):
     real_replace = os.replace
 
