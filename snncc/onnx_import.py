@@ -604,9 +604,11 @@ def _check_values(graph) -> None:
             defined.update([name] if name else [])
         if not node.output or not node.output[0]:
             raise ModelError(f"ONNX node '{_shown(node.name)}' ({node.op_type}) has no output")
-    for output in graph.output:
-        if output.name not in defined:
-            raise ModelError(f"the ONNX graph's output '{_shown(output.name)}' is computed by no node")
+    outputs = [output.name for output in graph.output]
+    for index, name in enumerate(outputs):
+        if name not in defined or name in outputs[:index]:
+            why = "is named twice" if name in outputs[:index] else "is computed by no node"
+            raise ModelError(f"the ONNX graph's output '{_shown(name)}' {why}")
 
 
 def _check_attributes(node) -> None:

@@ -458,6 +458,15 @@ def test_an_undefined_input_names_its_node(base):
     _expect_error(model, node.name, "'r2'", "no node")
 
 
+def test_duplicated_graph_outputs_and_initializers_are_refused(base):
+    model = _proto(base["model"])
+    model.graph.output.append(model.graph.output[0])
+    _expect_error(model, "logits", "named twice")
+    model = _proto(base["model"])
+    model.graph.initializer.append(model.graph.initializer[0])
+    _expect_error(model, model.graph.initializer[0].name, "defined twice")
+
+
 def test_a_missing_graph_output_is_refused(base):
     model = _proto(base["model"])
     model.graph.output[0].name = "nowhere"
