@@ -346,6 +346,21 @@ def test_the_valid_external_data_file_loads(base):
     assert _check(model_bytes, {"ext.onnx.data": data_bytes}) == "loaded"
 
 
+@pytest.mark.parametrize("location", ["sub/ext.onnx.data", "inner_link.data"])
+def test_external_data_inside_the_folder_loads(base, location):
+    model_bytes, data_bytes = base["external"]
+    model = _proto(model_bytes)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    with _case_folder() as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "ext.onnx.data").write_bytes(data_bytes)
+        os.symlink("sub/ext.onnx.data", folder / "inner_link.data")  # a link that stays inside is fine
+        assert load_case(model, folder) == "loaded"
+
+
 @pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "link.data"])
 def test_external_data_outside_the_folder_is_refused(base, location):
     model = _proto(base["external"][0])
