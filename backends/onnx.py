@@ -16,17 +16,21 @@ external data file beside the model when the model would pass protobuf's 2 GB li
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import snncc
+from snncc.artifact import atomic_file
 from snncc.backends.onnx_functions import DOMAIN, DOMAIN_VERSION, function_library, register_schemas
 from snncc.errors import ExportError, InputError, first_line
 from snncc.evaluate import max_relative_error
@@ -192,8 +196,6 @@ class ExportReport:
 def export_onnx(program, path: str | Path, fmt: str = "onnx", external_data: bool | None = None) -> ExportReport:
     """Write `program` as ONNX to `path` atomically (model and external data file both or
     neither). external_data None: only when the model would exceed protobuf's 2 GB limit."""
-    import onnx_ir
-
     start = time.perf_counter()
     path = Path(path)
     model = to_onnx(program, fmt)
@@ -201,16 +203,54 @@ def export_onnx(program, path: str | Path, fmt: str = "onnx", external_data: boo
     if external_data is None:
         external_data = weight_bytes > PROTOBUF_LIMIT * 0.9
     data_name = f"{path.name}.data" if external_data else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
-        onnx_ir.save(model, Path(scratch) / path.name, external_data=data_name)
-        if data_name:
-            os.replace(Path(scratch) / data_name, path.parent / data_name)
-        os.replace(Path(scratch) / path.name, path)
+    _save_together(model, path, data_name)
     total = path.stat().st_size + ((path.parent / data_name).stat().st_size if data_name else 0)
     nodes = sum(1 for _ in model.graph.all_nodes())
     return ExportReport(path, path.parent / data_name if data_name else None, total,
                         time.perf_counter() - start, nodes)
+
+
+def _save_together(model, path: Path, data_name: str | None) -> None:
+    """Save `model` to `path` (and its weights to `data_name` beside it) all or nothing: both
+    files are written in full to temporaries beside the targets first, then the data file is
+    moved into place and the model last, so a reader never finds a model without its data;
+    on any failure both temporaries go and earlier files stay as they were (a data file
+    already moved is put back). The model records its data file by name, so both are written
+    under their final names in a scratch folder."""
+    import onnx_ir
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_path = path.parent / data_name if data_name else None
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        scratch = Path(scratch)
+        with _restored_on_failure(data_path, scratch / "previous.data") if data_path else contextlib.nullcontext(), \
+                atomic_file(path) as model_tmp, \
+                atomic_file(data_path) if data_path else contextlib.nullcontext() as data_tmp:
+            onnx_ir.save(model, scratch / path.name, external_data=data_name)
+            if data_tmp is not None:
+                os.replace(scratch / data_name, data_tmp)
+            os.replace(scratch / path.name, model_tmp)
+
+
+@contextlib.contextmanager
+def _restored_on_failure(file: Path, backup: Path) -> Iterator[None]:
+    """Keep `file` as it is now (a hard link at `backup`, same folder) and put it back if the
+    block fails: the data file moves into place before the model, so a failed model move must
+    undo it. A file that did not exist is removed again."""
+    existed = file.exists()
+    if existed:
+        try:
+            os.link(file, backup)
+        except OSError:  # a file system without hard links: a copy keeps it just the same
+            shutil.copy2(file, backup)
+    try:
+        yield
+    except BaseException:
+        if existed:
+            os.replace(backup, file)
+        else:
+            file.unlink(missing_ok=True)
+        raise
 
 
 def check_onnx(path: str | Path) -> None:
