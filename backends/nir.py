@@ -176,7 +176,7 @@ def write_nir(export: NirExport, path: str | Path) -> None:
     """Write the graph (HDF5, nir.write) atomically."""
     import nir
 
-    from snncc.artifact import atomic_file
+    from snncc.atomic import atomic_file
 
     with atomic_file(Path(path)) as tmp:
         nir.write(str(tmp), export.graph)

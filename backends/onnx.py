@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import snncc
-from snncc.artifact import atomic_file
+from snncc.atomic import atomic_file
 from snncc.backends.onnx_functions import DOMAIN, DOMAIN_VERSION, function_library, register_schemas
 from snncc.errors import ExportError, InputError, first_line
 from snncc.evaluate import max_relative_error

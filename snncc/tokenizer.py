@@ -68,9 +68,13 @@ def refuse_remote_code(source: str | Path) -> None:
         file = folder / name
         if not file.is_file():
             continue
+        with file.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise InputError(f"'{file}' is over {MAX_CONFIG_BYTES // 2**20} MiB: not a config")
         try:
-            config = json.loads(file.read_bytes()[:MAX_CONFIG_BYTES + 1].decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            config = json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InputError(f"'{file}' is not valid JSON") from None
         if isinstance(config, dict) and "auto_map" in config:
             raise InputError(f"'{file}' asks to run Python code shipped with it (auto_map); snncc never runs "
