@@ -130,14 +130,20 @@ def _fsync(path: Path, directory: bool = False) -> None:
             os.close(fd)
 
 
+def _temporary_beside(path: str | Path) -> tuple[Path, Path]:
+    """The target as a Path (its folder created, stale temporaries of it removed) and a fresh
+    temporary name beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
+    return path, temporary_name(path)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write; it replaces `path` only if the block ends
     without an error. It is created empty with the usual permissions (0666 less the umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = temporary_name(path)
+    path, tmp = _temporary_beside(path)
     with _registered(tmp):
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -158,10 +164,7 @@ def atomic_dir(path: str | Path, keep_partial: bool = False) -> Iterator[Path]:
 
     keep_partial: on an exception, still move in the files the block wrote before it (a debug
     dump of the passes before the one that failed is what the user needs); a signal drops them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = temporary_name(path)
+    path, tmp = _temporary_beside(path)
     with _registered(tmp):
         try:
             tmp.mkdir()
