@@ -710,6 +710,9 @@ def _(x, a, power, thresholds, codes, T):
 # --- rate-coded integrate-and-fire neurons (the `fas` pipeline) ---------------------------
 
 
+MAX_BURST = 127  # spikes one IF neuron may send in a step: a burst rides on an int8 payload
+
+
 def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
               burst: int = 1) -> Iterator[torch.Tensor]:
     """The T steps (int8 in [-burst, burst]) of signed IF neurons fed the constant current x.
