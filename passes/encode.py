@@ -51,6 +51,20 @@ def calib_name(node: fx.Node) -> str:
     return node.meta.get("calib_name", node.name)
 
 
+def calibrated_absmax(ctx: CalibrationContext, node: fx.Node) -> torch.Tensor:
+    """node's per-channel max |x| on the calibration text, refused where NaN or inf: a range
+    made from it would code nothing (and NaN cannot be rounded to a table's power of two)."""
+    stats = ctx.stats.get(calib_name(node))
+    if stats is None:
+        raise PipelineError(f"no calibration range for '{node.name}': the ANN never computed it")
+    if not bool(torch.isfinite(stats.absmax).all()):
+        kind = "NaN" if bool(torch.isnan(stats.absmax).any()) else "inf"
+        raise PipelineError(f"the calibration range of '{node.name}' is {kind}: the model computes {kind} there on "
+                            "the calibration text (an overflow or a broken weight upstream); fix the model or "
+                            "give other --calib text")
+    return stats.absmax
+
+
 class Encoders:
     """The MT encoders of one pass: one per (tensor, range layout), with ranges from
     calibration. A tensor that is already a decoded spike train (a nonlinear neuron's
@@ -102,10 +116,7 @@ class Encoders:
 
     def range_of(self, x: fx.Node, per_last_dim: bool) -> torch.Tensor:
         """x's calibrated range (max |x| per channel, times headroom) in the encoder's layout."""
-        stats = self.ctx.stats.get(calib_name(x))
-        if stats is None:
-            raise PipelineError(f"no calibration range for '{x.name}': the ANN never computed it")
-        r = stats.absmax
+        r = calibrated_absmax(self.ctx, x)
         if per_last_dim:
             r = r.reshape(-1, r.shape[-1]).amax(0)
         return (r.clamp(min=float(r.max()) * max(self.floor, _RANGE_FLOOR) + 1e-12) * self.headroom).float()

@@ -38,7 +38,7 @@ from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.neurons import NeuronTable, build_table, mantissa_table, stack_tables, table_ranges
 from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.passes.encode import calib_name
+from snncc.passes.encode import calib_name, calibrated_absmax
 from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
@@ -174,7 +174,7 @@ class NonlinearPass(Pass):
         return bool(outputs)
 
     def _lower_function(self, gm, ctx, node: fx.Node, root: fx.Node, region: list[fx.Node]) -> None:
-        absmax = ctx.stats[calib_name(node)].absmax
+        absmax = calibrated_absmax(ctx, node)
         absmax = absmax.reshape(-1, absmax.shape[-1]).amax(0).double()
         r = (absmax * self.headroom).clamp(min=1e-30)
         exponents = torch.ceil(torch.log2(r)).to(torch.int64)

@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.errors import PipelineError
+from snncc.errors import ModelError, PipelineError
 from snncc.ir.ops import MAX_T
+from snncc.ir.rewrite import get_tensor
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +285,30 @@ class PassRecord:
     report: dict | None = None
 
 
+aten = torch.ops.aten
+# Ops whose tensor operands are weights: an infinite one is broken, where an infinite constant
+# elsewhere may be a mask.
+_WEIGHT_READERS = {aten.linear.default, aten.embedding.default, aten.matmul.default, aten.mm.default,
+                   aten.addmm.default, aten.bmm.default, aten.layer_norm.default}
+
+
+def check_weights(gm: fx.GraphModule) -> None:
+    """Refuse a traced model with a NaN in any tensor, or an inf in a weight, naming the first:
+    every pass would carry it into codes and ranges, and no number measured after means
+    anything."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        tensor = get_tensor(gm, node)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        weight = any(user.target in _WEIGHT_READERS for user in node.users)
+        if bool(torch.isnan(tensor).any()) or (weight and bool(torch.isinf(tensor).any())):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise ModelError(f"tensor '{node.target}' of the traced model holds {kind}: its weights are broken; "
+                             "fix or re-download them (or the fine-tuning checkpoint that wrote them)")
+
+
 Instrument = Callable[[Pass | None, fx.GraphModule, PassRecord | None], None]
 
 
@@ -299,6 +325,7 @@ class PassManager:
         from snncc.ir.verify import verify
 
         ctx.forget_pass_records()
+        check_weights(gm)
         if self.instrument:
             self.instrument(None, gm, None)
         for p in self.passes:
