@@ -131,7 +131,8 @@ class EventExecutor(fx.Interpreter):
     def mt_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int) -> SpikeEvents:
         """MT neurons: the residual is compared with each step's threshold; those at or above
         it fire (an event) and subtract it."""
-        u = (x / scale).reshape(-1)
+        u = x / scale
+        bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
         membrane, sign = mt_initial_membrane(u, T)
         steps = []
         for t in range(T):
@@ -141,7 +142,7 @@ class EventExecutor(fx.Interpreter):
             live = fired[sign[fired] != 0]  # a zero input never fires
             steps.append((live, sign[live]))
             self.bar.update(1)
-        return self._train(x.shape, _poison_events(steps, uncodable(u)))
+        return self._train(x.shape, _poison_events(steps, bad))
 
     def if_encode(self, x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
                   burst: int = 1) -> SpikeEvents:
@@ -158,9 +159,10 @@ class EventExecutor(fx.Interpreter):
     def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
         """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its
         range thresholds, then fires its non-adjacent-form digits as graded events +-2^j."""
-        u = (x / scale).reshape(-1)
+        u = x / scale
+        bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
         membrane, sign, j = multi_range_code(u, T, G)
-        return self._digit_events(x.shape, poisoned(code_digits(membrane, sign, T, ternary=True), uncodable(u)), j)
+        return self._digit_events(x.shape, poisoned(code_digits(membrane, sign, T, ternary=True), bad), j)
 
     def fn_encode(self, x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
                   T: int, G: int = 0) -> SpikeEvents:
@@ -178,8 +180,8 @@ class EventExecutor(fx.Interpreter):
         for digit in digits:
             fired = torch.nonzero(digit).squeeze(1)
             payload = digit[fired].long()
-            if exponent is not None:  # a poisoned neuron's range is 0: its payload stays POISON
-                payload = payload << exponent[fired]
+            if exponent is not None:  # graded spikes +-2^j; POISON stays POISON
+                payload = torch.where(payload == POISON, payload, payload << exponent[fired])
             steps.append((fired, payload))
             self.bar.update(1)
         return self._train(shape, steps)

@@ -116,9 +116,10 @@ def _mt_digits(b: Body, magnitude: str, T: str) -> str:
 POISON = -128  # snncc.ir.ops.POISON
 
 
-def _uncodable(b: Body, value: str) -> str:
-    """Where a linear-code neuron's input has no code: NaN or +-inf."""
-    return b.op("Or", b.op("IsNaN", value), b.op("IsInf", value))
+def _uncodable(b: Body, x: str, u: str) -> str:
+    """Where a linear-code neuron with input x and normalised input u has no code: u is NaN
+    or x is +-inf (a finite x whose u overflows clips, ops.uncodable)."""
+    return b.op("Or", b.op("IsNaN", u), b.op("IsInf", x))
 
 
 def _codable(b: Body, value: str, bad: str) -> str:
@@ -232,7 +233,7 @@ class SnnOp:
 
 def _mt_encode(b: Body, x, scale, T):
     u = b.cast(b.op("Div", x, scale), DOUBLE)
-    bad = _uncodable(b, u)
+    bad = _uncodable(b, x, u)
     u = b.op("Clip", _codable(b, u, bad), b.constant(-1.0), b.constant(1.0))
     levels = _power_of_two(b, b.cast(T, DOUBLE))
     code = b.op("Floor", b.op("Add", b.op("Mul", b.op("Abs", u), levels), b.constant(0.5)))
@@ -242,7 +243,7 @@ def _mt_encode(b: Body, x, scale, T):
 
 def _mr_encode(b: Body, x, scale, T, G):
     u = b.cast(b.op("Div", x, scale), DOUBLE)
-    bad = _uncodable(b, u)
+    bad = _uncodable(b, x, u)
     u = _codable(b, u, bad)
     magnitude = b.op("Abs", u)
     Td = b.cast(T, DOUBLE)
@@ -281,7 +282,7 @@ def _if_encode(b: Body, x, threshold, membrane, T, burst):
     m = b.op("Clip", b.op("Div", b.cast(membrane, DOUBLE), theta), b.constant(0.0), b.constant(1.0))
     shape = b.op("Shape", b.op("Add", u, m))
     u, m = b.op("Expand", u, shape), b.op("Expand", m, shape)
-    bad = _uncodable(b, u)
+    bad = _uncodable(b, b.cast(x, DOUBLE), u)
     u = _codable(b, u, bad)
     most = b.cast(burst, DOUBLE)
     least = b.op("Neg", most)
@@ -349,7 +350,7 @@ def _spike_normalize(b: Body, x, a, thresholds, codes, power, T):
     zero = b.constant([0], INT64)
     first_table = [b.op("Gather", table, zero) for table in (thresholds, codes)]
     spikes = _signed_train(b, _table_codes(b, b.cast(mantissa, FLOAT), *first_table, zero), T)
-    spikes = _poisoned(b, spikes, _uncodable(b, a))  # ops.normalizer_train
+    spikes = _poisoned(b, spikes, _uncodable(b, a, a))  # ops.normalizer_train
     k = _decoded64(b, spikes, b.constant(1.0, FLOAT), b.constant(0, INT64))  # k 2^-T, exact
     factor = b.op("Mul", k, _power_of_two(b, b.op("Neg", exponent)))
     return b.cast(b.op("Mul", b.cast(x, DOUBLE), factor), FLOAT)

@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 namespace {
 
@@ -44,17 +43,14 @@ inline float power_of_two(int32_t e) { return float_of((e + 127) << 23); }
 
 // The multi-range code of one normalised value u (ops.multi_range_code in float32): the
 // range index j and the code magnitude floor(|u| 2^(T-j) + 1/2) capped at the top code, as a
-// float (NaN for NaN and +-inf u: neither has a code, ops.py's module docstring). Branch-free,
-// so the loops around it vectorize.
+// float (NaN for NaN u). Branch-free, so the loops around it vectorize.
 struct MultiRangeCode {
     int32_t j;
     float code;
 };
 
 inline MultiRangeCode multi_range_code(float u, int32_t T, int32_t G, int32_t limit_mantissa, float top) {
-    const float magnitude = std::fabs(u);
-    const float a = magnitude == std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::quiet_NaN()
-                                                                         : magnitude;
+    const float a = std::fabs(u);
     const int32_t bits = bits_of(a);
     const int32_t j = std::min(std::max((bits >> 23) - 126 + ((bits & 0x7FFFFF) >= limit_mantissa), 0), G);
     const float rounded = a * power_of_two(T - j) + 0.5f;  // >= 1/2, or NaN (no FMA: -ffp-contract=off)
@@ -126,8 +122,9 @@ torch::Tensor digit_train(const torch::TensorOptions& options, int64_t n, int32_
 }
 
 // ops.mr_encode's train (T, n) for normalised u (n,): ternary digits of each value's
-// multi-range code, each spike carrying +-2^j. NaN and +-inf send no spikes here; ops.mr_encode
-// poisons them (one POISON spike at step 0), as it does on its PyTorch path.
+// multi-range code, each spike carrying +-2^j. A NaN value sends no spikes here; ops.mr_encode
+// then poisons every neuron whose input is NaN or inf (one POISON spike at step 0), as on its
+// PyTorch path.
 torch::Tensor mr_encode(torch::Tensor u, int64_t T, int64_t G, int64_t limit_mantissa, double top_code) {
     TORCH_CHECK(u.scalar_type() == torch::kFloat32 && u.is_contiguous() && u.device().is_cpu() && T <= 22,
                 "mr_encode kernel: contiguous float32 CPU input, T <= 22");

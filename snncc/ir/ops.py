@@ -95,9 +95,11 @@ def poisoned(train: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return train
 
 
-def uncodable(u: torch.Tensor) -> torch.Tensor:
-    """Where a linear-code neuron's input has no code: NaN or +-inf."""
-    return ~torch.isfinite(u)
+def uncodable(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Where a linear-code neuron with input x and normalised input u (x / scale, or x / theta,
+    shaped as the neuron array) has no code: u is NaN, or x is +-inf. A finite x whose u
+    overflows to inf is a value beyond the range like any other, and clips."""
+    return torch.isnan(u) | torch.isinf(x).expand(u.shape)
 
 
 def _decode_unit(s: torch.Tensor, dtype: torch.dtype, rate: bool = False) -> torch.Tensor:
@@ -121,13 +123,14 @@ def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     docstring). Works in chunks, so memory is the int8 output plus a bounded scratch space,
     whatever T and the input size.
     """
-    u = (x / scale).reshape(-1)
+    u = x / scale
+    bad, u = uncodable(x, u), u.reshape(-1)
     out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
     chunk = max(4096, _ENCODE_SCRATCH // T)
     for start in range(0, u.numel(), chunk):
         membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
         out[:, start : start + chunk] = code_digits(membrane, sign, T)
-    return poisoned(out, uncodable(u)).view(T, *x.shape)
+    return poisoned(out, bad).view(T, *x.shape)
 
 
 MAX_OUTLIER_RANGES = 6  # graded spikes +-2^j, j <= 6, fit int8
@@ -142,9 +145,10 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
     outlier spikes reach their own synapses). Every value keeps T bits relative to its
     range, and a third of the digits or fewer are non-zero (binary: half). Decodes like
     mt_encode; NaN and +-inf poison (module docstring)."""
-    u = (x / scale).reshape(-1)
+    u = x / scale
+    bad, u = uncodable(x, u), u.reshape(-1)
     compiled = kernels_for(u)
-    if compiled is not None and T <= 22:  # sends nothing for NaN and +-inf: poisoned below
+    if compiled is not None and T <= 22:  # sends nothing for NaN: poisoned below
         out = compiled.mr_encode(u.contiguous(), T, G, _limit_mantissa(ternary_limit(T)), ternary_max_code(T))
     else:
         out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
@@ -153,7 +157,7 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
             membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
             spikes = code_digits(membrane, sign, T, ternary=True)
             out[:, start : start + chunk] = spikes * torch.bitwise_left_shift(1, j).to(torch.int8)
-    return poisoned(out, uncodable(u)).view(T, *x.shape)
+    return poisoned(out, bad).view(T, *x.shape)
 
 
 def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,9 +165,9 @@ def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, tor
 
     Exact in float32 for T <= 22 (every product with a power of two and every code up to
     2^23 is representable), so encoder and quantizer agree bit for bit and stay fast.
-    NaN and +-inf get code 0 in range 0 (no digits): callers poison them."""
+    NaN gets code 0 in range 0 (no digits): callers poison it."""
     u = u.float() if T <= 22 else u.double()
-    u = u.nan_to_num(0.0, 0.0, 0.0)
+    u = u.masked_fill(torch.isnan(u), 0.0)  # inf stays: the top code of range G, as overflow clips
     top = ternary_max_code(T)
     a = u.abs()
     j = range_index(a, ternary_limit(T), G)
@@ -177,15 +181,16 @@ def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.T
     """What an mr_encode train decodes to (in units of scale), computed without the train;
     bit-identical to decoding it for T <= 22 (NaN where it poisons). For the fused executor."""
     if T <= 22:
-        return _mr_quantize_float32(x / scale, T, G)
-    u = (x / scale).reshape(-1)
+        return _mr_quantize_float32(x / scale, T, G).masked_fill_(torch.isinf(x), float("nan"))
+    u = x / scale
+    bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
     gains = torch.tensor([2.0 ** (i - T) for i in range(G + 1)], dtype=u.dtype, device=u.device)
     chunk = 1 << 20
     for start in range(0, u.numel(), chunk):
         membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
         out[start : start + chunk] = membrane.mul_(sign).to(u.dtype).mul_(gains[j])
-    return out.masked_fill_(uncodable(u), float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
+    return out.masked_fill_(bad, float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
@@ -205,7 +210,6 @@ def _mr_quantize_float32(u: torch.Tensor, T: int, G: int) -> torch.Tensor:
 
 def _mr_quantize_torch(u: torch.Tensor, T: int, G: int) -> torch.Tensor:
     a = u.float().abs()
-    a.masked_fill_(a == float("inf"), float("nan"))  # inf has no code: NaN, as NaN stays NaN below
     j = _range_index32(a, ternary_limit(T), G)
     code = torch.floor(a.mul_(_power_of_two(T - j)).add_(0.5)).clamp_(max=ternary_max_code(T))
     return torch.copysign(code.mul_(_power_of_two(j - T)), u).to(u.dtype)
@@ -293,9 +297,10 @@ def mt_initial_membrane(u: torch.Tensor, T: int, max_code: int | None = None) ->
     floor(|u| 2^T + 1/2), clipped to 2^T - 1) and its sign, for normalised inputs u = x/scale.
 
     Step t then fires when the residual reaches 2^(T-1-t) and subtracts it; both backends
-    start from this, so their spikes agree bit for bit. NaN and +-inf start at 0 (no
-    digits): callers poison them."""
-    u = u.double().nan_to_num(0.0, 0.0, 0.0).clamp(-1.0, 1.0)
+    start from this, so their spikes agree bit for bit. NaN starts at 0 (no digits): callers
+    poison it."""
+    u = u.double()
+    u = u.masked_fill(torch.isnan(u), 0.0).clamp(-1.0, 1.0)
     levels = 2**T
     top = levels - 1 if max_code is None else max_code
     membrane = torch.floor(u.abs() * levels + 0.5).clamp_(max=top).to(torch.int64)
@@ -314,18 +319,17 @@ def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     decoding `mt_encode` for T <= 24 (float32 holds every such code exactly; NaN where it
     poisons); the fused executor uses it where only synapses read a train."""
     if T <= 22:  # float32 holds |u| 2^T + 1/2 exactly: the same codes in a few float32 passes
-        u = x / scale
-        a = u.float().abs()
-        a.masked_fill_(a == float("inf"), float("nan"))  # no code: NaN, which the clamps keep
-        code = torch.floor(a.clamp_(max=1.0).mul_(2.0**T).add_(0.5)).clamp_(max=2**T - 1)
-        return torch.copysign(code.mul_(2.0**-T), u).to(u.dtype)
-    u = (x / scale).reshape(-1)
+        u = x / scale  # NaN stays NaN through the clamps; an infinite x has no code either
+        code = torch.floor(u.float().abs().clamp_(max=1.0).mul_(2.0**T).add_(0.5)).clamp_(max=2**T - 1)
+        return torch.copysign(code.mul_(2.0**-T), u).to(u.dtype).masked_fill_(torch.isinf(x), float("nan"))
+    u = x / scale
+    bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
     chunk = 1 << 20  # bounds the int64 / float64 scratch to a few MiB
     for start in range(0, u.numel(), chunk):
         membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
         out[start : start + chunk] = membrane.mul_(sign).to(torch.float64).mul_(2.0**-T)
-    return out.masked_fill_(uncodable(u), float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
+    return out.masked_fill_(bad, float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
 
 
 @mt_quantize.register_fake
@@ -741,7 +745,7 @@ def normalizer_train(a: torch.Tensor, power: float, thresholds: torch.Tensor, co
     """(mantissa train (T, a.numel()), exponent F) of the floating-point neuron for a^power,
     poisoned where a is NaN or +-inf (no exponent or mantissa codes it)."""
     k, e = normalizer_codes(a, power, thresholds, codes, T)
-    return poisoned(signed_code_digits(k, T), uncodable(a)), e
+    return poisoned(signed_code_digits(k, T), uncodable(a, a)), e
 
 
 @torch.library.custom_op("snn::spike_normalize", mutates_args=())
@@ -760,7 +764,7 @@ def spike_normalize(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: 
         return out
     k, e = normalizer_codes(a, power, thresholds, codes, T)
     dtype = torch.float64 if _execution_mode.get() == "exact" else x.dtype
-    factor = torch.ldexp(k.to(dtype), -(e + T).to(dtype)).masked_fill_(uncodable(a), float("nan"))
+    factor = torch.ldexp(k.to(dtype), -(e + T).to(dtype)).masked_fill_(uncodable(a, a), float("nan"))
     return (x.to(dtype) * factor).to(x.dtype)
 
 
@@ -790,9 +794,9 @@ def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, 
     are flat over their joint shape (if_shape). A neuron whose current u is NaN or +-inf
     poisons (module docstring): POISON at step 0, silent after."""
     shape = if_shape(x, threshold, membrane)
-    u = (x.double() / threshold.double()).expand(shape).reshape(-1)
-    bad = uncodable(u)
-    u = u.masked_fill(bad, 0.0)
+    u = (x.double() / threshold.double()).expand(shape)
+    bad = uncodable(x, u).reshape(-1)
+    u = u.reshape(-1).masked_fill(bad, 0.0)
     m = (membrane.double() / threshold.double()).clamp(0.0, 1.0).expand(shape).reshape(-1).clone()
     for t in range(T):
         m += u

@@ -148,3 +148,10 @@ def test_table_neurons_poison_nan_and_code_inf_as_their_limit():
     value = snn.fn_quantize(x, thresholds, codes, bucket, T)
     assert torch.isnan(value[0, 1]) and value[0, 0] == 0  # exp(-inf) = 0: masked attention scores
     assert torch.equal(torch.isnan(snn.decode(train, torch.ones(1))), torch.isnan(x))
+
+
+def test_a_finite_value_whose_ratio_to_the_range_overflows_still_clips():
+    x, scale = torch.tensor([3e38, -3e38]), torch.tensor([0.37, 0.37])
+    assert torch.equal(snn.mt_quantize(x, scale, 8), torch.tensor([255 / 256, -255 / 256]))
+    assert torch.isfinite(snn.mr_quantize(x, scale, 8, 6)).all()
+    assert not (snn.mt_encode(x, scale, 8) == POISON).any() and not (snn.mr_encode(x, scale, 8, 6) == POISON).any()
