@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -93,6 +94,20 @@ def poisoned(train: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         flat[:, where] = 0
         flat[0, where] = POISON
     return train
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether x holds no NaN and no inf, in one reduction that allocates nothing of x's size
+    (min and max propagate NaN): the quantizers' fast path skips their masks on it."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return math.isfinite(low) and math.isfinite(high)
+
+
+def _fill_where(values: torch.Tensor, x: torch.Tensor, mask_of) -> torch.Tensor:
+    """values with NaN where mask_of(x) (x broadcasts to values), skipped when x is finite."""
+    return values if all_finite(x) else values.masked_fill_(mask_of(x), float("nan"))
 
 
 def uncodable(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -181,7 +196,7 @@ def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.T
     """What an mr_encode train decodes to (in units of scale), computed without the train;
     bit-identical to decoding it for T <= 22 (NaN where it poisons). For the fused executor."""
     if T <= 22:
-        return _mr_quantize_float32(x / scale, T, G).masked_fill_(torch.isinf(x), float("nan"))
+        return _fill_where(_mr_quantize_float32(x / scale, T, G), x, torch.isinf)
     u = x / scale
     bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
@@ -321,7 +336,7 @@ def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     if T <= 22:  # float32 holds |u| 2^T + 1/2 exactly: the same codes in a few float32 passes
         u = x / scale  # NaN stays NaN through the clamps; an infinite x has no code either
         code = torch.floor(u.float().abs().clamp_(max=1.0).mul_(2.0**T).add_(0.5)).clamp_(max=2**T - 1)
-        return torch.copysign(code.mul_(2.0**-T), u).to(u.dtype).masked_fill_(torch.isinf(x), float("nan"))
+        return _fill_where(torch.copysign(code.mul_(2.0**-T), u).to(u.dtype), x, torch.isinf)
     u = x / scale
     bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
@@ -682,8 +697,7 @@ def table_value(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
                 T: int) -> torch.Tensor:
     """A table neuron's value k 2^-T as float32 (exact while codes stay below 2^24), NaN
     where x is NaN (it lies in no interval)."""
-    value = table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T)
-    return value.masked_fill_(torch.isnan(x), float("nan"))
+    return _fill_where(table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T), x, torch.isnan)
 
 
 @torch.library.custom_op("snn::fn_quantize", mutates_args=())
@@ -693,8 +707,7 @@ def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
     (the code holds the value whatever digits send it, so G does not enter); NaN for NaN x."""
     if x.dtype == torch.float32 and T + G <= TABLE_MAX_BITS:  # codes below 2^20: exact in float32
         return table_value(x, thresholds, codes, bucket, T)
-    value = table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T)
-    return value.masked_fill_(torch.isnan(x), float("nan"))
+    return _fill_where(table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T), x, torch.isnan)
 
 
 @fn_quantize.register_fake
