@@ -72,7 +72,8 @@ def _check_finite(values: torch.Tensor, what: str, gm: fx.GraphModule | None, in
         return
     kind = "NaN" if bool(torch.isnan(values).any()) else "inf"
     node = None if gm is None else first_nonfinite_node(gm, input_ids, mode)
-    origin = "no single node" if node is None else f"node '{node.name}' ({node.target}" + (
+    unnamed = "the model's own forward" if gm is None else "no single node"
+    origin = unnamed if node is None else f"node '{node.name}' ({node.target}" + (
         f", from {node.meta['source']})" if node.meta.get("source") else ")")
     raise NumericsError(f"{what} hold {kind} (first produced by {origin}): nothing can be measured; check the "
                         "model's weights and calibration ranges (snncc debug shows the error pass by pass)")
