@@ -9,6 +9,8 @@ runs its T steps once its inputs are complete; analog ATen ops run as in the ANN
 
 Membranes are float64 and rounded to float32 once per op, like the reference executor's
 `exact` mode, so outputs match it to float32 rounding and spike counts match exactly.
+A neuron whose input has no code (NaN, inf: snncc.ir.ops) sends one POISON event at step 0,
+which every synapse and decoder reads as NaN, as the reference executor does.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ from tqdm import tqdm
 
 from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
 from snncc.ir.ops import (
+    POISON,
     code_digits,
     if_shape,
     if_spikes,
     mt_initial_membrane,
     multi_range_code,
-    normalizer_codes,
+    normalizer_train,
+    poisoned,
     signed_code_digits,
+    spike_values,
     step_gains,
     table_codes,
+    table_value,
     train_steps,
+    uncodable,
 )
 
 snn = torch.ops.snn
@@ -53,7 +60,9 @@ class SpikeEvents:
         return len(self.steps)
 
     def spikes_per_step(self) -> list[int]:
-        return [int(payload.abs().sum()) if self.bursts else int(idx.numel()) for idx, payload in self.steps]
+        """Spikes sent per step (a POISON event counts as one)."""
+        return [int(payload.abs().masked_fill(payload == POISON, 1).sum()) if self.bursts else int(idx.numel())
+                for idx, payload in self.steps]
 
     def count(self) -> int:
         return sum(self.spikes_per_step())
@@ -124,7 +133,9 @@ class EventExecutor(fx.Interpreter):
     def mt_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int) -> SpikeEvents:
         """MT neurons: the residual is compared with each step's threshold; those at or above
         it fire (an event) and subtract it."""
-        membrane, sign = mt_initial_membrane((x / scale).reshape(-1), T)
+        u = x / scale
+        bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
+        membrane, sign = mt_initial_membrane(u, T)
         steps = []
         for t in range(T):
             threshold = 1 << (T - 1 - t)
@@ -133,7 +144,7 @@ class EventExecutor(fx.Interpreter):
             live = fired[sign[fired] != 0]  # a zero input never fires
             steps.append((live, sign[live]))
             self.bar.update(1)
-        return self._train(x.shape, steps)
+        return self._train(x.shape, _poison_events(steps, bad))
 
     def if_encode(self, x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
                   burst: int = 1) -> SpikeEvents:
@@ -150,25 +161,29 @@ class EventExecutor(fx.Interpreter):
     def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
         """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its
         range thresholds, then fires its non-adjacent-form digits as graded events +-2^j."""
-        membrane, sign, j = multi_range_code((x / scale).reshape(-1), T, G)
-        return self._digit_events(x.shape, code_digits(membrane, sign, T, ternary=True), j)
+        u = x / scale
+        bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
+        membrane, sign, j = multi_range_code(u, T, G)
+        return self._digit_events(x.shape, poisoned(code_digits(membrane, sign, T, ternary=True), bad), j)
 
     def fn_encode(self, x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
                   T: int, G: int = 0) -> SpikeEvents:
         """Table neurons: compare the membrane with the sorted thresholds (a binary search,
         one comparison per step) and fire the digits of the interval's code (G > 0: the
-        graded ternary digits of its range, as a multi-range neuron sends that value)."""
+        graded ternary digits of its range, as a multi-range neuron sends that value). NaN
+        poisons."""
         if G:
-            return self.mr_encode(table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T), torch.ones(()), T, G)
-        return self._digit_events(x.shape, signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T), None)
+            return self.mr_encode(table_value(x, thresholds, codes, bucket, T), torch.ones(()), T, G)
+        digits = signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T)
+        return self._digit_events(x.shape, poisoned(digits, torch.isnan(x)), None)
 
     def _digit_events(self, shape: torch.Size, digits: torch.Tensor, exponent: torch.Tensor | None) -> SpikeEvents:
         steps = []
         for digit in digits:
             fired = torch.nonzero(digit).squeeze(1)
             payload = digit[fired].long()
-            if exponent is not None:
-                payload = payload << exponent[fired]
+            if exponent is not None:  # graded spikes +-2^j; POISON stays POISON
+                payload = torch.where(payload == POISON, payload, payload << exponent[fired])
             steps.append((fired, payload))
             self.bar.update(1)
         return self._train(shape, steps)
@@ -197,10 +212,10 @@ class EventExecutor(fx.Interpreter):
         partial_b = torch.zeros(shape.numel(), dtype=torch.float64)
         out = torch.zeros(shape.numel(), dtype=torch.float64)
         for t, ((idx_a, pay_a), (idx_b, pay_b)) in enumerate(zip(a.steps, b.steps, strict=True)):
-            value_b = pay_b.double() * b.gains[t] * amp_b[idx_b]
+            value_b = spike_values(pay_b, torch.float64) * b.gains[t] * amp_b[idx_b]
             out.index_add_(0, idx_b, value_b * partial_a[idx_b])
             partial_b.index_add_(0, idx_b, value_b)
-            value_a = pay_a.double() * a.gains[t] * amp_a[idx_a]
+            value_a = spike_values(pay_a, torch.float64) * a.gains[t] * amp_a[idx_a]
             out.index_add_(0, idx_a, value_a * partial_b[idx_a])
             partial_a.index_add_(0, idx_a, value_a)
             self.bar.update(1)
@@ -213,15 +228,14 @@ class EventExecutor(fx.Interpreter):
         """Floating-point neurons for a^power (one per row of x): the exponent from range
         thresholds, the mantissa's digits as events; each event adds its row of x, shifted
         by the exponent and the step, into the output."""
-        k, e = normalizer_codes(a, power, thresholds, codes, T)
+        digits, e = normalizer_train(a, power, thresholds, codes, T)
         shape = torch.broadcast_shapes(x.shape, a.shape)
-        rows = x.expand(shape).reshape(k.numel(), -1).double()
+        rows = x.expand(shape).reshape(e.numel(), -1).double()
         exponent = e.reshape(-1)
         out = torch.zeros_like(rows)
-        digits = signed_code_digits(k, T)
         for t, digit in enumerate(digits):
             fired = torch.nonzero(digit).squeeze(1)
-            gain = torch.ldexp(digit[fired].double(), -(exponent[fired] + t + 1).double())
+            gain = torch.ldexp(spike_values(digit[fired], torch.float64), -(exponent[fired] + t + 1).double())
             out.index_add_(0, fired, rows[fired] * gain[:, None])
             self.bar.update(1)
         name = self.node.name
@@ -238,7 +252,8 @@ class EventExecutor(fx.Interpreter):
         membranes = torch.zeros((rows, fan_out), dtype=torch.float64)
         columns = weight.detach().double().t().contiguous()  # one row per input neuron
         for t, (idx, sign) in enumerate(events.steps):
-            _accumulate(membranes, idx // fan_in, columns, idx % fan_in, sign.double() * events.gains[t])
+            values = spike_values(sign, torch.float64) * events.gains[t]
+            _accumulate(membranes, idx // fan_in, columns, idx % fan_in, values)
             self.bar.update(1)
         if bias is not None:
             membranes += bias.double()
@@ -265,11 +280,11 @@ class EventExecutor(fx.Interpreter):
         out_cols = torch.zeros((groups * n, m), dtype=torch.float64)  # contributions of B's spikes
         for t, ((idx_a, sign_a), (idx_b, sign_b)) in enumerate(zip(a.steps, b.steps, strict=True)):
             g_b, kb, j = idx_b // (k * n), (idx_b // n) % k, idx_b % n
-            value_b = sign_b.double() * b.gains[t] * amp_b[idx_b]
+            value_b = spike_values(sign_b, torch.float64) * b.gains[t] * amp_b[idx_b]
             _accumulate(out_cols, g_b * n + j, partial_a_t, g_b * k + kb, value_b)  # uses P^A_{t-1}
             partial_b.index_put_((g_b * k + kb, j), value_b, accumulate=True)
             g_a, i, ka = idx_a // (m * k), (idx_a // k) % m, idx_a % k
-            value_a = sign_a.double() * a.gains[t] * amp_a[idx_a]
+            value_a = spike_values(sign_a, torch.float64) * a.gains[t] * amp_a[idx_a]
             _accumulate(out_rows, g_a * m + i, partial_b, g_a * k + ka, value_a)  # uses P^B_t
             partial_a_t.index_put_((g_a * k + ka, i), value_a, accumulate=True)
             self.bar.update(1)
@@ -282,8 +297,19 @@ class EventExecutor(fx.Interpreter):
         """Read a train back into the ANN's units by summing its events."""
         value = torch.zeros(events.shape.numel(), dtype=torch.float64)
         for t, (idx, sign) in enumerate(events.steps):
-            value.index_add_(0, idx, sign.double() * events.gains[t])
+            value.index_add_(0, idx, spike_values(sign, torch.float64) * events.gains[t])
         return (value.view(events.shape) * scale.double()).to(scale.dtype)
+
+
+def _poison_events(steps: list[tuple[torch.Tensor, torch.Tensor]],
+                   bad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Step 0 gains one POISON event per neuron where `bad` (those neurons never fire: their
+    membranes start at 0)."""
+    if bool(bad.any()):
+        idx, payload = steps[0]
+        where = torch.nonzero(bad).squeeze(1)
+        steps[0] = (torch.cat([idx, where]), torch.cat([payload, torch.full_like(where, POISON)]))
+    return steps
 
 
 _HANDLERS = {

@@ -13,6 +13,8 @@ event backend also matches. Because a synapse is linear, its membrane sums each 
 weighted spikes and applies the weights once (sum_t gain_t W s_t = W sum_t gain_t s_t), so a
 layer costs one MatMul, not T. Every function reproduces its `snncc.ir.ops` kernel: neurons
 bit for bit (same float64 membranes, same comparisons), synapses up to float64 summation order.
+NaN and inf follow snncc.ir.ops's rule: a neuron whose input has no code sends POISON (int8
+-128) at step 0 and nothing after, and every reader turns POISON into NaN.
 """
 
 from __future__ import annotations
@@ -111,6 +113,40 @@ def _mt_digits(b: Body, magnitude: str, T: str) -> str:
     return digits
 
 
+POISON = -128  # snncc.ir.ops.POISON
+
+
+def _uncodable(b: Body, x: str, u: str) -> str:
+    """Where a linear-code neuron with input x and normalised input u has no code: u is NaN
+    or x is +-inf (a finite x whose u overflows clips, ops.uncodable)."""
+    return b.op("Or", b.op("IsNaN", u), b.op("IsInf", x))
+
+
+def _codable(b: Body, value: str, bad: str) -> str:
+    """value with 0 where `bad`: those neurons send no digits (they are poisoned after)."""
+    return b.op("Where", bad, b.op("CastLike", b.constant(0.0), value), value)
+
+
+def _poisoned(b: Body, train: str, bad: str) -> str:
+    """The train (T, ...) int8 with the neurons where `bad` sending POISON at step 0 and
+    nothing after (ops.poisoned)."""
+    steps = _train_length(b, train)
+    first = b.op("Equal", b.op("Range", b.constant(0, INT64), steps, b.constant(1, INT64)), b.constant(0, INT64))
+    rank = b.op("Size", b.op("Shape", bad))
+    ones = b.op("ConstantOfShape", b.op("Unsqueeze", rank, b.constant([0], INT64)),
+                value=helper.make_tensor("v", INT64, [1], [1]))
+    first = b.op("Reshape", first, b.op("Concat", b.op("Unsqueeze", steps, b.constant([0], INT64)), ones, axis=0))
+    bad_steps = b.op("Unsqueeze", bad, b.constant([0], INT64))
+    poison = b.op("Where", first, b.constant(POISON, INT8), b.constant(0, INT8))
+    return b.op("Where", bad_steps, poison, train)
+
+
+def _spike_values(b: Body, spikes: str, dtype: int) -> str:
+    """Spikes as numbers of `dtype`, POISON as NaN (ops.spike_values)."""
+    nan = b.cast(b.constant(float("nan")), dtype)
+    return b.op("Where", b.op("Equal", spikes, b.constant(POISON, INT8)), nan, b.cast(spikes, dtype))
+
+
 def _signed_train(b: Body, code: str, T: str) -> str:
     """The MT train (T, ...) int8 of signed integer codes (float64)."""
     digits = _mt_digits(b, b.op("Abs", code), T)
@@ -196,15 +232,19 @@ class SnnOp:
 
 
 def _mt_encode(b: Body, x, scale, T):
-    u = b.op("Clip", b.cast(b.op("Div", x, scale), DOUBLE), b.constant(-1.0), b.constant(1.0))
+    u = b.cast(b.op("Div", x, scale), DOUBLE)
+    bad = _uncodable(b, x, u)
+    u = b.op("Clip", _codable(b, u, bad), b.constant(-1.0), b.constant(1.0))
     levels = _power_of_two(b, b.cast(T, DOUBLE))
     code = b.op("Floor", b.op("Add", b.op("Mul", b.op("Abs", u), levels), b.constant(0.5)))
     code = b.op("Min", code, b.op("Sub", levels, b.constant(1.0)))
-    return _signed_train(b, b.op("Mul", code, b.op("Sign", u)), T)
+    return _poisoned(b, _signed_train(b, b.op("Mul", code, b.op("Sign", u)), T), bad)
 
 
 def _mr_encode(b: Body, x, scale, T, G):
     u = b.cast(b.op("Div", x, scale), DOUBLE)
+    bad = _uncodable(b, x, u)
+    u = _codable(b, u, bad)
     magnitude = b.op("Abs", u)
     Td = b.cast(T, DOUBLE)
     top = b.op("Floor", b.op("Div", b.op("Sub", _power_of_two(b, b.op("Add", Td, b.constant(1.0))), b.constant(1.0)),
@@ -220,16 +260,19 @@ def _mr_encode(b: Body, x, scale, T, G):
     high = _mt_digits(b, b.op("Floor", b.op("Mul", code, b.constant(1.5))), T)
     low = _mt_digits(b, b.op("Floor", b.op("Mul", code, b.constant(0.5))), T)
     graded = b.op("Mul", b.op("Sign", u), _power_of_two(b, j))
-    return b.cast(b.op("Mul", b.op("Sub", high, low), graded), INT8)
+    return _poisoned(b, b.cast(b.op("Mul", b.op("Sub", high, low), graded), INT8), bad)
 
 
 def _fn_encode(b: Body, x, thresholds, codes, bucket, T):
-    return _signed_train(b, _table_codes(b, x, thresholds, codes, bucket), T)
+    """NaN poisons; +-inf takes the outermost interval's code (ops.fn_encode)."""
+    return _poisoned(b, _signed_train(b, _table_codes(b, x, thresholds, codes, bucket), T), b.op("IsNaN", x))
 
 
 def _fn_mr_encode(b: Body, x, thresholds, codes, bucket, T, G):
-    """The multi-range train of the table's value k 2^-T (exact in float32: |k| < 2^24)."""
+    """The multi-range train of the table's value k 2^-T (exact in float32: |k| < 2^24), NaN
+    (so poisoned) where x is NaN."""
     value = b.op("Mul", _table_codes(b, x, thresholds, codes, bucket), _power_of_two(b, b.op("Neg", b.cast(T, DOUBLE))))
+    value = b.op("Where", b.op("IsNaN", x), b.constant(float("nan")), value)
     return _mr_encode(b, b.cast(value, FLOAT), b.constant(1.0, FLOAT), T, G)
 
 
@@ -239,6 +282,8 @@ def _if_encode(b: Body, x, threshold, membrane, T, burst):
     m = b.op("Clip", b.op("Div", b.cast(membrane, DOUBLE), theta), b.constant(0.0), b.constant(1.0))
     shape = b.op("Shape", b.op("Add", u, m))
     u, m = b.op("Expand", u, shape), b.op("Expand", m, shape)
+    bad = _uncodable(b, b.cast(x, DOUBLE), u)
+    u = _codable(b, u, bad)
     most = b.cast(burst, DOUBLE)
     least = b.op("Neg", most)
 
@@ -249,7 +294,7 @@ def _if_encode(b: Body, x, threshold, membrane, T, burst):
         return [inner.op("Sub", membrane, fired)], [fired]
 
     _, (spikes,) = _loop(b, T, [m], step, scans=1)
-    return b.cast(spikes, INT8)
+    return _poisoned(b, b.cast(spikes, INT8), bad)
 
 
 def _train_length(b: Body, spikes: str) -> str:
@@ -258,14 +303,14 @@ def _train_length(b: Body, spikes: str) -> str:
 
 def _decode(b: Body, spikes, scale, rate):
     gains = _step_gains(b, _train_length(b, spikes), rate)
-    return b.op("Mul", _accumulate(b, b.cast(spikes, FLOAT), gains), scale)
+    return b.op("Mul", _accumulate(b, _spike_values(b, spikes, FLOAT), gains), scale)
 
 
 def _decoded64(b: Body, spikes: str, scale: str, rate: str) -> str:
     """scale * sum_t gain_t s_t in float64: what a float64 membrane holds after the train
     (exact: MT gains are powers of two)."""
     gains = b.cast(_step_gains(b, _train_length(b, spikes), rate), DOUBLE)
-    return b.op("Mul", _accumulate(b, b.cast(spikes, DOUBLE), gains), b.cast(scale, DOUBLE))
+    return b.op("Mul", _accumulate(b, _spike_values(b, spikes, DOUBLE), gains), b.cast(scale, DOUBLE))
 
 
 def _spike_linear(b: Body, spikes, weight, bias, rate):
@@ -305,6 +350,7 @@ def _spike_normalize(b: Body, x, a, thresholds, codes, power, T):
     zero = b.constant([0], INT64)
     first_table = [b.op("Gather", table, zero) for table in (thresholds, codes)]
     spikes = _signed_train(b, _table_codes(b, b.cast(mantissa, FLOAT), *first_table, zero), T)
+    spikes = _poisoned(b, spikes, _uncodable(b, a, a))  # ops.normalizer_train
     k = _decoded64(b, spikes, b.constant(1.0, FLOAT), b.constant(0, INT64))  # k 2^-T, exact
     factor = b.op("Mul", k, _power_of_two(b, b.op("Neg", exponent)))
     return b.cast(b.op("Mul", b.cast(x, DOUBLE), factor), FLOAT)

@@ -25,8 +25,9 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.ir.neurons import exp_range, exp_table, mantissa_table, stack_tables, table_ranges
+from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, replace_node
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.pipeline import Domain, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
@@ -65,7 +66,7 @@ class AttentionPass(Pass):
     T: int = 16
     # G > 0 (at T <= 16): exp sends multi-range codes from the range 2^(1 - G) up, so small
     # probabilities keep T digits relative to their range (range 1: 2^-T absolute).
-    ranges: int = 0
+    ranges: int = option(0, Domain(0, MAX_OUTLIER_RANGES))
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         softmaxes = [n for n in gm.graph.nodes if n.target in self.lowers]

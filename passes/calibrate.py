@@ -35,10 +35,9 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
-from snncc.errors import PipelineError
 from snncc.finetune import Kept, distillation_loss, logits_of
 from snncc.ir.rewrite import get_tensor, rewired_copy, set_tensor
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.pipeline import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 
@@ -138,18 +137,15 @@ class CalibratePass(Pass):
     summary = "IF thresholds and initial membranes: layer-wise then neuron-wise, BPTT with surrogate gradients"
 
     T: int = 8
-    layer_steps: int = 30
-    neuron_steps: int = 30
-    lr: float = 3e-3
-    kl_weight: float = 4.0
-    batches: int = 4
-    check: int = 4
-    check_every: int = 10
+    layer_steps: int = option(30, NON_NEGATIVE)
+    neuron_steps: int = option(30, NON_NEGATIVE)
+    lr: float = option(3e-3, POSITIVE)
+    kl_weight: float = option(4.0, NON_NEGATIVE)
+    batches: int = option(4, AT_LEAST_ONE)
+    check: int = option(4, NON_NEGATIVE)
+    check_every: int = option(10, AT_LEAST_ONE)
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
-        if self.batches < 1 or self.check < 0 or self.check_every < 1:
-            raise PipelineError(f"calibrate: batches={self.batches}, check={self.check}, check_every="
-                                f"{self.check_every}: need batches >= 1, check >= 0, check_every >= 1")
         sites = if_sites(gm)
         if not sites or self.layer_steps + self.neuron_steps == 0:
             return PassResult(gm, False)

@@ -35,7 +35,7 @@ from snncc.ir.analysis import (
 )
 from snncc.ir.ops import is_rate_train, train_steps
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 _RANGE_FLOOR = 1e-6  # relative to the tensor's largest range: channels that never fired in calibration
@@ -49,6 +49,20 @@ def rate_flags(**trains: fx.Node) -> dict[str, bool]:
 def calib_name(node: fx.Node) -> str:
     """The tensor whose calibration statistics describe `node`: the ANN node it replaced."""
     return node.meta.get("calib_name", node.name)
+
+
+def calibrated_absmax(ctx: CalibrationContext, node: fx.Node) -> torch.Tensor:
+    """node's per-channel max |x| on the calibration text, refused where NaN or inf: a range
+    made from it would code nothing (and NaN cannot be rounded to a table's power of two)."""
+    stats = ctx.stats.get(calib_name(node))
+    if stats is None:
+        raise PipelineError(f"no calibration range for '{node.name}': the ANN never computed it")
+    if not bool(torch.isfinite(stats.absmax).all()):
+        kind = "NaN" if bool(torch.isnan(stats.absmax).any()) else "inf"
+        raise PipelineError(f"the calibration range of '{node.name}' is {kind}: the model computes {kind} there on "
+                            "the calibration text (an overflow or a broken weight upstream); fix the model or "
+                            "give other --calib text")
+    return stats.absmax
 
 
 class Encoders:
@@ -102,10 +116,7 @@ class Encoders:
 
     def range_of(self, x: fx.Node, per_last_dim: bool) -> torch.Tensor:
         """x's calibrated range (max |x| per channel, times headroom) in the encoder's layout."""
-        stats = self.ctx.stats.get(calib_name(x))
-        if stats is None:
-            raise PipelineError(f"no calibration range for '{x.name}': the ANN never computed it")
-        r = stats.absmax
+        r = calibrated_absmax(self.ctx, x)
         if per_last_dim:
             r = r.reshape(-1, r.shape[-1]).amax(0)
         return (r.clamp(min=float(r.max()) * max(self.floor, _RANGE_FLOOR) + 1e-12) * self.headroom).float()
@@ -120,8 +131,8 @@ class EncodePass(Pass):
     lowers = frozenset(LINEAR_TARGETS | MATMUL_TARGETS)
 
     T: int = 16
-    headroom: float = 16.0
-    floor: float = 0.0
+    headroom: float = option(16.0, POSITIVE)  # below 1 clips values calibration saw
+    floor: float = option(0.0, Domain(0, 1))  # a share of the tensor's largest channel range
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         graph = gm.graph

@@ -25,7 +25,7 @@ from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import activation_product, data_dependent_nodes
 from snncc.ir.rewrite import drop_unused_constants, replace_node
 from snncc.passes.encode import Encoders, rate_flags
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.pipeline import POSITIVE, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
@@ -40,7 +40,7 @@ class FfnPass(Pass):
     lowers = frozenset({aten.mul.Tensor, aten.pow.Tensor_Scalar})
 
     T: int = 16
-    headroom: float = 16.0
+    headroom: float = option(16.0, POSITIVE)
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         dependent = data_dependent_nodes(gm.graph)

@@ -28,8 +28,9 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
+from snncc.ir.ops import MAX_BURST
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.pipeline import Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 
@@ -42,12 +43,10 @@ class IfEncodePass(Pass):
     summary = "QCFS sites -> signed IF neurons (theta = lambda, v(0) = theta/2, reset by subtraction, rate code)"
 
     T: int = 8
-    burst: int = 0
+    burst: int = option(0, Domain(0, MAX_BURST))  # 0: round(L / T)
     spread: bool = False  # at T > L: QCFS's L levels over the T steps, not T finer ones
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
-        if self.burst < 0:
-            raise PipelineError(f"ifencode: burst={self.burst} must be 0 (round(L / T)) or a number of spikes >= 1")
         if self.spread and self.burst:
             raise PipelineError(f"ifencode: spread=true sets B = L / T itself; drop burst={self.burst}")
         sites = [n for n in gm.graph.nodes if n.target == snn.qcfs.default]

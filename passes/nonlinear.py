@@ -36,9 +36,10 @@ import torch.fx as fx
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.neurons import NeuronTable, build_table, mantissa_table, stack_tables, table_ranges
+from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.passes.encode import calib_name
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.passes.encode import calib_name, calibrated_absmax
+from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
@@ -149,10 +150,10 @@ class NonlinearPass(Pass):
     lowers = frozenset(NONLINEAR_OPS | {aten.rsqrt.default, aten.reciprocal.default, aten.layer_norm.default})
 
     T: int = 16
-    headroom: float = 16.0
+    headroom: float = option(16.0, POSITIVE)
     # G > 0 (at T <= 16): table neurons send multi-range codes, G ranges each twice the last
     # above the calibrated one: values keep T digits relative to the range that holds them.
-    ranges: int = 0
+    ranges: int = option(0, Domain(0, MAX_OUTLIER_RANGES))
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         self.G = table_ranges(self.T, self.ranges, self.name)
@@ -173,7 +174,7 @@ class NonlinearPass(Pass):
         return bool(outputs)
 
     def _lower_function(self, gm, ctx, node: fx.Node, root: fx.Node, region: list[fx.Node]) -> None:
-        absmax = ctx.stats[calib_name(node)].absmax
+        absmax = calibrated_absmax(ctx, node)
         absmax = absmax.reshape(-1, absmax.shape[-1]).amax(0).double()
         r = (absmax * self.headroom).clamp(min=1e-30)
         exponents = torch.ceil(torch.log2(r)).to(torch.int64)

@@ -27,12 +27,11 @@ import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.errors import PipelineError
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import drop_unused_constants, first_reader, get_tensor
 from snncc.passes.encode import Encoders, calib_name
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 
@@ -57,12 +56,10 @@ class OutlierPass(Pass):
     summary = "synapse inputs -> multi-range neurons: calibrated normal range + G outlier ranges"
 
     T: int = 16
-    headroom: float = 1.0
-    G: int = 6
+    headroom: float = option(1.0, POSITIVE)
+    G: int = option(6, Domain(0, MAX_OUTLIER_RANGES))
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
-        if not 0 <= self.G <= MAX_OUTLIER_RANGES:
-            raise PipelineError(f"outlier: G={self.G} ranges is out of 0..{MAX_OUTLIER_RANGES}")
         self.sites: list[OutlierSite] = []
         dependent = data_dependent_nodes(gm.graph)
         encode = Encoders(gm, ctx, self.T, self.headroom, 0.0, self.name, outlier_ranges=self.G)

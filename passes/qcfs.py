@@ -46,7 +46,6 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
-from snncc.errors import PipelineError
 from snncc.finetune import FinetuneConfig, distillation_loss, finetune, logits_of, probe_kl
 from snncc.ir.analysis import activation_product, capture, data_dependent_nodes, weight_linear
 from snncc.ir.rewrite import (
@@ -61,7 +60,7 @@ from snncc.ir.rewrite import (
 from snncc.passes.attention import is_probability
 from snncc.passes.encode import Encoders, calib_name
 from snncc.passes.nonlinear import function_regions, normalizer
-from snncc.pipeline import Pass, PassResult, register_pass
+from snncc.pipeline import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 _CLIP_FACTORS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16, 0.12)
@@ -102,22 +101,17 @@ class QcfsPass(Pass):
     stage = 22
     summary = "synapse inputs -> QCFS activations (L levels, per-channel lambda); optional distillation fine-tuning"
 
-    L: int = 8
-    steps: int = 0
-    mode: str = "lambda"
-    lr: float = 1e-5
-    lambda_lr: float = 3e-3
+    L: int = option(8, AT_LEAST_ONE)
+    steps: int = option(0, NON_NEGATIVE)  # 0: no fine-tuning
+    mode: str = option("lambda", Domain(choices=("lambda", "full")))
+    lr: float = option(1e-5, POSITIVE)
+    lambda_lr: float = option(3e-3, POSITIVE)
     checkpoint: str = ""
     plot: str = ""
-    multirange: float = 0.0
-    check: int = 4  # calibration batches fine-tuning holds out to choose the state it keeps
+    multirange: float = option(0.0, NON_NEGATIVE)  # 0: off
+    check: int = option(4, NON_NEGATIVE)  # calibration batches fine-tuning holds out to choose the state it keeps
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
-        if self.L < 1:
-            raise PipelineError(f"qcfs: L={self.L} levels must be at least 1")
-        if self.multirange < 0:
-            raise PipelineError(f"qcfs: multirange={self.multirange} must be 0 (off) or a factor of the median "
-                                "site's sensitivity")
         sites = qcfs_operands(gm)
         if not sites:
             return PassResult(gm, False)

@@ -30,3 +30,7 @@ class InputError(SnnccError):
 
 class ExportError(SnnccError):
     """A program cannot be exported to the requested format."""
+
+
+class NumericsError(SnnccError):
+    """A model, program or training run computes NaN or inf where numbers are reported."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from snncc.errors import NumericsError
+from snncc.ir.ops import EXECUTION_MODES, POISON, execution_mode
 from snncc.models import CAUSAL_LM
 from snncc.program import SpikingProgram
 
@@ -16,6 +19,64 @@ def max_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     """max |output - reference| / max |reference|: one number for how far another runtime's
     result is from the reference, relative to the reference's range."""
     return float((output - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+
+
+class _NonFiniteTracer(fx.Interpreter):
+    """Runs a graph and notes, per node, whether its output holds a bad value (NaN, or
+    POISON spikes, which decode to NaN; or +-inf), keeping flags, not values."""
+
+    def __init__(self, gm: fx.GraphModule, bad):
+        super().__init__(gm)
+        self.bad = bad
+        self.flags: dict[fx.Node, bool] = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        values = result if isinstance(result, (tuple, list)) else (result,)
+        self.flags[n] = any(isinstance(v, torch.Tensor) and bool(self.bad(v)) for v in values)
+        return result
+
+
+def _has_nan(v: torch.Tensor) -> torch.Tensor:
+    return (v == POISON).any() if v.dtype == torch.int8 else v.is_floating_point() and torch.isnan(v).any()
+
+
+def _has_inf(v: torch.Tensor) -> torch.Tensor:
+    return v.is_floating_point() and torch.isinf(v).any()
+
+
+def first_nonfinite_node(gm: fx.GraphModule, input_ids: torch.Tensor, mode: str = "fused") -> fx.Node | None:
+    """The node where the NaN in gm's output starts (or, if the output holds inf but no NaN,
+    the inf): from the output, follow the earliest input that carries it, until a node
+    whose inputs are all free of it. Tracing back, not forward, passes over -inf that only
+    a mask holds. Runs the graph once more: for error reports only."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for bad in (_has_nan, _has_inf):
+        tracer = _NonFiniteTracer(gm, bad)
+        with torch.no_grad(), execution_mode(mode if mode in EXECUTION_MODES else "exact"):
+            tracer.run(input_ids)
+        node = next((a for a in output.all_input_nodes if tracer.flags.get(a)), None)
+        while node is not None:
+            carrier = next((a for a in node.all_input_nodes if tracer.flags.get(a)), None)
+            if carrier is None:
+                return node
+            node = carrier
+    return None
+
+
+def _check_finite(values: torch.Tensor, what: str, gm: fx.GraphModule | None, input_ids: torch.Tensor,
+                  mode: str = "fused") -> None:
+    """Refuse non-finite outputs (Python's max skips NaN: the errors would read 0), naming the
+    graph node that produced the first of them (gm None: a module without a graph)."""
+    if bool(torch.isfinite(values).all()):
+        return
+    kind = "NaN" if bool(torch.isnan(values).any()) else "inf"
+    node = None if gm is None else first_nonfinite_node(gm, input_ids, mode)
+    unnamed = "the model's own forward" if gm is None else "no single node"
+    origin = unnamed if node is None else f"node '{node.name}' ({node.target}" + (
+        f", from {node.meta['source']})" if node.meta.get("source") else ")")
+    raise NumericsError(f"{what} hold {kind} (first produced by {origin}): nothing can be measured; check the "
+                        "model's weights and calibration ranges (snncc debug shows the error pass by pass)")
 
 
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -38,7 +99,12 @@ def evaluate(program: SpikingProgram, ann: torch.nn.Module, chunks: list[torch.T
     for ids in tqdm(chunks, desc="evaluating", disable=not progress, leave=False):
         with torch.no_grad():
             ref = ann(ids).float()
+        _check_finite(ref, "the ANN's outputs", ann if isinstance(ann, fx.GraphModule) else None, ids)
         out = program(ids).float().cpu()
+        executor = program.executor
+        gm = getattr(executor, "gm", program.graph_module)
+        _check_finite(out, "the spiking program's outputs", gm, ids.to(getattr(executor, "device", "cpu")),
+                      getattr(executor, "mode", "fused"))
         err = (out - ref).abs()
         abs_err_sum += float(err.double().sum())
         max_err = max(max_err, float(err.max()))

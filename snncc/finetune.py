@@ -20,6 +20,7 @@ checkpoint continues from it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from snncc.errors import InputError
+from snncc.errors import InputError, NumericsError
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
     if config.check < 0 or config.check_every < 1:
         raise InputError(f"fine-tuning check={config.check}, check_every={config.check_every}: need check >= 0 "
                          "and check_every >= 1")
+    for name, lr in (("lr", config.lr), ("lambda_lr", config.lambda_lr)):
+        if not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"fine-tuning {name}={lr}: a learning rate must be a finite number > 0")
     held_out = config.check if len(batches) > config.check else 0
     train, check = batches[: len(batches) - held_out], batches[len(batches) - held_out:]
     groups = [{"params": [t for n, t in tensors.items() if n in lambdas], "lr": config.lambda_lr}]
@@ -118,6 +122,7 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
     start = len(losses)
     if check and kept is None:
         kept = Kept.snapshot(start, check_kl(), tensors)
+        _check_finite_loss(kept.loss, start, "held-out check loss")
         checks = [(start, kept.loss)]
     for t in tensors.values():
         t.requires_grad_(True)
@@ -128,6 +133,7 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
             with torch.no_grad():
                 target = logits_of(teacher(batch))
             loss = distillation_loss(logits_of(student(batch)), target)
+            _check_finite_loss(float(loss.detach()), step + 1, "training loss")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -137,10 +143,12 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if check and ((step + 1) % config.check_every == 0 or step + 1 == config.steps):
                 kl = check_kl()
+                _check_finite_loss(kl, step + 1, "held-out check loss")
                 checks.append((step + 1, kl))
                 kept = kept.offer(step + 1, kl, tensors)
                 bar.set_postfix(kl=f"{losses[-1]:.4f}", check=f"{kl:.4f}", kept=kept.step)
             if checkpoint is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
+                _check_finite_tensors(tensors, step + 1)
                 _save(checkpoint, tensors, optimizer, config, losses, kept, checks)
     finally:
         bar.close()
@@ -154,6 +162,22 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
     if kept is not None:
         report.update(kept_step=kept.step, check_kl_start=checks[0][1], check_kl_kept=kept.loss, checks=checks)
     return losses, report
+
+
+def _check_finite_loss(loss: float, step: int, what: str) -> None:
+    """Stop a run whose loss is NaN or inf: nothing after it can be kept, saved or compiled."""
+    if not math.isfinite(loss):
+        raise NumericsError(f"fine-tuning diverged: the {what} at step {step} is {loss}; nothing from this step on "
+                            "is saved (an existing checkpoint holds the last finite state): lower the learning rate")
+
+
+def _check_finite_tensors(tensors: Mapping[str, torch.Tensor], step: int) -> None:
+    """Never write a checkpoint holding NaN or inf (an update can break weights the loss has
+    not yet seen)."""
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise NumericsError(f"fine-tuning diverged: '{name}' holds NaN or inf after step {step}; no checkpoint "
+                                "is written from it: lower the learning rate")
 
 
 def _keep_lambdas_positive(tensors: dict[str, torch.Tensor], lambdas: set[str]) -> None:

@@ -10,17 +10,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
-from snncc.errors import PipelineError
+from snncc.errors import ModelError, PipelineError
 from snncc.ir.ops import MAX_T
+from snncc.ir.rewrite import get_tensor
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,46 @@ class PassResult:
     context: CalibrationContext | None = None
     # What the pass measured, for the user (e.g. calibration losses per stage).
     report: dict | None = None
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a pass option accepts, declared beside the option (`option`) so that one
+    validator checks every pass: numbers in [low, high] (low excluded where `open_low`),
+    float options always finite; strings one of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    choices: tuple[str, ...] = ()
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            return f"in {self.low:g}..{self.high:g}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"<= {self.high:g}" if self.high is not None else "any number"
+
+
+POSITIVE = Domain(0, open_low=True)  # learning rates, range multipliers
+NON_NEGATIVE = Domain(0)  # step counts that may be 0 (off), factors
+AT_LEAST_ONE = Domain(1)
+
+
+def option(default: Any, domain: Domain) -> Any:
+    """A pass option (dataclass field) with the domain the validator checks it against."""
+    return dataclasses.field(default=default, metadata={"domain": domain})
 
 
 @dataclass
@@ -53,6 +96,26 @@ class Pass:
 
     def options(self) -> dict:
         return dataclasses.asdict(self)
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+
+
+def validate_options(p: Pass) -> None:
+    """Refuse an option outside its declared domain (and any non-finite float option), on one
+    line naming the pass, the option and what it accepts: the one check every pass's options
+    go through, however the pass was made (spec or Python)."""
+    for f in dataclasses.fields(p):
+        value = getattr(p, f.name)
+        if f.name == "T":
+            validate_T(value)
+            continue
+        domain = f.metadata.get("domain", Domain())
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or domain.choices:
+            if not domain.admits(value):
+                finite = "finite and " if isinstance(value, float) else ""
+                raise PipelineError(f"{p.name}: option {f.name}={value} is out of range: it must be "
+                                    f"{finite}{domain.describe()}")
 
 
 PASSES: dict[str, type[Pass]] = {}
@@ -124,8 +187,6 @@ def _make_pass(name: str, raw_options: dict[str, str], T: int) -> Pass:
             values[key] = _coerce(raw, kind)
         except ValueError:
             raise PipelineError(f"option {key}={raw!r} of pass '{name}' must be of type {kind.__name__}") from None
-    if "T" in values:
-        validate_T(values["T"])
     return cls(**values)
 
 
@@ -224,6 +285,30 @@ class PassRecord:
     report: dict | None = None
 
 
+aten = torch.ops.aten
+# Ops whose tensor operands are weights: an infinite one is broken, where an infinite constant
+# elsewhere may be a mask.
+_WEIGHT_READERS = {aten.linear.default, aten.embedding.default, aten.matmul.default, aten.mm.default,
+                   aten.addmm.default, aten.bmm.default, aten.layer_norm.default}
+
+
+def check_weights(gm: fx.GraphModule) -> None:
+    """Refuse a traced model with a NaN in any tensor, or an inf in a weight, naming the first:
+    every pass would carry it into codes and ranges, and no number measured after means
+    anything."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        tensor = get_tensor(gm, node)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        weight = any(user.target in _WEIGHT_READERS for user in node.users)
+        if bool(torch.isnan(tensor).any()) or (weight and bool(torch.isinf(tensor).any())):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise ModelError(f"tensor '{node.target}' of the traced model holds {kind}: its weights are broken; "
+                             "fix or re-download them (or the fine-tuning checkpoint that wrote them)")
+
+
 Instrument = Callable[[Pass | None, fx.GraphModule, PassRecord | None], None]
 
 
@@ -240,6 +325,7 @@ class PassManager:
         from snncc.ir.verify import verify
 
         ctx.forget_pass_records()
+        check_weights(gm)
         if self.instrument:
             self.instrument(None, gm, None)
         for p in self.passes:

@@ -38,6 +38,46 @@ def test_bad_specs_are_refused_with_a_clear_message(spec, message):
         parse_pipeline(spec, 16)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("encode{headroom=nan}", "encode: option headroom=nan is out of range: it must be finite and > 0"),
+    ("encode{headroom=inf}", "encode: option headroom=inf is out of range: it must be finite and > 0"),
+    ("encode{headroom=-1}", "encode: option headroom=-1.0 is out of range: it must be finite and > 0"),
+    ("encode{headroom=0}", "encode: option headroom=0.0 is out of range"),
+    ("encode{floor=1.5}", "encode: option floor=1.5 is out of range: it must be finite and in 0..1"),
+    ("ffn{headroom=-inf}", "ffn: option headroom=-inf is out of range"),
+    ("nonlinear{headroom=nan}", "nonlinear: option headroom=nan is out of range"),
+    ("nonlinear{ranges=7}", "nonlinear: option ranges=7 is out of range: it must be in 0..6"),
+    ("attention{ranges=-1}", "attention: option ranges=-1 is out of range: it must be in 0..6"),
+    ("outlier{G=7}", "outlier: option G=7 is out of range: it must be in 0..6"),
+    ("outlier{headroom=nan}", "outlier: option headroom=nan is out of range"),
+    ("qcfs{multirange=nan}", "qcfs: option multirange=nan is out of range: it must be finite and >= 0"),
+    ("qcfs{multirange=-1}", "qcfs: option multirange=-1.0 is out of range"),
+    ("qcfs{lr=nan}", "qcfs: option lr=nan is out of range: it must be finite and > 0"),
+    ("qcfs{lr=0}", "qcfs: option lr=0.0 is out of range"),
+    ("qcfs{lambda_lr=inf}", "qcfs: option lambda_lr=inf is out of range"),
+    ("qcfs{L=0}", "qcfs: option L=0 is out of range: it must be >= 1"),
+    ("qcfs{steps=-5}", "qcfs: option steps=-5 is out of range: it must be >= 0"),
+    ("qcfs{mode=half}", "qcfs: option mode=half is out of range: it must be one of lambda, full"),
+    ("qcfs,ifencode{burst=128}", "ifencode: option burst=128 is out of range: it must be in 0..127"),
+    ("qcfs,ifencode{burst=-1}", "ifencode: option burst=-1 is out of range"),
+    ("qcfs,ifencode,calibrate{lr=nan}", "calibrate: option lr=nan is out of range"),
+    ("qcfs,ifencode,calibrate{batches=0}", "calibrate: option batches=0 is out of range: it must be >= 1"),
+    ("qcfs,ifencode,calibrate{check_every=0}", "calibrate: option check_every=0 is out of range"),
+    ("qcfs,ifencode,calibrate{kl_weight=-1}", "calibrate: option kl_weight=-1.0 is out of range"),
+    ("fas,qcfs{multirange=nan}", "qcfs: option multirange=nan is out of range"),
+    ("encode{T=40}", "bad T=40"),
+])
+def test_out_of_range_options_are_refused_in_one_line(spec, message):
+    with pytest.raises(PipelineError) as caught:
+        parse_pipeline(spec, 16)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_options_are_checked_however_a_pass_is_made():
+    with pytest.raises(PipelineError, match="headroom=nan"):
+        PASSES["encode"](headroom=float("nan"))
+
+
 @pytest.mark.parametrize("T", [0, -3, 33, 1.5, True])
 def test_bad_T_is_refused(T):
     with pytest.raises(PipelineError, match="bad T"):

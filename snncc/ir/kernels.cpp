@@ -122,7 +122,9 @@ torch::Tensor digit_train(const torch::TensorOptions& options, int64_t n, int32_
 }
 
 // ops.mr_encode's train (T, n) for normalised u (n,): ternary digits of each value's
-// multi-range code, each spike carrying +-2^j. A NaN value sends no spikes.
+// multi-range code, each spike carrying +-2^j. A NaN value sends no spikes here; ops.mr_encode
+// then poisons every neuron whose input is NaN or inf (one POISON spike at step 0), as on its
+// PyTorch path.
 torch::Tensor mr_encode(torch::Tensor u, int64_t T, int64_t G, int64_t limit_mantissa, double top_code) {
     TORCH_CHECK(u.scalar_type() == torch::kFloat32 && u.is_contiguous() && u.device().is_cpu() && T <= 22,
                 "mr_encode kernel: contiguous float32 CPU input, T <= 22");

@@ -13,6 +13,7 @@ once, then cached by torch). SNNCC_KERNELS=0 switches them off.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -24,7 +25,10 @@ from snncc.errors import first_line
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
-_NAME = "snncc_kernels"
+# Named after the source's digest: torch caches builds by name in one folder per user, so two
+# checkouts with different kernels.cpp would otherwise rebuild over each other and a process
+# could load the other's build.
+_NAME = "snncc_kernels_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
 
 
 @functools.cache

@@ -12,6 +12,15 @@ threshold 2^-(t+1) of the channel's range, so a train decodes as
 which is exact in float32 for T <= 24. `scale` is the per-channel range from calibration;
 for linear layers it is folded into the weight columns, so spikes reach the synapses as
 plain +-1 events and only the per-step gain 2^-(t+1) remains on the membrane.
+
+NaN and inf (one rule for every backend): a value has no code, so a neuron whose input
+cannot be coded sends one POISON spike (int8 -128, which no code, graded spike or burst
+reaches) at step 0 and nothing after, and every reader of a train (decoders, synapses,
+quantizers) reads POISON as NaN. Linear-code neurons (MT, multi-range, IF) poison on NaN
+and +-inf (an infinite input is an overflow upstream, not a large value to clip); table
+neurons poison on NaN only, since +-inf has a limit they code (exp(-inf) = 0: masked
+attention scores); floating-point neurons poison where their denominator is NaN or inf.
+So NaN propagates to the same outputs a float ANN would give NaN, never into finite codes.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -66,11 +76,52 @@ def _steps(s: torch.Tensor, rate: bool = False) -> Iterator[tuple[float, torch.T
     yield from zip(step_gains(s.shape[0], rate), s, strict=True)
 
 
+POISON = -128  # the spike of a neuron whose input has no code (NaN, inf): reads as NaN
+
+
+def spike_values(spikes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spikes (or event payloads) as numbers of `dtype` for a membrane, POISON as NaN: the
+    one place a reader turns a poisoned neuron back into NaN."""
+    return spikes.to(dtype).masked_fill_(spikes == POISON, float("nan"))
+
+
+def poisoned(train: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """`train` (T, ...) with the neurons where `bad` (the neuron array's shape, or flat)
+    replaced by a POISON spike at step 0 and silence after (in place; returned)."""
+    if bool(bad.any()):
+        flat = train.view(train.shape[0], -1)
+        where = bad.reshape(-1).expand(flat.shape[1])
+        flat[:, where] = 0
+        flat[0, where] = POISON
+    return train
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether x holds no NaN and no inf, in one reduction that allocates nothing of x's size
+    (min and max propagate NaN): the quantizers' fast path skips their masks on it."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return math.isfinite(low) and math.isfinite(high)
+
+
+def _fill_where(values: torch.Tensor, x: torch.Tensor, mask_of) -> torch.Tensor:
+    """values with NaN where mask_of(x) (x broadcasts to values), skipped when x is finite."""
+    return values if all_finite(x) else values.masked_fill_(mask_of(x), float("nan"))
+
+
+def uncodable(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Where a linear-code neuron with input x and normalised input u (x / scale, or x / theta,
+    shaped as the neuron array) has no code: u is NaN, or x is +-inf. A finite x whose u
+    overflows to inf is a value beyond the range like any other, and clips."""
+    return torch.isnan(u) | torch.isinf(x).expand(u.shape)
+
+
 def _decode_unit(s: torch.Tensor, dtype: torch.dtype, rate: bool = False) -> torch.Tensor:
     """sum_t gain_t s_t, accumulated step by step to keep memory at one activation."""
     out = torch.zeros(s.shape[1:], dtype=dtype, device=s.device)
     for gain, st in _steps(s, rate):
-        out.add_(st.to(dtype), alpha=gain)
+        out.add_(spike_values(st, dtype), alpha=gain)
     return out
 
 
@@ -83,16 +134,18 @@ def mt_encode(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
 
     The residual starts at |x|/scale plus half a step (round to nearest); at step t the
     neuron fires sign(x) when the residual reaches 2^-(t+1), and subtracts it. Inputs
-    beyond the range clip to the largest code, 1 - 2^-T. Works in chunks, so memory is the
-    int8 output plus a bounded scratch space, whatever T and the input size.
+    beyond the range clip to the largest code, 1 - 2^-T; NaN and +-inf poison (module
+    docstring). Works in chunks, so memory is the int8 output plus a bounded scratch space,
+    whatever T and the input size.
     """
-    u = (x / scale).reshape(-1)
+    u = x / scale
+    bad, u = uncodable(x, u), u.reshape(-1)
     out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
     chunk = max(4096, _ENCODE_SCRATCH // T)
     for start in range(0, u.numel(), chunk):
         membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
         out[:, start : start + chunk] = code_digits(membrane, sign, T)
-    return out.view(T, *x.shape)
+    return poisoned(out, bad).view(T, *x.shape)
 
 
 MAX_OUTLIER_RANGES = 6  # graded spikes +-2^j, j <= 6, fit int8
@@ -106,27 +159,30 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
     form as graded spikes +-2^j (the range index rides on the spike, as an OAT neuron's
     outlier spikes reach their own synapses). Every value keeps T bits relative to its
     range, and a third of the digits or fewer are non-zero (binary: half). Decodes like
-    mt_encode."""
-    u = (x / scale).reshape(-1)
+    mt_encode; NaN and +-inf poison (module docstring)."""
+    u = x / scale
+    bad, u = uncodable(x, u), u.reshape(-1)
     compiled = kernels_for(u)
-    if compiled is not None and T <= 22:
-        train = compiled.mr_encode(u.contiguous(), T, G, _limit_mantissa(ternary_limit(T)), ternary_max_code(T))
-        return train.view(T, *x.shape)
-    out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
-    chunk = max(4096, _ENCODE_SCRATCH // T)
-    for start in range(0, u.numel(), chunk):
-        membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
-        spikes = code_digits(membrane, sign, T, ternary=True)
-        out[:, start : start + chunk] = spikes * torch.bitwise_left_shift(1, j).to(torch.int8)
-    return out.view(T, *x.shape)
+    if compiled is not None and T <= 22:  # sends nothing for NaN: poisoned below
+        out = compiled.mr_encode(u.contiguous(), T, G, _limit_mantissa(ternary_limit(T)), ternary_max_code(T))
+    else:
+        out = torch.empty((T, u.numel()), dtype=torch.int8, device=x.device)
+        chunk = max(4096, _ENCODE_SCRATCH // T)
+        for start in range(0, u.numel(), chunk):
+            membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
+            spikes = code_digits(membrane, sign, T, ternary=True)
+            out[:, start : start + chunk] = spikes * torch.bitwise_left_shift(1, j).to(torch.int8)
+    return poisoned(out, bad).view(T, *x.shape)
 
 
 def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code magnitude, sign, range index j) of normalised inputs u for mr_encode.
 
     Exact in float32 for T <= 22 (every product with a power of two and every code up to
-    2^23 is representable), so encoder and quantizer agree bit for bit and stay fast."""
+    2^23 is representable), so encoder and quantizer agree bit for bit and stay fast.
+    NaN gets code 0 in range 0 (no digits): callers poison it."""
     u = u.float() if T <= 22 else u.double()
+    u = u.masked_fill(torch.isnan(u), 0.0)  # inf stays: the top code of range G, as overflow clips
     top = ternary_max_code(T)
     a = u.abs()
     j = range_index(a, ternary_limit(T), G)
@@ -138,17 +194,18 @@ def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, tor
 @torch.library.custom_op("snn::mr_quantize", mutates_args=())
 def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
     """What an mr_encode train decodes to (in units of scale), computed without the train;
-    bit-identical to decoding it for T <= 22. For the fused executor."""
+    bit-identical to decoding it for T <= 22 (NaN where it poisons). For the fused executor."""
     if T <= 22:
-        return _mr_quantize_float32(x / scale, T, G)
-    u = (x / scale).reshape(-1)
+        return _fill_where(_mr_quantize_float32(x / scale, T, G), x, torch.isinf)
+    u = x / scale
+    bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
     gains = torch.tensor([2.0 ** (i - T) for i in range(G + 1)], dtype=u.dtype, device=u.device)
     chunk = 1 << 20
     for start in range(0, u.numel(), chunk):
         membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
         out[start : start + chunk] = membrane.mul_(sign).to(u.dtype).mul_(gains[j])
-    return out.view(torch.broadcast_shapes(x.shape, scale.shape))
+    return out.masked_fill_(bad, float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
@@ -255,8 +312,10 @@ def mt_initial_membrane(u: torch.Tensor, T: int, max_code: int | None = None) ->
     floor(|u| 2^T + 1/2), clipped to 2^T - 1) and its sign, for normalised inputs u = x/scale.
 
     Step t then fires when the residual reaches 2^(T-1-t) and subtracts it; both backends
-    start from this, so their spikes agree bit for bit."""
-    u = u.double().clamp(-1.0, 1.0)
+    start from this, so their spikes agree bit for bit. NaN starts at 0 (no digits): callers
+    poison it."""
+    u = u.double()
+    u = u.masked_fill(torch.isnan(u), 0.0).clamp(-1.0, 1.0)
     levels = 2**T
     top = levels - 1 if max_code is None else max_code
     membrane = torch.floor(u.abs() * levels + 0.5).clamp_(max=top).to(torch.int64)
@@ -272,19 +331,20 @@ def _(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
 def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     """What an MT train decodes to, sum_t 2^-(t+1) s_t, computed without the train:
     sign(u) * min(floor(|u| 2^T + 1/2), 2^T - 1) * 2^-T with u = x / scale. Bit-identical to
-    decoding `mt_encode` for T <= 24 (float32 holds every such code exactly); the fused
-    executor uses it where only synapses read a train."""
+    decoding `mt_encode` for T <= 24 (float32 holds every such code exactly; NaN where it
+    poisons); the fused executor uses it where only synapses read a train."""
     if T <= 22:  # float32 holds |u| 2^T + 1/2 exactly: the same codes in a few float32 passes
-        u = x / scale
+        u = x / scale  # NaN stays NaN through the clamps; an infinite x has no code either
         code = torch.floor(u.float().abs().clamp_(max=1.0).mul_(2.0**T).add_(0.5)).clamp_(max=2**T - 1)
-        return torch.copysign(code.mul_(2.0**-T), u).to(u.dtype)
-    u = (x / scale).reshape(-1)
+        return _fill_where(torch.copysign(code.mul_(2.0**-T), u).to(u.dtype), x, torch.isinf)
+    u = x / scale
+    bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
     chunk = 1 << 20  # bounds the int64 / float64 scratch to a few MiB
     for start in range(0, u.numel(), chunk):
         membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
         out[start : start + chunk] = membrane.mul_(sign).to(torch.float64).mul_(2.0**-T)
-    return out.view(torch.broadcast_shapes(x.shape, scale.shape))
+    return out.masked_fill_(bad, float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
 
 
 @mt_quantize.register_fake
@@ -317,7 +377,7 @@ def spike_linear(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if _execution_mode.get() == "unrolled":  # one matmul per step, accumulated by BLAS (addmm)
         out = torch.zeros((s[0].numel() // s.shape[-1], weight.shape[0]), dtype=weight.dtype, device=s.device)
         for gain, st in _steps(s, rate):
-            out.addmm_(st.reshape(-1, s.shape[-1]).to(weight.dtype), weight.t(), alpha=gain)
+            out.addmm_(spike_values(st.reshape(-1, s.shape[-1]), weight.dtype), weight.t(), alpha=gain)
         out = out.view(*s.shape[1:-1], weight.shape[0])
         return out + bias if bias is not None else out
     if _execution_mode.get() == "exact":
@@ -340,8 +400,8 @@ def _partial_sum_product(sa: torch.Tensor, scale_a: torch.Tensor, sb: torch.Tens
     out = None
     gains_a, gains_b = step_gains(sa.shape[0], rate_a), step_gains(sb.shape[0], rate_b)
     for t in range(sa.shape[0]):
-        a_t = sa[t].to(scale_a.dtype) * (scale_a * gains_a[t])
-        b_t = sb[t].to(scale_b.dtype) * (scale_b * gains_b[t])
+        a_t = spike_values(sa[t], scale_a.dtype) * (scale_a * gains_a[t])
+        b_t = spike_values(sb[t], scale_b.dtype) * (scale_b * gains_b[t])
         partial_b.add_(b_t)
         if product is torch.mul and out is not None:  # elementwise: accumulate in place
             out.addcmul_(a_t, partial_b).addcmul_(partial_a, b_t)
@@ -624,21 +684,30 @@ def fn_encode(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bu
     digits of the code of the interval x lies in: binary MT digits, or for tables of
     multi-range codes (G > 0) the ternary digits of the range that holds the value, as
     graded spikes +-2^j (the train mr_encode sends for that value). Decodes with the range
-    of each channel's table (snn.decode)."""
+    of each channel's table (snn.decode). NaN poisons; +-inf takes the outermost interval's
+    code, f's limit (module docstring)."""
     if G:  # the value k 2^-T (exact in float32: |k| < 2^(T+G) <= 2^22) as a multi-range train
-        value = table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T)
+        value = table_value(x, thresholds, codes, bucket, T)
         return mr_encode(value, torch.ones((), device=x.device), T, G)
-    return signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T).view(T, *x.shape)
+    train = signed_code_digits(table_codes(x, thresholds, codes, bucket, T), T)
+    return poisoned(train, torch.isnan(x)).view(T, *x.shape)
+
+
+def table_value(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
+                T: int) -> torch.Tensor:
+    """A table neuron's value k 2^-T as float32 (exact while codes stay below 2^24), NaN
+    where x is NaN (it lies in no interval)."""
+    return _fill_where(table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T), x, torch.isnan)
 
 
 @torch.library.custom_op("snn::fn_quantize", mutates_args=())
 def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
                 T: int, G: int = 0) -> torch.Tensor:
     """What an fn_encode train decodes to (before its range), without the train: k 2^-T
-    (the code holds the value whatever digits send it, so G does not enter)."""
+    (the code holds the value whatever digits send it, so G does not enter); NaN for NaN x."""
     if x.dtype == torch.float32 and T + G <= TABLE_MAX_BITS:  # codes below 2^20: exact in float32
-        return table_codes(x, thresholds, codes, bucket, T, scale=2.0**-T)
-    return table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T)
+        return table_value(x, thresholds, codes, bucket, T)
+    return _fill_where(table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T), x, torch.isnan)
 
 
 @fn_quantize.register_fake
@@ -684,6 +753,14 @@ def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor, co
     return _lookup(m.contiguous(), thresholds, 0, codes[0], T), e
 
 
+def normalizer_train(a: torch.Tensor, power: float, thresholds: torch.Tensor, codes: torch.Tensor,
+                     T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mantissa train (T, a.numel()), exponent F) of the floating-point neuron for a^power,
+    poisoned where a is NaN or +-inf (no exponent or mantissa codes it)."""
+    k, e = normalizer_codes(a, power, thresholds, codes, T)
+    return poisoned(signed_code_digits(k, T), uncodable(a, a)), e
+
+
 @torch.library.custom_op("snn::spike_normalize", mutates_args=())
 def spike_normalize(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: torch.Tensor,
                     codes: torch.Tensor, T: int) -> torch.Tensor:
@@ -691,15 +768,17 @@ def spike_normalize(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: 
     a floating-point neuron: an exponent (threshold units) and a T-step mantissa train whose
     spikes each add the exponent-shifted x into the output. Relative error 2^-T at any scale
     of a, which a fixed-range code cannot give (a spans orders of magnitude across tokens)."""
-    k, e = normalizer_codes(a, power, thresholds, codes, T)
     if _execution_mode.get() == "unrolled":
+        train, e = normalizer_train(a, power, thresholds, codes, T)
         out = torch.zeros(torch.broadcast_shapes(x.shape, a.shape), dtype=x.dtype, device=x.device)
-        for t, spikes in enumerate(signed_code_digits(k, T)):
-            gain = torch.ldexp(spikes.view(k.shape).to(x.dtype), -(e + t + 1))
+        for t, spikes in enumerate(train):
+            gain = torch.ldexp(spike_values(spikes.view(e.shape), x.dtype), -(e + t + 1))
             out.add_(x * gain)
         return out
+    k, e = normalizer_codes(a, power, thresholds, codes, T)
     dtype = torch.float64 if _execution_mode.get() == "exact" else x.dtype
-    return (x.to(dtype) * torch.ldexp(k.to(dtype), -(e + T).to(dtype))).to(x.dtype)
+    factor = torch.ldexp(k.to(dtype), -(e + T).to(dtype)).masked_fill_(uncodable(a, a), float("nan"))
+    return (x.to(dtype) * factor).to(x.dtype)
 
 
 @spike_normalize.register_fake
@@ -708,6 +787,9 @@ def _(x, a, power, thresholds, codes, T):
 
 
 # --- rate-coded integrate-and-fire neurons (the `fas` pipeline) ---------------------------
+
+
+MAX_BURST = 127  # spikes one IF neuron may send in a step: a burst rides on an int8 payload
 
 
 def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
@@ -722,15 +804,19 @@ def if_spikes(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, 
     (+1 at m >= 1, -1 at m < 0); a burst neuron (Li & Zeng, IJCAI 2022) sends up to `burst`
     spikes in one step, so it codes burst * T levels per sign in T steps. float64 membranes;
     every backend steps through this one function. The three tensors broadcast; the steps
-    are flat over their joint shape (if_shape)."""
+    are flat over their joint shape (if_shape). A neuron whose current u is NaN or +-inf
+    poisons (module docstring): POISON at step 0, silent after."""
     shape = if_shape(x, threshold, membrane)
-    u = (x.double() / threshold.double()).expand(shape).reshape(-1)
+    u = (x.double() / threshold.double()).expand(shape)
+    bad = uncodable(x, u).reshape(-1)
+    u = u.reshape(-1).masked_fill(bad, 0.0)
     m = (membrane.double() / threshold.double()).clamp(0.0, 1.0).expand(shape).reshape(-1).clone()
-    for _ in range(T):
+    for t in range(T):
         m += u
         fired = m.floor().clamp_(-burst, burst)
         m -= fired
-        yield fired.to(torch.int8)
+        spikes = fired.to(torch.int8)
+        yield poisoned(spikes.unsqueeze(0), bad)[0] if t == 0 else spikes
 
 
 def if_shape(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor) -> torch.Size:
@@ -760,7 +846,7 @@ def if_quantize(x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor
     shape = if_shape(x, threshold, membrane)
     count = torch.zeros(shape.numel(), dtype=torch.float64, device=x.device)
     for spikes in if_spikes(x, threshold, membrane, T, burst):
-        count += spikes
+        count += spike_values(spikes, torch.float64)
     return (count / T).to(x.dtype).view(shape)
 
 

@@ -194,7 +194,8 @@ def test_qcfs_and_ifencode_refuse_bad_options():
     with pytest.raises(PipelineError, match="burst=-1"):
         compile_graph(loaded, ann, ctx, "fold,qcfs,ifencode{burst=-1}", 8)
     for spec in ("fold,nonlinear{ranges=7}", "fold,attention{ranges=-1}"):
-        with pytest.raises(PipelineError, match=r"(nonlinear|attention): ranges=(7|-1) is out of 0\.\.6"):
+        with pytest.raises(PipelineError, match=r"(nonlinear|attention): option ranges=(7|-1) is out of range: it must "
+                                                r"be in 0\.\.6"):
             compile_graph(loaded, ann, ctx, spec, 8)
 
 
