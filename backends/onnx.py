@@ -179,7 +179,7 @@ def metadata(program, fmt: str, spiking_ops: list[str]) -> dict[str, str]:
         "snncc.task": info.task, "snncc.pipeline": info.pipeline, "snncc.T": str(info.T),
         "snncc.max_positions": str(info.max_positions),
         "snncc.spiking_ops": ",".join(spiking_ops),
-        "snncc.coverage": str(info.coverage.get("coverage", "")),
+        "snncc.coverage": str(info.coverage.get("coverage", "unknown")).replace("None", "unknown"),
         "snncc.time_axis": "spike trains are int8 (T, ...) tensors; neurons are Loops over the T steps",
     }
 

@@ -119,7 +119,7 @@ def evaluate(program: SpikingProgram, ann: torch.nn.Module, chunks: list[torch.T
             token_cosines.append(float(F.cosine_similarity(out, ref, dim=-1).mean()))
     tokens = sum(c.numel() for c in chunks)
     result = {"model": program.info.model, "pipeline": program.info.pipeline, "T": program.info.T,
-              "tokens": tokens, "coverage": program.info.coverage.get("coverage", 1.0),
+              "tokens": tokens, "coverage": program.info.coverage.get("coverage"),
               "mean_abs_err": abs_err_sum / values, "max_abs_err": max_err}
     if causal:
         scored = sum(c.shape[1] - 1 for c in chunks)

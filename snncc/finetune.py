@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from snncc.atomic import atomic_file
 from snncc.errors import InputError, NumericsError
 
 log = logging.getLogger(__name__)
@@ -193,9 +193,8 @@ def _save(path: Path, tensors, optimizer, config: FinetuneConfig, losses: list[f
     if kept is not None:
         state["kept"] = {"step": kept.step, "check_kl": kept.loss, "tensors": kept.tensors,
                          "start_check_kl": checks[0][1], "checks": checks}
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_file(path) as tmp:  # a kill mid-write leaves the last whole checkpoint
+        torch.save(state, tmp)
 
 
 def _resume(path: Path, tensors, optimizer, config: FinetuneConfig
@@ -203,13 +202,14 @@ def _resume(path: Path, tensors, optimizer, config: FinetuneConfig
     """Load a checkpoint written by a run of the same set-up into tensors and optimizer;
     returns its losses, the best state it had kept and its held-out checks (None and [] for
     checkpoints written without held-out checks)."""
-    try:
+    try:  # weights_only: torch's restricted unpickler, which builds tensors and containers only
         state = torch.load(path, weights_only=True)
+        saved = state["tensors"]
+        fits = saved.keys() == tensors.keys() and all(saved[n].shape == t.shape for n, t in tensors.items())
     except Exception:
         raise InputError(f"fine-tuning checkpoint '{path}' is not a readable snncc checkpoint; "
                          "delete it to start over") from None
-    saved = state["tensors"]
-    if saved.keys() != tensors.keys() or any(saved[n].shape != t.shape for n, t in tensors.items()):
+    if not fits:
         raise InputError(f"fine-tuning checkpoint '{path}' was written for another model, pipeline or "
                          "mode; delete it or give another --checkpoint path")
     if state["config"]["mode"] != config.mode:

@@ -24,7 +24,8 @@ def print_eval(result: dict) -> None:
     for key, value in result.items():
         if key in ("model", "pipeline", "T", "tokens"):
             continue
-        click.echo(f"  {key:20s} {value:.6f}" if isinstance(value, float) else f"  {key:20s} {value}")
+        shown = "unknown" if value is None else f"{value:.6f}" if isinstance(value, float) else value
+        click.echo(f"  {key:20s} {shown}")
 
 
 def _si(x: float) -> str:

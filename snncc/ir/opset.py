@@ -15,7 +15,7 @@ import operator
 
 import torch
 
-from snncc.ir.ops import MAX_OUTLIER_RANGES, MAX_T
+from snncc.ir.ops import MAX_BURST, MAX_OUTLIER_RANGES, MAX_T
 
 ATEN_OPS = frozenset({
     # what the pipelines leave in the builtin models' programs
@@ -55,7 +55,7 @@ OPERATOR_FUNCTIONS = {"getitem": operator.getitem}
 
 # Integer arguments of snn ops, by schema name, with the values a program can have: a graph
 # from a file cannot ask for 10^9 time steps.
-SNN_INT_BOUNDS = {"T": (1, MAX_T), "G": (0, MAX_OUTLIER_RANGES), "burst": (1, 2**16), "L": (1, 2**16)}
+SNN_INT_BOUNDS = {"T": (1, MAX_T), "G": (0, MAX_OUTLIER_RANGES), "burst": (1, MAX_BURST), "L": (1, 2**16)}
 
 
 def op_name(target) -> str | None:
