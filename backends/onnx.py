@@ -174,12 +174,13 @@ def _onnx_name(node: torch.fx.Node) -> str:
 
 def metadata(program, fmt: str, spiking_ops: list[str]) -> dict[str, str]:
     info = program.info
+    coverage = info.coverage.get("coverage")
     return {
         "snncc.version": snncc.__version__, "snncc.format": fmt, "snncc.model": info.model,
         "snncc.task": info.task, "snncc.pipeline": info.pipeline, "snncc.T": str(info.T),
         "snncc.max_positions": str(info.max_positions),
         "snncc.spiking_ops": ",".join(spiking_ops),
-        "snncc.coverage": str(info.coverage.get("coverage", "unknown")).replace("None", "unknown"),
+        "snncc.coverage": "unknown" if coverage is None else str(coverage),
         "snncc.time_axis": "spike trains are int8 (T, ...) tensors; neurons are Loops over the T steps",
     }
 
