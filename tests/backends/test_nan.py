@@ -155,3 +155,11 @@ def test_a_finite_value_whose_ratio_to_the_range_overflows_still_clips():
     assert torch.equal(snn.mt_quantize(x, scale, 8), torch.tensor([255 / 256, -255 / 256]))
     assert torch.isfinite(snn.mr_quantize(x, scale, 8, 6)).all()
     assert not (snn.mt_encode(x, scale, 8) == POISON).any() and not (snn.mr_encode(x, scale, 8, 6) == POISON).any()
+
+
+def test_the_profile_counts_a_poison_spike_as_one_event():
+    """int8 -128 has no int8 absolute value: counted as a burst it would sum as -128."""
+    from snncc.profile import _burst_sizes
+
+    step = torch.tensor([POISON, 3, -2, 0, 1], dtype=torch.int8)
+    assert _burst_sizes(step).tolist() == [1, 3, 2, 0, 1]
