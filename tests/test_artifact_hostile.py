@@ -12,6 +12,7 @@ import collections
 import functools
 import hashlib
 import json
+import os
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,7 +31,9 @@ from tests.conftest import prepared
 
 MARKER = "snncc_hostile_marker"
 OUTCOMES: collections.Counter = collections.Counter()
-FEW = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# Examples per generated test: 30 keeps the fast tier fast; SNNCC_HOSTILE_EXAMPLES=300 runs a deeper search.
+EXAMPLES = int(os.environ.get("SNNCC_HOSTILE_EXAMPLES", "30"))
+FEW = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
