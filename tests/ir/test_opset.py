@@ -17,7 +17,7 @@ from snncc.program import ProgramInfo, SpikingProgram
 from snncc.tokenizer import ByteTokenizer
 from tests.conftest import prepared
 
-PIPELINES = ("none", "las", "fas", "fold,qcfs")  # fold,qcfs: a program stopped before ifencode
+PIPELINES = ("none", "las", "fas")
 
 
 def ops_outside_the_table(gm: fx.GraphModule) -> set[str]:
@@ -30,6 +30,14 @@ def ops_outside_the_table(gm: fx.GraphModule) -> set[str]:
 def test_every_op_the_pipelines_emit_is_in_the_table(name, spec):
     loaded, ann, ctx = prepared(name)
     assert not ops_outside_the_table(compile_graph(loaded, ann, ctx, spec, 6).graph_module)
+
+
+def test_a_program_stopped_before_ifencode_is_in_the_table():
+    """Its QCFS activations (snn.qcfs) are ops no full pipeline leaves."""
+    loaded, ann, ctx = prepared("tiny-llama")
+    gm = compile_graph(loaded, ann, ctx, "fold,qcfs", 6).graph_module
+    assert any(n.target == torch.ops.snn.qcfs.default for n in gm.graph.nodes)
+    assert not ops_outside_the_table(gm)
 
 
 def test_every_entry_resolves_to_its_own_name():
