@@ -126,11 +126,11 @@ STANDARD_T = 16
 DEFAULT_T = {"las": 14, "fas": 8}
 PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
-    # LAS (METHODS.md): fold norm weights, spiking nonlinearities and norms, spiking softmax,
-    # spike x spike products, then every matmul input a spike train.
+    # LAS (the LAS paper, loss-less conversion): fold norm weights, spiking nonlinearities and
+    # norms, spiking softmax, spike x spike products, then every matmul input a spike train.
     # Runtime-dependent analog ops (sums, cos/sin) then run in float64: every backend agrees.
     "las": ("fold", "nonlinear", "attention", "outlier", "ffn", "encode", "portable"),
-    # FAS (METHODS.md): QCFS sites at every synapse input (optionally fine-tuned), IF neurons
+    # FAS (the FAS paper, Chen et al.): QCFS sites at every synapse input (optionally fine-tuned), IF neurons
     # in their place, coarse-to-fine calibration; softmax, norms (their squares on
     # multi-range neurons) and products as in `las`.
     "fas": ("fold", "qcfs", "ifencode", "calibrate", "nonlinear", "attention", "outlier", "ffn", "encode",

@@ -1,6 +1,6 @@
 """Spike, synaptic-operation and energy profiling of a spiking program on real input.
 
-SOPs follow the field's convention (METHODS.md): each spike adds one weight column into its
+SOPs follow the convention of the LAS and FAS papers: each spike adds one weight column into its
 targets, so a spike costs as many accumulates (ACs) as its neuron has targets (fan-out); a
 burst of n spikes in one step costs n.
 Energy = SOPs * E_AC + analog MACs * E_MAC, against the ANN's MACs * E_MAC.
