@@ -113,7 +113,11 @@ def _fill_where(values: torch.Tensor, x: torch.Tensor, mask_of) -> torch.Tensor:
 def uncodable(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Where a linear-code neuron with input x and normalised input u (x / scale, or x / theta,
     shaped as the neuron array) has no code: u is NaN, or x is +-inf. A finite x whose u
-    overflows to inf is a value beyond the range like any other, and clips."""
+    overflows to inf is a value beyond the range like any other, and clips. Where u is all
+    finite (one reduction) nothing is uncodable: an infinite x would make u inf or NaN, so a
+    single False broadcasts instead of two masks of u's size."""
+    if all_finite(u):
+        return torch.zeros(1, dtype=torch.bool, device=u.device)
     return torch.isnan(u) | torch.isinf(x).expand(u.shape)
 
 
