@@ -24,6 +24,7 @@ from tqdm import tqdm
 from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
 from snncc.ir.ops import (
     POISON,
+    burst_sizes,
     code_digits,
     if_shape,
     if_spikes,
@@ -61,7 +62,7 @@ class SpikeEvents:
 
     def spikes_per_step(self) -> list[int]:
         """Spikes sent per step (a POISON event counts as one)."""
-        return [int(payload.abs().masked_fill(payload == POISON, 1).sum()) if self.bursts else int(idx.numel())
+        return [int(burst_sizes(payload).sum()) if self.bursts else int(idx.numel())
                 for idx, payload in self.steps]
 
     def count(self) -> int:

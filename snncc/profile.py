@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
-from snncc.ir.ops import POISON, SPIKE_SOURCES, execution_mode, normalizer_codes, signed_code_digits
+from snncc.ir.ops import SPIKE_SOURCES, burst_sizes, execution_mode, normalizer_codes, signed_code_digits
 
 snn = torch.ops.snn
 
@@ -195,18 +195,12 @@ class _Counter(fx.Interpreter):
         of an IF neuron counts n, as n plain spikes in n steps would; a POISON spike (a
         neuron whose input was NaN) is one event."""
         p = self.profile
-        per_step = [int(_burst_sizes(step).sum() if bursts else torch.count_nonzero(step)) for step in spikes]
+        per_step = [int(burst_sizes(step).sum() if bursts else torch.count_nonzero(step)) for step in spikes]
         p.spikes_per_step[name] = per_step
         self.nnz[name] = sum(per_step)
         p.spikes += self.nnz[name]
         p.neurons += spikes[0].numel()
         p.T = max(p.T, spikes.shape[0])
-
-
-def _burst_sizes(step: torch.Tensor) -> torch.Tensor:
-    """Spikes per neuron in one step of an IF train: |n|, POISON counted once (int8 -128 has
-    no int8 absolute value)."""
-    return step.int().abs().masked_fill_(step == POISON, 1)
 
 
 def profile_graph(gm: fx.GraphModule, input_ids: torch.Tensor, energy: str = "45nm",

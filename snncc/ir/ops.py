@@ -85,6 +85,12 @@ def spike_values(spikes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return spikes.to(dtype).masked_fill_(spikes == POISON, float("nan"))
 
 
+def burst_sizes(spikes: torch.Tensor) -> torch.Tensor:
+    """Spikes each entry of a train or event payload stands for: |n| of a burst, a POISON spike
+    once (int8 -128 has no int8 absolute value)."""
+    return spikes.int().abs().masked_fill_(spikes == POISON, 1)
+
+
 def poisoned(train: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """`train` (T, ...) with the neurons where `bad` (the neuron array's shape, or flat)
     replaced by a POISON spike at step 0 and silence after (in place; returned)."""

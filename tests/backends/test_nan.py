@@ -157,9 +157,9 @@ def test_a_finite_value_whose_ratio_to_the_range_overflows_still_clips():
     assert not (snn.mt_encode(x, scale, 8) == POISON).any() and not (snn.mr_encode(x, scale, 8, 6) == POISON).any()
 
 
-def test_the_profile_counts_a_poison_spike_as_one_event():
+def test_profile_and_event_backend_count_a_poison_spike_as_one_event():
     """int8 -128 has no int8 absolute value: counted as a burst it would sum as -128."""
-    from snncc.profile import _burst_sizes
+    from snncc.ir.ops import burst_sizes
 
     step = torch.tensor([POISON, 3, -2, 0, 1], dtype=torch.int8)
-    assert _burst_sizes(step).tolist() == [1, 3, 2, 0, 1]
+    assert burst_sizes(step).tolist() == [1, 3, 2, 0, 1]
