@@ -11,10 +11,15 @@ Membranes are float64 and rounded to float32 once per op, like the reference exe
 `exact` mode, so outputs match it to float32 rounding and spike counts match exactly.
 A neuron whose input has no code (NaN, inf: snncc.ir.ops) sends one POISON event at step 0,
 which every synapse and decoder reads as NaN, as the reference executor does.
+
+Each `snn` op runs the handler its entry in snncc.ir.spec names; an op without an event-driven
+form runs its torch kernel only where its entry declares that (and how its result counts),
+and a handler missing for any entry stops this module from loading.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,11 +42,10 @@ from snncc.ir.ops import (
     step_gains,
     table_codes,
     table_value,
-    train_steps,
     uncodable,
 )
+from snncc.ir.spec import SOURCE, TorchKernel, event_gaps, require_covered, spec_of, train_steps
 
-snn = torch.ops.snn
 _EVENT_CHUNK_ELEMENTS = 1 << 22  # events x fan-out gathered at once: bounds scratch memory
 
 
@@ -101,15 +105,25 @@ def _accumulate(out: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, tabl
         out.index_add_(0, rows[part], table[table_rows[part]] * values[part, None])
 
 
+_HANDLERS: dict[str, Callable] = {}  # handler name (an op's `event` in snncc.ir.spec) -> EventExecutor method
+
+
+def _handler(method: Callable) -> Callable:
+    """Register an EventExecutor method as the event handler of the ops whose spec names it."""
+    _HANDLERS[method.__name__] = method
+    return method
+
+
 class EventExecutor(fx.Interpreter):
-    """Interprets the graph; `snn` ops run as event-driven neurons and synapses."""
+    """Interprets the graph; `snn` ops run as event-driven neurons and synapses (or, where
+    their spec says so, as their torch kernel on dense tensors)."""
 
     def __init__(self, gm: fx.GraphModule, progress: bool = False):
         super().__init__(gm)
         self.counts = EventCounts()
         self.dependent = data_dependent_nodes(gm.graph)
-        spiking = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _HANDLERS]
-        T = max((train_steps(n) for n in spiking if n.target in _SOURCES), default=0)
+        spiking = [n for n in gm.graph.nodes if n.op == "call_function" and _steps_events(_event(n.target))]
+        T = max((train_steps(n) for n in spiking if spec_of(n.target).role == SOURCE), default=0)
         self.bar = tqdm(total=len(spiking) * T, desc="time steps", unit="step", disable=not progress, leave=False)
 
     def run_node(self, n: fx.Node):
@@ -117,20 +131,35 @@ class EventExecutor(fx.Interpreter):
         return super().run_node(n)
 
     def call_function(self, target, args, kwargs):
-        handler = _HANDLERS.get(target)
-        if handler is not None:
-            return handler(self, *args, **kwargs)
+        event = _event(target)
+        if isinstance(event, str):
+            if event not in _HANDLERS:
+                raise NotImplementedError(f"the event backend has no handler '{event}' for {target}")
+            return _HANDLERS[event](self, *args, **kwargs)
         args = tuple(a.dense() if isinstance(a, SpikeEvents) else a for a in args)
         result = super().call_function(target, args, kwargs)
+        if isinstance(event, TorchKernel) and event.counted_as == "train":
+            return self._dense_train(result)
         if matmul_like(target) and self.node in self.dependent:
             self.counts.analog_macs[self.node.name] = site_macs(self.node, self._shape, getattr(result, "shape", None))
         return result
+
+    def _dense_train(self, train: torch.Tensor) -> SpikeEvents:
+        """The events of a train its op's torch kernel sent (the op has no event-driven form)."""
+        flat = train.reshape(train.shape[0], -1)
+        steps = []
+        for spikes in flat:
+            fired = torch.nonzero(spikes).squeeze(1)
+            steps.append((fired, spikes[fired].long()))
+            self.bar.update(1)
+        return self._train(train.shape[1:], steps)
 
     def _shape(self, value: object) -> torch.Size | None:
         return getattr(self.env.get(value), "shape", None) if isinstance(value, fx.Node) else None
 
     # --- neurons -----------------------------------------------------------------------
 
+    @_handler
     def mt_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int) -> SpikeEvents:
         """MT neurons: the residual is compared with each step's threshold; those at or above
         it fire (an event) and subtract it."""
@@ -147,6 +176,7 @@ class EventExecutor(fx.Interpreter):
             self.bar.update(1)
         return self._train(x.shape, _poison_events(steps, bad))
 
+    @_handler
     def if_encode(self, x: torch.Tensor, threshold: torch.Tensor, membrane: torch.Tensor, T: int,
                   burst: int = 1) -> SpikeEvents:
         """Integrate-and-fire neurons: each step every membrane integrates its input and those
@@ -157,8 +187,9 @@ class EventExecutor(fx.Interpreter):
             fired = torch.nonzero(spikes).squeeze(1)
             steps.append((fired, spikes[fired].long()))
             self.bar.update(1)
-        return self._train(if_shape(x, threshold, membrane), steps, rate=True, bursts=True)
+        return self._train(if_shape(x, threshold, membrane), steps)
 
+    @_handler
     def mr_encode(self, x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> SpikeEvents:
         """Multi-range ternary neurons: each picks its range 2^j by comparing |x| with its
         range thresholds, then fires its non-adjacent-form digits as graded events +-2^j."""
@@ -167,6 +198,7 @@ class EventExecutor(fx.Interpreter):
         membrane, sign, j = multi_range_code(u, T, G)
         return self._digit_events(x.shape, poisoned(code_digits(membrane, sign, T, ternary=True), bad), j)
 
+    @_handler
     def fn_encode(self, x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
                   T: int, G: int = 0) -> SpikeEvents:
         """Table neurons: compare the membrane with the sorted thresholds (a binary search,
@@ -189,17 +221,19 @@ class EventExecutor(fx.Interpreter):
             self.bar.update(1)
         return self._train(shape, steps)
 
-    def _train(self, shape: torch.Size, steps: list[tuple[torch.Tensor, torch.Tensor]],
-               rate: bool = False, bursts: bool = False) -> SpikeEvents:
+    def _train(self, shape: torch.Size, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> SpikeEvents:
         """The events of the current encoder, counted: spikes per step, one membrane update
-        per neuron and step."""
-        events = SpikeEvents(shape, steps, step_gains(len(steps), rate), bursts)
+        per neuron and step. Its spec says whether the train is a rate code and whether a
+        payload n is n spikes (a burst) or one graded spike."""
+        spec = spec_of(self.node.target)
+        events = SpikeEvents(shape, steps, step_gains(len(steps), spec.rate), spec.bursts)
         self.counts.spikes_per_step[self.node.name] = events.spikes_per_step()
         self.counts.membrane_updates[self.node.name] = shape.numel() * len(steps)
         return events
 
     # --- synapses ----------------------------------------------------------------------
 
+    @_handler
     def spike_mul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor,
                   rate_a: bool = False, rate_b: bool = False):
         """Elementwise spike x spike product: at step t an event of B adds P^A_{t-1} at its
@@ -224,6 +258,7 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[self.node.name] = out.numel() * a.T
         return out.view(shape).to(scale_a.dtype)
 
+    @_handler
     def spike_normalize(self, x: torch.Tensor, a: torch.Tensor, power: float, thresholds: torch.Tensor,
                         codes: torch.Tensor, T: int) -> torch.Tensor:
         """Floating-point neurons for a^power (one per row of x): the exponent from range
@@ -245,6 +280,7 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[name] = out.numel() * T
         return out.view(shape).to(x.dtype)
 
+    @_handler
     def spike_linear(self, events: SpikeEvents, weight: torch.Tensor, bias: torch.Tensor | None,
                      rate: bool = False) -> torch.Tensor:
         """Each event (row, k, sign) at step t adds sign * gain_t * W[:, k] to row's membranes."""
@@ -262,6 +298,7 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[self.node.name] = membranes.numel() * events.T
         return membranes.to(weight.dtype).view(*events.shape[:-1], fan_out)
 
+    @_handler
     def spike_matmul(self, a: SpikeEvents, scale_a: torch.Tensor, b: SpikeEvents, scale_b: torch.Tensor,
                      rate_a: bool = False, rate_b: bool = False):
         """Spike x spike product. With stored partial sums P^A, P^B, step t does
@@ -294,6 +331,7 @@ class EventExecutor(fx.Interpreter):
         self.counts.membrane_updates[self.node.name] = out.numel() * a.T
         return out.to(scale_a.dtype).reshape(*batch, m, n)
 
+    @_handler
     def decode(self, events: SpikeEvents, scale: torch.Tensor, rate: bool = False) -> torch.Tensor:
         """Read a train back into the ANN's units by summing its events."""
         value = torch.zeros(events.shape.numel(), dtype=torch.float64)
@@ -313,20 +351,18 @@ def _poison_events(steps: list[tuple[torch.Tensor, torch.Tensor]],
     return steps
 
 
-_HANDLERS = {
-    snn.mt_encode.default: EventExecutor.mt_encode,
-    snn.mr_encode.default: EventExecutor.mr_encode,
-    snn.if_encode.default: EventExecutor.if_encode,
-    snn.fn_encode.default: EventExecutor.fn_encode,
-    snn.spike_mul.default: EventExecutor.spike_mul,
-    snn.spike_normalize.default: EventExecutor.spike_normalize,
-    snn.spike_linear.default: EventExecutor.spike_linear,
-    snn.spike_matmul.default: EventExecutor.spike_matmul,
-    snn.decode.default: EventExecutor.decode,
-}
+def _event(target) -> str | TorchKernel | None:
+    """How the spec says to run a target: a handler name, a torch kernel, or None (not an snn op)."""
+    spec = spec_of(target)
+    return None if spec is None else spec.event
 
 
-_SOURCES = {snn.mt_encode.default, snn.mr_encode.default, snn.fn_encode.default, snn.if_encode.default}
+def _steps_events(event: str | TorchKernel | None) -> bool:
+    """Whether an op runs step by step here (a handler, or a torch kernel whose train is read out)."""
+    return isinstance(event, str) or (isinstance(event, TorchKernel) and event.counted_as == "train")
+
+
+require_covered("snncc.backends.event", event_gaps(_HANDLERS))
 
 
 class EventBackend:

@@ -1,19 +1,25 @@
 """Execution lowering for the reference executor's fused mode.
 
 Where every reader of a spike train is a synapse or a decoder, the train need not exist:
-its readers only need what it decodes to, which each source's quantize op computes in one
-pass (bit-identical for T <= 24, tested):
+its readers only need what it decodes to, which each source's quantize op (its `quantizer`
+in snncc.ir.spec) computes in one pass from the source's own arguments (bit-identical for
+T <= 24, tested):
 
     mt_encode(x, r, T)                       ->  mt_quantize(x, r, T)          (unit-range value)
     mr_encode(x, r, T, G)                    ->  mr_quantize(x, r, T, G)
     fn_encode(x, thresholds, codes, b, T)    ->  fn_quantize(x, thresholds, codes, b, T)
+
+A reader then becomes its spec's `dense` ATen op on the decoded values (each quantized train
+times its range argument, where it has one), its rate flags dropped (a quantizer's value is
+already in the code's units); a decoder becomes the decoded value itself:
 
     spike_linear(s, W, b)           ->  aten.linear(q, W, b)
     spike_matmul(sa, ra, sb, rb)    ->  aten.matmul(qa * ra, qb * rb)
     spike_mul(sa, ra, sb, rb)       ->  aten.mul(qa * ra, qb * rb)
     decode(s, r)                    ->  aten.mul(q, r)
 
-The program's own graph keeps its spike trains for profiling, the event backend and export.
+A source without a quantizer keeps its train, and so do its readers. The program's own graph
+keeps its spike trains for profiling, the event backend and export.
 """
 
 from __future__ import annotations
@@ -21,30 +27,38 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from snncc.ir.ops import FUSABLE_MAX_T, SPIKE_SYNAPSES, train_steps
+from snncc.ir.ops import FUSABLE_MAX_T
 from snncc.ir.rewrite import copy_graph_module
+from snncc.ir.spec import READERS, OpSpec, arguments, spec_of, train_steps
 
-snn = torch.ops.snn
 aten = torch.ops.aten
 
-QUANTIZERS = {snn.mt_encode.default: snn.mt_quantize.default, snn.mr_encode.default: snn.mr_quantize.default,
-              snn.fn_encode.default: snn.fn_quantize.default, snn.if_encode.default: snn.if_quantize.default}
-_READERS = SPIKE_SYNAPSES | {snn.decode.default}
+
+def _is_reader(node: fx.Node) -> bool:
+    spec = spec_of(node.target)
+    return spec is not None and spec.role in READERS
 
 
-def _fused(graph: fx.Graph, node: fx.Node, q: dict[fx.Node, fx.Node]) -> fx.Node | None:
+def _fused(graph: fx.Graph, node: fx.Node, spec: OpSpec, q: dict[fx.Node, fx.Node]) -> fx.Node | None:
     """The dense equivalent of a synapse or decoder whose trains are all quantized, or None."""
-    call = graph.call_function
-    if node.target == snn.spike_linear.default and node.args[0] in q:
-        return call(aten.linear.default, (q[node.args[0]], *node.args[1:]))
-    if node.target == snn.decode.default and node.args[0] in q:
-        return call(aten.mul.Tensor, (q[node.args[0]], node.args[1]))
-    if node.target in (snn.spike_matmul.default, snn.spike_mul.default) and node.args[0] in q and node.args[2] in q:
-        sa, ra, sb, rb = node.args
-        a_hat, b_hat = call(aten.mul.Tensor, (q[sa], ra)), call(aten.mul.Tensor, (q[sb], rb))
-        op = aten.matmul.default if node.target == snn.spike_matmul.default else aten.mul.Tensor
-        return call(op, (a_hat, b_hat))
-    return None
+    bound = arguments(node.target, node.args, node.kwargs)
+    names = [argument.name for argument in node.target._schema.arguments]
+    trains = [bound[names[operand.position]] for operand in spec.spike_operands]
+    if not all(train in q for train in trains):
+        return None
+    skipped = {operand.rate_flag for operand in spec.spike_operands}
+    decoded = {}
+    for operand, train in zip(spec.spike_operands, trains, strict=True):
+        value = q[train]
+        if operand.scale is not None:
+            value = graph.call_function(aten.mul.Tensor, (value, bound[names[operand.scale]]))
+            skipped.add(names[operand.scale])
+        decoded[names[operand.position]] = value
+    if spec.dense is None:  # a decoder: its one decoded train
+        (value,) = decoded.values()
+        return value
+    values = [decoded.get(name, bound.get(name)) for name in names if name not in skipped]
+    return graph.call_function(spec.dense, tuple(values))
 
 
 def fuse_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
@@ -54,17 +68,18 @@ def fuse_for_execution(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fused.graph
     quantized: dict[fx.Node, fx.Node] = {}
     for source in list(graph.nodes):
-        if source.target not in QUANTIZERS or train_steps(source) > FUSABLE_MAX_T:
+        spec = spec_of(source.target)
+        if spec is None or spec.quantizer is None or train_steps(source) > FUSABLE_MAX_T:
             continue
-        if not all(user.target in _READERS for user in source.users):
+        if not all(_is_reader(user) for user in source.users):
             continue
         with graph.inserting_after(source):
-            quantized[source] = graph.call_function(QUANTIZERS[source.target], source.args)
+            quantized[source] = graph.call_function(spec.quantizer, source.args, dict(source.kwargs))
     for node in list(graph.nodes):
-        if node.target not in _READERS:
+        if not _is_reader(node):
             continue
         with graph.inserting_before(node):
-            new = _fused(graph, node, quantized)
+            new = _fused(graph, node, spec_of(node.target), quantized)
         if new is not None:
             node.replace_all_uses_with(new)
             graph.erase_node(node)

@@ -1,7 +1,7 @@
 """NIR export: the parts of a spiking program the Neuromorphic Intermediate Representation
 can say, and a named list of what it cannot.
 
-NIR describes populations of neurons joined by static synapses. In an snncc program that is
+NIR describes populations of neurons joined by static synapses. In a compiled program that is
 the rate-coded integrate-and-fire neurons of `fas` and the linear layers they feed. Each
 signed IF population (snn.if_encode: m += x; +1 at m >= theta, -1 at m < 0, reset by
 subtraction, m(0) = v0) becomes NIR primitives with the same discrete-time dynamics:
@@ -33,25 +33,15 @@ import torch
 import torch.fx as fx
 
 from snncc.errors import ExportError
-from snncc.evaluate import max_relative_error
 from snncc.ir.analysis import capture, matmul_sites, propagate_shapes
 from snncc.ir.ops import execution_mode
 from snncc.ir.rewrite import get_tensor
+from snncc.ir.spec import NIR_IF_POPULATION, NIR_SYNAPSE, nir_gaps, require_covered, spec_of
+from snncc.numerics import max_relative_error
 
-snn = torch.ops.snn
-
-_WHY = {
-    snn.mt_encode.default: "multi-threshold neurons (spikes weigh 2^-(t+1) by step; NIR synapses are static)",
-    snn.mr_encode.default: "multi-range neurons (graded spikes weighing 2^(j-t-1))",
-    snn.fn_encode.default: "table neurons (a nonlinear function by threshold comparison)",
-    snn.spike_matmul.default: "spike x spike matrix products (attention)",
-    snn.spike_mul.default: "spike x spike elementwise products (gates, squares)",
-    snn.spike_normalize.default: "floating-point normaliser neurons (softmax and norm denominators)",
-    snn.decode.default: "decoders of spike trains into analog tensors",
-    snn.spike_linear.default: "synapses fed by multi-threshold trains",
-    snn.if_encode.default: "IF populations read only by spike x spike products",
-}
 _BURST = "burst IF populations (several spikes per step; NIR's Threshold sends one)"
+_FORMS = (NIR_IF_POPULATION, NIR_SYNAPSE)  # the NIR forms this module builds (snncc.ir.spec)
+require_covered("snncc.backends.nir", nir_gaps(_FORMS))
 
 
 @dataclass
@@ -113,6 +103,35 @@ def _synapse(nodes: dict, edges: list, name: str, population: str, weight: np.nd
               (f"{name}__affine", f"{name}__accumulate"), (f"{name}__accumulate", f"{name}__output")]
 
 
+def _nir_form(node) -> str | None:
+    spec = spec_of(node.target) if isinstance(node, fx.Node) else None
+    return None if spec is None else spec.nir
+
+
+def _add_population(gm: fx.GraphModule, node: fx.Node, spec, macs: dict, nodes: dict, edges: list,
+                    export: NirExport) -> None:
+    """One IF population (args x, threshold, membrane, T, burst) and the synapses it feeds, or
+    its reason to be left out."""
+    readers = [u for u in node.users if _nir_form(u) == NIR_SYNAPSE]
+    theta, v0 = _tensor(gm, node.args[1]), _tensor(gm, node.args[2])
+    if node.args[4:5] not in ((), (1,)):
+        export.left_out[_BURST] += 1
+        return
+    if not readers or theta is None or v0 is None or theta.dim() != 1:
+        export.left_out[spec.nir_left_out] += 1
+        return
+    population = _name(node)
+    v0 = theta * (v0 / theta).clamp(0.0, 1.0)
+    _if_population(nodes, edges, population, theta.numpy(), v0.numpy())
+    export.populations[population] = node.name
+    for reader in readers:
+        weight, bias = _tensor(gm, reader.args[1]), _tensor(gm, reader.args[2])
+        bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
+        _synapse(nodes, edges, _name(reader), population, weight.numpy(), bias.numpy(), node.args[3])
+        export.synapses[_name(reader)] = (population, reader.name)
+        export.exported_macs += macs.get(reader, 0)
+
+
 def to_nir(program) -> NirExport:
     """The NIR graph of the program's IF populations and the synapses they feed."""
     import nir
@@ -125,35 +144,17 @@ def to_nir(program) -> NirExport:
     macs = {site.node: site.macs for site in matmul_sites(gm) if site.spiking}
     export.spiking_macs = sum(macs.values())
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target == snn.if_encode.default:
-            readers = [u for u in node.users if u.target == snn.spike_linear.default]
-            theta, v0 = _tensor(gm, node.args[1]), _tensor(gm, node.args[2])
-            if node.args[4:5] not in ((), (1,)):
-                export.left_out[_BURST] += 1
-                continue
-            if not readers or theta is None or v0 is None or theta.dim() != 1:
-                export.left_out[_WHY[snn.if_encode.default]] += 1
-                continue
-            population = _name(node)
-            v0 = theta * (v0 / theta).clamp(0.0, 1.0)
-            _if_population(nodes, edges, population, theta.numpy(), v0.numpy())
-            export.populations[population] = node.name
-            for reader in readers:
-                weight, bias = _tensor(gm, reader.args[1]), _tensor(gm, reader.args[2])
-                bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
-                _synapse(nodes, edges, _name(reader), population, weight.numpy(), bias.numpy(), node.args[3])
-                export.synapses[_name(reader)] = (population, reader.name)
-                export.exported_macs += macs.get(reader, 0)
-        elif node.target == snn.spike_linear.default:
-            if node.args[0].target != snn.if_encode.default:
-                export.left_out[_WHY[node.target]] += 1
+        spec = spec_of(node.target) if node.op == "call_function" else None
+        if spec is not None and spec.nir == NIR_IF_POPULATION:
+            _add_population(gm, node, spec, macs, nodes, edges, export)
+        elif spec is not None and spec.nir == NIR_SYNAPSE:
+            if _nir_form(node.args[0]) != NIR_IF_POPULATION:
+                export.left_out[spec.nir_left_out] += 1
             elif node.args[0].name not in export.populations.values():
                 export.left_out["synapses fed by IF populations left out"] += 1
-        elif node.target in _WHY:
-            export.left_out[_WHY[node.target]] += 1
-        elif isinstance(node.target, torch._ops.OpOverload):
+        elif spec is not None:
+            export.left_out[spec.nir_left_out] += 1
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             export.left_out[f"analog {node.target.__name__.split('.')[0]} ops"] += 1
     if not export.populations and export.left_out[_BURST]:
         raise ExportError(f"NIR's thresholds send one spike per step and all {export.left_out[_BURST]} IF populations "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -29,67 +30,68 @@ from pathlib import Path
 
 import torch
 
-import snncc
 from snncc.atomic import atomic_file
-from snncc.backends.onnx_functions import DOMAIN, DOMAIN_VERSION, function_library, register_schemas
+from snncc.backends.onnx_functions import DOMAIN, DOMAIN_VERSION, OPS, function_library, register_schemas
 from snncc.errors import ExportError, InputError, first_line
-from snncc.evaluate import max_relative_error
-from snncc.ir.ops import TABLE_MAX_BITS, execution_mode
+from snncc.ir.ops import execution_mode
+from snncc.ir.spec import OpSpec, arguments, onnx_gaps, require_covered, spec_of, specs
 from snncc.models import CAUSAL_LM
+from snncc.numerics import max_relative_error
+from snncc.version import __version__
 
 FORMATS = ("onnx", "onnx-snn")
 INPUT_NAME = "input_ids"
 PROTOBUF_LIMIT = 2 * 1024**3
 
-snn = torch.ops.snn
+require_covered("snncc.backends.onnx", onnx_gaps(OPS))
 
 
 def output_name(task: str) -> str:
     return "logits" if task == CAUSAL_LM else "last_hidden_state"
 
 
-_ONNX_NAMES = {snn.mt_encode.default: "MtEncode", snn.mr_encode.default: "MrEncode", snn.fn_encode.default: "FnEncode",
-               snn.if_encode.default: "IfEncode", snn.decode.default: "Decode", snn.spike_linear.default: "SpikeLinear",
-               snn.spike_matmul.default: "SpikeMatMul", snn.spike_mul.default: "SpikeMul",
-               snn.spike_normalize.default: "SpikeNormalize", snn.qcfs.default: "Qcfs"}
-
-
 def _translations() -> dict:
-    """torch.onnx translations: every snn op to its snn-domain node (flags become int attributes)."""
+    """torch.onnx translations: every snn op with an ONNX form to its snn-domain node."""
     from onnxscript import values
     from onnxscript.onnx_opset import opset18 as op
 
     register_schemas()
     domain = values.Opset(DOMAIN, DOMAIN_VERSION)
+    return {spec.op: _translation(spec, domain, op) for spec in specs() if spec.onnx is not None}
 
-    def spike_linear(s, weight, bias=None, rate=False):
-        bias = op.Constant(value_float=0.0) if bias is None else bias
-        return domain.SpikeLinear(s, weight, bias, rate=int(rate))
 
-    def fn_encode(x, thresholds, codes, bucket, T, G=0):
-        if T > TABLE_MAX_BITS:
-            raise ExportError(f"table neurons at T = {T} refine their tables at run time, which the ONNX export "
-                              f"does not express: compile with T <= {TABLE_MAX_BITS} to export")
-        if G:
-            return domain.FnMrEncode(x, thresholds, codes, bucket, T=T, G=G)
-        return domain.FnEncode(x, thresholds, codes, bucket, T=T)
+def _is_tensor(argument) -> bool:
+    return argument.type.isSubtypeOf(torch._C.OptionalType.ofTensor())
 
-    return {
-        snn.mt_encode.default: lambda x, scale, T: domain.MtEncode(x, scale, T=T),
-        snn.mr_encode.default: lambda x, scale, T, G: domain.MrEncode(x, scale, T=T, G=G),
-        snn.fn_encode.default: fn_encode,
-        snn.if_encode.default: lambda x, threshold, membrane, T, burst=1: domain.IfEncode(x, threshold, membrane,
-                                                                                         T=T, burst=burst),
-        snn.decode.default: lambda s, scale, rate=False: domain.Decode(s, scale, rate=int(rate)),
-        snn.spike_linear.default: spike_linear,
-        snn.spike_matmul.default: lambda sa, ra, sb, rb, rate_a=False, rate_b=False: domain.SpikeMatMul(
-            sa, ra, sb, rb, rate_A=int(rate_a), rate_B=int(rate_b)),
-        snn.spike_mul.default: lambda sa, ra, sb, rb, rate_a=False, rate_b=False: domain.SpikeMul(
-            sa, ra, sb, rb, rate_A=int(rate_a), rate_B=int(rate_b)),
-        snn.spike_normalize.default: lambda x, a, power, thresholds, codes, T: domain.SpikeNormalize(
-            x, a, thresholds, codes, power=float(power), T=T),
-        snn.qcfs.default: lambda x, lam, L: domain.Qcfs(x, lam, L=L),
-    }
+
+def _translation(spec: OpSpec, domain, op):
+    """The translation of one op (snncc.ir.spec.OnnxForm): its tensor arguments become the
+    function's inputs in order (an optional one left out: a scalar 0), its other arguments the
+    function's attributes of the same name (case aside; flags as ints)."""
+    schema = spec.op._schema.arguments
+
+    def translate(*args, **kwargs):
+        bound = arguments(spec.op, args, kwargs)
+        refusal = spec.onnx.refusal(bound)
+        if refusal is not None:
+            raise ExportError(refusal)
+        function = OPS[spec.onnx.function_for(bound)]
+        inputs = [op.Constant(value_float=0.0) if bound[a.name] is None else bound[a.name]
+                  for a in schema if _is_tensor(a)]
+        if len(inputs) != len(function.inputs):
+            raise ExportError(f"{spec.op} has {len(inputs)} tensor arguments but its ONNX function "
+                              f"{function.name} {len(function.inputs)} inputs")
+        by_name = {name.lower(): value for name, value in bound.items()}
+        attributes = {name: (float if kind == "float" else int)(by_name[name.lower()])
+                      for name, kind in function.attributes}
+        return getattr(domain, function.name)(*inputs, **attributes)
+
+    translate.__name__ = spec.name
+    translate.__signature__ = inspect.Signature([  # what torch.onnx reads to match the call
+        inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          default=a.default_value if a.has_default_value() else inspect.Parameter.empty)
+        for a in schema])
+    return translate
 
 
 def to_onnx(program, fmt: str = "onnx"):
@@ -139,7 +141,7 @@ def to_onnx(program, fmt: str = "onnx"):
         onnxscript.optimizer.optimize(model)  # fold what the inlined bodies compute from constants
         RemoveUnusedOpsetsPass()(model)
     model.metadata_props.update(metadata(program, fmt, used))
-    model.producer_name, model.producer_version = "snncc", snncc.__version__
+    model.producer_name, model.producer_version = "snncc", __version__
     return model
 
 
@@ -153,8 +155,8 @@ def _name_spiking_values(model, gm) -> None:
             translated[node.op_type].append(node)
     originals = collections.defaultdict(list)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-                and node.target.namespace == "snn":
+        spec = spec_of(node.target) if node.op == "call_function" else None
+        if spec is not None and spec.onnx is not None:
             originals[_onnx_name(node)].append(node)
     for name, nodes in originals.items():
         onnx_nodes = translated[name]
@@ -167,16 +169,14 @@ def _name_spiking_values(model, gm) -> None:
 
 def _onnx_name(node: torch.fx.Node) -> str:
     """The snn-domain op a program node exports as (table neurons with ranges: FnMrEncode)."""
-    if node.target == snn.fn_encode.default and len(node.args) > 5 and node.args[5]:
-        return "FnMrEncode"
-    return _ONNX_NAMES[node.target]
+    return spec_of(node.target).onnx.function_for(arguments(node.target, node.args, node.kwargs))
 
 
 def metadata(program, fmt: str, spiking_ops: list[str]) -> dict[str, str]:
     info = program.info
     coverage = info.coverage.get("coverage")
     return {
-        "snncc.version": snncc.__version__, "snncc.format": fmt, "snncc.model": info.model,
+        "snncc.version": __version__, "snncc.format": fmt, "snncc.model": info.model,
         "snncc.task": info.task, "snncc.pipeline": info.pipeline, "snncc.T": str(info.T),
         "snncc.max_positions": str(info.max_positions),
         "snncc.spiking_ops": ",".join(spiking_ops),

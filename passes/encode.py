@@ -33,8 +33,8 @@ from snncc.ir.analysis import (
     matmul_operands,
     weight_linear,
 )
-from snncc.ir.ops import is_rate_train, train_steps
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
+from snncc.ir.spec import is_rate_train, train_steps
 from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn

@@ -5,10 +5,9 @@
     prog.save("out.snn"); prog = snncc.load("out.snn")
 """
 
-__version__ = "0.1.0"
-
-from snncc.api import compile, load  # noqa: E402,A004
-from snncc.errors import SnnccError  # noqa: E402
-from snncc.program import SpikingProgram  # noqa: E402
+from snncc.api import compile, load  # noqa: A004
+from snncc.errors import SnnccError
+from snncc.program import SpikingProgram
+from snncc.version import __version__
 
 __all__ = ["compile", "load", "SnnccError", "SpikingProgram", "__version__"]

@@ -30,16 +30,17 @@ import safetensors.torch
 import torch
 import torch.fx as fx
 
-import snncc
 from snncc.atomic import atomic_file
 from snncc.errors import ArtifactError, SnnccError, first_line
 from snncc.ir.analysis import matmul_sites
 from snncc.ir.ops import MAX_T
-from snncc.ir.opset import SNN_INT_BOUNDS, op_name, resolve_op
+from snncc.ir.opset import op_name, resolve_op
 from snncc.ir.rewrite import set_tensor
+from snncc.ir.spec import INT_BOUNDS
 from snncc.models import CAUSAL_LM, ENCODER
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.tokenizer import load_tokenizer
+from snncc.version import __version__
 
 FORMAT = "snncc-artifact"
 FORMAT_VERSION = 1
@@ -189,7 +190,7 @@ def _check_literals(target, args: tuple, kwargs: dict, where: str) -> None:
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "snn":
         schema = target._schema.arguments
         named = {a.name: v for a, v in zip(schema, args, strict=False)} | kwargs
-        for name, (low, high) in SNN_INT_BOUNDS.items():
+        for name, (low, high) in INT_BOUNDS.items():
             value = named.get(name)
             if value is not None and not (isinstance(value, int) and low <= value <= high):
                 raise ArtifactError(f"{where}: {name}={str(value)[:20]} is out of {low}..{high}")
@@ -291,7 +292,7 @@ def save_program(program: SpikingProgram, path: Path) -> None:
         for file in sorted(Path(tok_dir).iterdir()):
             members[f"tokenizer/{file.name}"] = file.read_bytes()
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "snncc_version": snncc.__version__,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "snncc_version": __version__,
         "torch_version": torch.__version__, "info": dataclasses.asdict(program.info),
         "aliases": aliases, "sha256": {name: _sha256(data) for name, data in members.items()},
     }

@@ -15,12 +15,6 @@ from snncc.models import CAUSAL_LM
 from snncc.program import SpikingProgram
 
 
-def max_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |output - reference| / max |reference|: one number for how far another runtime's
-    result is from the reference, relative to the reference's range."""
-    return float((output - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
-
-
 class _NonFiniteTracer(fx.Interpreter):
     """Runs a graph and notes, per node, whether its output holds a bad value (NaN, or
     POISON spikes, which decode to NaN; or +-inf), keeping flags, not values."""

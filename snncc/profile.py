@@ -8,15 +8,25 @@ Energy = SOPs * E_AC + analog MACs * E_MAC, against the ANN's MACs * E_MAC.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
-from snncc.ir.ops import SPIKE_SOURCES, burst_sizes, execution_mode, normalizer_codes, signed_code_digits
-
-snn = torch.ops.snn
+from snncc.ir.ops import burst_sizes, execution_mode, normalizer_codes, signed_code_digits
+from snncc.ir.spec import (
+    COST_ELEMENTWISE,
+    COST_LINEAR,
+    COST_MATMUL,
+    COST_NONE,
+    COST_NORMALIZE,
+    COST_TRAIN,
+    cost_gaps,
+    require_covered,
+    spec_of,
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,7 @@ class LayerProfile:
 
     node: str
     source: str
-    kind: str  # "spike_linear", "spike_matmul" or "analog"
+    kind: str  # the synapse op's name ("spike_linear", "spike_matmul"...) or "analog"
     neurons_in: int = 0  # input neurons x batch x tokens
     spikes_in: int = 0
     T: int = 0
@@ -124,6 +134,17 @@ class Profile:
                 "energy_source": self.energy.source}
 
 
+_COSTS: dict[str, Callable] = {}  # cost model (snncc.ir.spec) -> the _Counter method that counts it
+
+
+def _counts(cost: str):
+    """Register a _Counter method as the profiler's count for ops with cost model `cost`."""
+    def register(method):
+        _COSTS[cost] = method
+        return method
+    return register
+
+
 class _Counter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, profile: Profile):
         super().__init__(gm)
@@ -135,55 +156,71 @@ class _Counter(fx.Interpreter):
         result = super().run_node(n)
         if n.op != "call_function":
             return result
-        p = self.profile
-        if n.target in SPIKE_SOURCES:
-            self._count_train(n.name, result, bursts=n.target == snn.if_encode.default)
-        elif n.target == snn.spike_linear.default:
-            s = self.env[n.args[0]]
-            fan_out = result.shape[-1]
-            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_linear", s[0].numel(),
-                               self.nnz[n.args[0].name], s.shape[0])
-            row.sops = row.spikes_in * fan_out
-            row.ann_macs = s[0].numel() * fan_out
-            p.layers.append(row)
-        elif n.target == snn.spike_matmul.default:
-            sa, sb = self.env[n.args[0]], self.env[n.args[2]]
-            m, k, cols = result.shape[-2], sa.shape[-1], result.shape[-1]
-            nnz_a, nnz_b = self.nnz[n.args[0].name], self.nnz[n.args[2].name]
-            # A spike of A adds a row of B's partial sums (cols targets); one of B a column of A's (m).
-            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_matmul",
-                               sa[0].numel() + sb[0].numel(), nnz_a + nnz_b, sa.shape[0])
-            row.sops = nnz_a * cols + nnz_b * m
-            row.ann_macs = result.numel() * k
-            p.layers.append(row)
-        elif n.target == snn.spike_mul.default:
-            sa, sb = self.env[n.args[0]], self.env[n.args[2]]
-            nnz_a, nnz_b = self.nnz[n.args[0].name], self.nnz[n.args[2].name]
-            # Each spike adds the other operand's partial sum into one output: fan-out 1.
-            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_mul",
-                               sa[0].numel() + sb[0].numel(), nnz_a + nnz_b, sa.shape[0])
-            row.sops = nnz_a + nnz_b
-            row.ann_macs = result.numel()
-            p.layers.append(row)
-        elif n.target == snn.spike_normalize.default:
-            x, a, power, thresholds, codes, T = (self.env.get(v, v) if isinstance(v, fx.Node) else v
-                                                 for v in n.args)
-            k, _ = normalizer_codes(a, power, thresholds, codes, T)
-            digits = signed_code_digits(k, T)
-            self._count_train(f"{n.name}_mantissa", digits)
-            fan_out = result.numel() // max(k.numel(), 1)  # each spike scales a whole row of x
-            row = LayerProfile(n.name, n.meta.get("source", ""), "spike_normalize", k.numel(),
-                               self.nnz[f"{n.name}_mantissa"], T)
-            row.sops = row.spikes_in * fan_out
-            row.ann_macs = result.numel()
-            p.layers.append(row)
+        spec = spec_of(n.target)
+        if spec is not None:
+            _COSTS[spec.cost](self, n, result)
         elif matmul_like(n.target) and n in self.dependent:
             macs = site_macs(n, self._shape, result.shape if isinstance(result, torch.Tensor) else None)
             if macs is None:
-                p.unknown_sites.append(n.name)
-            p.layers.append(LayerProfile(n.name, n.meta.get("source", ""), "analog",
-                                         analog_macs=macs or 0, ann_macs=macs or 0))
+                self.profile.unknown_sites.append(n.name)
+            self.profile.layers.append(LayerProfile(n.name, n.meta.get("source", ""), "analog",
+                                                    analog_macs=macs or 0, ann_macs=macs or 0))
         return result
+
+    @_counts(COST_NONE)
+    def no_cost(self, n: fx.Node, result) -> None:
+        """Decoders and analog ops: no spikes sent, no synaptic operation."""
+
+    @_counts(COST_TRAIN)
+    def train(self, n: fx.Node, result: torch.Tensor) -> None:
+        self._count_train(n.name, result, bursts=spec_of(n.target).bursts)
+
+    @_counts(COST_LINEAR)
+    def linear(self, n: fx.Node, result: torch.Tensor) -> None:
+        """Each input spike adds a weight column into the layer's outputs (fan-out: its width)."""
+        s = self.env[n.args[0]]
+        fan_out = result.shape[-1]
+        row = LayerProfile(n.name, n.meta.get("source", ""), n.target._opname, s[0].numel(),
+                           self.nnz[n.args[0].name], s.shape[0])
+        row.sops = row.spikes_in * fan_out
+        row.ann_macs = s[0].numel() * fan_out
+        self.profile.layers.append(row)
+
+    @_counts(COST_MATMUL)
+    def matmul(self, n: fx.Node, result: torch.Tensor) -> None:
+        """A spike of A adds a row of B's partial sums (cols targets); one of B a column of A's (m)."""
+        sa, sb = self.env[n.args[0]], self.env[n.args[2]]
+        m, k, cols = result.shape[-2], sa.shape[-1], result.shape[-1]
+        nnz_a, nnz_b = self.nnz[n.args[0].name], self.nnz[n.args[2].name]
+        row = LayerProfile(n.name, n.meta.get("source", ""), n.target._opname,
+                           sa[0].numel() + sb[0].numel(), nnz_a + nnz_b, sa.shape[0])
+        row.sops = nnz_a * cols + nnz_b * m
+        row.ann_macs = result.numel() * k
+        self.profile.layers.append(row)
+
+    @_counts(COST_ELEMENTWISE)
+    def elementwise(self, n: fx.Node, result: torch.Tensor) -> None:
+        """Each spike adds the other operand's partial sum into one output: fan-out 1."""
+        sa, sb = self.env[n.args[0]], self.env[n.args[2]]
+        nnz_a, nnz_b = self.nnz[n.args[0].name], self.nnz[n.args[2].name]
+        row = LayerProfile(n.name, n.meta.get("source", ""), n.target._opname,
+                           sa[0].numel() + sb[0].numel(), nnz_a + nnz_b, sa.shape[0])
+        row.sops = nnz_a + nnz_b
+        row.ann_macs = result.numel()
+        self.profile.layers.append(row)
+
+    @_counts(COST_NORMALIZE)
+    def normalize(self, n: fx.Node, result: torch.Tensor) -> None:
+        """The mantissa train of the floating-point neuron; each spike scales a whole row of x."""
+        x, a, power, thresholds, codes, T = (self.env.get(v, v) if isinstance(v, fx.Node) else v for v in n.args)
+        k, _ = normalizer_codes(a, power, thresholds, codes, T)
+        self._count_train(f"{n.name}_mantissa", signed_code_digits(k, T))
+        fan_out = result.numel() // max(k.numel(), 1)
+        row = LayerProfile(n.name, n.meta.get("source", ""), n.target._opname, k.numel(),
+                           self.nnz[f"{n.name}_mantissa"], T)
+        row.sops = row.spikes_in * fan_out
+        row.ann_macs = result.numel()
+        self.profile.layers.append(row)
 
     def _shape(self, value: object) -> torch.Size | None:
         """The runtime shape of a node's value (fused attention's outputs are tuples: None)."""
@@ -201,6 +238,9 @@ class _Counter(fx.Interpreter):
         p.spikes += self.nnz[name]
         p.neurons += spikes[0].numel()
         p.T = max(p.T, spikes.shape[0])
+
+
+require_covered("snncc.profile", cost_gaps(_COSTS))
 
 
 def profile_graph(gm: fx.GraphModule, input_ids: torch.Tensor, energy: str = "45nm",

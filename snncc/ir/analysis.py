@@ -12,10 +12,9 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from snncc.ir.ops import SPIKE_SYNAPSES
+from snncc.ir.spec import COST_ELEMENTWISE, COST_LINEAR, COST_MATMUL, spec_of, synapses
 
 aten = torch.ops.aten
-snn = torch.ops.snn
 
 LINEAR_TARGETS = {aten.linear.default, aten.addmm.default}
 MATMUL_TARGETS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
@@ -303,12 +302,14 @@ def _recorded(value: object) -> Shape:
 
 
 def _spike_macs(node: fx.Node, shape: ShapeOf, out: Shape) -> int | None:
-    """spike_linear: out x in; spike_matmul: out x k; spike_mul: one product per element."""
+    """By the synapse's cost model: linear, out x in (the weight's last dim); matmul, out x k
+    (the first train's last dim); elementwise, one product per element."""
     if out is None:
         return None
-    if node.target == snn.spike_mul.default:
+    cost = spec_of(node.target).cost
+    if cost == COST_ELEMENTWISE:
         return _numel(out)
-    operand = shape(node.args[1]) if node.target == snn.spike_linear.default else shape(node.args[0])
+    operand = {COST_LINEAR: shape(node.args[1]), COST_MATMUL: shape(node.args[0])}.get(cost)
     return None if operand is None else _numel(out) * int(operand[-1])
 
 
@@ -317,7 +318,7 @@ def site_macs(node: fx.Node, shape: ShapeOf = _recorded, out: Shape | None = Non
     shape (by default the one `propagate_shapes` recorded), `out` the result's. None when a
     shape it needs is unknown: callers must report that, never count it as zero."""
     out = shape_of(node) if out is None else out
-    if node.target in SPIKE_SYNAPSES:
+    if node.target in synapses():
         return _spike_macs(node, shape, out)
     count = MATMUL_MACS.get(node.target)
     return None if count is None else count(node.args, out, shape)
@@ -326,12 +327,13 @@ def site_macs(node: fx.Node, shape: ShapeOf = _recorded, out: Shape | None = Non
 def matmul_sites(gm: fx.GraphModule) -> list[MatmulSite]:
     """Every data-dependent matmul-like node, spiking or analog, with its MACs."""
     dependent = data_dependent_nodes(gm.graph)
+    spiking = synapses()
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in dependent:
             continue
-        if matmul_like(node.target) or node.target in SPIKE_SYNAPSES:
-            sites.append(MatmulSite(node, site_macs(node), node.target in SPIKE_SYNAPSES))
+        if matmul_like(node.target) or node.target in spiking:
+            sites.append(MatmulSite(node, site_macs(node), node.target in spiking))
     return sites
 
 

@@ -1,7 +1,9 @@
 """The `snn` op set: spiking operations registered with torch.library.
 
 Every op has a reference kernel (CPU or CUDA, batched over time) and a fake kernel, so
-graphs that use them trace, shape-propagate and export like any ATen graph.
+graphs that use them trace, shape-propagate and export like any ATen graph. This module is
+the ops' math; what each op is to the passes and backends (its role, spike operands, T,
+quantizer, event handler, ONNX function, cost model) is its entry in snncc.ir.spec.
 
 Spike trains are int8 tensors of shape (T, *x.shape) with entries in {-1, 0, 1}. The
 multi-threshold (MT) code is binary successive approximation: step t (0-based) has the
@@ -905,25 +907,3 @@ def _qcfs_backward(ctx, grad: torch.Tensor):
 
 
 qcfs.register_autograd(_qcfs_backward, setup_context=_qcfs_setup)
-
-
-SPIKE_SOURCES = {torch.ops.snn.mt_encode.default, torch.ops.snn.fn_encode.default, torch.ops.snn.mr_encode.default,
-                 torch.ops.snn.if_encode.default}
-
-
-def train_steps(spikes) -> int:
-    """T of a spike source node (an fx.Node calling mt_encode, mr_encode, fn_encode or if_encode)."""
-    if spikes.target == torch.ops.snn.fn_encode.default:
-        return spikes.args[4]
-    if spikes.target == torch.ops.snn.if_encode.default:
-        return spikes.args[3]
-    return spikes.args[2]
-
-
-def is_rate_train(spikes) -> bool:
-    """Whether a spike source node sends a rate code (uniform step gains 1/T)."""
-    return spikes.target == torch.ops.snn.if_encode.default
-
-
-SPIKE_SYNAPSES = {torch.ops.snn.spike_linear.default, torch.ops.snn.spike_matmul.default,
-                  torch.ops.snn.spike_mul.default}

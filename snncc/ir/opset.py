@@ -7,6 +7,8 @@ else, so a program that saves also loads. The ATen entries are the ops torch.exp
 ONNX frontend leave in transformer graphs and the passes keep or emit (a test compiles every
 pipeline on every builtin model and checks each op is here), plus pure tensor arithmetic of
 the same kind; none reads or writes files, draws random numbers or takes Python callables.
+The snn entries are the ops snncc.ir.spec describes, whose integer arguments the loader
+bounds by spec.INT_BOUNDS.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import operator
 
 import torch
 
-from snncc.ir.ops import MAX_BURST, MAX_OUTLIER_RANGES, MAX_T
+from snncc.ir.spec import specs
 
 ATEN_OPS = frozenset({
     # what the pipelines leave in the builtin models' programs
@@ -46,16 +48,10 @@ ATEN_OPS = frozenset({
     "_unsafe_view.default", "var_mean.correction", "where.self", "where.ScalarSelf", "zeros_like.default",
     "_softmax.default", "_log_softmax.default", "log_softmax.int",
 })
-SNN_OPS = frozenset({
-    "decode.default", "fn_encode.default", "fn_quantize.default", "if_encode.default", "if_quantize.default",
-    "mr_encode.default", "mr_quantize.default", "mt_encode.default", "mt_quantize.default", "qcfs.default",
-    "spike_linear.default", "spike_matmul.default", "spike_mul.default", "spike_normalize.default",
-})
+# Every op snncc.ir.spec describes (its quantizers included: a program never holds them, and
+# a loaded graph that calls one still runs); ops registered after import are not loadable.
+SNN_OPS = frozenset(f"{spec.op._opname}.{spec.op._overloadname}" for spec in specs() if spec.op.namespace == "snn")
 OPERATOR_FUNCTIONS = {"getitem": operator.getitem}
-
-# Integer arguments of snn ops, by schema name, with the values a program can have: a graph
-# from a file cannot ask for 10^9 time steps.
-SNN_INT_BOUNDS = {"T": (1, MAX_T), "G": (0, MAX_OUTLIER_RANGES), "burst": (1, MAX_BURST), "L": (1, 2**16)}
 
 
 def op_name(target) -> str | None:

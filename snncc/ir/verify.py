@@ -1,7 +1,8 @@
 """The IR spec, checked between passes, and the spike-driven coverage report.
 
-Invariants: every call is an ATen op, an `snn` op or a Python size/getitem helper; every
-spike operand of an `snn` synapse comes from a spike source; all spike trains share one T.
+Invariants: every call is an ATen op, an op described in snncc.ir.spec or a Python
+size/getitem helper; every spike operand of a synapse or decoder comes from a spike source,
+with the rate flag of the code that source sends; all spike trains share one T.
 Coverage is the share of data-dependent matmul MACs whose operands are all spike trains:
 every matmul-like ATen op no pass lowered (fused attention, einsum, convolutions included)
 counts as analog, and a site whose MACs cannot be counted makes coverage unknown, not 100%.
@@ -28,13 +29,9 @@ from snncc.ir.analysis import (
     matmul_sites,
     propagate_shapes,
 )
-from snncc.ir.ops import SPIKE_SOURCES, train_steps
+from snncc.ir.spec import COST_ELEMENTWISE, SOURCE, arguments, is_rate_train, is_source, spec_of, train_steps
 
-snn = torch.ops.snn
 aten = torch.ops.aten
-
-# Operand positions that must be spike trains, per synapse op.
-_SPIKE_OPERANDS = {snn.spike_linear.default: (0,), snn.spike_matmul.default: (0, 2), snn.spike_mul.default: (0, 2)}
 
 
 class VerificationError(PipelineError):
@@ -54,16 +51,31 @@ def verify(gm: fx.GraphModule) -> None:
         where = f"node '{node.name}' ({node.meta.get('source') or 'top level'})"
         if node.op != "call_function":
             raise VerificationError(f"{where}: unsupported node kind '{node.op}'")
-        if not (_namespace(node.target) in ("aten", "snn") or is_python_builtin(node.target)):
+        spec = spec_of(node.target)
+        if not (spec is not None or _namespace(node.target) == "aten" or is_python_builtin(node.target)):
             raise VerificationError(f"{where}: unknown op {node.target}")
-        if node.target in SPIKE_SOURCES:
+        if spec is None:
+            continue
+        if spec.role == SOURCE:
             steps.add(train_steps(node))
-        for position in _SPIKE_OPERANDS.get(node.target, ()):
-            operand = node.args[position]
-            if not (isinstance(operand, fx.Node) and operand.target in SPIKE_SOURCES):
-                raise VerificationError(f"{where}: operand {position} of {node.target} is not a spike train")
+        _check_spike_operands(node, spec, where)
     if len(steps) > 1:
         raise VerificationError(f"spike trains with different T in one program: {sorted(steps)}")
+
+
+def _check_spike_operands(node: fx.Node, spec, where: str) -> None:
+    """Each spike operand comes from a source, and its rate flag says what code that source sends
+    (a rate train read with MT gains, or the reverse, decodes to the wrong values)."""
+    bound = arguments(node.target, node.args, node.kwargs)
+    names = [argument.name for argument in node.target._schema.arguments]
+    for operand in spec.spike_operands:
+        train = bound.get(names[operand.position])
+        if not (isinstance(train, fx.Node) and is_source(train.target)):
+            raise VerificationError(f"{where}: operand {operand.position} of {node.target} is not a spike train")
+        if bool(bound.get(operand.rate_flag)) != is_rate_train(train):
+            code = "a rate code" if is_rate_train(train) else "not a rate code"
+            raise VerificationError(f"{where}: {operand.rate_flag}={bool(bound.get(operand.rate_flag))} but "
+                                    f"'{train.name}' ({train.target}) is {code}")
 
 
 @dataclass
@@ -152,7 +164,7 @@ def coverage_report(gm: fx.GraphModule, input_shape: tuple[int, ...] = (1, 128))
     propagate_shapes(gm, input_shape)
     report = CoverageReport(tuple(input_shape))
     for site in matmul_sites(gm):
-        if site.node.target == snn.spike_mul.default:
+        if site.spiking and spec_of(site.node.target).cost == COST_ELEMENTWISE:
             continue  # elementwise: its analog counterpart (aten.mul) is no matmul either
         if site.macs is None:
             report.unknown_sites.append(site.node.name)
