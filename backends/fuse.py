@@ -5,9 +5,7 @@ its readers only need what it decodes to, which each source's quantize op (its `
 in snncc.ir.spec) computes in one pass from the source's own arguments (bit-identical for
 T <= 24, tested):
 
-    mt_encode(x, r, T)                       ->  mt_quantize(x, r, T)          (unit-range value)
-    mr_encode(x, r, T, G)                    ->  mr_quantize(x, r, T, G)
-    fn_encode(x, thresholds, codes, b, T)    ->  fn_quantize(x, thresholds, codes, b, T)
+    mt_encode(x, r, T)              ->  mt_quantize(x, r, T)    (unit-range value; likewise each source)
 
 A reader then becomes its spec's `dense` ATen op on the decoded values (each quantized train
 times its range argument, where it has one), its rate flags dropped (a quantizer's value is

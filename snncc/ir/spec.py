@@ -36,10 +36,10 @@ READERS = (SYNAPSE, DECODER)  # the roles whose spike operands the fused lowerin
 
 # Cost models: what the profiler counts for an op (snncc/profile.py implements each).
 COST_TRAIN = "train"  # the spikes of the train it sends
-COST_LINEAR = "linear"  # each input spike adds a weight column into the layer's outputs
-COST_MATMUL = "matmul"  # each spike of one operand adds a row or column of the other's partial sums
-COST_ELEMENTWISE = "elementwise"  # each spike adds the other operand's partial sum into one output
-COST_NORMALIZE = "normalize"  # the spikes of its mantissa train, each scaling a row
+COST_LINEAR = "linear"  # (spikes, weight, ...): each input spike adds a weight column into the outputs
+COST_MATMUL = "matmul"  # (sa, scale_a, sb, scale_b): a spike adds a row or column of the other's partial sums
+COST_ELEMENTWISE = "elementwise"  # (sa, scale_a, sb, scale_b): a spike adds the other's partial sum to one output
+COST_NORMALIZE = "normalize"  # (x, a, power, thresholds, codes, T): its mantissa train's spikes, each scaling a row
 COST_NONE = "none"  # nothing: no spikes sent, no synaptic operation (decoders, analog ops)
 COSTS = (COST_TRAIN, COST_LINEAR, COST_MATMUL, COST_ELEMENTWISE, COST_NORMALIZE, COST_NONE)
 SYNAPSE_COSTS = (COST_LINEAR, COST_MATMUL, COST_ELEMENTWISE)  # the ones snncc.ir.analysis counts MACs for
@@ -137,10 +137,7 @@ def unregister(op: torch._ops.OpOverload) -> None:
 
 def spec_of(target) -> OpSpec | None:
     """The entry of a graph target, or None for anything that is not a described snn op."""
-    try:
-        return _SPECS.get(target)
-    except TypeError:  # an unhashable target
-        return None
+    return _SPECS.get(target)
 
 
 def specs() -> list[OpSpec]:

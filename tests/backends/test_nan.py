@@ -14,8 +14,9 @@ from snncc.api import compile_graph
 from snncc.backends.event import EventBackend
 from snncc.backends.onnx import OnnxRuntimeExecutor, export_onnx
 from snncc.backends.reference import ReferenceExecutor
-from snncc.ir.ops import POISON, SPIKE_SOURCES, execution_mode
+from snncc.ir.ops import POISON, execution_mode
 from snncc.ir.rewrite import add_constant, copy_graph_module, get_tensor
+from snncc.ir.spec import is_source
 from snncc.program import SpikingProgram
 from tests.conftest import heldout_ids, prepared
 
@@ -58,7 +59,7 @@ def _poison_input_of_last_encoder(gm: torch.fx.GraphModule,
     """A copy of gm in which the input of its last encoder (the LM head's) gets, wherever the
     token is token, the value (NaN or inf) added in the channel of `values[token]`."""
     gm = copy_graph_module(gm)
-    source = [n for n in gm.graph.nodes if n.target in SPIKE_SOURCES][-1]
+    source = [n for n in gm.graph.nodes if is_source(n.target)][-1]
     ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
     x = poisoned = source.args[0]
     for i, (token, (channel, value)) in enumerate(values.items()):
