@@ -255,8 +255,8 @@ def _schema_gaps(spec: OpSpec) -> list[str]:
     kinds = {argument.name: str(argument.type) for argument in schema}
     gaps = [f"{spec.op}: int argument '{name}' has no bound in INT_BOUNDS"
             for name, kind in kinds.items() if kind == "int" and name not in INT_BOUNDS]
-    if spec.role not in ROLES or spec.cost not in COSTS:
-        gaps.append(f"{spec.op}: unknown role '{spec.role}' or cost '{spec.cost}'")
+    if spec.role not in ROLES or spec.cost not in COSTS or spec.nir not in (None, *NIR_FORMS):
+        gaps.append(f"{spec.op}: unknown role '{spec.role}', cost '{spec.cost}' or NIR form '{spec.nir}'")
     if spec.steps is not None and kinds.get(spec.steps) != "int":
         gaps.append(f"{spec.op}: its T argument '{spec.steps}' is not an int argument")
     if spec.role == SOURCE and spec.steps is None:
