@@ -19,8 +19,8 @@ import torch
 import snncc
 from snncc.backends.onnx import OnnxRuntimeExecutor, check_onnx, export_onnx
 from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
-from snncc.numerics import max_relative_error
 from snncc.ir.ops import execution_mode
+from snncc.numerics import max_relative_error
 
 
 def main() -> None:
