@@ -154,7 +154,10 @@ class NonlinearPass(Pass):
     name = "nonlinear"
     stage = 30
     summary = "SiLU/GELU/ReLU/exp/sqrt chains -> table neurons; norms -> floating-point neurons"
-    lowers = frozenset(NONLINEAR_OPS | {aten.rsqrt.default, aten.reciprocal.default, aten.layer_norm.default})
+    # Beyond the nonlinear ops themselves: the divisions of norms (x / a), and the powers
+    # inside a chain (x^3 in GELU's tanh form), which vanish with it.
+    lowers = frozenset(NONLINEAR_OPS | {aten.rsqrt.default, aten.reciprocal.default, aten.layer_norm.default,
+                                        aten.div.Tensor, aten.pow.Tensor_Scalar})
 
     T: int = 16
     headroom: float = option(16.0, POSITIVE)
