@@ -1,5 +1,7 @@
 """calibrate: coarse-to-fine calibration of the IF neurons' thresholds and initial membranes (FAS stage 2).
 
+    snn.if_encode(x, theta, v0, T, B)  ->  snn.if_encode(x, theta', v0', T, B)   (no op added or removed)
+
 Stage 1 (layer-wise) learns one threshold gain and one initial membrane per site; stage 2
 (neuron-wise) one of each per channel, starting from stage 1. Both train through time:
 the T steps of every IF neuron are unrolled, with a triangle surrogate for the derivative
