@@ -23,6 +23,7 @@ from common import prepare_scored, scoring_parser
 
 from snncc.api import compile_graph
 from snncc.evaluate import evaluate
+from snncc.plots import plot_finetune
 from snncc.render import print_table
 
 
@@ -45,11 +46,13 @@ def main() -> None:
     tag = (args.model + (f"_L{args.L}" if args.L != 8 else "") + (f"_mr{args.multirange:g}" if args.multirange else "")
            + ("_spread" if args.spread else ""))
     qcfs = (f"qcfs{{L={args.L},multirange={args.multirange},steps={args.steps},mode={args.mode},lr={args.lr},"
-            f"checkpoint={args.out / f'fas_{tag}_finetune.pt'},"
-            f"plot={args.out / f'fas_{tag}_finetune_loss.png'}}}")
+            f"checkpoint={args.out / f'fas_{tag}_finetune.pt'}}}")
     # The fine-tuned QCFS ANN itself (no IF neurons, no spiking nonlinearities): what the
     # spiking program is converted from, and the share of the error that is quantisation.
     qcfs_ann = compile_graph(loaded, ann, ctx, f"fold,{qcfs}")
+    finetuned = next(p["report"] for p in qcfs_ann.info.passes if p["name"] == "qcfs").get("finetune")
+    if finetuned:
+        plot_finetune(finetuned, args.out / f"fas_{tag}_finetune_loss.png")
     row = evaluate(qcfs_ann, loaded.module, chunks, progress=True)
     row.update(T=0, calibrated=False, stage="QCFS ANN (fine-tuned), no spikes", reports={})
     rows = [row]

@@ -23,8 +23,8 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import activation_product, data_dependent_nodes
+from snncc.ir.encoders import Encoders, rate_flags
 from snncc.ir.rewrite import drop_unused_constants, replace_node
-from snncc.passes.encode import Encoders, rate_flags
 from snncc.pipeline import POSITIVE, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
@@ -45,13 +45,13 @@ class FfnPass(Pass):
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
         dependent = data_dependent_nodes(gm.graph)
         products = {n: ops for n in gm.graph.nodes if (ops := activation_product(n, dependent))}
-        encode = Encoders(gm, ctx, self.T, self.headroom, 0.0, self.name)
+        encode = Encoders(gm, ctx, self.T, self.headroom)
         encode.require(x for ops in products.values() for x in ops)
         for node, (a, b) in products.items():
             sa, ra = encode(a, node, per_last_dim=True)
             sb, rb = encode(b, node, per_last_dim=True)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(snn.spike_mul.default, (sa, ra, sb, rb), rate_flags(rate_a=sa, rate_b=sb))
-            replace_node(node, new, self.name)
+            replace_node(node, new)
         drop_unused_constants(gm)
         return PassResult(gm, bool(products))

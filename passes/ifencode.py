@@ -41,6 +41,7 @@ class IfEncodePass(Pass):
     name = "ifencode"
     stage = 24
     summary = "QCFS sites -> signed IF neurons (theta = lambda, v(0) = theta/2, reset by subtraction, rate code)"
+    lowers = frozenset({snn.qcfs.default})
 
     T: int = 8
     burst: int = option(0, Domain(0, MAX_BURST))  # 0: round(L / T)
@@ -61,9 +62,9 @@ class IfEncodePass(Pass):
                 spikes = gm.graph.call_function(snn.if_encode.default, (x, theta, v0, self.T, burst))
                 decoded = gm.graph.call_function(snn.decode.default, (spikes, theta), {"rate": True})
             spikes._rename(f"{x.name}_spikes")
-            spikes.meta.update(source=site.meta.get("source", ""), created_by=self.name,
+            spikes.meta.update(source=site.meta.get("source", ""),
                                snn={"code": "if", "T": self.T, "burst": burst, "range": tuple(lam.shape)})
             decoded.meta["qcfs"] = {"lambda": lam, "L": L}  # what `calibrate` aligns the neurons to
-            replace_node(site, decoded, self.name)
+            replace_node(site, decoded)
         drop_unused_constants(gm)
         return PassResult(gm, bool(sites))

@@ -1,7 +1,8 @@
 """outlier: every synapse input gets a multi-range (outlier-aware) neuron.
 
-LLM activations have a few channels 100-1000x larger than the rest, and unseen text
-exceeds the ranges calibration saw (SmolLM2: up to 40x in rare channels). One fixed
+LLM activations have a few channels orders of magnitude larger than the rest, and unseen
+text exceeds the ranges calibration saw, by far in rare channels (measured:
+benchmarks/RESULTS.md). One fixed
 range per channel must either clip those values or spend bits of resolution on headroom
 for all of them. A multi-range neuron does neither: its normal range is the channel's
 calibrated max |x| (times `headroom`), and G outlier ranges above it, each twice the last,
@@ -28,9 +29,10 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import data_dependent_nodes
+from snncc.ir.encoders import Encoders, calib_name
+from snncc.ir.match import synapse_operands
 from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import drop_unused_constants, first_reader, get_tensor
-from snncc.passes.encode import Encoders, calib_name
 from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
@@ -60,13 +62,13 @@ class OutlierPass(Pass):
     G: int = option(6, Domain(0, MAX_OUTLIER_RANGES))
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
-        self.sites: list[OutlierSite] = []
         dependent = data_dependent_nodes(gm.graph)
-        encode = Encoders(gm, ctx, self.T, self.headroom, 0.0, self.name, outlier_ranges=self.G)
-        consumers = [(n, encode.operands(n, dependent)) for n in gm.graph.nodes if n.op == "call_function"]
+        encode = Encoders(gm, ctx, self.T, self.headroom, outlier_ranges=self.G)
+        consumers = [(n, synapse_operands(n, dependent)) for n in gm.graph.nodes if n.op == "call_function"]
         consumers = [(n, [(x, per) for x, per in ops if not encode.is_train(x)]) for n, ops in consumers]
         encode.require(x for _, ops in consumers for x, _ in ops)
         decoded: dict[tuple[str, bool], fx.Node] = {}
+        sites: list[OutlierSite] = []
         for node, ops in consumers:
             for x, per_last_dim in ops:
                 key = (x.name, per_last_dim)
@@ -75,14 +77,14 @@ class OutlierPass(Pass):
                     with gm.graph.inserting_after(spikes):
                         decoded[key] = gm.graph.call_function(snn.decode.default, (spikes, r_node))
                     decoded[key]._rename(f"{x.name}_decoded")
-                    decoded[key].meta.update(source=x.meta.get("source", ""), created_by=self.name,
-                                             calib_name=calib_name(x), val=x.meta.get("val"))
-                    self._record_site(gm, decoded[key], r_node)
+                    decoded[key].meta.update(source=x.meta.get("source", ""), calib_name=calib_name(x),
+                                             val=x.meta.get("val"))
+                    sites.append(self._site(gm, decoded[key], r_node))
                 node.replace_input_with(x, decoded[key])
         drop_unused_constants(gm)
-        return PassResult(gm, bool(decoded))
+        return PassResult(gm, bool(decoded), sites=sites)
 
-    def _record_site(self, gm: fx.GraphModule, decoded: fx.Node, r_node: fx.Node) -> None:
+    def _site(self, gm: fx.GraphModule, decoded: fx.Node, r_node: fx.Node) -> OutlierSite:
         r = get_tensor(gm, r_node).reshape(-1)
         outliers = int((r > 8 * r.median()).sum())
-        self.sites.append(OutlierSite(decoded.name, r.numel(), outliers, float(r.min()), float(r.max()), self.G + 1))
+        return OutlierSite(decoded.name, r.numel(), outliers, float(r.min()), float(r.max()), self.G + 1)

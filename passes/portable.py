@@ -6,15 +6,14 @@ float32 once, so torch, onnxruntime and the event backend run the same program.
     aten.sum.dim_IntList, aten.cos, aten.sin, aten.exp, ...   likewise
 
 Why it matters: a neuron turns a one-ulp difference in its input into a different spike
-whenever the input sits near a threshold, and through 30 layers that grows. Measured before
-this pass: ONNX exports of tiny OPT and GPT-2 `las` programs at T = 14 differed from the
-reference by 1.5e-4 and 4.3e-4 of the logits' range (traced to ReduceMean), SmolLM2's by
-1.7e-3 (traced to RoPE's cos and sin). In float64 these round to the same float32 value on
-any runtime but for exact ties, as the synapses' membranes do in the reference executor's
-exact mode. Only float32 inputs change; the ops are few (norm statistics, softmax row sums,
-position tables), so the cost is negligible. The input is cast explicitly rather than
-through a reduction's `dtype` argument: torch.onnx translates mean(x, dtype=float64) as a
-float32 ReduceMean followed by a Cast.
+whenever the input sits near a threshold, and through 30 layers that grows: before this
+pass, ONNX exports of `las` programs differed visibly from the reference, traced to
+ReduceMean and to RoPE's cos and sin (measured: benchmarks/RESULTS.md). In float64 these
+round to the same float32 value on any runtime but for exact ties, as the synapses'
+membranes do in the reference executor's exact mode. Only float32 inputs change; the ops
+are few (norm statistics, softmax row sums, position tables), so the cost is negligible.
+The input is cast explicitly rather than through a reduction's `dtype` argument:
+torch.onnx translates mean(x, dtype=float64) as a float32 ReduceMean followed by a Cast.
 """
 
 from __future__ import annotations
@@ -59,6 +58,6 @@ class PortablePass(Pass):
                 rounded = graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
             node.replace_all_uses_with(rounded, delete_user_cb=lambda user, keep=rounded: user is not keep)
             for new in (wide, rounded):
-                new.meta.update(source=node.meta.get("source", ""), created_by=self.name)
+                new.meta["source"] = node.meta.get("source", "")
         gm.recompile()
         return PassResult(gm, bool(sites))

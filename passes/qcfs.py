@@ -10,30 +10,31 @@ products (as `outlier` in `las`), except what later passes turn into trains anyw
 neuron outputs such as SiLU before the gated product, softmax probabilities) and the
 squares of norms: a norm's mean square must keep its relative precision on every token
 (the residual stream spans orders of magnitude across tokens), which 2L + 1 levels at a
-per-channel clip cannot (SmolLM2, QCFS L = 8 on the squares alone: perplexity x7.4), so
-`fas` gives them `outlier`'s multi-range neurons, as `las` does.
+per-channel clip cannot (QCFS on the squares alone costs more perplexity than every other
+site together; measured: benchmarks/RESULTS.md), so `fas` gives them `outlier`'s
+multi-range neurons, as `las` does.
 
 lambda is per channel (per last dim for linear layers and products, per static dim for
-matmuls): channels differ by 100x in LLMs, and a linear layer folds a per-channel threshold
+matmuls): channels differ by orders of magnitude in LLMs, and a linear layer folds a per-channel threshold
 into its weight columns for free. It starts at the calibrated max |x| times the factor (of
 a fixed grid) that minimises the site's QCFS error on the first calibration batch.
 
 `multirange=K` (K > 0) measures each site's sensitivity: the KL of the logits to the ANN's
 on the first calibration batch with only that site quantized. Sites above K times the
 median site are left to `outlier`'s multi-range neurons (a static clip with 2L + 1 levels
-cannot hold their token-to-token spread: SmolLM2's down-projection inputs, whose 30 sites
-at L = 16 alone multiply the perplexity by 1.6). That is a LAS neuron inside `fas`; at
-T = 8 it sends fewer spikes per value than an L = 16 QCFS site does by bursts (SmolLM2:
-K = 4 -> 0.5 takes 42 -> 190 of 241 sites to multi-range neurons, perplexity x1.23 -> x1.06,
-energy 0.52 -> 0.48 of the ANN's). The pass's own defaults are FAS's (L = 8, no multi-range
-sites); the `fas` pipeline gives it L = 16 and K = 0.5 (snncc.pipeline.PIPELINE_OPTIONS).
+cannot hold their token-to-token spread, as down-projection inputs show). That is a LAS
+neuron inside `fas`; at T = 8 it sends fewer spikes per value than an L = 16 QCFS site does
+by bursts, so a lower K buys perplexity and energy at once (measured:
+benchmarks/RESULTS.md). The pass's own defaults are FAS's (L = 8, no multi-range sites);
+the `fas` pipeline gives it L = 16 and K = 0.5 (snncc.pipeline.PIPELINE_OPTIONS).
 
 With `steps` > 0 the graph is fine-tuned by distillation from the ANN (snncc.finetune):
 `mode=lambda` trains the lambdas, `mode=full` also every weight (on copies: the ANN is left
 alone), straight-through gradients through the floor. The last `check` calibration batches
 are held out, and the state with the lowest loss on them (the start included) is kept.
-`checkpoint` makes it resumable and `plot` saves the loss curve. Later passes record their
-ranges on the resulting graph.
+`checkpoint` makes it resumable; the report carries the loss of every step and the checks
+(snncc.plots.plot_finetune draws them). Later passes record their ranges on the resulting
+graph.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from tqdm import tqdm
 from snncc.calibration import CalibrationContext
 from snncc.finetune import FinetuneConfig, distillation_loss, finetune, logits_of, probe_kl
 from snncc.ir.analysis import activation_product, capture, data_dependent_nodes, weight_linear
+from snncc.ir.encoders import calib_name, channel_range
+from snncc.ir.match import function_regions, is_probability, normalizer, synapse_operands
 from snncc.ir.rewrite import (
     add_constant,
     contents_digest,
@@ -57,9 +60,6 @@ from snncc.ir.rewrite import (
     rewired_copy,
     set_tensor,
 )
-from snncc.passes.attention import is_probability
-from snncc.passes.encode import Encoders, calib_name
-from snncc.passes.nonlinear import function_regions, normalizer
 from snncc.pipeline import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
@@ -69,13 +69,12 @@ _CLIP_FACTORS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16, 0.12)
 def qcfs_operands(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, bool]]:
     """(reader, operand, per_last_dim) of every synapse input that becomes a QCFS site."""
     dependent = data_dependent_nodes(gm.graph)
-    encoders = Encoders(gm, None, 0, 1.0, 0.0, "qcfs")
     future_trains = {out for out, _, _ in function_regions(gm)}
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or normalizer(node, dependent) is not None or _is_square(node, dependent):
             continue
-        for x, per_last_dim in encoders.operands(node, dependent):
+        for x, per_last_dim in synapse_operands(node, dependent):
             if x not in future_trains and not is_probability(x):
                 sites.append((node, x, per_last_dim))
     return sites
@@ -107,7 +106,6 @@ class QcfsPass(Pass):
     lr: float = option(1e-5, POSITIVE)
     lambda_lr: float = option(3e-3, POSITIVE)
     checkpoint: str = ""
-    plot: str = ""
     multirange: float = option(0.0, NON_NEGATIVE)  # 0: off
     check: int = option(4, NON_NEGATIVE)  # calibration batches fine-tuning holds out to choose the state it keeps
 
@@ -115,15 +113,14 @@ class QcfsPass(Pass):
         sites = qcfs_operands(gm)
         if not sites:
             return PassResult(gm, False)
-        ranges = Encoders(gm, ctx, 0, 1.0, 0.0, self.name)
-        ranges.require(x for _, x, _ in sites)
+        ctx.require({calib_name(x) for _, x, _ in sites}, gm)
         samples = capture(gm, {x.name for _, x, _ in sites}, ctx.batches[0])
         made: dict[tuple[str, bool], fx.Node] = {}
         factors = []
         for reader, x, per_last_dim in sites:
             key = (x.name, per_last_dim)
             if key not in made:
-                lam, factor = best_lambda(samples[x.name], ranges.range_of(x, per_last_dim), self.L)
+                lam, factor = best_lambda(samples[x.name], channel_range(ctx, x, per_last_dim), self.L)
                 factors.append(factor)
                 made[key] = self._insert_site(gm, x, lam)
             reader.replace_input_with(x, made[key])
@@ -142,15 +139,14 @@ class QcfsPass(Pass):
         with gm.graph.inserting_after(lam_node):
             site = gm.graph.call_function(snn.qcfs.default, (x, lam_node, self.L))
         site._rename(f"{x.name}_qcfs")
-        site.meta.update(source=x.meta.get("source", ""), created_by=self.name, calib_name=calib_name(x),
-                         val=x.meta.get("val"))
+        site.meta.update(source=x.meta.get("source", ""), calib_name=calib_name(x), val=x.meta.get("val"))
         return site
 
     def _leave_to_multirange(self, gm: fx.GraphModule, ctx: CalibrationContext,
                              sites: list[fx.Node]) -> tuple[list[fx.Node], dict]:
         """Undo the sites whose sensitivity exceeds `multirange` x the median's: (them, a report)."""
         teacher = ctx.teacher or ctx.ann
-        # Recompiles of the same model reuse the scan (100 s on SmolLM2).
+        # Recompiles of the same model reuse the scan (one forward pass per site: minutes on a real model).
         key = f"qcfs site sensitivity {id(teacher)} {contents_digest(gm, ctx.batches[0])}"
         if key not in ctx.memo:
             ctx.memo[key] = site_sensitivities(gm, sites, ctx.batches[0], teacher, ctx.progress)
@@ -175,17 +171,13 @@ class QcfsPass(Pass):
         teacher = ctx.teacher or ctx.ann
         before = probe_kl(gm, teacher, ctx.batches[0])
         losses, check = finetune(gm, teacher, ctx.batches, tensors, set(lambdas), config, checkpoint, ctx.progress)
-        if self.plot:
-            from snncc.plots import plot_losses
-
-            plot_losses({"distillation KL": losses}, Path(self.plot), "QCFS fine-tuning", check.get("checks"),
-                        check.get("kept_step"))
         window = max(1, min(10, len(losses) // 5))
         # Per-step losses are on different batches; the first batch before and after is a
         # like-for-like comparison.
         return {"steps": len(losses), "mode": self.mode, "tensors": len(tensors),
                 "kl_first": sum(losses[:window]) / window, "kl_last": sum(losses[-window:]) / window,
-                "kl_batch0_before": before, "kl_batch0_after": probe_kl(gm, teacher, ctx.batches[0]), **check}
+                "kl_batch0_before": before, "kl_batch0_after": probe_kl(gm, teacher, ctx.batches[0]), **check,
+                "losses": losses}
 
 
 def site_sensitivities(gm: fx.GraphModule, sites: list[fx.Node], batch: torch.Tensor, teacher: fx.GraphModule,

@@ -46,7 +46,7 @@ class PassTable:
             dump.mkdir(parents=True, exist_ok=True)
             (dump / "passes.jsonl").write_text("")
 
-    def __call__(self, p: Pass | None, gm: fx.GraphModule, record: PassRecord | None) -> None:
+    def __call__(self, p: Pass | None, gm: fx.GraphModule, record: PassRecord | None, sites: list) -> None:
         out = ReferenceExecutor(gm, self.device)(self.sample).float().cpu()
         if self.model.task == CAUSAL_LM:
             agreement = float((out.argmax(-1) == self.reference.argmax(-1)).float().mean())
@@ -56,8 +56,8 @@ class PassTable:
                       record.modified if record else False, len(gm.graph.nodes),
                       coverage_report(gm).coverage, float((out - self.reference).abs().max()), agreement)
         self.rows.append(row)
-        clipped = clipped_fractions(gm, self.sample.to(self.device)) if getattr(p, "sites", None) else {}
-        for site in getattr(p, "sites", []):
+        clipped = clipped_fractions(gm, self.sample.to(self.device)) if sites else {}
+        for site in sites:
             self.sites.append((row.name, dict(vars(site), clipped=clipped.get(site.node))))
         if self.dump and (record is None or record.modified):
             index = len(self.rows) - 1

@@ -30,14 +30,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PassResult:
-    """A pass's output graph and whether it changed anything (checked in debug mode)."""
+    """A pass's output graph and whether it changed anything (checked in debug mode).
+
+    Passes keep nothing between runs: what a run measured comes back here, so one pass
+    instance compiles any number of graphs alike."""
 
     graph_module: fx.GraphModule
     modified: bool
     # A pass that changes what the model computes hands later passes a new context.
     context: CalibrationContext | None = None
-    # What the pass measured, for the user (e.g. calibration losses per stage).
+    # What the pass measured, for the user (e.g. calibration losses per stage); printed by
+    # the CLI and kept in the artifact, so a summary, not one row per site.
     report: dict | None = None
+    # Per-site statistics (one dataclass per neuron site) for `snncc debug`'s site tables.
+    sites: list = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,13 @@ class Pass:
     # Passes must run in non-decreasing stage order: rewrites < encoding < calibration.
     stage: ClassVar[int]
     summary: ClassVar[str]
-    # The ATen ops this pass turns into spiking ops (for `snncc inspect`).
+    # The ops this pass turns into spiking ops (for `snncc inspect`). In debug mode the
+    # PassManager refuses a pass that removes every node of an op it does not list here.
     lowers: ClassVar[frozenset] = frozenset()
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:
+        """Rewrite gm (in place or not) and return it. Must not assign to self or to module
+        state: the manager stamps new nodes' `created_by`, and the result carries the rest."""
         raise NotImplementedError
 
     def options(self) -> dict:
@@ -140,9 +149,9 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 PIPELINE_OPTIONS: dict[str, dict[str, dict[str, str]]] = {
     "fas": {
         # QCFS at L = 16 (burst neurons of 2 spikes at T = 8), the sites above half the median
-        # site's sensitivity on multi-range neurons: SmolLM2 at T = 8 x1.063 before fine-tuning,
-        # energy 0.48 of the ANN's, where FAS's L = 8 with every site an IF neuron
-        # (`fas,qcfs{L=8,multirange=0}`) is x6.9 at 0.29 (benchmarks/fas_variants.py).
+        # site's sensitivity on multi-range neurons: a far smaller perplexity loss than FAS's
+        # L = 8 with every site an IF neuron (`fas,qcfs{L=8,multirange=0}`), for somewhat more
+        # energy (measured: benchmarks/RESULTS.md, benchmarks/fas_variants.py).
         "qcfs": {"L": "16", "multirange": "0.5"},
         # At fas's few steps, table neurons send multi-range codes: SiLU at its calibrated range
         # (no 16x headroom, which costs 4 of 8 digits) with 6 ranges above it for what unseen
@@ -309,11 +318,48 @@ def check_weights(gm: fx.GraphModule) -> None:
                              "fix or re-download them (or the fine-tuning checkpoint that wrote them)")
 
 
-Instrument = Callable[[Pass | None, fx.GraphModule, PassRecord | None], None]
+def computing_ops(gm: fx.GraphModule) -> set:
+    """The ops of the graph's call nodes that compute: what `lowers` declarations are about.
+    Not data movement, not Python's tuple and size accessors, and not snn.decode, the readout
+    of a spike train: a pass that reads a train itself (ffn, encode) leaves its readout unread,
+    which lowers nothing."""
+    from snncc.ir.analysis import DATA_MOVEMENT, is_python_builtin
+
+    return {n.target for n in gm.graph.nodes if n.op == "call_function" and n.target not in DATA_MOVEMENT
+            and n.target != torch.ops.snn.decode.default and not is_python_builtin(n.target)}
+
+
+def check_lowers(p: Pass, ops_before: set, gm: fx.GraphModule) -> None:
+    """Refuse a pass that made every node of an op disappear without declaring the op in
+    `lowers`: `snncc inspect` tells users which pass makes which op spiking from these
+    declarations, so an undeclared removal makes it wrong. Op kinds that vanish are checked,
+    not counts: lowering a function chain (GELU's tanh form) removes some of the multiplies
+    and adds inside it while others of the same op stay, which is not lowering those ops."""
+    undeclared = sorted(str(op) for op in ops_before - computing_ops(gm) - p.lowers)
+    if undeclared:
+        raise PipelineError(f"pass '{p.name}' removed every {', '.join(undeclared)} from the graph, but its "
+                            f"`lowers` does not declare {'it' if len(undeclared) == 1 else 'them'}")
+
+
+def stamp_provenance(gm: fx.GraphModule, existing: set[fx.Node], name: str) -> None:
+    """Every node that is not in `existing` gets meta created_by = name, unless its pass
+    named a more specific creator: dumps and artifacts say which pass made what."""
+    for node in gm.graph.nodes:
+        if node not in existing:
+            node.meta.setdefault("created_by", name)
+
+
+Instrument = Callable[[Pass | None, fx.GraphModule, PassRecord | None, list], None]
 
 
 class PassManager:
-    """Runs passes in order; one instrument hook sees the graph before the first pass and after each."""
+    """Runs passes in order and stamps each new node with the pass that made it; one
+    instrument hook sees the graph before the first pass and, after each, the graph, the
+    pass's record and its per-site statistics.
+
+    In debug mode it also checks each pass's contracts: `modified` tells the truth, every op
+    the pass made disappear is in its `lowers` (check_lowers), and `run` left the pass's own
+    fields as they were (passes are stateless)."""
 
     def __init__(self, passes: list[Pass], debug: bool = False, instrument: Instrument | None = None):
         self.passes = passes
@@ -327,9 +373,11 @@ class PassManager:
         ctx.forget_pass_records()
         check_weights(gm)
         if self.instrument:
-            self.instrument(None, gm, None)
+            self.instrument(None, gm, None, [])
         for p in self.passes:
-            before = graph_fingerprint(gm) if self.debug else None
+            existing = set(gm.graph.nodes)
+            if self.debug:
+                before, ops_before, fields_before = graph_fingerprint(gm), computing_ops(gm), dict(vars(p))
             start = time.perf_counter()
             try:
                 result = p.run(gm, ctx)
@@ -341,16 +389,22 @@ class PassManager:
                                     f"passes already run: {done}") from exc
             gm = result.graph_module
             ctx = result.context or ctx
+            stamp_provenance(gm, existing, p.name)
             gm.graph.lint()
             gm.recompile()
-            if self.debug and (graph_fingerprint(gm) != before) != result.modified:
-                raise PipelineError(f"pass '{p.name}' reported modified={result.modified}, "
-                                    "but the graph says otherwise")
+            if self.debug:
+                if (graph_fingerprint(gm) != before) != result.modified:
+                    raise PipelineError(f"pass '{p.name}' reported modified={result.modified}, "
+                                        "but the graph says otherwise")
+                check_lowers(p, ops_before, gm)
+                if dict(vars(p)) != fields_before:
+                    raise PipelineError(f"pass '{p.name}' changed its own fields while running: passes must be "
+                                        "stateless (return what a run measured in its PassResult)")
             verify(gm)
             record = PassRecord(p.name, p.options(), time.perf_counter() - start, result.modified,
                                 len(gm.graph.nodes), result.report)
             self.records.append(record)
             log.info("pass %s: %.2fs, modified=%s", p.name, record.seconds, record.modified)
             if self.instrument:
-                self.instrument(p, gm, record)
+                self.instrument(p, gm, record, result.sites)
         return gm

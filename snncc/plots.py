@@ -150,3 +150,10 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str,
     fig.tight_layout()
     _save(fig, path, dpi=120)
     return path
+
+
+def plot_finetune(report: dict, path: Path) -> Path:
+    """The loss curve of QCFS fine-tuning: the `finetune` entry of the qcfs pass's report
+    (the loss of every step, the held-out checks and the step whose state was kept)."""
+    return plot_losses({"distillation KL": report["losses"]}, path, "QCFS fine-tuning", report.get("checks"),
+                       report.get("kept_step"))

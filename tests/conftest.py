@@ -7,9 +7,11 @@ import functools
 import pytest
 import torch
 
-from snncc.api import prepare
+from snncc.api import compile_graph, prepare
 from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
+from snncc.ir.rewrite import copy_graph_module
 from snncc.models import TINY_MODELS
+from snncc.pipeline import graph_fingerprint
 
 
 @functools.cache
@@ -19,6 +21,44 @@ def prepared(name: str, calib_tokens: int = 1024):
     Tiny models calibrate on 1024 tokens to keep the fast tier fast; real-model tests pass
     snncc's default (CALIB_TOKENS) to measure what users get."""
     return prepare(name, calib_tokens=calib_tokens)
+
+
+@functools.cache
+def compiled(name: str, spec: str, T: int | None = None):
+    """`spec` compiled from the shared tiny model `name`, once per session, in debug mode (so
+    every shared compile also checks the passes' contracts). Tests only read it: a test that
+    runs a pass on it runs it on a copy_graph_module."""
+    loaded, ann, ctx = prepared(name)
+    return compile_graph(loaded, ann, ctx, spec, T, debug=True)
+
+
+class _NoSynapse(torch.nn.Module):
+    """Token embeddings through SiLU and a constant gain: no matmul, product, softmax or norm."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(256, 8)
+
+    def forward(self, input_ids):
+        return torch.nn.functional.silu(self.embed(input_ids)) * 2
+
+
+@functools.cache
+def no_synapse_model():
+    """(LoadedModel, ANN graph, context) of _NoSynapse: a graph most passes must leave alone."""
+    return prepare(_NoSynapse(), calib_tokens=256)
+
+
+def assert_left_alone(pass_, gm, ctx) -> None:
+    """Running `pass_` on a copy of gm reports modified=False and leaves the graph as it was
+    (code and tensors)."""
+    gm = copy_graph_module(gm)
+    code, fingerprint = gm.code, graph_fingerprint(gm)
+    result = pass_.run(gm, ctx)
+    assert result.modified is False
+    result.graph_module.recompile()  # the code of the graph as the pass left it
+    assert result.graph_module.code == code and graph_fingerprint(result.graph_module) == fingerprint
 
 
 @functools.cache

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from snncc.api import compile_graph
 from snncc.ir.analysis import data_dependent_nodes
-from snncc.passes.nonlinear import NONLINEAR_OPS
+from snncc.ir.match import NONLINEAR_OPS
 from snncc.pipeline import PIPELINES
-from tests.conftest import heldout_ids, prepared
+from tests.conftest import compiled, heldout_ids, prepared
 
 aten = torch.ops.aten
 _FLOAT_FUNCTIONS = NONLINEAR_OPS | {aten.rsqrt.default, aten.reciprocal.default, aten.layer_norm.default,
@@ -21,8 +20,7 @@ def test_las_is_the_five_method_passes_in_order():
 
 
 def test_las_leaves_no_float_nonlinearity_and_no_analog_product(tiny_name):
-    loaded, ann, ctx = prepared(tiny_name)
-    program = compile_graph(loaded, ann, ctx, "las", 12)
+    program = compiled(tiny_name, "las", 12)  # in debug mode: every pass keeps its contracts
     gm = program.graph_module
     dependent = data_dependent_nodes(gm.graph)
     left = [n.name for n in gm.graph.nodes if n in dependent and n.target in _FLOAT_FUNCTIONS]
@@ -34,14 +32,14 @@ def test_las_leaves_no_float_nonlinearity_and_no_analog_product(tiny_name):
 
 
 def test_las_error_falls_as_T_grows_and_agrees_at_T16(tiny_name):
-    loaded, ann, ctx = prepared(tiny_name)
+    ann = prepared(tiny_name)[1]
     ids = heldout_ids(tiny_name, 256)
     with torch.no_grad():
         reference = ann(ids)
     errors = []
     for T in (8, 12, 16):
         with torch.no_grad():
-            out = compile_graph(loaded, ann, ctx, "las", T)(ids)
+            out = compiled(tiny_name, "las", T)(ids)
         errors.append(float((out - reference).abs().mean()))
     assert errors[0] > errors[1] > errors[2], errors
     if reference.shape[-1] > 64:  # causal LMs: logits; encoders give hidden states

@@ -14,6 +14,8 @@ from snncc.ir.rewrite import copy_graph_module
 from snncc.pipeline import PASSES, Pass, PassManager, PassResult, parse_pipeline
 from tests.conftest import prepared
 
+aten = torch.ops.aten
+
 
 def test_pipeline_names_and_pass_lists_parse():
     assert parse_pipeline("none", 16) == []
@@ -118,6 +120,95 @@ def test_debug_mode_catches_a_pass_that_lies_about_modified():
     _, ann, ctx = prepared("tiny-llama")
     with pytest.raises(PipelineError, match="reported modified=False"):
         PassManager([_Liar()], debug=True).run(copy_graph_module(ann), ctx)
+
+
+@dataclass
+class _Thief(Pass):
+    name = "thief-test"
+    stage = 90
+    summary = "removes every SiLU but declares nothing in lowers"
+
+    def run(self, gm, ctx):
+        for node in [n for n in gm.graph.nodes if n.target == aten.silu.default]:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        return PassResult(gm, True)
+
+
+@dataclass
+class _DeclaredThief(_Thief):
+    name = "declared-thief-test"
+    lowers = frozenset({aten.silu.default})
+
+
+def test_debug_mode_catches_a_pass_that_removes_ops_it_does_not_declare():
+    _, ann, ctx = prepared("tiny-llama")
+    with pytest.raises(PipelineError, match=r"'thief-test' removed every aten\.silu\.default from the graph, but its "
+                                            r"`lowers` does not declare it"):
+        PassManager([_Thief()], debug=True).run(copy_graph_module(ann), ctx)
+    PassManager([_Thief()]).run(copy_graph_module(ann), ctx)  # only debug mode checks
+    gm = PassManager([_DeclaredThief()], debug=True).run(copy_graph_module(ann), ctx)
+    assert not any(n.target == aten.silu.default for n in gm.graph.nodes)
+
+
+@dataclass
+class _Hoarder(Pass):
+    name = "hoarder-test"
+    stage = 90
+    summary = "remembers the last graph's size"
+
+    def run(self, gm, ctx):
+        self.seen = len(gm.graph.nodes)
+        return PassResult(gm, False)
+
+
+def test_debug_mode_catches_a_pass_that_keeps_state():
+    _, ann, ctx = prepared("tiny-llama")
+    with pytest.raises(PipelineError, match="'hoarder-test' changed its own fields while running"):
+        PassManager([_Hoarder()], debug=True).run(copy_graph_module(ann), ctx)
+
+
+@dataclass
+class _Maker(Pass):
+    name = "maker-test"
+    stage = 90
+    summary = "adds x + 1 and x + 2 before the output, naming a creator for the second"
+
+    def run(self, gm, ctx):
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            gm.graph.call_function(aten.add.Scalar, (x, 1))
+            gm.graph.call_function(aten.add.Scalar, (x, 2)).meta["created_by"] = "maker-test (second)"
+        return PassResult(gm, True)
+
+
+def test_the_manager_stamps_each_new_node_with_the_pass_that_made_it():
+    _, ann, ctx = prepared("tiny-llama")
+    gm = copy_graph_module(ann)
+    existing = set(gm.graph.nodes)
+    [nonlinear] = parse_pipeline("nonlinear", 8)
+    gm = PassManager([nonlinear, _Maker()]).run(gm, ctx)
+    made = {n: n.meta.get("created_by") for n in gm.graph.nodes if n not in existing}
+    assert not any("created_by" in n.meta for n in gm.graph.nodes if n in existing)
+    assert set(made.values()) == {"nonlinear", "maker-test", "maker-test (second)"}
+    assert sum(creator == "nonlinear" for creator in made.values()) > 10  # neurons, tables, decoders
+
+
+@pytest.mark.parametrize("spec", ["nonlinear{ranges=2}", "attention{ranges=2}", "outlier"])
+def test_a_pass_instance_runs_twice_as_two_fresh_ones_do(spec):
+    """Passes keep nothing between runs: one instance run on tiny-llama and then on tiny-gpt2
+    gives on each what a fresh instance gives."""
+    [shared] = parse_pipeline(spec, 8)
+    for name in ("tiny-llama", "tiny-gpt2"):
+        _, ann, ctx = prepared(name)
+        [fresh] = parse_pipeline(spec, 8)
+        again, once = shared.run(copy_graph_module(ann), ctx), fresh.run(copy_graph_module(ann), ctx)
+        for result in (again, once):
+            result.graph_module.recompile()
+        assert again.graph_module.code == once.graph_module.code
+        mine, theirs = again.graph_module.state_dict(), once.graph_module.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        assert again.sites == once.sites and again.report == once.report
 
 
 def test_a_failing_pass_names_the_passes_already_run():

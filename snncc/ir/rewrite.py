@@ -18,11 +18,10 @@ def readable_name(node: fx.Node) -> str:
     return f"{base}_{op}" if base else op
 
 
-def replace_node(old: fx.Node, new: fx.Node, created_by: str) -> None:
+def replace_node(old: fx.Node, new: fx.Node) -> None:
     """Put `new` in place of `old`: it takes over old's users, source and calibration name,
     gets a readable name, and `old` is erased."""
-    new.meta.update(source=old.meta.get("source", ""), created_by=created_by,
-                    calib_name=old.meta.get("calib_name", old.name))
+    new.meta.update(source=old.meta.get("source", ""), calib_name=old.meta.get("calib_name", old.name))
     if "val" in old.meta and "val" not in new.meta:
         new.meta["val"] = old.meta["val"]
     new._rename(readable_name(new))

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from snncc.ir.verify import verify
 from snncc.passes.attention import AttentionPass
+from tests.conftest import assert_left_alone
 
 aten = torch.ops.aten
 snn = torch.ops.snn
@@ -82,3 +83,14 @@ def test_error_falls_as_T_grows():
     exact = torch.softmax(scores.double(), -1) @ values.double()
     errors = [float((_lowered(T)(scores, values)[0].double() - exact).abs().max()) for T in (6, 10, 14, 18)]
     assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+
+
+class _ExpProduct(torch.nn.Module):
+    """An exp and a product with V, but no softmax: not attention."""
+
+    def forward(self, scores, values):
+        return aten.matmul.default(aten.exp.default(scores), values)
+
+
+def test_a_graph_without_softmax_is_left_alone():
+    assert_left_alone(AttentionPass(), fx.symbolic_trace(_ExpProduct()), None)

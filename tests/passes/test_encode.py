@@ -8,10 +8,9 @@ import torch.fx as fx
 
 from snncc.api import compile_graph, prepare
 from snncc.ir.analysis import ANALOG_MATMULS, matmul_operands
-from snncc.ir.rewrite import copy_graph_module
 from snncc.passes.encode import EncodePass
 from snncc.pipeline import parse_pipeline
-from tests.conftest import heldout_ids, prepared
+from tests.conftest import assert_left_alone, compiled, heldout_ids, no_synapse_model, prepared
 
 snn = torch.ops.snn
 
@@ -48,9 +47,9 @@ def test_single_linear_meets_the_documented_bound(T):
 
 
 def test_structure_every_matmul_becomes_a_spike_op(tiny_name):
-    loaded, ann, ctx = prepared(tiny_name)
+    ann = prepared(tiny_name)[1]
     before = _targets(ann)
-    program = compile_graph(loaded, ann, ctx, "encode", 8)
+    program = compiled(tiny_name, "encode", 8)
     after = _targets(program.graph_module)
     assert not any(t in ANALOG_MATMULS for t in after)
     linears = sum(t in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default) for t in before)
@@ -75,30 +74,18 @@ def test_ann_graph_is_left_untouched(tiny_name):
 
 
 def test_graph_without_matmuls_is_left_alone():
-    class NoMatmul(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(256, 8)
-
-        def forward(self, input_ids):
-            return torch.nn.functional.silu(self.embed(input_ids)) * 2
-
-    loaded, ann, ctx = prepare(NoMatmul(), calib_tokens=256)
-    gm = copy_graph_module(ann)
-    code = gm.code
+    _, ann, ctx = no_synapse_model()  # silu(x) * 2
     [encode] = parse_pipeline("encode", 8)
-    result = encode.run(gm, ctx)
-    assert result.modified is False
-    assert result.graph_module.code == code
+    assert_left_alone(encode, ann, ctx)
 
 
 def test_error_shrinks_as_T_grows(tiny_name):
-    loaded, ann, ctx = prepared(tiny_name)
+    loaded = prepared(tiny_name)[0]
     ids = heldout_ids(tiny_name)
     with torch.no_grad():
         ref = loaded.module(ids)
     errors = []
     for T in (4, 8, 16):
-        out = compile_graph(loaded, ann, ctx, "encode", T)(ids)
+        out = compiled(tiny_name, "encode", T)(ids)
         errors.append(float((out - ref).abs().mean()))
     assert errors[0] > errors[1] > errors[2], errors

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from snncc.api import compile_graph
 from snncc.ir.analysis import activation_product, data_dependent_nodes
-from tests.conftest import heldout_ids, prepared
+from snncc.passes.ffn import FfnPass
+from tests.conftest import assert_left_alone, compiled, heldout_ids, no_synapse_model, prepared
 
 snn = torch.ops.snn
 
 
 def test_gated_ffn_and_norm_squares_become_spike_products():
-    loaded, ann, ctx = prepared("tiny-llama")
-    gm = compile_graph(loaded, ann, ctx, "nonlinear,ffn", 16).graph_module
+    gm = compiled("tiny-llama", "nonlinear,ffn", 16).graph_module
     dependent = data_dependent_nodes(gm.graph)
     assert not [n for n in gm.graph.nodes if activation_product(n, dependent)]
     products = [n for n in gm.graph.nodes if n.target == snn.spike_mul.default]
@@ -25,23 +24,24 @@ def test_gated_ffn_and_norm_squares_become_spike_products():
 
 def test_products_with_constants_and_position_tables_stay():
     """RoPE multiplies by cos/sin tables of the positions: a gain, not a product."""
-    loaded, ann, ctx = prepared("tiny-llama")
+    ann = prepared("tiny-llama")[1]
+
     def rope_products(graph):
         return sum(n.target == torch.ops.aten.mul.Tensor and "rotary" not in str(n.meta.get("source"))
                    and "self_attn" in str(n.meta.get("source")) for n in graph.nodes)
 
-    gm = compile_graph(loaded, ann, ctx, "ffn", 16).graph_module
+    gm = compiled("tiny-llama", "ffn", 16).graph_module
     assert rope_products(gm.graph) == rope_products(ann.graph) > 0
 
 
 def test_spike_product_error_is_the_operand_code_error():
     """spike_mul multiplies the two codes exactly: ffn on its own only adds encoding error,
     which falls with T."""
-    loaded, ann, ctx = prepared("tiny-llama")
+    ann = prepared("tiny-llama")[1]
     ids = heldout_ids("tiny-llama", 256)
     errors = []
     for T in (8, 12, 16):
-        program = compile_graph(loaded, ann, ctx, "ffn", T)
+        program = compiled("tiny-llama", "ffn", T)
         with torch.no_grad():
             errors.append(float((program(ids) - ann(ids)).abs().max()))
     assert errors[0] > errors[1] > errors[2]
@@ -51,8 +51,13 @@ def test_spike_product_error_is_the_operand_code_error():
 def test_ffn_before_spiking_is_the_ann():
     """With every product's operands at T = 32 (codes exact to float32), ffn's graph
     computes the ANN's function: the rewrite itself changes nothing."""
-    loaded, ann, ctx = prepared("tiny-llama")
+    ann = prepared("tiny-llama")[1]
     ids = heldout_ids("tiny-llama", 256)
-    program = compile_graph(loaded, ann, ctx, "ffn", 24)
+    program = compiled("tiny-llama", "ffn", 24)
     with torch.no_grad():
         assert torch.allclose(program(ids), ann(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_products_with_a_constant_only_are_left_alone():
+    _, ann, ctx = no_synapse_model()  # silu(x) * 2
+    assert_left_alone(FfnPass(), ann, ctx)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from snncc.api import compile_graph
 from snncc.ir.ops import execution_mode
-from snncc.passes.portable import RUNTIME_DEPENDENT
-from tests.conftest import heldout_ids, prepared
+from snncc.passes.portable import RUNTIME_DEPENDENT, PortablePass
+from tests.conftest import assert_left_alone, compiled, heldout_ids
 
 aten = torch.ops.aten
 
@@ -18,15 +17,19 @@ def _widened(node) -> bool:
 
 
 def test_runtime_dependent_ops_run_in_float64_and_round_once(tiny_name):
-    loaded, ann, ctx = prepared(tiny_name)
-    program = compile_graph(loaded, ann, ctx, "las", 12)
+    program = compiled(tiny_name, "las", 12)
     sites = [n for n in program.graph_module.graph.nodes if n.target in RUNTIME_DEPENDENT]
     assert sites and all(_widened(n) for n in sites)
     assert all(len(n.users) == 1 and next(iter(n.users)).kwargs.get("dtype") == torch.float32 for n in sites)
     # without the pass: the same program but for float32 rounding in those few ops
-    narrow = compile_graph(loaded, ann, ctx, "fold,nonlinear,attention,outlier,ffn,encode", 12)
+    narrow = compiled(tiny_name, "fold,nonlinear,attention,outlier,ffn,encode", 12)
     ids = heldout_ids(tiny_name)[:2, :48]
     with torch.no_grad(), execution_mode("exact"):
         wide_out, narrow_out = program.graph_module(ids), narrow.graph_module(ids)
     assert wide_out.dtype == torch.float32
     assert (wide_out - narrow_out).abs().max() <= 1e-2 * narrow_out.abs().max()
+
+
+def test_a_portable_program_is_left_alone():
+    """Run again, the pass finds no float32 input left to widen."""
+    assert_left_alone(PortablePass(), compiled("tiny-llama", "las", 12).graph_module, None)
