@@ -35,7 +35,7 @@ from snncc.ir.analysis import (
 )
 from snncc.ir.ops import is_rate_train, train_steps
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
+from snncc.pipeline import POSITIVE, STANDARD_T, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 _RANGE_FLOOR = 1e-6  # relative to the tensor's largest range: channels that never fired in calibration
@@ -130,7 +130,7 @@ class EncodePass(Pass):
     summary = "matmul inputs -> T-step multi-threshold spike trains (per-channel calibrated ranges)"
     lowers = frozenset(LINEAR_TARGETS | MATMUL_TARGETS)
 
-    T: int = 16
+    T: int = STANDARD_T
     headroom: float = option(16.0, POSITIVE)  # below 1 clips values calibration saw
     floor: float = option(0.0, Domain(0, 1))  # a share of the tensor's largest channel range
 
