@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx as fx
+from torch._dynamo.source import LocalSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -86,7 +87,8 @@ def _restore_shapes(gm: fx.GraphModule, shapes: dict[str, str]) -> None:
     must see what it saw in one go, and no shape where it saw none."""
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * len(EXAMPLE_SHAPE))
-    example = mode.from_tensor(torch.zeros(EXAMPLE_SHAPE, dtype=torch.long), symbolic_context=dynamic)
+    source = LocalSource(next(iter(gm.graph.find_nodes(op="placeholder"))).name)  # export's, so sizes print alike
+    example = mode.from_tensor(torch.zeros(EXAMPLE_SHAPE, dtype=torch.long), symbolic_context=dynamic, source=source)
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
     symbols = _symbol_names(gm.graph)
     for node in gm.graph.nodes:
