@@ -66,7 +66,7 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     return _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument, device)
 
 
-def resume(program: SpikingProgram, passes: str | Pipeline = DEFAULT_PIPELINE, start_after: str = "",
+def resume(program: SpikingProgram, start_after: str, passes: str | Pipeline = DEFAULT_PIPELINE,
            T: int | None = None, stop_after: str | None = None, debug: bool = False,
            instrument: Instrument | None = None, device: str = "cpu", progress: bool = False) -> SpikingProgram:
     """Continue a program compiled with `stop_after`: run the passes of `passes` after
@@ -105,7 +105,7 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
     calibrated as it was (`calib` is not read)."""
     if start_after:
         program = model if isinstance(model, SpikingProgram) else load(model)
-        return resume(program, passes, start_after, T, stop_after, debug, instrument, device, progress)
+        return resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
     pipeline = Pipeline.parse(passes, T)
     split(pipeline, None, stop_after)  # refused before the model loads
     loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,

@@ -462,8 +462,10 @@ def _resume_state(manifest: dict, data: bytes | None, info: ProgramInfo, graph: 
         raise ArtifactError("the manifest's node shapes or names are malformed")
     for value in shapes.values():
         _text(value, "the manifest's node shapes")
-    for name in [*reserved, *counts]:
+    for name in reserved:
         _identifier(name, "the manifest's node names")
+    if not all(isinstance(base, str) and len(base) <= MAX_NAME for base in counts):
+        raise ArtifactError("the manifest's node name counts are malformed")
     if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**31 for c in counts.values()):
         raise ArtifactError("the manifest's node name counts are malformed")
     batches, ranges = _resume_tensors_from(data, info)

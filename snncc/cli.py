@@ -315,7 +315,7 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     with atomic_dir(dump, keep_partial=True) if dump else contextlib.nullcontext() as dump_dir:
         instrument = GraphDump(dump_dir, first=start + 1) if dump else None
         if start_after:
-            program = resume(saved, pipeline, start_after, stop_after=stop_after, instrument=instrument, device=device,
+            program = resume(saved, start_after, pipeline, stop_after=stop_after, instrument=instrument, device=device,
                              progress=_progress())
         else:
             program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after)

@@ -33,6 +33,7 @@ from snncc.errors import PipelineError
 from snncc.frontend import EXAMPLE_SHAPE
 from snncc.ir.rewrite import copy_graph_module
 from snncc.pipeline import Pipeline
+from snncc.program import ProgramInfo
 
 
 @dataclass
@@ -133,7 +134,7 @@ def split(pipeline: Pipeline, start_after: str | None, stop_after: str | None) -
     saved part-way continued) up to and including `stop_after`; checked before any work."""
     start = pipeline.after(start_after, "--start-after")
     stop = pipeline.after(stop_after, "--stop-after") if stop_after else len(pipeline.passes)
-    if stop <= start:
+    if start and stop <= start:
         raise PipelineError(f"--stop-after {stop_after} must come after --start-after {start_after} in "
                             f"'{pipeline.spec}'" if stop_after else
                             f"--start-after {start_after}: no pass of '{pipeline.spec}' comes after it")
@@ -160,7 +161,8 @@ def _plain(options: dict) -> dict:
     return json.loads(json.dumps(options, default=str))
 
 
-def check_resumable(info, state: ResumeState | None, pipeline: Pipeline, start: int, start_after: str) -> None:
+def check_resumable(info: ProgramInfo, state: ResumeState | None, pipeline: Pipeline, start: int,
+                    start_after: str) -> None:
     """Refuse to continue a program with passes other than those it ran: the passes of
     `pipeline` up to and including `start_after` must be the program's, with the same options."""
     if state is None:
