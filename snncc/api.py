@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
 from snncc.calibration import CalibrationContext, make_context
+from snncc.errors import PipelineError
 from snncc.frontend import trace
 from snncc.ir.rewrite import copy_graph_module
 from snncc.ir.verify import coverage_report, verify
@@ -56,10 +57,10 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
                   instrument: Instrument | None = None, device: str = "cpu",
                   stop_after: str | None = None) -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
-    `passes` is a spec (parsed at T; None: the pipeline's default, snncc.pipeline.default_T) or
+    `passes` is a spec, parsed at T (None: the pipeline's default, snncc.pipeline.default_T), or
     a Pipeline parsed already. `stop_after`: run the passes up to and including that one; the
     program carries what the rest need (snncc.resume), to be continued with `resume`."""
-    pipeline = passes if isinstance(passes, Pipeline) else Pipeline.parse(passes, T)
+    pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded))
@@ -72,12 +73,21 @@ def resume(program: SpikingProgram, start_after: str, passes: str | Pipeline = D
     """Continue a program compiled with `stop_after`: run the passes of `passes` after
     `start_after` (which must be the passes, with their options, that the program ran). The
     result equals compiling in one go; the program is left as it was."""
-    pipeline = passes if isinstance(passes, Pipeline) else Pipeline.parse(passes, T)
+    pipeline = _pipeline(passes, T)
     start, stop = split(pipeline, start_after, stop_after)
     check_resumable(program.info, program.resume, pipeline, start, start_after)
     gm, ctx = restore(program.graph_module, program.resume, program.info.calibration.get("source", ""), progress)
     info = dataclasses.replace(program.info, pipeline=pipeline.spec, T=pipeline.steps)
     return _run(gm, ctx, pipeline, start, stop, info, program.tokenizer, debug, instrument, device)
+
+
+def _pipeline(passes: str | Pipeline, T: int | None) -> Pipeline:
+    """`passes` parsed at T, or as parsed already (then at its own T: refused with another)."""
+    if not isinstance(passes, Pipeline):
+        return Pipeline.parse(passes, T)
+    if T is not None and T != passes.T:
+        raise PipelineError(f"T={T} given with a pipeline parsed at T={passes.T}: give T to Pipeline.parse")
+    return passes
 
 
 def _run(gm: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, start: int, stop: int, info: ProgramInfo,

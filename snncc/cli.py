@@ -293,7 +293,8 @@ def main(verbose: int) -> None:
               help="write the graph before the first pass and after each pass here (00-input.txt, 01-fold.txt, ...)")
 @_fail_cleanly
 def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens, stop_after, start_after, dump):
-    """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline; print fidelity and profile."""
+    """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline, or continue an .snn
+    stopped part-way (--start-after); print fidelity and profile."""
     from snncc.api import compile_graph, resume
     from snncc.atomic import atomic_dir
     from snncc.debug import GraphDump

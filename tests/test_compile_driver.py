@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
+import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -19,7 +22,8 @@ from snncc.api import compile_graph
 from snncc.cli import main
 from snncc.debug import GraphDump
 from snncc.errors import ArtifactError, PipelineError
-from snncc.pipeline import DEFAULT_T, PIPELINES, STANDARD_T, Pipeline
+from snncc.pipeline import DEFAULT_T, PASSES, PIPELINES, STANDARD_T, Pipeline
+from snncc.resume import RUN_THE_ANN
 from tests.conftest import prepared
 
 MODEL, T = "tiny-llama", 8
@@ -207,3 +211,10 @@ def test_a_shape_that_the_graph_does_not_compute_stops_the_continuation(tmp_path
     path = _edited(tmp_path / "tampered.snn", wrong_shape)
     with pytest.raises(PipelineError, match="was float64\\[batch, seq, 3\\] when it was saved"):
         snncc.compile(path, "las", T, start_after="attention")
+
+
+def test_the_passes_kept_before_any_stop_are_those_that_read_the_ann():
+    """A pass that runs the ANN (ctx.teacher, ctx.ann) cannot run after a stop (resume.RUN_THE_ANN)."""
+    readers = {name for name, cls in PASSES.items()
+               if re.search(r"ctx\.(teacher|ann)\b", inspect.getsource(sys.modules[cls.__module__]))}
+    assert readers == RUN_THE_ANN
