@@ -320,7 +320,7 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
                              progress=_progress())
         else:
             program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after)
-    _print_compiled(program, pipeline)
+    _print_compiled(program, pipeline, start)
     if eval_tokens:
         _print_fidelity(program, prepared[0] if prepared else None, eval_tokens)
     if out_path:
@@ -361,7 +361,8 @@ def _resumable(artifact: str, pipeline, start: int, start_after: str):
     return program
 
 
-def _print_compiled(program, pipeline) -> None:
+def _print_compiled(program, pipeline, start: int) -> None:
+    """What the compile made, and what the passes it ran (from `start` on) measured."""
     from snncc.ir.verify import format_coverage
 
     cov = program.info.coverage
@@ -371,7 +372,7 @@ def _print_compiled(program, pipeline) -> None:
     click.echo(f"compiled {program.info.model} with '{pipeline.spec}' (T={program.T}{stopped}): {nodes} nodes, "
                f"spike-driven coverage {format_coverage(cov)} of matmul MACs "
                f"({len(cov['analog_sites'])} analog matmul sites)")
-    _print_reports(program.info.passes)
+    _print_reports(program.info.passes[start:])
 
 
 def _print_fidelity(program, loaded, eval_tokens: int) -> None:
