@@ -464,9 +464,8 @@ def _resume_state(manifest: dict, data: bytes | None, info: ProgramInfo, graph: 
         _text(value, "the manifest's node shapes")
     for name in reserved:
         _identifier(name, "the manifest's node names")
-    if not all(isinstance(base, str) and len(base) <= MAX_NAME for base in counts):
-        raise ArtifactError("the manifest's node name counts are malformed")
-    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**31 for c in counts.values()):
+    if not all(isinstance(base, str) and len(base) <= MAX_NAME and isinstance(c, int) and not isinstance(c, bool)
+               and 0 <= c < 2**31 for base, c in counts.items()):
         raise ArtifactError("the manifest's node name counts are malformed")
     batches, ranges = _resume_tensors_from(data, info)
     return ResumeState(batches=batches, ranges=ranges, shapes=shapes, reserved_names=reserved, name_counts=counts)
