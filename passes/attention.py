@@ -28,7 +28,7 @@ from snncc.ir.match import PASS_THROUGH, SOFTMAX_TARGETS
 from snncc.ir.neurons import exp_range, exp_table, mantissa_table, stack_tables, table_ranges
 from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, replace_node
-from snncc.pipeline import Domain, Pass, PassResult, option, register_pass
+from snncc.pipeline import STANDARD_T, Domain, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
@@ -53,7 +53,7 @@ class AttentionPass(Pass):
     summary = "softmax -> WTA max, exp table neuron, accumulated row sum, 1/s neuron after PV"
     lowers = SOFTMAX_TARGETS
 
-    T: int = 16
+    T: int = STANDARD_T
     # G > 0 (at T <= 16): exp sends multi-range codes from the range 2^(1 - G) up, so small
     # probabilities keep T digits relative to their range (range 1: 2^-T absolute).
     ranges: int = option(0, Domain(0, MAX_OUTLIER_RANGES))

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from snncc.calibration import CalibrationContext
 from snncc.finetune import Kept, distillation_loss, logits_of
 from snncc.ir.rewrite import get_tensor, rewired_copy, set_tensor
-from snncc.pipeline import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Pass, PassResult, option, register_pass
+from snncc.pipeline import AT_LEAST_ONE, DEFAULT_T, NON_NEGATIVE, POSITIVE, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 
@@ -137,7 +137,7 @@ class CalibratePass(Pass):
     stage = 26
     summary = "IF thresholds and initial membranes: layer-wise then neuron-wise, BPTT with surrogate gradients"
 
-    T: int = 8
+    T: int = DEFAULT_T["fas"]
     layer_steps: int = option(30, NON_NEGATIVE)
     neuron_steps: int = option(30, NON_NEGATIVE)
     lr: float = option(3e-3, POSITIVE)

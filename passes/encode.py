@@ -28,7 +28,7 @@ from snncc.errors import PipelineError
 from snncc.ir.analysis import LINEAR_TARGETS, MATMUL_TARGETS, data_dependent_nodes, matmul_operands, weight_linear
 from snncc.ir.encoders import Encoders, rate_flags
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
+from snncc.pipeline import POSITIVE, STANDARD_T, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 
@@ -41,7 +41,7 @@ class EncodePass(Pass):
     summary = "matmul inputs -> T-step multi-threshold spike trains (per-channel calibrated ranges)"
     lowers = frozenset(LINEAR_TARGETS | MATMUL_TARGETS)
 
-    T: int = 16
+    T: int = STANDARD_T
     headroom: float = option(16.0, POSITIVE)  # below 1 clips values calibration saw
     floor: float = option(0.0, Domain(0, 1))  # a share of the tensor's largest channel range
 

@@ -25,7 +25,7 @@ from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import activation_product, data_dependent_nodes
 from snncc.ir.encoders import Encoders, rate_flags
 from snncc.ir.rewrite import drop_unused_constants, replace_node
-from snncc.pipeline import POSITIVE, Pass, PassResult, option, register_pass
+from snncc.pipeline import POSITIVE, STANDARD_T, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
@@ -39,7 +39,7 @@ class FfnPass(Pass):
     summary = "activation x activation products (gated FFN, norm squares) -> exact spike x spike products"
     lowers = frozenset({aten.mul.Tensor, aten.pow.Tensor_Scalar})
 
-    T: int = 16
+    T: int = STANDARD_T
     headroom: float = option(16.0, POSITIVE)
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> PassResult:

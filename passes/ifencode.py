@@ -30,7 +30,7 @@ from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.ir.ops import MAX_BURST
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.pipeline import Domain, Pass, PassResult, option, register_pass
+from snncc.pipeline import DEFAULT_T, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 
@@ -43,7 +43,7 @@ class IfEncodePass(Pass):
     summary = "QCFS sites -> signed IF neurons (theta = lambda, v(0) = theta/2, reset by subtraction, rate code)"
     lowers = frozenset({snn.qcfs.default})
 
-    T: int = 8
+    T: int = DEFAULT_T["fas"]
     burst: int = option(0, Domain(0, MAX_BURST))  # 0: round(L / T)
     spread: bool = False  # at T > L: QCFS's L levels over the T steps, not T finer ones
 

@@ -42,7 +42,7 @@ from snncc.ir.match import IDENTITY_OPS, NONLINEAR_OPS, function_regions, normal
 from snncc.ir.neurons import NeuronTable, build_table, mantissa_table, stack_tables, table_ranges
 from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import add_constant, drop_unused_constants, get_tensor, replace_node
-from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
+from snncc.pipeline import POSITIVE, STANDARD_T, Domain, Pass, PassResult, option, register_pass
 
 aten = torch.ops.aten
 snn = torch.ops.snn
@@ -159,7 +159,7 @@ class NonlinearPass(Pass):
     lowers = frozenset(NONLINEAR_OPS | {aten.rsqrt.default, aten.reciprocal.default, aten.layer_norm.default,
                                         aten.div.Tensor, aten.pow.Tensor_Scalar})
 
-    T: int = 16
+    T: int = STANDARD_T
     headroom: float = option(16.0, POSITIVE)
     # G > 0 (at T <= 16): table neurons send multi-range codes, G ranges each twice the last
     # above the calibrated one: values keep T digits relative to the range that holds them.

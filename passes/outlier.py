@@ -33,7 +33,7 @@ from snncc.ir.encoders import Encoders, calib_name
 from snncc.ir.match import synapse_operands
 from snncc.ir.ops import MAX_OUTLIER_RANGES
 from snncc.ir.rewrite import drop_unused_constants, first_reader, get_tensor
-from snncc.pipeline import POSITIVE, Domain, Pass, PassResult, option, register_pass
+from snncc.pipeline import POSITIVE, STANDARD_T, Domain, Pass, PassResult, option, register_pass
 
 snn = torch.ops.snn
 
@@ -57,7 +57,7 @@ class OutlierPass(Pass):
     stage = 40
     summary = "synapse inputs -> multi-range neurons: calibrated normal range + G outlier ranges"
 
-    T: int = 16
+    T: int = STANDARD_T
     headroom: float = option(1.0, POSITIVE)
     G: int = option(6, Domain(0, MAX_OUTLIER_RANGES))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -11,12 +12,14 @@ import torch.fx as fx
 
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
 from snncc.calibration import CalibrationContext, make_context
+from snncc.errors import PipelineError
 from snncc.frontend import trace
 from snncc.ir.rewrite import copy_graph_module
 from snncc.ir.verify import coverage_report, verify
 from snncc.models import CAUSAL_LM, LoadedModel, load_model
-from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, default_T, parse_pipeline
+from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, Pipeline
 from snncc.program import ProgramInfo, SpikingProgram
+from snncc.resume import capture, check_resumable, restore, split
 from snncc.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,34 +53,75 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
 
 
 def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext,
-                  passes: str = DEFAULT_PIPELINE, T: int | None = None, debug: bool = False,
-                  instrument: Instrument | None = None, device: str = "cpu") -> SpikingProgram:
+                  passes: str | Pipeline = DEFAULT_PIPELINE, T: int | None = None, debug: bool = False,
+                  instrument: Instrument | None = None, device: str = "cpu",
+                  stop_after: str | None = None) -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
-    T None: the pipeline's measured default (snncc.pipeline.DEFAULT_T)."""
-    T = default_T(passes) if T is None else T
-    pipeline = parse_pipeline(passes, T)
-    gm = copy_graph_module(ann)
-    manager = PassManager(pipeline, debug=debug, instrument=instrument)
+    `passes` is a spec, parsed at T (None: the pipeline's default, snncc.pipeline.default_T), or
+    a Pipeline parsed already. `stop_after`: run the passes up to and including that one; the
+    program carries what the rest need (snncc.resume), to be continued with `resume`."""
+    pipeline = _pipeline(passes, T)
+    _, stop = split(pipeline, None, stop_after)
+    info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
+                       max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded))
+    return _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument, device)
+
+
+def resume(program: SpikingProgram, start_after: str, passes: str | Pipeline = DEFAULT_PIPELINE,
+           T: int | None = None, stop_after: str | None = None, debug: bool = False,
+           instrument: Instrument | None = None, device: str = "cpu", progress: bool = False) -> SpikingProgram:
+    """Continue a program compiled with `stop_after`: run the passes of `passes` after
+    `start_after` (which must be the passes, with their options, that the program ran). The
+    result equals compiling in one go; the program is left as it was."""
+    pipeline = _pipeline(passes, T)
+    start, stop = split(pipeline, start_after, stop_after)
+    check_resumable(program.info, program.resume, pipeline, start, start_after)
+    gm, ctx = restore(program.graph_module, program.resume, program.info.calibration.get("source", ""), progress)
+    info = dataclasses.replace(program.info, pipeline=pipeline.spec, T=pipeline.steps)
+    return _run(gm, ctx, pipeline, start, stop, info, program.tokenizer, debug, instrument, device)
+
+
+def _pipeline(passes: str | Pipeline, T: int | None) -> Pipeline:
+    """`passes` parsed at T, or as parsed already (then at its own T: refused with another)."""
+    if not isinstance(passes, Pipeline):
+        return Pipeline.parse(passes, T)
+    if T is not None and T != passes.T:
+        raise PipelineError(f"T={T} given with a pipeline parsed at T={passes.T}: give T to Pipeline.parse")
+    return passes
+
+
+def _run(gm: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, start: int, stop: int, info: ProgramInfo,
+         tokenizer: Tokenizer, debug: bool, instrument: Instrument | None, device: str) -> SpikingProgram:
+    """Run passes start..stop of `pipeline` on `gm`; a program stopped early carries what the rest need."""
+    manager = PassManager(list(pipeline.passes[start:stop]), debug=debug, instrument=instrument)
     gm = manager.run(gm, ctx)
-    used_T = next((p.T for p in pipeline if hasattr(p, "T")), T)
-    info = ProgramInfo(
-        model=loaded.name, task=loaded.task, pipeline=passes, T=used_T if pipeline else 0,
-        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
-        passes=[dict(vars(r)) for r in manager.records], calibration=ctx.summary(),
-        coverage=coverage_report(gm).to_dict(),
-    )
-    return SpikingProgram(gm, info, loaded.tokenizer, device=device)
+    remaining = [p.name for p in pipeline.passes[stop:]]
+    state = capture(gm, manager.context) if remaining else None
+    info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in manager.records],
+                               remaining=remaining, calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())
+    program = SpikingProgram(gm, info, tokenizer, device=device)
+    program.resume = state
+    return program
 
 
-def compile(model: str | torch.nn.Module, passes: str = DEFAULT_PIPELINE, T: int | None = None,
+def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT_PIPELINE, T: int | None = None,
             calib: str | Path | None = None, calib_tokens: int = CALIB_TOKENS,
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM, device: str = "cpu",
-            debug: bool = False, progress: bool = False,
-            instrument: Callable | None = None) -> SpikingProgram:
-    """Trace `model`, calibrate on `calib` text, run the `passes` pipeline, return the program."""
+            debug: bool = False, progress: bool = False, instrument: Callable | None = None,
+            stop_after: str | None = None, start_after: str | None = None) -> SpikingProgram:
+    """Trace `model`, calibrate on `calib` text, run the `passes` pipeline, return the program.
+    `stop_after`: run the passes up to and including that one. `start_after`: `model` is a
+    program (or its .snn file) compiled with stop_after that pass; run the passes after it,
+    calibrated as it was (`calib` is not read)."""
+    if start_after:
+        program = model if isinstance(model, SpikingProgram) else load(model)
+        return resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
+    pipeline = Pipeline.parse(passes, T)
+    split(pipeline, None, stop_after)  # refused before the model loads
     loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,
                                progress=progress)
-    return compile_graph(loaded, ann, ctx, passes, T, debug, instrument, device)
+    return compile_graph(loaded, ann, ctx, pipeline, debug=debug, instrument=instrument, device=device,
+                         stop_after=stop_after)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:

@@ -1,5 +1,7 @@
 """The `.snn` artifact: one zip with the graph (JSON), weights (safetensors), tokenizer and a
-manifest (format version, versions, pipeline, T, calibration summary, SHA-256 of each member).
+manifest (format version, versions, pipeline, T, calibration summary, SHA-256 of each member);
+a program stopped part-way adds what the passes after it need (snncc.resume): calibration
+batches and ranges (resume.safetensors) and node shapes and names (the manifest's `resume`).
 
 An artifact is shared like a checkpoint, so loading treats it as untrusted input: member
 names come from a fixed set and their sizes are checked in the zip directory before anything
@@ -39,6 +41,7 @@ from snncc.ir.rewrite import set_tensor
 from snncc.ir.spec import INT_BOUNDS
 from snncc.models import CAUSAL_LM, ENCODER
 from snncc.program import ProgramInfo, SpikingProgram
+from snncc.resume import ResumeState
 from snncc.tokenizer import load_tokenizer
 from snncc.version import __version__
 
@@ -56,6 +59,10 @@ MAX_TEXT = 4096  # characters of a string in the manifest or node metadata
 MAX_POSITIONS = 2**20
 MAX_LITERAL_ELEMENTS = 2**31  # elements a size list or arange in the graph may ask for
 FIXED_MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
+RESUME_MEMBER = "resume.safetensors"  # a program stopped part-way: calibration batches and ranges
+MAX_BATCHES = 2**16  # calibration batches a program stopped part-way may carry
+MAX_PASSES = 64  # names in the manifest's list of passes still to run
+_PASS_NAME = re.compile(r"[A-Za-z_][\w-]{0,63}")
 TOKENIZER_PREFIX = "tokenizer/"
 _TOKENIZER_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -118,7 +125,8 @@ def _decode(value, nodes: dict[str, fx.Node], where: str, depth: int = 0):
     raise ArtifactError(f"{where}: unknown argument kind or value {str(kind)[:40]!r}")
 
 
-_KEPT_META = ("source", "created_by", "snn")
+# calib_name: the ANN tensor whose calibration range stands for the node (passes after a stop read it).
+_KEPT_META = ("source", "created_by", "snn", "calib_name")
 
 
 def graph_to_json(graph: fx.Graph) -> list[dict]:
@@ -165,6 +173,8 @@ def _meta(meta, where: str) -> dict:
     if not isinstance(meta, dict) or not set(meta) <= set(_KEPT_META):
         raise ArtifactError(f"{where}: malformed metadata")
     checked = {key: _text(meta[key], where) for key in ("source", "created_by") if key in meta}
+    if "calib_name" in meta:
+        checked["calib_name"] = _identifier(meta["calib_name"], where)
     if "snn" in meta:
         notes = meta["snn"]
         if not isinstance(notes, dict) or len(notes) > 64:
@@ -293,9 +303,13 @@ def save_program(program: SpikingProgram, path: Path) -> None:
             members[f"tokenizer/{file.name}"] = file.read_bytes()
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "snncc_version": __version__,
-        "torch_version": torch.__version__, "info": dataclasses.asdict(program.info),
-        "aliases": aliases, "sha256": {name: _sha256(data) for name, data in members.items()},
+        "torch_version": torch.__version__, "info": dataclasses.asdict(program.info), "aliases": aliases,
     }
+    if program.resume is not None:
+        members[RESUME_MEMBER] = _resume_tensors(program.resume)
+        manifest["resume"] = {"shapes": program.resume.shapes, "reserved_names": program.resume.reserved_names,
+                              "name_counts": program.resume.name_counts}
+    manifest["sha256"] = {name: _sha256(data) for name, data in members.items()}
     with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
         for name, data in members.items():
@@ -306,7 +320,7 @@ def _member_cap(name: str, archive_bytes: int) -> int:
     """The most bytes member `name` may hold, or 0 if snncc never writes such a member."""
     if name in MAX_JSON_BYTES:
         return MAX_JSON_BYTES[name]
-    if name == "weights.safetensors":
+    if name in ("weights.safetensors", RESUME_MEMBER):
         return archive_bytes
     flat = name.removeprefix(TOKENIZER_PREFIX)
     return MAX_TOKENIZER_BYTES if name != flat and _TOKENIZER_FILE.fullmatch(flat) else 0
@@ -380,13 +394,15 @@ def _check_sums(path: Path, manifest: dict, members: dict[str, bytes]) -> None:
 # --- the manifest's facts ------------------------------------------------------------------
 
 _INFO_FIELDS = {"model": str, "task": str, "pipeline": str, "T": int, "max_positions": int, "vocab_size": int,
-                "passes": list, "calibration": dict, "coverage": dict}
+                "passes": list, "calibration": dict, "coverage": dict, "remaining": list}
+_OPTIONAL_INFO = {"remaining"}  # absent from artifacts written before programs could stop part-way
 
 
 def _program_info(info) -> ProgramInfo:
     """The manifest's ProgramInfo, every field of its type and in its range."""
-    if not isinstance(info, dict) or set(info) != set(_INFO_FIELDS):
+    if not isinstance(info, dict) or not set(_INFO_FIELDS) - _OPTIONAL_INFO <= set(info) <= set(_INFO_FIELDS):
         raise ArtifactError("the manifest's program info is malformed")
+    info = {"remaining": [], **info}
     for key, kind in _INFO_FIELDS.items():
         if not isinstance(info[key], kind) or isinstance(info[key], bool):
             raise ArtifactError(f"the manifest's {key} is not a {kind.__name__}")
@@ -400,6 +416,9 @@ def _program_info(info) -> ProgramInfo:
         raise ArtifactError(f"the manifest's task {info['task'][:40]!r} is neither {CAUSAL_LM} nor {ENCODER}")
     if not all(isinstance(record, dict) for record in info["passes"]):
         raise ArtifactError("the manifest's pass records are malformed")
+    remaining = info["remaining"]
+    if len(remaining) > MAX_PASSES or not all(isinstance(n, str) and _PASS_NAME.fullmatch(n) for n in remaining):
+        raise ArtifactError("the manifest's list of passes still to run is malformed")
     return ProgramInfo(**info)
 
 
@@ -415,6 +434,65 @@ def _check_coverage(gm: fx.GraphModule, coverage: dict) -> None:
     if claimed != analog or not (known or (share is None and analog)) or (share == 1) != (not analog):
         raise ArtifactError(f"the manifest's coverage does not match its graph ({len(analog)} analog matmul "
                             "sites in the graph): the artifact was edited; recompile it")
+
+
+# --- what a program stopped part-way carries (snncc.resume) ----------------------------------
+
+
+def _resume_tensors(state: ResumeState) -> bytes:
+    tensors = {f"batch.{i}": batch.detach().cpu().contiguous() for i, batch in enumerate(state.batches)}
+    tensors.update({f"range.{name}": r.detach().cpu().contiguous() for name, r in state.ranges.items()})
+    return safetensors.torch.save(tensors)
+
+
+def _resume_state(manifest: dict, data: bytes | None, info: ProgramInfo, graph: fx.Graph) -> ResumeState | None:
+    """The state a program stopped part-way carries, every part checked: present exactly when
+    passes remain; batches token ids the program takes; ranges non-negative float32 of named
+    tensors; shapes and names of the graph's size, shapes only of its nodes."""
+    fields = manifest.get("resume")
+    if (fields is None) != (data is None) or (data is None) != (not info.remaining):
+        raise ArtifactError("the manifest's passes still to run and the artifact's calibration state disagree")
+    if data is None:
+        return None
+    if not isinstance(fields, dict) or set(fields) != {"shapes", "reserved_names", "name_counts"}:
+        raise ArtifactError("the manifest's resume state is malformed")
+    shapes, reserved, counts = fields["shapes"], fields["reserved_names"], fields["name_counts"]
+    nodes = {n.name for n in graph.nodes}
+    if not (isinstance(shapes, dict) and set(shapes) <= nodes and isinstance(reserved, list)
+            and isinstance(counts, dict) and len(reserved) + len(counts) <= 4 * MAX_NODES):
+        raise ArtifactError("the manifest's node shapes or names are malformed")
+    for value in shapes.values():
+        _text(value, "the manifest's node shapes")
+    for name in reserved:
+        _identifier(name, "the manifest's node names")
+    if not all(isinstance(base, str) and len(base) <= MAX_NAME and isinstance(c, int) and not isinstance(c, bool)
+               and 0 <= c < 2**31 for base, c in counts.items()):
+        raise ArtifactError("the manifest's node name counts are malformed")
+    batches, ranges = _resume_tensors_from(data, info)
+    return ResumeState(batches=batches, ranges=ranges, shapes=shapes, reserved_names=reserved, name_counts=counts)
+
+
+def _resume_tensors_from(data: bytes, info: ProgramInfo) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error type for every malformed file
+        raise ArtifactError(f"the artifact's calibration state is malformed ({first_line(exc)})") from None
+    count = sum(key.startswith("batch.") for key in tensors)
+    if not 0 < count <= MAX_BATCHES or any(f"batch.{i}" not in tensors for i in range(count)):
+        raise ArtifactError("the artifact's calibration batches are missing or not numbered 0, 1, ...")
+    batches = [tensors.pop(f"batch.{i}") for i in range(count)]
+    for batch in batches:
+        if not (batch.dtype == torch.int64 and batch.dim() == 2 and batch.shape[0] == 1
+                and 2 <= batch.shape[1] <= info.max_positions
+                and 0 <= int(batch.min()) and int(batch.max()) < info.vocab_size):
+            raise ArtifactError("the artifact's calibration batches are not token ids this program takes")
+    ranges = {}
+    for key, value in tensors.items():
+        name = _identifier(key.removeprefix("range."), "the artifact's calibration ranges")
+        if not key.startswith("range.") or value.dtype != torch.float32 or value.dim() > 8 or bool((value < 0).any()):
+            raise ArtifactError(f"the artifact's calibration range '{name}' is malformed")
+        ranges[name] = value
+    return batches, ranges
 
 
 # --- weights and tables --------------------------------------------------------------------
@@ -501,6 +579,7 @@ def load_program(path: Path, device: str = "cpu", backend: str = "reference", pr
             info = _program_info(manifest.get("info"))
             tensors = _tensors(members["weights.safetensors"], manifest.get("aliases"))
             graph = graph_from_json(_json(members["graph.json"], "graph.json"), set(tensors))
+            resume = _resume_state(manifest, members.get(RESUME_MEMBER), info, graph)
         finally:
             sums.result()  # a damaged file is reported as damaged, whatever the parsing found
     root = torch.nn.Module()
@@ -513,7 +592,9 @@ def load_program(path: Path, device: str = "cpu", backend: str = "reference", pr
                             f"{first_line(exc)})") from None
     _check_tables(gm)
     _check_coverage(gm, info.coverage)
-    return SpikingProgram(gm, info, _tokenizer(members), device=device, backend=backend, progress=progress)
+    program = SpikingProgram(gm, info, _tokenizer(members), device=device, backend=backend, progress=progress)
+    program.resume = resume
+    return program
 
 
 def read_manifest(path: Path) -> dict:

@@ -150,6 +150,9 @@ class CalibrationContext:
     # Costly results a pass can reuse in later compiles from this context (qcfs's site
     # sensitivity scan), keyed by contents_digest of what they were computed from.
     memo: dict[str, object] = field(default_factory=dict)
+    # A context that continues a program saved part-way has no ANN: the save recorded all
+    # of it (record_ann), so what `require` misses is the pass's graph's own.
+    ann_recorded: bool = False
 
     @property
     def tokens(self) -> int:
@@ -175,9 +178,9 @@ class CalibrationContext:
         missing = {name for name in names if name not in self.stats}
         if not missing:
             return
-        if self.ann is None:
+        if self.ann is None and not self.ann_recorded:
             raise RuntimeError("CalibrationContext.require needs attach(ann) first")
-        in_ann = {n.name for n in self.ann.graph.nodes} & missing
+        in_ann = {n.name for n in self.ann.graph.nodes} & missing if self.ann is not None else set()
         if in_ann:  # one run of the ANN records every tensor a later pass may ask for
             self._record(self.ann, in_ann | {n.name for n in _recordable(self.ann)} - set(self.stats))
         if missing - in_ann:
@@ -185,6 +188,12 @@ class CalibrationContext:
                 raise RuntimeError(f"tensors {sorted(missing - in_ann)} are not in the ANN graph")
             self._record(current, missing - in_ann)
             self.recorded_from_passes |= missing - in_ann
+
+    def record_ann(self) -> None:
+        """Record every ANN tensor a pass may ask for now (what `require` records on its first
+        call): a program saved part-way carries them to the passes after it."""
+        if self.ann is not None:
+            self.require({n.name for n in _recordable(self.ann)})
 
     def forget_pass_records(self) -> None:
         """Drop what earlier pipeline runs recorded from their own graphs (see recorded_from_passes):

@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 
 from snncc.errors import InputError, SnnccError, first_line
-from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, PIPELINE_OPTIONS, STANDARD_T
+from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, PIPELINE_OPTIONS, STANDARD_T, Pipeline
 from snncc.profile import ENERGY_TABLES
 
 HELDOUT_HELP = "held-out text (default: snncc's packaged heldout.txt, never used for calibration)"
@@ -115,15 +115,15 @@ def _progress() -> bool:
 
 
 def _check_model_options(passes: str, T: int | None, calib: str | None, calib_tokens: int,
-                         device: str = "cpu") -> None:
-    """The pipeline spec, calibration text and device of _model_options, checked in seconds."""
-    from snncc.pipeline import parse_pipeline
-
-    parse_pipeline(passes, T)
+                         device: str = "cpu") -> Pipeline:
+    """The pipeline spec, calibration text and device of _model_options, checked in seconds;
+    the spec parsed (once: the API takes the Pipeline)."""
+    pipeline = Pipeline.parse(passes, T)
     _check_at_least("--calib-tokens", calib_tokens, 2)
     if calib:
         _check_text_file(calib, calib_tokens)
     _check_device(device)
+    return pipeline
 
 
 def _check_at_least(option: str, value: int, least: int, zero_ok: bool = False) -> None:
@@ -283,41 +283,127 @@ def main(verbose: int) -> None:
 @click.option("-o", "--output", default=None, help="write the artifact here (e.g. out.snn)")
 @click.option("--eval-tokens", type=int, default=512, show_default=True,
               help="held-out tokens for the fidelity check printed after compiling (0: skip)")
+@click.option("--stop-after", metavar="PASS", default=None,
+              help="run the pipeline up to and including PASS: the program (with -o, an artifact) carries what "
+                   "the passes after it need, to continue with --start-after PASS")
+@click.option("--start-after", metavar="PASS", default=None,
+              help="MODEL is an .snn written with --stop-after PASS: run the pipeline's passes after PASS (the "
+                   "same -T and options; calibration comes from the artifact)")
+@click.option("--dump", type=click.Path(file_okay=False), default=None,
+              help="write the graph before the first pass and after each pass here (00-input.txt, 01-fold.txt, ...)")
 @_fail_cleanly
-def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens):
-    """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline; print fidelity and profile."""
-    from snncc.api import compile_graph
-    from snncc.ir.verify import format_coverage
-    from snncc.render import print_eval, print_profile_summary
+def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens, stop_after, start_after, dump):
+    """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline, or continue an .snn
+    stopped part-way (--start-after); print fidelity and profile."""
+    from snncc.api import compile_graph, resume
+    from snncc.atomic import atomic_dir
+    from snncc.debug import GraphDump
+    from snncc.resume import split
 
     with _arguments():
-        _check_model_options(passes, T, calib, calib_tokens, device)
+        _check_continued(model, start_after)
+        pipeline = _check_model_options(passes, T, calib, calib_tokens, device)
+        start, _ = split(pipeline, start_after, stop_after)
         _check_at_least("--eval-tokens", eval_tokens, 2, zero_ok=True)
         out_path = _check_output_path(output) if output else None
-    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    program = compile_graph(loaded, ann, ctx, passes, T, device=device)
-    cov = program.info.coverage
-    nodes = len(program.graph_module.graph.nodes)
-    click.echo(f"compiled {loaded.name} with '{passes}' (T={program.T}): {nodes} nodes, "
-               f"spike-driven coverage {format_coverage(cov)} of matmul MACs "
-               f"({len(cov['analog_sites'])} analog matmul sites)")
-    _print_reports(program.info.passes)
+        if dump:
+            _check_output_path(dump, "--dump", directory=True)
+    if start_after:
+        saved, prepared = _resumable(model, pipeline, start, start_after), None
+    else:
+        prepared = _prepare(model, calib, calib_tokens)
+    # The dump appears file by file when complete; if a pass fails, the passes before it stay.
+    with atomic_dir(dump, keep_partial=True) if dump else contextlib.nullcontext() as dump_dir:
+        instrument = GraphDump(dump_dir, first=start + 1) if dump else None
+        if start_after:
+            program = resume(saved, start_after, pipeline, stop_after=stop_after, instrument=instrument, device=device,
+                             progress=_progress())
+        else:
+            program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after)
+    _print_compiled(program, pipeline, start)
     if eval_tokens:
-        from snncc.evaluate import evaluate
-
-        chunks = _eval_chunks(loaded.tokenizer, None, eval_tokens, 128, loaded.max_positions)
-        print_eval(evaluate(program, loaded.module, chunks, progress=_progress()))
-        print_profile_summary(program.profile(chunks[0]))
+        _print_fidelity(program, prepared[0] if prepared else None, eval_tokens)
     if out_path:
         program.save(out_path)
         click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB)")
 
 
+def _given(parameter: str) -> bool:
+    """Whether the command line set `parameter` (not its default)."""
+    return click.get_current_context().get_parameter_source(parameter) == click.core.ParameterSource.COMMANDLINE
+
+
+def _check_continued(model: str, start_after: str | None) -> None:
+    """--start-after takes an .snn written with --stop-after, calibrated already; an .snn
+    without --start-after is a program, not a model."""
+    if start_after:
+        if not model.endswith(".snn"):
+            raise InputError(f"--start-after continues a program written with --stop-after: give its .snn file, "
+                             f"not '{model}'")
+        given = [f"--{name.replace('_', '-')}" for name in ("calib", "calib_tokens") if _given(name)]
+        if given:
+            raise InputError(f"{' and '.join(given)}: a continued compile uses the calibration its artifact carries")
+        _check_artifact(model)
+    elif model.endswith(".snn"):
+        raise InputError(f"'{model}' is a compiled program: continue one written with --stop-after PASS with "
+                         "--start-after PASS, or compile its model")
+
+
+def _resumable(artifact: str, pipeline, start: int, start_after: str):
+    """The artifact's program, checked to have run the pipeline's passes up to `start_after`
+    (a mismatch is the command line's: exit 2)."""
+    import snncc
+    from snncc.resume import check_resumable
+
+    program = snncc.load(artifact)
+    with _arguments():
+        check_resumable(program.info, program.resume, pipeline, start, start_after)
+    return program
+
+
+def _print_compiled(program, pipeline, start: int) -> None:
+    """What the compile made, and what the passes it ran (from `start` on) measured."""
+    from snncc.ir.verify import format_coverage
+
+    cov = program.info.coverage
+    nodes = len(program.graph_module.graph.nodes)
+    stopped = f"; stopped after {program.info.passes[-1]['name']}, to run: {', '.join(program.info.remaining)}" \
+        if program.info.remaining else ""
+    click.echo(f"compiled {program.info.model} with '{pipeline.spec}' (T={program.T}{stopped}): {nodes} nodes, "
+               f"spike-driven coverage {format_coverage(cov)} of matmul MACs "
+               f"({len(cov['analog_sites'])} analog matmul sites)")
+    _print_reports(program.info.passes[start:])
+
+
+def _print_fidelity(program, loaded, eval_tokens: int) -> None:
+    """Fidelity against the ANN and a profile summary, on held-out text; a continued compile
+    has no ANN at hand (`loaded` None): its profile only."""
+    from snncc.evaluate import evaluate
+    from snncc.render import print_eval, print_profile_summary
+
+    chunks = _eval_chunks(program.tokenizer, None, eval_tokens, 128, program.info.max_positions)
+    if loaded is None:
+        click.echo("(no fidelity check: a continued compile does not load the ANN; `snncc eval` compiles and "
+                   "checks in one go)")
+    else:
+        print_eval(evaluate(program, loaded.module, chunks, progress=_progress()))
+    print_profile_summary(program.profile(chunks[0]))
+
+
 def _print_reports(records: list[dict]) -> None:
-    """What passes measured (fine-tuning and calibration losses), one line each."""
+    """What passes measured (fine-tuning and calibration losses), one line each; long series
+    (a loss per step) are shown by their length, the artifact keeps them whole."""
     for record in records:
         if record.get("report"):
-            click.echo(f"  {record['name']}: {json.dumps(record['report'])}")
+            click.echo(f"  {record['name']}: {json.dumps(_summarised(record['report']))}")
+
+
+def _summarised(value):
+    if isinstance(value, dict):
+        return {key: _summarised(item) for key, item in value.items()}
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{len(value)} values]"
+    return value
 
 
 # --- finetune -----------------------------------------------------------------------------
@@ -351,17 +437,22 @@ def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib,
 
     options = f"L={L},multirange={multirange:g},steps={steps},mode={mode},lr={lr},checkpoint={checkpoint}"
     qcfs = f"qcfs{{{options}}}"
-    spec = f"fold,qcfs{{{options},plot={plot}}}" if plot else f"fold,{qcfs}"
+    spec = f"fold,{qcfs}"
     with _arguments():
         _check_at_least("--steps", steps, 1)
-        _check_spec_paths(checkpoint=checkpoint, plot=plot)
-        _check_model_options(spec, None, calib, calib_tokens)
+        _check_spec_paths(checkpoint=checkpoint)
+        pipeline = _check_model_options(spec, None, calib, calib_tokens)
         _check_output_path(checkpoint, "--checkpoint")
         if plot:
             _check_output_path(plot, "--plot")
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    program = compile_graph(loaded, ann, ctx, spec)
+    program = compile_graph(loaded, ann, ctx, pipeline)
     _print_reports(program.info.passes)
+    if plot:
+        from snncc.plots import plot_finetune
+
+        report = next(r["report"] for r in program.info.passes if r["name"] == "qcfs")
+        click.echo(f"wrote {plot_finetune(report['finetune'], Path(plot))}")
     click.echo(f"checkpoint {checkpoint}; compile with it: snncc compile {model} --passes 'fas,{qcfs}'")
 
 
@@ -391,13 +482,13 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
     from snncc.render import print_eval
 
     with _arguments():
-        _check_model_options(passes, T, calib, calib_tokens, device)
+        pipeline = _check_model_options(passes, T, calib, calib_tokens, device)
         _check_at_least("--max-tokens", max_tokens, 2)
         _check_at_least("--seq-len", seq_len, 2)
         if text:
             _check_text_file(text, max_tokens)
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    program = compile_graph(loaded, ann, ctx, passes, T, device=device)
+    program = compile_graph(loaded, ann, ctx, pipeline, device=device)
     chunks = _eval_chunks(loaded.tokenizer, text, max_tokens, seq_len, loaded.max_positions)
     result = evaluate(program, loaded.module, chunks, progress=_progress())
     if as_json:
@@ -425,7 +516,7 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
     from snncc.debug import PassTable
 
     with _arguments():
-        _check_model_options(passes, T, calib, calib_tokens, device)
+        pipeline = _check_model_options(passes, T, calib, calib_tokens, device)
         if text:
             _check_text_file(text, 128)
         if dump:
@@ -437,7 +528,7 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
     # The dump appears file by file when complete; if a pass fails, the passes before it stay.
     with atomic_dir(dump, keep_partial=True) if dump else contextlib.nullcontext() as dump_dir:
         table = PassTable(loaded, sample, dump_dir, device)
-        program = compile_graph(loaded, ann, ctx, passes, T, debug=True, instrument=table, device=device)
+        program = compile_graph(loaded, ann, ctx, pipeline, debug=True, instrument=table, device=device)
     table.print()
     if plot:
         table.plot(Path(plot), f"{loaded.name} '{passes}' T={program.T}: pass by pass")
@@ -492,25 +583,25 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache):
     click.echo(prompt + program.generate(prompt, max_new_tokens, progress=progress, cache=cache))
 
 
-def _program(model, passes, T, calib, calib_tokens, device="cpu"):
-    """The spiking program of an .snn artifact, or MODEL compiled with the pipeline options."""
-    if model.endswith(".snn"):
+def _program(model, pipeline, calib, calib_tokens, device="cpu"):
+    """The spiking program of an .snn artifact (`pipeline` None), or MODEL compiled with the pipeline."""
+    if pipeline is None:
         import snncc
 
         return snncc.load(model, device=device)
     from snncc.api import compile_graph
 
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    return compile_graph(loaded, ann, ctx, passes, T, device=device)
+    return compile_graph(loaded, ann, ctx, pipeline, device=device)
 
 
-def _check_program_options(model, passes, T, calib, calib_tokens, device) -> None:
-    """What _program will need: an existing artifact, or options that compile MODEL."""
+def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pipeline | None:
+    """What _program will need: an existing artifact (None), or options that compile MODEL (its pipeline)."""
     if model.endswith(".snn"):
         _check_device(device)
         _check_artifact(model)
-    else:
-        _check_model_options(passes, T, calib, calib_tokens, device)
+        return None
+    return _check_model_options(passes, T, calib, calib_tokens, device)
 
 
 @main.command("profile")
@@ -530,10 +621,10 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 
     with _arguments():
         _check_prompt(prompt)
-        _check_program_options(model, passes, T, calib, calib_tokens, device)
+        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
         if plot:
             _check_output_path(plot, "--plot")
-    program = _program(model, passes, T, calib, calib_tokens, device)
+    program = _program(model, pipeline, calib, calib_tokens, device)
     ids = program.tokenizer.encode(prompt)
     if not ids:
         raise InputError("the prompt is empty: give some text")
@@ -570,9 +661,9 @@ def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, exter
     """Export an .snn artifact (or MODEL compiled with --passes) to ONNX or NIR."""
     with _arguments():
         _check_at_least("--verify-tokens", verify_tokens, 0)
-        _check_program_options(model, passes, T, calib, calib_tokens, device)
+        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
         out_path = _check_output_path(output)
-    program = _program(model, passes, T, calib, calib_tokens, device)
+    program = _program(model, pipeline, calib, calib_tokens, device)
     sample = _eval_chunks(program.tokenizer, None, max(verify_tokens, 2), max(verify_tokens, 2),
                           program.info.max_positions)[0] if verify_tokens else None
     if fmt == "nir":

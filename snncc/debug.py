@@ -1,4 +1,4 @@
-"""Pass-by-pass debugging: the PassManager instrument behind `snncc debug`."""
+"""Pass-by-pass debugging: the PassManager instruments behind `snncc debug` and `compile --dump`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,24 @@ from snncc.ir.printer import format_graph
 from snncc.ir.verify import coverage_report, format_coverage
 from snncc.models import CAUSAL_LM, LoadedModel
 from snncc.pipeline import Pass, PassRecord
+
+
+class GraphDump:
+    """Instrument: the graph before the first pass (`00-input.txt`) and after each pass
+    (`NN-PASS.txt`, NN the pass's place in the pipeline, from `first`) as readable IR."""
+
+    def __init__(self, folder: Path, first: int = 1):
+        self.folder = folder
+        self.index = first
+
+    def __call__(self, p: Pass | None, gm: fx.GraphModule, record: PassRecord | None,
+                 sites: list | None = None) -> None:
+        if p is None:
+            name = "00-input.txt"
+        else:
+            name = f"{self.index:02d}-{p.name}.txt"
+            self.index += 1
+        (self.folder / name).write_text(format_graph(gm))
 
 
 @dataclass

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # Graph noise torch.export leaves for runtime checks; the executor does not need them.
 _DROPPED_TARGETS = {torch.ops.aten._assert_tensor_metadata.default}
-_EXAMPLE_SHAPE = (2, 8)  # batch 2 and length 8 keep export from specialising either to 1
+EXAMPLE_SHAPE = (2, 8)  # batch 2 and length 8 keep export from specialising either to 1
 MAX_BATCH = 1024
 
 
@@ -76,7 +76,7 @@ def _export(module: torch.nn.Module, max_positions: int,
     cannot prove a guard the model raises on them (torch 2.11 on transformers' attention masks:
     min(64 s, 192 s) == 64 s), AUTO dims. Either way both dims must come out dynamic: a program
     traced for one shape would silently refuse others."""
-    example = torch.randint(0, 2, _EXAMPLE_SHAPE)
+    example = torch.randint(0, 2, EXAMPLE_SHAPE)
     for auto in tries:
         try:
             exported = torch.export.export(module, (example,), dynamic_shapes=_dynamic_dims(max_positions, auto))

@@ -2,7 +2,8 @@
 
 A pipeline spec is a pipeline name (`none`, `encode`, ...) or a comma list of pass names,
 each with optional options: `encode{T=8,headroom=1.1}`. The global `-T` applies to every
-pass that has a `T` option unless the spec sets it.
+pass that has a `T` option unless the spec sets it; without `-T`, the spec's default
+(`default_T`, from DEFAULT_T and STANDARD_T: the one place default step counts live).
 """
 
 from __future__ import annotations
@@ -129,10 +130,11 @@ def validate_options(p: Pass) -> None:
 
 PASSES: dict[str, type[Pass]] = {}
 DEFAULT_PIPELINE = "las"
-STANDARD_T = 16
 # The smallest T at which a pipeline meets its fidelity targets on SmolLM2 (measured: the
 # README's T table and benchmarks/greedy_agreement.py); -T overrides it.
 DEFAULT_T = {"las": 14, "fas": 8}
+# T of any other spec, and of a pass made in Python without one (its option's default).
+STANDARD_T = 16
 PIPELINES: dict[str, tuple[str, ...]] = {
     "none": (),  # the ANN itself, traced: the identity pipeline
     # LAS (the LAS paper, loss-less conversion): fold norm weights, spiking nonlinearities and
@@ -263,6 +265,39 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
     return passes
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """A spec parsed once: the passes in run order, the spec text a program records, and the T
+    the spec was parsed at (-T, or default_T)."""
+
+    spec: str
+    passes: tuple[Pass, ...]
+    T: int
+
+    @classmethod
+    def parse(cls, spec: str, T: int | None = None) -> Pipeline:
+        T = default_T(spec) if T is None else T
+        return cls(spec, tuple(parse_pipeline(spec, T)), T)
+
+    @property
+    def steps(self) -> int:
+        """The T a program of this pipeline records: its first pass's with a T option, 0 for `none`."""
+        if not self.passes:
+            return 0
+        return next((p.T for p in self.passes if hasattr(p, "T")), self.T)
+
+    def after(self, name: str | None, option: str) -> int:
+        """How many passes run up to and including pass `name` (0 for None): where to stop, or
+        where a compile continued from a saved program starts."""
+        if name is None:
+            return 0
+        names = [p.name for p in self.passes]
+        if name not in names:
+            raise PipelineError(f"{option} '{name}': no such pass in '{self.spec}' (its passes: "
+                                f"{', '.join(names) or 'none'})")
+        return names.index(name) + 1
+
+
 def _check_order(passes: list[Pass]) -> None:
     seen: set[str] = set()
     for before, after in zip(passes, passes[1:], strict=False):
@@ -366,6 +401,7 @@ class PassManager:
         self.debug = debug
         self.instrument = instrument
         self.records: list[PassRecord] = []
+        self.context: CalibrationContext | None = None  # what the last pass handed on (snncc.resume keeps it)
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> fx.GraphModule:
         from snncc.ir.verify import verify
@@ -407,4 +443,5 @@ class PassManager:
             log.info("pass %s: %.2fs, modified=%s", p.name, record.seconds, record.modified)
             if self.instrument:
                 self.instrument(p, gm, record, result.sites)
+        self.context = ctx
         return gm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -14,6 +15,9 @@ from snncc.errors import InputError
 from snncc.models import CAUSAL_LM
 from snncc.profile import Profile, profile_graph
 from snncc.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from snncc.resume import ResumeState
 
 
 @dataclass
@@ -29,6 +33,7 @@ class ProgramInfo:
     passes: list[dict] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)
+    remaining: list[str] = field(default_factory=list)  # passes still to run: a program stopped part-way
 
 
 class SpikingProgram:
@@ -42,6 +47,8 @@ class SpikingProgram:
         self.tokenizer = tokenizer
         self.backend = backend
         self.executor = create_executor(graph_module, backend, device, mode, progress)
+        # What the remaining passes need (snncc.resume), where a compile stopped part-way.
+        self.resume: ResumeState | None = None
 
     @property
     def T(self) -> int:
