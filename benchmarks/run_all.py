@@ -47,7 +47,6 @@ def suite_command(name: str) -> str:
     return " ".join(["python", f"benchmarks/{name}.py", *SUITE[name]])
 
 
-_GPU = "bash benchmarks/gpu_check.sh on the device machine, which runs "
 _FAS = "python benchmarks/fas_smollm2.py "
 _FIDELITY = "python benchmarks/fidelity_vs_T.py "
 _SPREAD_SPECS = " ".join(f'"fas,qcfs{{L={L},multirange={K}}},ifencode{{spread=true}}"'
@@ -80,13 +79,19 @@ COMMANDS = {
                                          "--format onnx-snn --out benchmarks/results/onnx_export_smollm2-135m_las.json",
     "onnx_export_smollm2-135m_none.json": "python benchmarks/onnx_export.py --model smollm2-135m --passes none "
                                           "--format onnx --out benchmarks/results/onnx_export_smollm2-135m_none.json",
-    "executor_speed_cuda.json": _GPU + "python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda "
-                                "-T 16 --tokens 128 512 --repeats 5",
-    "generation_smollm2-shaped_las_cuda.json": _GPU + "python3 benchmarks/generation.py --model smollm2-shaped "
-                                               "--device cuda --new-tokens 32 --calib-tokens 1024",
-    "hot_paths_smollm2-shaped_las_cuda.json": _GPU + "python3 benchmarks/hot_paths.py --model smollm2-shaped "
-                                              "--device cuda -T 16 --tokens 128",
+    "executor_speed_cuda.json": "python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda "
+                                "-T 16 --tokens 128 512 --repeats 5 --out \"$OUT\"",
+    "generation_smollm2-shaped_las_cuda.json": "python3 benchmarks/generation.py --model smollm2-shaped "
+                                               "--device cuda --new-tokens 32 --calib-tokens 1024 --out \"$OUT\"",
+    "hot_paths_smollm2-shaped_las_cuda.json": "python3 benchmarks/hot_paths.py --model smollm2-shaped "
+                                              "--device cuda -T 16 --tokens 128 --out \"$OUT\"",
 }
+# How a command ran, where it was not `python ...` from the repository root on this machine.
+_GPU = "run by `bash benchmarks/gpu_check.sh` on the device machine; JSON copied from its $OUT"
+RUN_BY = {"executor_speed_cuda.json": _GPU, "generation_smollm2-shaped_las_cuda.json": _GPU,
+          "hot_paths_smollm2-shaped_las_cuda.json": _GPU,
+          "fas_smollm2-135m_L16_mr4.json": "JSON and plots copied from /tmp/fascheck",
+          "profile_smollm2-135m_L16_mr4_fas_T8.json": "JSON and plots copied from /tmp/fascheck"}
 # fas_smollm2.py writes the profile of its first T's calibrated program beside its results.
 for _tag in ("", "_L16", "_L16_mr4", "_L16_mr0.5"):
     COMMANDS[f"profile_smollm2-135m{_tag}_fas_T8.json"] = COMMANDS[f"fas_smollm2-135m{_tag}.json"]
@@ -139,7 +144,8 @@ def image(name: str, alt: str) -> str:
 
 def provenance(name: str) -> list[str]:
     """Where a section's figures come from: the file, the command that wrote it, the date."""
-    return [f"- data: {link(name)}", f"- command: `{COMMANDS[name]}`", f"- measured: {measured_on(name)}"]
+    note = f" ({RUN_BY[name]})" if name in RUN_BY else ""
+    return [f"- data: {link(name)}", f"- command: `{COMMANDS[name]}`{note}", f"- measured: {measured_on(name)}"]
 
 
 # ---------------------------------------------------------------- formatting
@@ -436,9 +442,14 @@ def event_section(name: str) -> list[str]:
                       f"{r['dense_unrolled_s']:.4f}", f"{r['event_sops_per_s']:.2e}"] for r in data["rows"]])]
 
 
+def _op_name(op: str, width: int = 48) -> str:
+    """An op or CUDA kernel name, cut to `width` characters (kernel names run to hundreds)."""
+    return op if len(op) <= width else op[: width - 3] + "..."
+
+
 def hot_paths_table(data: dict) -> list[str]:
     return _table(["runner", "self ms", "top ops (share of self time)"],
-                  [[name, f"{runner['self_ms']:.0f}", ", ".join(f"{op['op']} {op['share']:.0%}"
+                  [[name, f"{runner['self_ms']:.0f}", ", ".join(f"`{_op_name(op['op'])}` {op['share']:.0%}"
                                                                for op in runner["top"][:5])]
                    for name, runner in data["runners"].items()])
 
