@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import snncc.passes  # noqa: F401  (registers every pass)
-from snncc.pipeline import PASSES, PIPELINES
+from snncc.pipeline import DEFAULT_T, PASSES, PIPELINES
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -67,12 +67,15 @@ def test_the_pass_table_lists_every_registered_pass():
 
 
 def test_the_pipeline_table_gives_every_pipeline_its_exact_passes():
-    listed = {}
+    listed, default_T = {}, {}
     for row in _table_rows("Pipelines"):
         name = re.match(r"`([\w-]+)`", row[0]).group(1)
         passes = re.fullmatch(r"`([^`]*)`", row[1])
         listed[name] = tuple(p.strip() for p in passes.group(1).split(",")) if passes else ()
+        if row[2].isdigit():
+            default_T[name] = int(row[2])
     assert listed == dict(PIPELINES)
+    assert default_T == DEFAULT_T
 
 
 def test_the_link_check_finds_a_broken_link(tmp_path):
