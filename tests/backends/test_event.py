@@ -10,7 +10,7 @@ from snncc.api import compile_graph
 from snncc.backends.event import EventBackend, SpikeEvents
 from snncc.ir.ops import execution_mode, step_gains
 from snncc.profile import profile_graph
-from tests.conftest import heldout_ids, prepared
+from tests.conftest import compiled, heldout_ids, prepared
 
 aten = torch.ops.aten
 _DENSE_MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.matmul.default,
@@ -34,8 +34,7 @@ class _OpLog(TorchDispatchMode):
 @pytest.mark.parametrize(("pipeline", "T"), [("encode", 4), ("encode", 12), ("las", 6), ("las", 12),
                                              (_FAS_QUICK, 8), (_FAS_QUICK, 4)])
 def test_event_outputs_and_counts_equal_the_reference(tiny_name, pipeline, T):
-    loaded, ann, ctx = prepared(tiny_name)
-    program = compile_graph(loaded, ann, ctx, pipeline, T)
+    program = compiled(tiny_name, pipeline, T)
     ids = heldout_ids(tiny_name)[:2, :48]
     with execution_mode("exact"):
         reference = program.graph_module(ids)
