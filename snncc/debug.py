@@ -25,8 +25,7 @@ class GraphDump:
         self.folder = folder
         self.index = first
 
-    def __call__(self, p: Pass | None, gm: fx.GraphModule, record: PassRecord | None,
-                 sites: list | None = None) -> None:
+    def __call__(self, p: Pass | None, gm: fx.GraphModule, record: PassRecord | None, sites: list) -> None:
         if p is None:
             name = "00-input.txt"
         else:
