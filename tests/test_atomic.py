@@ -74,16 +74,22 @@ def test_an_old_temporary_is_removed_even_if_its_pid_runs(tmp_path):
 
 
 _WRITER = textwrap.dedent("""
+    import signal
     import sys
+    import time
     from pathlib import Path
     from snncc.atomic import atomic_file
 
+    # Python's own SIGINT handler, even where the test runs with SIGINT ignored (a background
+    # job of a non-interactive shell): a child inherits the ignored disposition and keeps it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with atomic_file(Path(sys.argv[1])) as tmp, open(tmp, "wb") as f:
         f.write(b"x" * 2**20)
         f.flush()
         print("writing", flush=True)
         while True:  # a big file being written until the signal comes
             f.write(b"x" * 2**16)
+            time.sleep(0.001)
 """)
 
 
