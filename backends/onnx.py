@@ -100,7 +100,7 @@ def to_onnx(program, fmt: str = "onnx"):
         raise InputError(f"unknown ONNX format '{fmt}': use one of {', '.join(FORMATS)}")
     import onnx_ir
     import onnxscript.optimizer
-    from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass
+    from onnx_ir.passes.common import InlinePass
     from torch.export import Dim
 
     info = program.info
@@ -138,11 +138,26 @@ def to_onnx(program, fmt: str = "onnx"):
     if fmt == "onnx":
         InlinePass()(model)
         model.functions.clear()
-        onnxscript.optimizer.optimize(model)  # fold what the inlined bodies compute from constants
-        RemoveUnusedOpsetsPass()(model)
+        _fold_inlined(model)
     model.metadata_props.update(metadata(program, fmt, used))
     model.producer_name, model.producer_version = "snncc", __version__
     return model
+
+
+def _fold_inlined(model) -> None:
+    """Fold what the inlined function bodies compute from constants, then drop dead nodes,
+    repeated subexpressions and unused opsets. This is onnxscript's `optimize` without its
+    pattern rewriter: on an inlined graph the rewriter takes most of the export time (its
+    matching grows with the graph) and removes few nodes."""
+    import onnx_ir
+    import onnxscript.optimizer
+    from onnx_ir.passes import common
+
+    onnxscript.optimizer.fold_constants_ir(model)
+    onnx_ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass())(model)
 
 
 def _name_spiking_values(model, gm) -> None:

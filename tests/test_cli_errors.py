@@ -1,13 +1,13 @@
 """The `snncc` command on bad input: one clear line on stderr, a non-zero exit, no traceback,
 and nothing left behind where an output was asked for.
 
-Every test runs the real CLI in a subprocess (`python -m snncc ...`) in an empty tmp_path.
+Every test runs the real CLI in a child process in an empty tmp_path: forked from one that
+imported snncc once (tests/snncc_process.py), and the happy path in a fresh interpreter.
 A valid artifact of the tiny random-weight model is compiled once per module and shared.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,24 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.snncc_process import TIMEOUT, run_fresh_snncc, run_snncc, snncc_env
+
 PREFIX = "snncc: error:"
-TIMEOUT = 300
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
-def run_snncc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m snncc ARGS` in `cwd`, offline, with captured text output."""
-    return subprocess.run([sys.executable, "-m", "snncc", *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def run_python(cwd: Path, code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=snncc_env(),
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -78,7 +67,7 @@ def good_artifact(tmp_path_factory) -> Path:
 
 
 def test_compile_and_run_succeed(tmp_path):
-    result = run_snncc(tmp_path, "compile", "tiny-llama", "-T", "4", "--eval-tokens", "256", "-o", "ok.snn")
+    result = run_fresh_snncc(tmp_path, "compile", "tiny-llama", "-T", "4", "--eval-tokens", "256", "-o", "ok.snn")
     shown = f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
     assert result.returncode == 0, shown
     assert "Traceback" not in result.stderr, shown
@@ -88,7 +77,7 @@ def test_compile_and_run_succeed(tmp_path):
     assert (tmp_path / "ok.snn").is_file() and (tmp_path / "ok.snn").stat().st_size > 0
     assert listing(tmp_path) == {"ok.snn"}, f"temp files left: {listing(tmp_path)}"
 
-    result = run_snncc(tmp_path, "run", "ok.snn", "--prompt", "Hello", "--max-new-tokens", "3")
+    result = run_fresh_snncc(tmp_path, "run", "ok.snn", "--prompt", "Hello", "--max-new-tokens", "3")
     assert result.returncode == 0, f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
     assert result.stdout.startswith("Hello")
     assert listing(tmp_path) == {"ok.snn"}

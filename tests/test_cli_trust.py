@@ -10,8 +10,6 @@ see what a shell sees (real bytes in argv).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ import snncc.api
 from snncc import cli
 from snncc.calibration import read_text, text_bytes_for
 from snncc.errors import InputError
+from tests.snncc_process import run_fresh_snncc
 
 PREFIX = "snncc: error:"
 BAD_UTF8 = "a\udcffb"  # what click hands over for the bytes b"a\xffb" in argv
@@ -223,20 +222,14 @@ def test_a_snncc_error_while_working_exits_1(tmp_path, monkeypatch):
 # --- what a shell sees ------------------------------------------------------------------------
 
 
-def _snncc(cwd: Path, *args: str | bytes) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "snncc", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_invalid_utf8_bytes_in_argv(tmp_path):
-    result = _snncc(tmp_path, "profile", "tiny-llama", "--prompt", b"caf\xe9")
+    result = run_fresh_snncc(tmp_path, "profile", "tiny-llama", "--prompt", b"caf\xe9")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"{PREFIX} --prompt is not valid UTF-8 (byte 0xe9"), result.stderr
 
 
 def test_unknown_option_is_a_usage_error(tmp_path):
-    result = _snncc(tmp_path, "compile", "tiny-llama", "--no-such-option")
+    result = run_fresh_snncc(tmp_path, "compile", "tiny-llama", "--no-such-option")
     assert result.returncode == 2 and result.stderr.startswith(PREFIX) and result.stderr.count("\n") == 1
 
 

@@ -18,8 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from snncc.errors import ModelError, SnnccError
 from snncc.models import load_model
+from tests.snncc_process import run_snncc
 
 logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)  # it logs every failed op
 MARKER = "snncc_hostile_marker"
@@ -570,12 +569,6 @@ def test_a_huge_tokenizer_file_is_refused_unread(base, monkeypatch):
 # --- through the CLI: one line, no traceback --------------------------------------------------
 
 
-def _cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "snncc", *args], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
 def _mutated_for_cli(base: dict, kind: str) -> tuple[bytes, dict[str, bytes]]:
     model = _proto(base["model"])
     if kind == "metadata":
@@ -608,7 +601,7 @@ def test_the_cli_reports_a_hostile_file_in_one_line(base, kind):
         before = sorted(p.name for p in folder.iterdir())
         TALLY["run"] += 1
         TALLY["cli"] += 1
-        result = _cli(folder, "compile", "case.onnx", "--passes", "none", "--eval-tokens", "0")
+        result = run_snncc(folder, "compile", "case.onnx", "--passes", "none", "--eval-tokens", "0")
         assert sorted(p.name for p in folder.iterdir()) == before
     shown = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert result.returncode != 0 and "Traceback" not in result.stderr, shown
