@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
 from snncc.ir.rewrite import copy_graph_module
 from snncc.models import TINY_MODELS
 from snncc.pipeline import graph_fingerprint
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # pytest -n N runs a worker per core: one thread each, no fight over cores
 
 
 @functools.cache

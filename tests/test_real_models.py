@@ -26,33 +26,45 @@ def _chunks(name: str, tokens: int) -> list[torch.Tensor]:
     return list(heldout_ids(name, tokens, CALIB_TOKENS).split(1))
 
 
+@functools.cache
+def _program(name: str, spec: str, T: int | None = None):
+    """`spec` compiled from the real model `name` at snncc's default calibration, once per
+    session: tests that read the same program share it (and an xdist group keeps them on one
+    worker)."""
+    loaded, ann, ctx = prepared(name, CALIB_TOKENS)
+    return compile_graph(loaded, ann, ctx, spec, T)
+
+
+_MINILM_FAS = "fas,calibrate{layer_steps=3,neuron_steps=3,batches=1}"
+
+
 def test_smollm2_none_is_the_ann():
     loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
     result = evaluate(compile_graph(loaded, ann, ctx, "none", 16), loaded.module, _chunks("smollm2-135m", 256))
     assert result["ppl_ratio"] == 1.0 and result["top1_agreement"] == 1.0
 
 
+@pytest.mark.xdist_group("smollm2-encode")
 def test_smollm2_encode_T16_agrees_with_the_ann():
-    loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
-    program = compile_graph(loaded, ann, ctx, "encode", 16)
+    loaded = prepared("smollm2-135m", CALIB_TOKENS)[0]
+    program = _program("smollm2-135m", "encode", 16)
     result = evaluate(program, loaded.module, _chunks("smollm2-135m", 1024))
     assert result["top1_agreement"] >= 0.99, result
     assert abs(result["ppl_ratio"] - 1) <= 0.01, result
     assert result["coverage"] == 1.0
 
 
+@pytest.mark.xdist_group("smollm2-encode")
 def test_smollm2_greedy_answer_survives_encoding():
-    loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
-    program = compile_graph(loaded, ann, ctx, "encode", 16)
+    program = _program("smollm2-135m", "encode", 16)
     assert program.generate("The capital of France is", 3).startswith(" Paris")
 
 
-@functools.cache
 def _smollm2_las():
-    loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
-    return compile_graph(loaded, ann, ctx, "las")  # the pipeline's default T
+    return _program("smollm2-135m", "las")  # the pipeline's default T
 
 
+@pytest.mark.xdist_group("smollm2-las")
 def test_smollm2_las_at_its_default_T_meets_the_targets():
     program = _smollm2_las()
     assert program.T == DEFAULT_T["las"]
@@ -63,6 +75,7 @@ def test_smollm2_las_at_its_default_T_meets_the_targets():
     assert not ops_outside_the_table(program.graph_module)  # so it saves and loads
 
 
+@pytest.mark.xdist_group("smollm2-las")
 @pytest.mark.parametrize("prompt", ["The capital of France is", "The quick brown fox", "def fibonacci(n):"])
 def test_smollm2_las_greedy_continuations_match_the_ann(prompt):
     loaded = prepared("smollm2-135m", CALIB_TOKENS)[0]
@@ -74,9 +87,10 @@ def test_smollm2_las_greedy_continuations_match_the_ann(prompt):
     assert _smollm2_las().generate(prompt, 16) == expected
 
 
+@pytest.mark.xdist_group("minilm")
 def test_minilm_las_keeps_sentence_embeddings():
-    loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
-    program = compile_graph(loaded, ann, ctx, "las")
+    loaded = prepared("minilm-l6", CALIB_TOKENS)[0]
+    program = _program("minilm-l6", "las")
     assert not ops_outside_the_table(program.graph_module)  # so it saves and loads
     result = evaluate(program, loaded.module, _chunks("minilm-l6", 1024))
     assert result["cosine"] >= 0.9999, result
@@ -136,14 +150,16 @@ def test_smollm2_fas_as_it_ships_meets_the_perplexity_target_at_T8_before_fine_t
     assert result["ppl_ratio"] <= 1.10, result
 
 
+@pytest.mark.xdist_group("minilm")
 def test_minilm_fas_runs_fully_spiking():
-    loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
-    program = compile_graph(loaded, ann, ctx, "fas,calibrate{layer_steps=3,neuron_steps=3,batches=1}")
+    loaded = prepared("minilm-l6", CALIB_TOKENS)[0]
+    program = _program("minilm-l6", _MINILM_FAS)
     result = evaluate(program, loaded.module, _chunks("minilm-l6", 512))
     assert program.info.coverage["coverage"] == 1.0
     assert result["cosine"] >= 0.8, result
 
 
+@pytest.mark.xdist_group("smollm2-las")
 def test_smollm2_las_onnx_export_runs_as_the_reference(tmp_path):
     """The SmolLM2 las program exports (no external data needed at 635 MiB) and onnxruntime
     gives the reference executor's logits on held-out tokens."""
@@ -155,13 +171,12 @@ def test_smollm2_las_onnx_export_runs_as_the_reference(tmp_path):
     assert verify_onnx(program, report.path, heldout_ids("smollm2-135m", 256, CALIB_TOKENS)[:1, :64]) <= 1e-4
 
 
-@pytest.mark.parametrize(("pipeline", "fmt"), [("las", "onnx"), ("fas", "onnx-snn")])
-def test_minilm_onnx_export_runs_as_the_reference(tmp_path, pipeline, fmt):
+@pytest.mark.xdist_group("minilm")
+@pytest.mark.parametrize(("spec", "fmt"), [("las", "onnx"), (_MINILM_FAS, "onnx-snn")], ids=["las", "fas"])
+def test_minilm_onnx_export_runs_as_the_reference(tmp_path, spec, fmt):
     from snncc.backends.onnx import check_onnx, export_onnx, verify_onnx
 
-    loaded, ann, ctx = prepared("minilm-l6", CALIB_TOKENS)
-    spec = "fas,calibrate{layer_steps=3,neuron_steps=3,batches=1}" if pipeline == "fas" else pipeline
-    program = compile_graph(loaded, ann, ctx, spec)
+    program = _program("minilm-l6", spec)
     path = tmp_path / "minilm.onnx"
     export_onnx(program, path, fmt)
     check_onnx(path)

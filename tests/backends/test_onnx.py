@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 
 import onnx
 import pytest
@@ -107,17 +108,33 @@ def _program(name: str, pipeline: str):
     return compile_graph(loaded, ann, ctx, _PIPELINES[pipeline])
 
 
-# onnx-snn for every tiny model and pipeline; the inlined standard-opset form (slower to
-# build) for every model on las, the pipeline with the most kinds of spiking op, and on fas.
-_CASES = ([(m, p, "onnx-snn") for m in TINY_MODELS for p in _PIPELINES] + [(m, "las", "onnx") for m in TINY_MODELS]
-          + [("tiny-llama", "fas", "onnx"), ("tiny-bert", "none", "onnx")])
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """exported(name, pipeline, fmt) -> (path, report): each export written once per module and
+    only read by the tests that share it."""
+    folder = tmp_path_factory.mktemp("exports")
+
+    @functools.cache
+    def export(name: str, pipeline: str, fmt: str):
+        path = folder / f"{name}-{pipeline}-{fmt}.onnx"
+        return path, export_onnx(_program(name, pipeline), path, fmt)
+
+    return export
+
+
+# Every tiny model: the spiking pipelines in the function form, the ANN ("none") in the
+# standard form the ONNX frontend reads back, and las, the pipeline with the most kinds of
+# spiking op, inlined into the standard opset (slower to build: beyond tiny-llama, slow tier).
+# tiny-llama's fas inlined and tiny-bert's ANN in the function form.
+_CASES = ([(m, p, "onnx-snn") for m in TINY_MODELS for p in ("las", "fas")] + [(m, "none", "onnx") for m in TINY_MODELS]
+          + [pytest.param(m, "las", "onnx", marks=[pytest.mark.slow] * (m != "tiny-llama")) for m in TINY_MODELS]
+          + [("tiny-llama", "fas", "onnx"), ("tiny-bert", "none", "onnx-snn")])
 
 
 @pytest.mark.parametrize(("name", "pipeline", "fmt"), _CASES)
-def test_onnxruntime_runs_the_export_as_the_reference_does(tmp_path, name, pipeline, fmt):
+def test_onnxruntime_runs_the_export_as_the_reference_does(exported, name, pipeline, fmt):
     program = _program(name, pipeline)
-    path = tmp_path / "model.onnx"
-    report = export_onnx(program, path, fmt)
+    path, report = exported(name, pipeline, fmt)
     check_onnx(path)
     model = onnx.load(str(path))
     domains = {node.domain for node in model.graph.node}
@@ -132,10 +149,9 @@ def test_onnxruntime_runs_the_export_as_the_reference_does(tmp_path, name, pipel
     assert verify_onnx(program, path, ids[:1, :7]) <= 1e-4
 
 
-def test_export_metadata_names_and_time_axis(tmp_path):
+def test_export_metadata_names_and_time_axis(exported):
     program = _program("tiny-llama", "las")
-    path = tmp_path / "las.onnx"
-    export_onnx(program, path, "onnx-snn")
+    path, _ = exported("tiny-llama", "las", "onnx-snn")
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["snncc.pipeline"] == "las" and meta["snncc.T"] == str(program.T) and meta["snncc.model"] == "tiny-llama"
@@ -169,22 +185,21 @@ def test_export_refuses_what_it_cannot_express(tmp_path):
         export_onnx(_program("tiny-llama", "none"), tmp_path / "x.onnx", "tflite")
 
 
-def test_onnxruntime_executor_reads_int_ids(tmp_path):
+def test_onnxruntime_executor_reads_int_ids(exported):
     program = _program("tiny-bert", "none")
-    path = tmp_path / "bert.onnx"
-    export_onnx(program, path, "onnx-snn")
+    path, _ = exported("tiny-bert", "none", "onnx-snn")
     out = OnnxRuntimeExecutor(path)(torch.tensor([[1, 2, 3]], dtype=torch.int32))
     assert out.shape == (1, 3, program(torch.tensor([[1, 2, 3]])).shape[-1])
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_an_onnx_model_compiles_like_its_pytorch_original(tmp_path, name):
+def test_an_onnx_model_compiles_like_its_pytorch_original(tmp_path, exported, name):
     """ONNX frontend: an ANN exported with torch.onnx traces to a graph that computes what the
     PyTorch frontend's graph computes, and `las` compiles it into the same program (the
     tokenizer is found beside the file)."""
     original = _program(name, "none")
     path = tmp_path / "ann.onnx"
-    export_onnx(original, path, "onnx")
+    shutil.copyfile(exported(name, "none", "onnx")[0], path)
     original.tokenizer.save(tmp_path)
     loaded, ann, ctx = prepare(str(path), calib_tokens=1024)
     assert loaded.task == original.info.task and loaded.max_positions == original.info.max_positions
