@@ -7,8 +7,6 @@ default calibration) and scored on held-out text the passes never saw.
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from snncc.evaluate import evaluate
 from snncc.pipeline import DEFAULT_T
 from tests.conftest import heldout_ids, prepared
 from tests.ir.test_opset import ops_outside_the_table
+from tests.snncc_process import run_snncc
 
 pytestmark = pytest.mark.slow
 
@@ -104,17 +103,20 @@ def test_minilm_encode_T16_keeps_sentence_embeddings():
     assert result["cosine"] >= 0.999, result
 
 
-def test_cli_compile_save_and_run_smollm2(tmp_path):
-    out = tmp_path / "smollm2.snn"
-    compiled = subprocess.run([sys.executable, "-m", "snncc", "compile", "smollm2-135m", "--eval-tokens", "256",
-                               "-o", str(out)],
-                              capture_output=True, text=True, timeout=1200)
+@pytest.mark.xdist_group("smollm2-las")
+def test_cli_compiles_and_runs_smollm2(tmp_path):
+    """`snncc compile` on the real model (encode at T = 16: the quickest spike-driven program
+    that still answers), then `snncc run` on it and on the saved las program."""
+    compiled = run_snncc(tmp_path, "compile", "smollm2-135m", "--passes", "encode", "-T", "16", "--eval-tokens", "256",
+                         "-o", "encode.snn", timeout=1200)
     assert compiled.returncode == 0, compiled.stderr
     assert "top1_agreement" in compiled.stdout and "energy" in compiled.stdout
-    ran = subprocess.run([sys.executable, "-m", "snncc", "run", str(out), "--prompt", "The capital of France is",
-                          "--max-new-tokens", "3"], capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stderr
-    assert "Paris" in ran.stdout
+    _smollm2_las().save(tmp_path / "las.snn")
+    for artifact in ("encode.snn", "las.snn"):
+        ran = run_snncc(tmp_path, "run", artifact, "--prompt", "The capital of France is", "--max-new-tokens", "3",
+                        timeout=600)
+        assert ran.returncode == 0, ran.stderr
+        assert "Paris" in ran.stdout, (artifact, ran.stdout)
 
 
 def test_smollm2_fas_fine_tunes_calibrates_and_runs_fully_spiking():
