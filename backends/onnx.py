@@ -72,9 +72,6 @@ def _translation(spec: OpSpec, domain, op):
 
     def translate(*args, **kwargs):
         bound = arguments(spec.op, args, kwargs)
-        refusal = spec.onnx.refusal(bound)
-        if refusal is not None:
-            raise ExportError(refusal)
         function = OPS[spec.onnx.function_for(bound)]
         inputs = [op.Constant(value_float=0.0) if bound[a.name] is None else bound[a.name]
                   for a in schema if _is_tensor(a)]
@@ -94,6 +91,17 @@ def _translation(spec: OpSpec, domain, op):
     return translate
 
 
+def _refuse_what_onnx_cannot_say(gm: torch.fx.GraphModule) -> None:
+    """Raise ExportError for the first op whose arguments have no ONNX form (snncc.ir.spec's
+    OnnxForm.refusal), before the export spends its time on the graph."""
+    for node in gm.graph.nodes:
+        spec = spec_of(node.target) if node.op == "call_function" else None
+        if spec is not None and spec.onnx is not None:
+            refusal = spec.onnx.refusal(arguments(spec.op, node.args, node.kwargs))
+            if refusal is not None:
+                raise ExportError(refusal)
+
+
 def to_onnx(program, fmt: str = "onnx"):
     """The program as an onnx_ir.Model in format `fmt` (see FORMATS)."""
     if fmt not in FORMATS:
@@ -102,6 +110,7 @@ def to_onnx(program, fmt: str = "onnx"):
     from onnx_ir.passes.common import InlinePass
     from torch.export import Dim
 
+    _refuse_what_onnx_cannot_say(program.graph_module)
     info = program.info
     example = torch.randint(0, info.vocab_size, (2, min(8, info.max_positions)))
     dims = {INPUT_NAME: {0: Dim("batch", min=1), 1: Dim("seq", min=1, max=info.max_positions)}}

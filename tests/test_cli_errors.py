@@ -2,7 +2,8 @@
 and nothing left behind where an output was asked for.
 
 Every test runs the real CLI in a child process in an empty tmp_path: forked from one that
-imported snncc once (tests/snncc_process.py), and the happy path in a fresh interpreter.
+imported snncc once (tests/snncc_process.py); running the compiled artifact, and what only a
+fresh start shows, in a fresh interpreter.
 A valid artifact of the tiny random-weight model is compiled once per module and shared.
 """
 
@@ -67,7 +68,7 @@ def good_artifact(tmp_path_factory) -> Path:
 
 
 def test_compile_and_run_succeed(tmp_path):
-    result = run_fresh_snncc(tmp_path, "compile", "tiny-llama", "-T", "4", "--eval-tokens", "256", "-o", "ok.snn")
+    result = run_snncc(tmp_path, "compile", "tiny-llama", "-T", "4", "--eval-tokens", "256", "-o", "ok.snn")
     shown = f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
     assert result.returncode == 0, shown
     assert "Traceback" not in result.stderr, shown
@@ -81,6 +82,12 @@ def test_compile_and_run_succeed(tmp_path):
     assert result.returncode == 0, f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
     assert result.stdout.startswith("Hello")
     assert listing(tmp_path) == {"ok.snn"}
+
+
+def test_a_forked_run_prints_and_exits_as_a_fresh_interpreter(tmp_path):
+    for args in (("--help",), ("compile", "no-such-model", "-o", "out.snn")):
+        forked, fresh = run_snncc(tmp_path, *args), run_fresh_snncc(tmp_path, *args)
+        assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
 
 
 # --- 1. unknown model -----------------------------------------------------------------------

@@ -192,7 +192,9 @@ def test_onnxruntime_executor_reads_int_ids(exported):
     assert out.shape == (1, 3, program(torch.tensor([[1, 2, 3]])).shape[-1])
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
+# a decoder and an encoder in the fast tier, the other families in the slow tier
+@pytest.mark.parametrize("name", [pytest.param(m, marks=[pytest.mark.slow] * (m not in ("tiny-llama", "tiny-bert")))
+                                  for m in TINY_MODELS])
 def test_an_onnx_model_compiles_like_its_pytorch_original(tmp_path, exported, name):
     """ONNX frontend: an ANN exported with torch.onnx traces to a graph that computes what the
     PyTorch frontend's graph computes, and `las` compiles it into the same program (the
