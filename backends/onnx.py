@@ -162,10 +162,12 @@ def _simplify(model) -> None:
     from onnx_ir.passes import common
 
     onnxscript.optimizer.fold_constants_ir(model)
-    onnx_ir.passes.Sequential(
-        common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
-        common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass())(model)
+    onnx_ir.passes.Sequential(  # the rest of optimize's passes, in its order
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(), common.RemoveUnusedNodesPass(), common.OutputFixPass(),
+        common.NameFixPass())(model)
 
 
 def _name_spiking_values(model, gm) -> None:

@@ -2,7 +2,7 @@
 every call.
 
 `python -m snncc ...` spends seconds importing torch and transformers before it reads its
-arguments; the tests call the CLI about a hundred times. A forkserver process imports snncc's CLI
+arguments, and the tests call the CLI dozens of times. A forkserver process imports snncc's CLI
 once; each `run_snncc` forks a fresh child from it that moves to its working folder, takes its
 environment, sends its stdout and stderr to files and runs `snncc/__main__.py` as `python -m
 snncc` does. The exit status, the output and the files left behind are those of a real run.
