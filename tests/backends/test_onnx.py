@@ -122,8 +122,9 @@ def exported(tmp_path_factory):
     return export
 
 
-def _slow_beyond_llama(name: str, pipeline: str, fmt: str):
-    return pytest.param(name, pipeline, fmt, marks=[pytest.mark.slow] * (name != "tiny-llama"))
+def _slow_unless(fast: tuple[str, ...], name: str, *rest: str):
+    """A parameter set for model `name`, in the slow tier unless `name` is one of `fast`."""
+    return pytest.param(name, *rest, marks=[pytest.mark.slow] * (name not in fast))
 
 
 # Every tiny model: las (the pipeline with the most kinds of spiking op) in the function form,
@@ -131,8 +132,8 @@ def _slow_beyond_llama(name: str, pipeline: str, fmt: str):
 # form and las inlined into the standard opset (slower to build) on every model too, beyond
 # tiny-llama in the slow tier. tiny-llama's fas inlined and tiny-bert's ANN in the function form.
 _CASES = ([(m, "las", "onnx-snn") for m in TINY_MODELS] + [(m, "none", "onnx") for m in TINY_MODELS]
-          + [_slow_beyond_llama(m, "fas", "onnx-snn") for m in TINY_MODELS]
-          + [_slow_beyond_llama(m, "las", "onnx") for m in TINY_MODELS]
+          + [_slow_unless(("tiny-llama",), m, "fas", "onnx-snn") for m in TINY_MODELS]
+          + [_slow_unless(("tiny-llama",), m, "las", "onnx") for m in TINY_MODELS]
           + [("tiny-llama", "fas", "onnx"), ("tiny-bert", "none", "onnx-snn")])
 
 
@@ -198,8 +199,7 @@ def test_onnxruntime_executor_reads_int_ids(exported):
 
 
 # a decoder and an encoder in the fast tier, the other families in the slow tier
-@pytest.mark.parametrize("name", [pytest.param(m, marks=[pytest.mark.slow] * (m not in ("tiny-llama", "tiny-bert")))
-                                  for m in TINY_MODELS])
+@pytest.mark.parametrize("name", [_slow_unless(("tiny-llama", "tiny-bert"), m) for m in TINY_MODELS])
 def test_an_onnx_model_compiles_like_its_pytorch_original(tmp_path, exported, name):
     """ONNX frontend: an ANN exported with torch.onnx traces to a graph that computes what the
     PyTorch frontend's graph computes, and `las` compiles it into the same program (the
