@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from snncc.calibration import CalibrationContext
+from snncc.calibration import CENTRED, CalibrationContext
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.encoders import calib_name, calibrated_absmax
 from snncc.ir.match import IDENTITY_OPS, NONLINEAR_OPS, function_regions, normalizer
@@ -249,6 +249,7 @@ class NonlinearPass(Pass):
                 new.meta["val"] = x.meta.get("val")
                 new.meta["source"] = node.meta.get("source", "")
             centred._rename(f"{node.name}_centred")
+            centred.meta["calib_name"] = calib_name(x) + CENTRED  # recorded from the ANN's x
             replace_node(node, out)
             modified = True
         return modified

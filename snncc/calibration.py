@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,14 +105,33 @@ class ActivationStats:
         self.samples += 1
 
 
-def _observed_copy(ann: fx.GraphModule, watched: dict[str, tuple[int, ...]],
+# Statistics of a value derived from an ANN tensor, named `<tensor><suffix>`: a LayerNorm's
+# centred input x - mean(x), which nonlinear's decomposition creates, is calibrated from the
+# ANN's x like every other range (not from a pass's half-rewritten graph).
+CENTRED = "__centred"
+_DERIVED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {CENTRED: lambda x: x - x.mean(-1, keepdim=True)}
+
+
+def split_statistic(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The node a statistic is recorded at, and the transform applied first (None: the value)."""
+    for suffix, transform in _DERIVED.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), transform
+    return name, None
+
+
+def _observed_copy(ann: fx.GraphModule, watched: dict[str, tuple[int, ...]], statistics: dict[str, list[str]],
                    stats: dict[str, ActivationStats]) -> fx.GraphModule:
     """A copy of the ANN with an observer after each watched node (insert observers, run, read):
-    the copy runs as compiled Python, so only the observers cost anything."""
+    the copy runs as compiled Python, so only the observers cost anything. `statistics` names,
+    per watched node, the statistics recorded from it."""
 
     def observe(value: torch.Tensor, name: str) -> None:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            stats.setdefault(name, ActivationStats(torch.zeros(()))).update(value, watched[name])
+            for statistic in statistics[name]:
+                transform = split_statistic(statistic)[1]
+                sample = transform(value) if transform else value
+                stats.setdefault(statistic, ActivationStats(torch.zeros(()))).update(sample, watched[name])
 
     gm = copy_graph_module(ann)
     for node in list(gm.graph.nodes):
@@ -128,6 +147,15 @@ def _recordable(gm: fx.GraphModule) -> list[fx.Node]:
     dependent = data_dependent_nodes(gm.graph)
     return [n for n in gm.graph.nodes if n in dependent and n.op == "call_function"
             and isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_floating_point()]
+
+
+def recordable_statistics(gm: fx.GraphModule) -> set[str]:
+    """Every statistic a pass may ask of this ANN: its recordable tensors, and the centred
+    inputs of its LayerNorms."""
+    names = {n.name for n in _recordable(gm)}
+    norms = [n for n in gm.graph.nodes if n.target == torch.ops.aten.layer_norm.default
+             and isinstance(n.args[0], fx.Node) and n.args[0].name in names]
+    return names | {norm.args[0].name + CENTRED for norm in norms}
 
 
 @dataclass
@@ -180,9 +208,10 @@ class CalibrationContext:
             return
         if self.ann is None and not self.ann_recorded:
             raise RuntimeError("CalibrationContext.require needs attach(ann) first")
-        in_ann = {n.name for n in self.ann.graph.nodes} & missing if self.ann is not None else set()
+        ann_nodes = {n.name for n in self.ann.graph.nodes} if self.ann is not None else set()
+        in_ann = {name for name in missing if split_statistic(name)[0] in ann_nodes}
         if in_ann:  # one run of the ANN records every tensor a later pass may ask for
-            self._record(self.ann, in_ann | {n.name for n in _recordable(self.ann)} - set(self.stats))
+            self._record(self.ann, in_ann | recordable_statistics(self.ann) - set(self.stats))
         if missing - in_ann:
             if current is None:
                 raise RuntimeError(f"tensors {sorted(missing - in_ann)} are not in the ANN graph")
@@ -193,7 +222,7 @@ class CalibrationContext:
         """Record every ANN tensor a pass may ask for now (what `require` records on its first
         call): a program saved part-way carries them to the passes after it."""
         if self.ann is not None:
-            self.require({n.name for n in _recordable(self.ann)})
+            self.require(recordable_statistics(self.ann))
 
     def forget_pass_records(self) -> None:
         """Drop what earlier pipeline runs recorded from their own graphs (see recorded_from_passes):
@@ -205,14 +234,19 @@ class CalibrationContext:
     def _record(self, gm: fx.GraphModule, names: set[str]) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
         dependent = data_dependent_nodes(gm.graph)
-        watched = {name: reduced_dims(nodes[name]) for name in names if nodes.get(name) in dependent}
-        if not watched:
+        statistics: dict[str, list[str]] = {}
+        for name in sorted(names):
+            node = nodes.get(split_statistic(name)[0])
+            if node in dependent:
+                statistics.setdefault(node.name, []).append(name)
+        if not statistics:
             return
-        observed = _observed_copy(gm, watched, self.stats)
+        watched = {name: reduced_dims(nodes[name]) for name in statistics}
+        observed = _observed_copy(gm, watched, statistics, self.stats)
         with torch.no_grad():
             for batch in tqdm(self.batches, desc="calibrating", disable=not self.progress, leave=False):
                 observed(batch)
-        log.info("recorded %d tensors on %d tokens", len(watched), self.tokens)
+        log.info("recorded %d statistics on %d tokens", sum(map(len, statistics.values())), self.tokens)
 
     def summary(self) -> dict:
         """A JSON-able description, stored in artifacts."""
