@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
+from snncc.blockwise import compile_stages, runs_by_block
 from snncc.calibration import CalibrationContext, make_context
 from snncc.errors import PipelineError
 from snncc.frontend import trace
@@ -55,15 +56,20 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
 def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext,
                   passes: str | Pipeline = DEFAULT_PIPELINE, T: int | None = None, debug: bool = False,
                   instrument: Instrument | None = None, device: str = "cpu",
-                  stop_after: str | None = None) -> SpikingProgram:
+                  stop_after: str | None = None, by_block: bool = True) -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
     `passes` is a spec, parsed at T (None: the pipeline's default, snncc.pipeline.default_T), or
     a Pipeline parsed already. `stop_after`: run the passes up to and including that one; the
-    program carries what the rest need (snncc.resume), to be continued with `resume`."""
+    program carries what the rest need (snncc.resume), to be continued with `resume`.
+    A complete compile of a local pipeline goes block by block (snncc.blockwise; the same
+    program); `by_block=False`, `debug` (whose pass checks are about the whole graph) and
+    `instrument` run the passes on the whole graph at once."""
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded))
+    if by_block and not debug and instrument is None and stop == len(pipeline.passes) and runs_by_block(pipeline):
+        return _run_by_block(ann, ctx, pipeline, info, loaded.tokenizer, device, ctx.progress)
     return _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument, device)
 
 
@@ -88,6 +94,16 @@ def _pipeline(passes: str | Pipeline, T: int | None) -> Pipeline:
     if T is not None and T != passes.T:
         raise PipelineError(f"T={T} given with a pipeline parsed at T={passes.T}: give T to Pipeline.parse")
     return passes
+
+
+def _run_by_block(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, info: ProgramInfo,
+                  tokenizer: Tokenizer, device: str, progress: bool) -> SpikingProgram:
+    """Run every pass of `pipeline` one block at a time (snncc.blockwise)."""
+    gm, records = compile_stages(ann, ctx, pipeline, progress=progress)
+    verify(gm)
+    info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in records], remaining=[],
+                               calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())
+    return SpikingProgram(gm, info, tokenizer, device=device)
 
 
 def _run(gm: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, start: int, stop: int, info: ProgramInfo,

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-from snncc.errors import InputError
+from snncc.errors import InputError, PipelineError
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.rewrite import copy_graph_module
 from snncc.tokenizer import Tokenizer
@@ -166,7 +166,7 @@ class CalibrationContext:
     calibration batches for everything not yet recorded, so a pipeline records each tensor
     once however many passes read it."""
 
-    batches: list[torch.Tensor]
+    batches: list[torch.Tensor] | list[tuple]  # token ids, or a block's inputs (snncc.blockwise)
     source: str
     stats: dict[str, ActivationStats] = field(default_factory=dict)
     ann: fx.GraphModule | None = None
@@ -181,6 +181,9 @@ class CalibrationContext:
     # A context that continues a program saved part-way has no ANN: the save recorded all
     # of it (record_ann), so what `require` misses is the pass's graph's own.
     ann_recorded: bool = False
+    # A block of a block-by-block compile: its graph runs on the ANN's values at its inputs,
+    # so ranges recorded from a pass's graph would differ from the whole model's (refused).
+    ann_only: bool = False
 
     @property
     def tokens(self) -> int:
@@ -213,10 +216,19 @@ class CalibrationContext:
         if in_ann:  # one run of the ANN records every tensor a later pass may ask for
             self._record(self.ann, in_ann | recordable_statistics(self.ann) - set(self.stats))
         if missing - in_ann:
+            if self.ann_only:
+                raise PipelineError(f"{sorted(missing - in_ann)[0]} is not an ANN tensor: a block-by-block compile "
+                                    "records ranges only from the ANN")
             if current is None:
                 raise RuntimeError(f"tensors {sorted(missing - in_ann)} are not in the ANN graph")
             self._record(current, missing - in_ann)
             self.recorded_from_passes |= missing - in_ann
+
+    def record_all(self) -> list:
+        """Record every statistic a pass may ask of the ANN in one run over the batches and
+        return the ANN's output for each batch (a block-by-block compile feeds them to the
+        next block)."""
+        return self._record(self.ann, recordable_statistics(self.ann) - set(self.stats), keep_outputs=True)
 
     def record_ann(self) -> None:
         """Record every ANN tensor a pass may ask for now (what `require` records on its first
@@ -231,7 +243,7 @@ class CalibrationContext:
             self.stats.pop(name, None)
         self.recorded_from_passes.clear()
 
-    def _record(self, gm: fx.GraphModule, names: set[str]) -> None:
+    def _record(self, gm: fx.GraphModule, names: set[str], keep_outputs: bool = False) -> list:
         nodes = {n.name: n for n in gm.graph.nodes}
         dependent = data_dependent_nodes(gm.graph)
         statistics: dict[str, list[str]] = {}
@@ -239,14 +251,18 @@ class CalibrationContext:
             node = nodes.get(split_statistic(name)[0])
             if node in dependent:
                 statistics.setdefault(node.name, []).append(name)
-        if not statistics:
-            return
+        if not statistics and not keep_outputs:
+            return []
         watched = {name: reduced_dims(nodes[name]) for name in statistics}
         observed = _observed_copy(gm, watched, statistics, self.stats)
+        outputs = []
         with torch.no_grad():
             for batch in tqdm(self.batches, desc="calibrating", disable=not self.progress, leave=False):
-                observed(batch)
-        log.info("recorded %d statistics on %d tokens", sum(map(len, statistics.values())), self.tokens)
+                output = observed(*batch) if isinstance(batch, tuple) else observed(batch)
+                if keep_outputs:
+                    outputs.append(output)
+        log.info("recorded %d statistics on %d batches", sum(map(len, statistics.values())), len(self.batches))
+        return outputs
 
     def summary(self) -> dict:
         """A JSON-able description, stored in artifacts."""

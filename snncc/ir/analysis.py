@@ -210,12 +210,14 @@ def data_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value depends on the input *values* (not just the input shapes).
 
     Position tables (RoPE angles, causal masks) depend only on the sequence length; they
-    are input-independent constants per length and are not synaptic work.
+    are input-independent constants per length and are not synaptic work. So is a stage's
+    input that the whole model computes that way (meta `input_independent`, snncc.ir.stages).
     """
     dependent: set[fx.Node] = set()
     for node in graph.nodes:  # topological order
         if node.op == "placeholder":
-            dependent.add(node)
+            if not node.meta.get("input_independent"):
+                dependent.add(node)
         elif node.op == "call_function" and node.target not in _SHAPE_ONLY:
             if any(arg in dependent for arg in node.all_input_nodes):
                 dependent.add(node)

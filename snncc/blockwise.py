@@ -1,0 +1,91 @@
+"""Block-by-block compile: the pipeline runs on one stage (prologue, decoder block, epilogue)
+at a time, as sequential GPTQ/AWQ calibration does.
+
+Each stage's weights are loaded when it starts (`StageWeights.load`), the calibration batch
+runs through it (its outputs are the next stage's inputs, kept between stages), the passes
+rewrite it, and its weights are handed on (`StageWeights.release`: written out, freed) before
+the next stage loads. Peak memory follows one block plus the calibration activations.
+
+Every range a pass reads comes from the ANN (snncc.calibration), and the passes of a local
+pipeline rewrite each block from that block alone, so the joined program equals the
+whole-model compile's, value for value (tests/test_blockwise.py). Passes that run the whole
+ANN as a teacher (qcfs, calibrate) cannot go block by block: `compile_graph` keeps those
+pipelines on the whole-model path.
+"""
+
+from __future__ import annotations
+
+import logging
+import torch.fx as fx
+from tqdm import tqdm
+
+from snncc.calibration import CalibrationContext
+from snncc.ir.rewrite import copy_graph_module
+from snncc.ir.stages import Stage, join_stages, split_stages
+from snncc.pipeline import PassManager, PassRecord, Pipeline
+from snncc.resume import RUN_THE_ANN
+
+log = logging.getLogger(__name__)
+
+
+def runs_by_block(pipeline: Pipeline) -> bool:
+    """Whether each pass of `pipeline` rewrites a block from that block alone."""
+    return not any(p.name in RUN_THE_ANN for p in pipeline.passes)
+
+
+class StageWeights:
+    """Where a stage's weights come from and go: the default keeps everything in memory (the
+    ANN's tensors are the stage's already); a lazy model's loader and an artifact writer
+    override these."""
+
+    def load(self, stage: Stage) -> None:
+        """Give the stage's graph its ANN weights before it runs."""
+
+    def release(self, stage: Stage, program: fx.GraphModule) -> None:
+        """The stage is compiled: its ANN weights and the program's may leave memory."""
+
+
+def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
+                   weights: StageWeights | None = None, progress: bool = False
+                   ) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run `pipeline` on each stage of `ann` in turn; the joined program graph and, per pass,
+    its record summed over the stages."""
+    weights = weights or StageWeights()
+    stages = split_stages(ann)
+    last_reader = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
+    values: dict[str, list] = {}
+    compiled, records = [], []
+    bar = tqdm(stages, desc="compiling blocks", disable=not progress, unit="block")
+    for index, stage in enumerate(bar):
+        bar.set_postfix_str(stage.name)
+        weights.load(stage)
+        batches = ctx.batches if index == 0 else [tuple(column) for column in
+                                                  zip(*(values[name] for name in stage.inputs), strict=True)]
+        # Ranges go into (and come from) the compile's context: a context reused across
+        # compiles records each once, as on the whole-model path.
+        stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True)
+        stage_ctx.attach(stage.graph_module)
+        outputs = stage_ctx.record_all()
+        manager = PassManager(list(pipeline.passes))
+        program = manager.run(copy_graph_module(stage.graph_module), stage_ctx)
+        compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
+        records.append(manager.records)
+        for position, name in enumerate(stage.outputs):
+            values[name] = [output[position] for output in outputs]
+        for name in [n for n in values if last_reader.get(n, -1) <= index]:
+            del values[name]  # no later stage reads it
+        weights.release(stage, program)
+    return join_stages(compiled), _summed(records)
+
+
+def _summed(per_stage: list[list[PassRecord]]) -> list[PassRecord]:
+    """One record per pass: seconds and nodes summed over the stages, modified if any stage was."""
+    summed = []
+    for records in zip(*per_stage, strict=True):
+        first = records[0]
+        reports = [r.report for r in records if r.report]
+        summed.append(PassRecord(first.name, first.options, sum(r.seconds for r in records),
+                                 any(r.modified for r in records), sum(r.nodes for r in records),
+                                 reports[0] if len(reports) == 1 else ({"blocks": reports} if reports else None)))
+    return summed
+
