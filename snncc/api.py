@@ -11,11 +11,12 @@ import torch
 import torch.fx as fx
 
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
-from snncc.blockwise import compile_stages, runs_by_block
+from snncc.blockwise import compile_stages, load_all_weights, runs_by_block, stage_weights
 from snncc.calibration import CalibrationContext, make_context
 from snncc.errors import PipelineError
 from snncc.frontend import trace
 from snncc.ir.rewrite import copy_graph_module
+from snncc.ir.storage import STORAGE_DTYPES, store_weights
 from snncc.ir.verify import coverage_report, verify
 from snncc.models import CAUSAL_LM, LoadedModel, load_model
 from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, Pipeline
@@ -56,20 +57,23 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
 def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext,
                   passes: str | Pipeline = DEFAULT_PIPELINE, T: int | None = None, debug: bool = False,
                   instrument: Instrument | None = None, device: str = "cpu",
-                  stop_after: str | None = None, by_block: bool = True) -> SpikingProgram:
+                  stop_after: str | None = None, by_block: bool = True, dtype: str | None = None) -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
     `passes` is a spec, parsed at T (None: the pipeline's default, snncc.pipeline.default_T), or
     a Pipeline parsed already. `stop_after`: run the passes up to and including that one; the
     program carries what the rest need (snncc.resume), to be continued with `resume`.
     A complete compile of a local pipeline goes block by block (snncc.blockwise; the same
     program); `by_block=False`, `debug` (whose pass checks are about the whole graph) and
-    `instrument` run the passes on the whole graph at once."""
+    `instrument` run the passes on the whole graph at once. `dtype`: what the program stores
+    its synapse weights in (snncc.ir.storage), by default the dtype the model's checkpoint has."""
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
-                       max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded))
+                       max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
+                       dtype=_storage_dtype(dtype, loaded))
     if by_block and not debug and instrument is None and stop == len(pipeline.passes) and runs_by_block(pipeline):
-        return _run_by_block(ann, ctx, pipeline, info, loaded.tokenizer, device, ctx.progress)
+        return _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress)
+    load_all_weights(loaded, ann)
     return _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument, device)
 
 
@@ -96,10 +100,20 @@ def _pipeline(passes: str | Pipeline, T: int | None) -> Pipeline:
     return passes
 
 
+def _storage_dtype(dtype: str | None, loaded: LoadedModel) -> str:
+    """The program's weight dtype: the one asked for, else the checkpoint's own."""
+    if dtype is None:
+        return str(loaded.dtype).removeprefix("torch.")
+    if dtype not in STORAGE_DTYPES:
+        raise PipelineError(f"unknown weight dtype '{dtype}': use one of {', '.join(STORAGE_DTYPES)}")
+    return dtype
+
+
 def _run_by_block(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, info: ProgramInfo,
-                  tokenizer: Tokenizer, device: str, progress: bool) -> SpikingProgram:
+                  loaded: LoadedModel, device: str, progress: bool) -> SpikingProgram:
     """Run every pass of `pipeline` one block at a time (snncc.blockwise)."""
-    gm, records = compile_stages(ann, ctx, pipeline, progress=progress)
+    tokenizer = loaded.tokenizer
+    gm, records = compile_stages(ann, ctx, pipeline, stage_weights(loaded), STORAGE_DTYPES[info.dtype], progress)
     verify(gm)
     info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in records], remaining=[],
                                calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())
@@ -113,6 +127,8 @@ def _run(gm: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, start:
     gm = manager.run(gm, ctx)
     remaining = [p.name for p in pipeline.passes[stop:]]
     state = capture(gm, manager.context) if remaining else None
+    if not remaining:
+        store_weights(gm, STORAGE_DTYPES[info.dtype])
     info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in manager.records],
                                remaining=remaining, calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())
     program = SpikingProgram(gm, info, tokenizer, device=device)
@@ -124,11 +140,12 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
             calib: str | Path | None = None, calib_tokens: int = CALIB_TOKENS,
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM, device: str = "cpu",
             debug: bool = False, progress: bool = False, instrument: Callable | None = None,
-            stop_after: str | None = None, start_after: str | None = None) -> SpikingProgram:
+            stop_after: str | None = None, start_after: str | None = None, dtype: str | None = None) -> SpikingProgram:
     """Trace `model`, calibrate on `calib` text, run the `passes` pipeline, return the program.
     `stop_after`: run the passes up to and including that one. `start_after`: `model` is a
     program (or its .snn file) compiled with stop_after that pass; run the passes after it,
-    calibrated as it was (`calib` is not read)."""
+    calibrated as it was (`calib` is not read). `dtype`: the program's weight dtype (float32,
+    bfloat16, float16; default: the checkpoint's)."""
     if start_after:
         program = model if isinstance(model, SpikingProgram) else load(model)
         return resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
@@ -137,7 +154,7 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
     loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,
                                progress=progress)
     return compile_graph(loaded, ann, ctx, pipeline, debug=debug, instrument=instrument, device=device,
-                         stop_after=stop_after)
+                         stop_after=stop_after, dtype=dtype)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:

@@ -39,6 +39,7 @@ from snncc.ir.ops import MAX_T
 from snncc.ir.opset import op_name, resolve_op
 from snncc.ir.rewrite import set_tensor
 from snncc.ir.spec import INT_BOUNDS
+from snncc.ir.storage import STORAGE_DTYPES
 from snncc.models import CAUSAL_LM, ENCODER
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.resume import ResumeState
@@ -394,15 +395,16 @@ def _check_sums(path: Path, manifest: dict, members: dict[str, bytes]) -> None:
 # --- the manifest's facts ------------------------------------------------------------------
 
 _INFO_FIELDS = {"model": str, "task": str, "pipeline": str, "T": int, "max_positions": int, "vocab_size": int,
-                "passes": list, "calibration": dict, "coverage": dict, "remaining": list}
-_OPTIONAL_INFO = {"remaining"}  # absent from artifacts written before programs could stop part-way
+                "passes": list, "calibration": dict, "coverage": dict, "remaining": list, "dtype": str}
+# Absent from artifacts written before programs could stop part-way, or store weights in bf16.
+_OPTIONAL_INFO = {"remaining", "dtype"}
 
 
 def _program_info(info) -> ProgramInfo:
     """The manifest's ProgramInfo, every field of its type and in its range."""
     if not isinstance(info, dict) or not set(_INFO_FIELDS) - _OPTIONAL_INFO <= set(info) <= set(_INFO_FIELDS):
         raise ArtifactError("the manifest's program info is malformed")
-    info = {"remaining": [], **info}
+    info = {"remaining": [], "dtype": "float32", **info}
     for key, kind in _INFO_FIELDS.items():
         if not isinstance(info[key], kind) or isinstance(info[key], bool):
             raise ArtifactError(f"the manifest's {key} is not a {kind.__name__}")
@@ -412,6 +414,8 @@ def _program_info(info) -> ProgramInfo:
     for key, (low, high) in bounds.items():
         if not low <= info[key] <= high:
             raise ArtifactError(f"the manifest's {key} = {info[key]} is out of {low}..{high}")
+    if info["dtype"] not in STORAGE_DTYPES:
+        raise ArtifactError(f"the manifest's weight dtype {info['dtype'][:40]!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if info["task"] not in (CAUSAL_LM, ENCODER):
         raise ArtifactError(f"the manifest's task {info['task'][:40]!r} is neither {CAUSAL_LM} nor {ENCODER}")
     if not all(isinstance(record, dict) for record in info["passes"]):

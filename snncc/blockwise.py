@@ -16,12 +16,15 @@ pipelines on the whole-model path.
 from __future__ import annotations
 
 import logging
+import torch
 import torch.fx as fx
 from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
-from snncc.ir.rewrite import copy_graph_module
+from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
 from snncc.ir.stages import Stage, join_stages, split_stages
+from snncc.ir.storage import store_weights
+from snncc.models import LoadedModel
 from snncc.pipeline import PassManager, PassRecord, Pipeline
 from snncc.resume import RUN_THE_ANN
 
@@ -45,11 +48,68 @@ class StageWeights:
         """The stage is compiled: its ANN weights and the program's may leave memory."""
 
 
+class CheckpointStageWeights(StageWeights):
+    """A lazily loaded model's weights (snncc.models, `LoadedModel.weights`): each stage reads
+    its own from the checkpoint, in float32, and drops them when it is compiled."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.checkpoint = loaded.weights
+        self.aliases = loaded.parameter_keys()
+
+    def _key(self, target: str) -> str:
+        return next((k for k in self.aliases.get(target, []) if k in self.checkpoint.files),
+                    target.removeprefix("model."))
+
+    def load(self, stage: Stage) -> None:
+        gm = stage.graph_module
+        targets = [n.target for n in gm.graph.nodes if n.op == "get_attr" and get_tensor(gm, n).is_meta]
+        tensors = self.checkpoint.read(sorted({self._key(t) for t in targets}), torch.float32)
+        for target in targets:
+            set_tensor(gm, target, tensors[self._key(target)])
+
+    def release(self, stage: Stage, program: fx.GraphModule) -> None:
+        gm = stage.graph_module
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target in self.aliases:
+                set_tensor(gm, node.target, get_tensor(gm, node).to("meta"))
+
+
+def stage_weights(loaded: LoadedModel) -> StageWeights:
+    """Where the stages of `loaded`'s traced graph get their weights."""
+    return CheckpointStageWeights(loaded) if loaded.weights is not None else StageWeights()
+
+
+def load_all_weights(loaded: LoadedModel, ann: fx.GraphModule) -> None:
+    """Give a lazily loaded model's traced graph all its weights at once (float32), for what
+    needs the whole ANN in memory: the whole-model compile path, the debugger."""
+    if loaded.weights is not None:
+        CheckpointStageWeights(loaded).load(Stage("model", ann, [], []))
+
+
+def run_stages(ann: fx.GraphModule, batches: list[torch.Tensor], weights: StageWeights,
+               progress: bool = False) -> list[torch.Tensor]:
+    """The ANN's outputs for `batches`, run a stage at a time over all of them (each stage's
+    weights loaded once): the reference a lazily loaded model is evaluated against."""
+    stages = split_stages(ann)
+    values: dict[str, list] = {}
+    outputs: list = []
+    for index, stage in enumerate(tqdm(stages, desc="running the ANN", disable=not progress, unit="block")):
+        weights.load(stage)
+        inputs = batches if index == 0 else list(zip(*(values[name] for name in stage.inputs), strict=True))
+        with torch.no_grad():
+            outputs = [stage.graph_module(*x) if isinstance(x, tuple) else stage.graph_module(x) for x in inputs]
+        for position, name in enumerate(stage.outputs):
+            values[name] = [output[position] for output in outputs]
+        weights.release(stage, stage.graph_module)
+    return [output[0] for output in outputs]
+
+
 def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
-                   weights: StageWeights | None = None, progress: bool = False
-                   ) -> tuple[fx.GraphModule, list[PassRecord]]:
-    """Run `pipeline` on each stage of `ann` in turn; the joined program graph and, per pass,
-    its record summed over the stages."""
+                   weights: StageWeights | None = None, dtype: torch.dtype = torch.float32,
+                   progress: bool = False) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run `pipeline` on each stage of `ann` in turn, each compiled stage's weights stored in
+    `dtype` (snncc.ir.storage); the joined program graph and, per pass, its record summed
+    over the stages."""
     weights = weights or StageWeights()
     stages = split_stages(ann)
     last_reader = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
@@ -68,6 +128,7 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         outputs = stage_ctx.record_all()
         manager = PassManager(list(pipeline.passes))
         program = manager.run(copy_graph_module(stage.graph_module), stage_ctx)
+        store_weights(program, dtype)
         compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
         records.append(manager.records)
         for position, name in enumerate(stage.outputs):

@@ -91,6 +91,19 @@ def _export(module: torch.nn.Module, max_positions: int,
     return exported
 
 
+def _meta_to_cpu(gm: fx.GraphModule) -> None:
+    """A model traced on the meta device (weights left in its checkpoint) built its position
+    tables and masks on the meta device too: point those at the CPU, where its weights go."""
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    for node in gm.graph.nodes:
+        if node.kwargs.get("device") == meta:
+            node.update_kwarg("device", cpu)
+        for i, arg in enumerate(node.args):
+            if arg == meta:
+                node.update_arg(i, cpu)
+    gm.recompile()
+
+
 def trace(model: LoadedModel) -> fx.GraphModule:
     """Export `model` with a dynamic (batch, sequence) input and return the ANN graph."""
     try:
@@ -99,5 +112,7 @@ def trace(model: LoadedModel) -> fx.GraphModule:
     except Exception as exc:
         raise ModelError(f"torch.export could not trace '{model.name}': {first_line(exc)}") from exc
     gm = _clean(exported.module())
+    if model.weights is not None:
+        _meta_to_cpu(gm)
     log.info("traced %s: %d nodes", model.name, len(gm.graph.nodes))
     return gm

@@ -19,6 +19,7 @@ import torch
 
 from snncc.errors import InputError, ModelError, SnnccError, first_line
 from snncc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_hf_tokenizer, refuse_remote_code
+from snncc.weights import CheckpointWeights, has_safetensors
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"
@@ -33,6 +34,18 @@ class LoadedModel:
     tokenizer: Tokenizer
     task: str  # CAUSAL_LM (output: logits) or ENCODER (output: last hidden state)
     max_positions: int
+    # A model directory's checkpoint, where `module` holds meta tensors (no memory): its
+    # weights come from here, a block at a time (snncc.blockwise).
+    weights: CheckpointWeights | None = None
+    dtype: torch.dtype = torch.float32  # the dtype its weights are stored in
+
+    def parameter_keys(self) -> dict[str, list[str]]:
+        """For each traced tensor name (`model.` + the module's own name), every name the
+        module knows the same tensor by (tied embeddings have two)."""
+        aliases: dict[int, list[str]] = {}
+        for name, tensor in self.module.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(tensor), []).append(name.removeprefix("model."))
+        return {f"model.{name}": names for names in aliases.values() for name in names}
 
 
 class OutputOnly(torch.nn.Module):
@@ -50,6 +63,8 @@ class OutputOnly(torch.nn.Module):
 
 
 def _finish(name: str, hf_model, tokenizer: Tokenizer, task: str) -> LoadedModel:
+    """Eval mode, no gradients, float32 (a directory's bf16/fp16 checkpoint stays on disk in its
+    own dtype: `_load_checkpoint_lazily` traces a float32 model on the meta device)."""
     if any(p.dtype != torch.float32 for p in hf_model.parameters()):
         hf_model = hf_model.float()  # GGUF models arrive dequantized to float32 already
     hf_model.eval()
@@ -167,8 +182,35 @@ def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -
     config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
     task = _task_of(config)
     auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    tokenizer = _directory_tokenizer(source, local_only)
+    if isinstance(source, Path) and has_safetensors(source):
+        loaded = _load_checkpoint_lazily(source, name, auto, config, tokenizer, task)
+        if loaded is not None:
+            return loaded
     model = auto.from_pretrained(source, dtype=torch.float32, attn_implementation="eager",
                                  local_files_only=local_only, trust_remote_code=False)
+    return _finish(name, model, tokenizer, task)
+
+
+def _load_checkpoint_lazily(folder: Path, name: str, auto, config, tokenizer: Tokenizer,
+                            task: str) -> LoadedModel | None:
+    """The model built on the meta device (buffers such as RoPE's frequencies are computed for
+    real) with its weights left in the checkpoint; None where the checkpoint's tensor names are
+    not the module's (a layout transformers converts while loading: load it whole instead)."""
+    from accelerate import init_empty_weights
+
+    weights = CheckpointWeights(folder)
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model.tie_weights()  # from_pretrained ties them; from_config on the meta device does not
+    loaded = _finish(name, model, tokenizer, task)
+    if any(not set(keys) & set(weights.files) for keys in loaded.parameter_keys().values()):
+        return None
+    loaded.weights, loaded.dtype = weights, weights.dtype
+    return loaded
+
+
+def _directory_tokenizer(source: str | Path, local_only: bool) -> Tokenizer:
     try:
         tokenizer = load_hf_tokenizer(source, local_files_only=local_only)
     except InputError:
@@ -176,7 +218,7 @@ def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -
     except Exception as exc:
         raise ModelError(f"'{source}' has a model but no usable tokenizer ({first_line(exc)}): save one beside it with "
                          "tokenizer.save_pretrained(...)") from exc
-    return _finish(name, model, tokenizer, task)
+    return tokenizer
 
 
 def _load_hub_id(model_id: str) -> LoadedModel:

@@ -34,6 +34,7 @@ class ProgramInfo:
     calibration: dict = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)
     remaining: list[str] = field(default_factory=list)  # passes still to run: a program stopped part-way
+    dtype: str = "float32"  # what its synapse weights are stored in (snncc.ir.storage); it computes in float32
 
 
 class SpikingProgram:

@@ -68,6 +68,7 @@ def set_tensor(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         if not hasattr(owner, part):
             owner.add_module(part, torch.nn.Module())
         owner = getattr(owner, part)
+    owner._parameters.pop(leaf, None)  # a traced model's parameter becomes a buffer (no gradients)
     owner.register_buffer(leaf, tensor)
 
 
