@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -11,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
+from snncc.artifact import ArtifactWriter
 from snncc.blockwise import compile_stages, load_all_weights, runs_by_block, stage_weights
 from snncc.calibration import CalibrationContext, make_context
 from snncc.errors import PipelineError
@@ -57,7 +59,8 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
 def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext,
                   passes: str | Pipeline = DEFAULT_PIPELINE, T: int | None = None, debug: bool = False,
                   instrument: Instrument | None = None, device: str = "cpu",
-                  stop_after: str | None = None, by_block: bool = True, dtype: str | None = None) -> SpikingProgram:
+                  stop_after: str | None = None, by_block: bool = True, dtype: str | None = None,
+                  save_to: str | Path | None = None) -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
     `passes` is a spec, parsed at T (None: the pipeline's default, snncc.pipeline.default_T), or
     a Pipeline parsed already. `stop_after`: run the passes up to and including that one; the
@@ -65,16 +68,24 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     A complete compile of a local pipeline goes block by block (snncc.blockwise; the same
     program); `by_block=False`, `debug` (whose pass checks are about the whole graph) and
     `instrument` run the passes on the whole graph at once. `dtype`: what the program stores
-    its synapse weights in (snncc.ir.storage), by default the dtype the model's checkpoint has."""
+    its synapse weights in (snncc.ir.storage), by default the dtype the model's checkpoint has.
+    `save_to`: write the artifact there while compiling, each block's weights as it finishes;
+    the program's weights are then mapped from the file, not held in memory."""
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
                        dtype=_storage_dtype(dtype, loaded))
-    if by_block and not debug and instrument is None and stop == len(pipeline.passes) and runs_by_block(pipeline):
-        return _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress)
-    load_all_weights(loaded, ann)
-    return _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument, device)
+    with ArtifactWriter(Path(save_to)) if save_to else contextlib.nullcontext() as writer:
+        if by_block and not debug and instrument is None and stop == len(pipeline.passes) and runs_by_block(pipeline):
+            program = _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, writer)
+        else:
+            load_all_weights(loaded, ann)
+            program = _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument,
+                           device)
+        if writer is not None:
+            writer.finish(program)
+    return program
 
 
 def resume(program: SpikingProgram, start_after: str, passes: str | Pipeline = DEFAULT_PIPELINE,
@@ -110,10 +121,11 @@ def _storage_dtype(dtype: str | None, loaded: LoadedModel) -> str:
 
 
 def _run_by_block(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, info: ProgramInfo,
-                  loaded: LoadedModel, device: str, progress: bool) -> SpikingProgram:
+                  loaded: LoadedModel, device: str, progress: bool, writer: ArtifactWriter | None) -> SpikingProgram:
     """Run every pass of `pipeline` one block at a time (snncc.blockwise)."""
     tokenizer = loaded.tokenizer
-    gm, records = compile_stages(ann, ctx, pipeline, stage_weights(loaded), STORAGE_DTYPES[info.dtype], progress)
+    gm, records = compile_stages(ann, ctx, pipeline, stage_weights(loaded), STORAGE_DTYPES[info.dtype], progress,
+                                 writer)
     verify(gm)
     info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in records], remaining=[],
                                calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())
@@ -140,12 +152,14 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
             calib: str | Path | None = None, calib_tokens: int = CALIB_TOKENS,
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM, device: str = "cpu",
             debug: bool = False, progress: bool = False, instrument: Callable | None = None,
-            stop_after: str | None = None, start_after: str | None = None, dtype: str | None = None) -> SpikingProgram:
+            stop_after: str | None = None, start_after: str | None = None, dtype: str | None = None,
+            save_to: str | Path | None = None) -> SpikingProgram:
     """Trace `model`, calibrate on `calib` text, run the `passes` pipeline, return the program.
     `stop_after`: run the passes up to and including that one. `start_after`: `model` is a
     program (or its .snn file) compiled with stop_after that pass; run the passes after it,
     calibrated as it was (`calib` is not read). `dtype`: the program's weight dtype (float32,
-    bfloat16, float16; default: the checkpoint's)."""
+    bfloat16, float16; default: the checkpoint's). `save_to`: write the artifact there as the
+    compile goes (see compile_graph): the way to compile a model bigger than memory."""
     if start_after:
         program = model if isinstance(model, SpikingProgram) else load(model)
         return resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
@@ -154,7 +168,7 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
     loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,
                                progress=progress)
     return compile_graph(loaded, ann, ctx, pipeline, debug=debug, instrument=instrument, device=device,
-                         stop_after=stop_after, dtype=dtype)
+                         stop_after=stop_after, dtype=dtype, save_to=save_to)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:

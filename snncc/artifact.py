@@ -16,6 +16,7 @@ without remote code. Anything wrong is one `ArtifactError`. Writes are atomic.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,14 +44,27 @@ from snncc.ir.storage import STORAGE_DTYPES
 from snncc.models import CAUSAL_LM, ENCODER
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.resume import ResumeState
+from snncc.shards import (
+    MAX_SHARDS,
+    SHARD_MEMBER,
+    map_shards,
+    member_sha256,
+    plan_shards,
+    shard_name,
+    storage_key,
+    write_shard,
+)
 from snncc.tokenizer import load_tokenizer
 from snncc.version import __version__
 
 FORMAT = "snncc-artifact"
-FORMAT_VERSION = 1
+# 2: weights in safetensors shards (snncc.shards) indexed by the manifest, mapped on load;
+# 1: one weights.safetensors member, read whole (still read).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # What a member may take, checked in the zip directory before it is read.
-MAX_MEMBERS = 64
+MAX_MEMBERS = 64 + MAX_SHARDS
 MAX_JSON_BYTES = {"manifest.json": 64 * 2**20, "graph.json": 1024 * 2**20}
 MAX_TOKENIZER_BYTES = 256 * 2**20  # all tokenizer files together
 MAX_NODES = 2_000_000
@@ -59,7 +73,8 @@ MAX_NAME = 512  # characters of a node, tensor or input name
 MAX_TEXT = 4096  # characters of a string in the manifest or node metadata
 MAX_POSITIONS = 2**20
 MAX_LITERAL_ELEMENTS = 2**31  # elements a size list or arange in the graph may ask for
-FIXED_MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
+FIXED_MEMBERS = ("manifest.json", "graph.json")
+V1_WEIGHTS = "weights.safetensors"
 RESUME_MEMBER = "resume.safetensors"  # a program stopped part-way: calibration batches and ranges
 MAX_BATCHES = 2**16  # calibration batches a program stopped part-way may carry
 MAX_PASSES = 64  # names in the manifest's list of passes still to run
@@ -270,22 +285,6 @@ def graph_from_json(rows, tensor_names: set[str]) -> fx.Graph:
 # --- weights -------------------------------------------------------------------------------
 
 
-def _weights_bytes(gm: fx.GraphModule) -> tuple[bytes, dict[str, str]]:
-    """Safetensors bytes of unique tensors, plus aliases for tensors that share storage."""
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, tensor in gm.state_dict().items():
-        storage = tensor.untyped_storage().data_ptr()
-        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
-        if key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = tensor.detach().cpu().contiguous().clone()
-    return safetensors.torch.save(unique), aliases
-
-
 # --- save / load ---------------------------------------------------------------------------
 
 
@@ -293,35 +292,94 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_program(program: SpikingProgram, path: Path) -> None:
-    """Write `program` to `path` atomically; an existing file is replaced only on success."""
-    gm = program.graph_module
-    weights, aliases = _weights_bytes(gm)
-    members = {"graph.json": json.dumps(graph_to_json(gm.graph)).encode(), "weights.safetensors": weights}
-    with tempfile.TemporaryDirectory() as tok_dir:
-        program.tokenizer.save(Path(tok_dir))
-        for file in sorted(Path(tok_dir).iterdir()):
-            members[f"tokenizer/{file.name}"] = file.read_bytes()
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "snncc_version": __version__,
-        "torch_version": torch.__version__, "info": dataclasses.asdict(program.info), "aliases": aliases,
-    }
-    if program.resume is not None:
-        members[RESUME_MEMBER] = _resume_tensors(program.resume)
-        manifest["resume"] = {"shapes": program.resume.shapes, "reserved_names": program.resume.reserved_names,
-                              "name_counts": program.resume.name_counts}
-    manifest["sha256"] = {name: _sha256(data) for name, data in members.items()}
-    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
+class ArtifactWriter:
+    """Writes an artifact atomically, weights shard by shard (snncc.shards): a block-by-block
+    compile hands each compiled block's weights over as it finishes (`add_weights`, which
+    returns them mapped from the file, so they leave memory); `finish` writes the rest (the
+    weights not handed over, the graph, tokenizer and manifest). The file appears at `path`
+    only when the `with` block ends without an error, after `finish`.
+
+        with ArtifactWriter(path) as writer:
+            writer.finish(program)
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._stack = contextlib.ExitStack()
+        self._stored: dict[str, torch.Tensor] = {}  # name -> the tensor the shards hold under it
+        self._weight_map: dict[str, str] = {}
+        self._sums: dict[str, str] = {}
+        self._finished = False
+
+    def __enter__(self) -> ArtifactWriter:
+        self._tmp = self._stack.enter_context(atomic_file(self.path))
+        self._archive = self._stack.enter_context(zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED,
+                                                                  allowZip64=True))
+        return self
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if kind is None and not self._finished:
+            self._stack.__exit__(RuntimeError, RuntimeError("unfinished"), None)
+            raise ArtifactError(f"{self.path}: the artifact was not finished; nothing was written")
+        return self._stack.__exit__(kind, value, traceback)
+
+    def add_weights(self, tensors: dict[str, torch.Tensor], map_back: bool = True) -> dict[str, torch.Tensor]:
+        """Store `tensors` as one shard; with `map_back`, return them as views of the file."""
+        name = shard_name(len({*self._weight_map.values()}) + 1)
+        self._sums[name] = write_shard(self._archive, name, tensors)
+        self._weight_map.update(dict.fromkeys(tensors, name))
+        if map_back:
+            self._archive.fp.flush()
+            tensors = map_shards(self._tmp, [self._archive.getinfo(name)])
+        self._stored.update(tensors)
+        return tensors
+
+    def finish(self, program: SpikingProgram) -> None:
+        """Write what `program` has that is not stored yet, its graph, tokenizer and manifest."""
+        tensors = program.graph_module.state_dict(keep_vars=True)  # the tensors themselves, not detached copies
+        pending = {name: t for name, t in tensors.items() if self._stored.get(name) is not t}
+        stored_by_key = {storage_key(t): name for name, t in self._stored.items()}
+        aliases = {name: stored_by_key[storage_key(t)] for name, t in pending.items()
+                   if storage_key(t) in stored_by_key}
+        shards, more_aliases = plan_shards({n: t for n, t in pending.items() if n not in aliases})
+        for names in shards:
+            self.add_weights({n: pending[n] for n in names}, map_back=False)
+        aliases.update(more_aliases)
+        members = {"graph.json": json.dumps(graph_to_json(program.graph_module.graph)).encode()}
+        with tempfile.TemporaryDirectory() as tok_dir:
+            program.tokenizer.save(Path(tok_dir))
+            for file in sorted(Path(tok_dir).iterdir()):
+                members[f"tokenizer/{file.name}"] = file.read_bytes()
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "snncc_version": __version__,
+            "torch_version": torch.__version__, "info": dataclasses.asdict(program.info),
+            "weights": {"shards": len({*self._weight_map.values()}), "aliases": aliases,
+                        "weight_map": {n: shard for n, shard in self._weight_map.items() if n in tensors}},
+        }
+        if program.resume is not None:
+            members[RESUME_MEMBER] = _resume_tensors(program.resume)
+            manifest["resume"] = {"shapes": program.resume.shapes, "reserved_names": program.resume.reserved_names,
+                                  "name_counts": program.resume.name_counts}
         for name, data in members.items():
-            archive.writestr(name, data)
+            self._archive.writestr(name, data)
+            self._sums[name] = _sha256(data)
+        manifest["sha256"] = self._sums
+        self._archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
+        self._finished = True
+
+
+def save_program(program: SpikingProgram, path: Path) -> None:
+    """Write `program` to `path` atomically; an existing file is replaced only on success.
+    Weights go in shard by shard, so saving holds one shard's bytes at a time."""
+    with ArtifactWriter(path) as writer:
+        writer.finish(program)
 
 
 def _member_cap(name: str, archive_bytes: int) -> int:
     """The most bytes member `name` may hold, or 0 if snncc never writes such a member."""
     if name in MAX_JSON_BYTES:
         return MAX_JSON_BYTES[name]
-    if name in ("weights.safetensors", RESUME_MEMBER):
+    if name in (V1_WEIGHTS, RESUME_MEMBER) or SHARD_MEMBER.fullmatch(name):
         return archive_bytes
     flat = name.removeprefix(TOKENIZER_PREFIX)
     return MAX_TOKENIZER_BYTES if name != flat and _TOKENIZER_FILE.fullmatch(flat) else 0
@@ -360,14 +418,17 @@ def _json(data: bytes, name: str):
         raise ArtifactError(f"member '{name}' is not valid JSON ({first_line(exc)})") from None
 
 
-def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
-    """The manifest and the other members' bytes; their checksums are checked apart
-    (`_check_sums`), so hashing can run beside the parsing."""
+def _read_members(path: Path) -> tuple[dict, dict[str, bytes], list[zipfile.ZipInfo]]:
+    """The manifest, the other members' bytes, and the weight shards' directory entries (they
+    are mapped, not read: snncc.shards); checksums are checked apart (`_check_sums`), so
+    hashing can run beside the parsing."""
     if not path.is_file():
         raise ArtifactError(f"artifact '{path}' does not exist: create it with `snncc compile MODEL -o {path}`")
     try:
         with zipfile.ZipFile(path) as archive:
-            members = {info.filename: archive.read(info) for info in _checked_directory(archive, path)}
+            infos = _checked_directory(archive, path)
+            shards = [info for info in infos if SHARD_MEMBER.fullmatch(info.filename)]
+            members = {info.filename: archive.read(info) for info in infos if info not in shards}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
             RuntimeError) as exc:
         raise ArtifactError(f"'{path}' is not a readable snncc artifact ({first_line(exc)}): "
@@ -375,21 +436,28 @@ def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
     manifest = _json(members.pop("manifest.json"), "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"'{path}' is not a snncc artifact (no '{FORMAT}' manifest)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"'{path}' has artifact format {str(manifest.get('format_version'))[:20]}; this snncc "
-                            f"reads format {FORMAT_VERSION}: recompile it with this snncc")
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise ArtifactError(f"'{path}' has artifact format {str(version)[:20]}; this snncc reads formats "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}: recompile it with this snncc")
+    if (version == 1) != (V1_WEIGHTS in members) or (version == 1 and shards):
+        raise ArtifactError(f"the artifact '{path}' is corrupt: its weights are not stored as format {version} "
+                            "stores them")
     expected = manifest.get("sha256")
-    if not isinstance(expected, dict) or set(expected) != set(members):
-        raise ArtifactError(f"'{path}' is corrupt: its members do not match its manifest; recompile it")
-    return manifest, members
+    if not isinstance(expected, dict) or set(expected) != set(members) | {i.filename for i in shards}:
+        raise ArtifactError(f"the artifact '{path}' is corrupt: its members do not match its manifest; "
+                            "recompile it")
+    return manifest, members, shards
 
 
-def _check_sums(path: Path, manifest: dict, members: dict[str, bytes]) -> None:
-    """Every member's SHA-256 against the manifest: damage, not tampering (anyone can
-    recompute them), so nothing else relies on them."""
-    for name, data in members.items():
-        if _sha256(data) != manifest["sha256"][name]:
-            raise ArtifactError(f"'{path}' is corrupt: checksum mismatch in '{name}'; recompile it")
+def _check_sums(path: Path, manifest: dict, members: dict[str, bytes], shards: list[zipfile.ZipInfo]) -> None:
+    """Every member's SHA-256 against the manifest (shards read in chunks): damage, not
+    tampering (anyone can recompute them), so nothing else relies on them."""
+    computed = {name: _sha256(data) for name, data in members.items()}
+    computed.update({info.filename: member_sha256(path, info) for info in shards})
+    for name, digest in computed.items():
+        if digest != manifest["sha256"][name]:
+            raise ArtifactError(f"the artifact '{path}' is corrupt: checksum mismatch in '{name}'; recompile it")
 
 
 # --- the manifest's facts ------------------------------------------------------------------
@@ -415,7 +483,8 @@ def _program_info(info) -> ProgramInfo:
         if not low <= info[key] <= high:
             raise ArtifactError(f"the manifest's {key} = {info[key]} is out of {low}..{high}")
     if info["dtype"] not in STORAGE_DTYPES:
-        raise ArtifactError(f"the manifest's weight dtype {info['dtype'][:40]!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        raise ArtifactError(f"the manifest's weight dtype {info['dtype'][:40]!r} is not one of "
+                            f"{', '.join(STORAGE_DTYPES)}")
     if info["task"] not in (CAUSAL_LM, ENCODER):
         raise ArtifactError(f"the manifest's task {info['task'][:40]!r} is neither {CAUSAL_LM} nor {ENCODER}")
     if not all(isinstance(record, dict) for record in info["passes"]):
@@ -502,17 +571,41 @@ def _resume_tensors_from(data: bytes, info: ProgramInfo) -> tuple[list[torch.Ten
 # --- weights and tables --------------------------------------------------------------------
 
 
+def _mapped_tensors(path: Path, shards: list[zipfile.ZipInfo], index) -> dict[str, torch.Tensor]:
+    """A format-2 artifact's weights, mapped from its shards and checked against the manifest's
+    index: each tensor in the shard the index names, aliases pointing at stored tensors."""
+    if not (isinstance(index, dict) and set(index) == {"shards", "aliases", "weight_map"}
+            and isinstance(index["weight_map"], dict) and index["shards"] == len(shards)):
+        raise ArtifactError("the manifest's weight index is malformed")
+    if sorted(info.filename for info in shards) != [shard_name(i) for i in range(1, len(shards) + 1)]:
+        raise ArtifactError("the artifact's weight shards are not numbered 1, 2, ...")
+    tensors = {}
+    for info in shards:
+        mapped = map_shards(path, [info])
+        if any(index["weight_map"].get(name) != info.filename for name in mapped):
+            raise ArtifactError(f"the manifest's weight index does not list what '{info.filename}' holds")
+        tensors.update(mapped)
+    if set(index["weight_map"]) != set(tensors):
+        raise ArtifactError("the manifest's weight index names tensors no shard holds")
+    return _with_aliases(tensors, index["aliases"])
+
+
+def _with_aliases(tensors: dict[str, torch.Tensor], aliases) -> dict[str, torch.Tensor]:
+    """The weights by name (names checked), aliases pointing at them."""
+    if not isinstance(aliases, dict) or not all(isinstance(t, str) and t in tensors for t in aliases.values()):
+        raise ArtifactError("the manifest's tensor aliases are malformed")
+    for name in (*tensors, *aliases):
+        _tensor_name(name, "the weights")
+    return tensors | {name: tensors[target] for name, target in aliases.items()}
+
+
 def _tensors(data: bytes, aliases) -> dict[str, torch.Tensor]:
     """The weights by name (safetensors parses them; names checked), aliases pointing at them."""
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own error type for every malformed file
         raise ArtifactError(f"the artifact's weights are malformed ({first_line(exc)})") from None
-    if not isinstance(aliases, dict) or not all(isinstance(t, str) and t in tensors for t in aliases.values()):
-        raise ArtifactError("the manifest's tensor aliases are malformed")
-    for name in (*tensors, *aliases):
-        _tensor_name(name, "the weights")
-    return tensors | {name: tensors[target] for name, target in aliases.items()}
+    return _with_aliases(tensors, aliases)
 
 
 _TABLE_OPS = {torch.ops.snn.fn_encode.default, torch.ops.snn.fn_quantize.default}
@@ -576,12 +669,15 @@ def load_program(path: Path, device: str = "cpu", backend: str = "reference", pr
     """Read and check an artifact, rebuild its graph and weights, return a runnable program.
     The checksums are computed in a thread beside the parsing (hashlib releases the GIL), and
     checked before anything runs."""
-    manifest, members = _read_members(path)
+    manifest, members, shards = _read_members(path)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        sums = pool.submit(_check_sums, path, manifest, members)
+        sums = pool.submit(_check_sums, path, manifest, members, shards)
         try:
             info = _program_info(manifest.get("info"))
-            tensors = _tensors(members["weights.safetensors"], manifest.get("aliases"))
+            if manifest["format_version"] == 1:
+                tensors = _tensors(members[V1_WEIGHTS], manifest.get("aliases"))
+            else:
+                tensors = _mapped_tensors(path, shards, manifest.get("weights"))
             graph = graph_from_json(_json(members["graph.json"], "graph.json"), set(tensors))
             resume = _resume_state(manifest, members.get(RESUME_MEMBER), info, graph)
         finally:
@@ -603,6 +699,6 @@ def load_program(path: Path, device: str = "cpu", backend: str = "reference", pr
 
 def read_manifest(path: Path) -> dict:
     """The checked manifest of an artifact (for `snncc inspect out.snn`)."""
-    manifest, members = _read_members(path)
-    _check_sums(path, manifest, members)
+    manifest, members, shards = _read_members(path)
+    _check_sums(path, manifest, members, shards)
     return manifest

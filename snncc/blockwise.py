@@ -16,10 +16,12 @@ pipelines on the whole-model path.
 from __future__ import annotations
 
 import logging
+
 import torch
 import torch.fx as fx
 from tqdm import tqdm
 
+from snncc.artifact import ArtifactWriter
 from snncc.calibration import CalibrationContext
 from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
 from snncc.ir.stages import Stage, join_stages, split_stages
@@ -104,17 +106,30 @@ def run_stages(ann: fx.GraphModule, batches: list[torch.Tensor], weights: StageW
     return [output[0] for output in outputs]
 
 
+def ann_outputs(loaded: LoadedModel, ann: fx.GraphModule, batches: list[torch.Tensor],
+                progress: bool = False) -> list[torch.Tensor]:
+    """The model's own outputs for `batches` (the reference fidelity is measured against): from
+    its module where it is in memory, else its traced graph run a stage at a time."""
+    if loaded.weights is None:
+        with torch.no_grad():
+            return [loaded.module(batch) for batch in batches]
+    return run_stages(ann, batches, stage_weights(loaded), progress)
+
+
 def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
                    weights: StageWeights | None = None, dtype: torch.dtype = torch.float32,
-                   progress: bool = False) -> tuple[fx.GraphModule, list[PassRecord]]:
+                   progress: bool = False, writer: ArtifactWriter | None = None
+                   ) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run `pipeline` on each stage of `ann` in turn, each compiled stage's weights stored in
-    `dtype` (snncc.ir.storage); the joined program graph and, per pass, its record summed
-    over the stages."""
+    `dtype` (snncc.ir.storage) and, with a `writer`, written to the artifact as the stage
+    finishes and mapped back from it; the joined program graph and, per pass, its record
+    summed over the stages."""
     weights = weights or StageWeights()
     stages = split_stages(ann)
     last_reader = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
     values: dict[str, list] = {}
     compiled, records = [], []
+    taken: dict[str, torch.Tensor] = {}
     bar = tqdm(stages, desc="compiling blocks", disable=not progress, unit="block")
     for index, stage in enumerate(bar):
         bar.set_postfix_str(stage.name)
@@ -129,6 +144,11 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         manager = PassManager(list(pipeline.passes))
         program = manager.run(copy_graph_module(stage.graph_module), stage_ctx)
         store_weights(program, dtype)
+        new = claim_names(program, taken)
+        if writer is not None and new:
+            for name, view in writer.add_weights(new).items():
+                set_tensor(program, name, view)
+                taken[name] = view
         compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
         records.append(manager.records)
         for position, name in enumerate(stage.outputs):
@@ -137,6 +157,38 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
             del values[name]  # no later stage reads it
         weights.release(stage, program)
     return join_stages(compiled), _summed(records)
+
+
+def claim_names(program: fx.GraphModule, taken: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give a compiled stage's tensors names no earlier stage uses for another tensor: a name
+    an earlier stage holds an equal tensor under is shared (a tied embedding, read for the
+    prologue and again for the epilogue, is stored once), any other is renamed. Records the
+    stage's tensors in `taken`; returns those new to this stage."""
+    new: dict[str, torch.Tensor] = {}
+    renamed: dict[str, str] = {}
+    for node in program.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        if node.target in renamed:
+            node.target = renamed[node.target]
+            continue
+        tensor, earlier = get_tensor(program, node), taken.get(node.target)
+        if node.target in new or earlier is tensor:
+            continue
+        if earlier is None:
+            new[node.target] = tensor
+        elif earlier.dtype == tensor.dtype and earlier.shape == tensor.shape and torch.equal(earlier, tensor):
+            set_tensor(program, node.target, earlier)
+        else:
+            target, i = node.target, 1
+            while f"{target}_{i}" in taken or f"{target}_{i}" in new:
+                i += 1
+            renamed[node.target] = node.target = f"{target}_{i}"
+            set_tensor(program, node.target, tensor)
+            new[node.target] = tensor
+    program.recompile()
+    taken.update(new)
+    return new
 
 
 def _summed(per_stage: list[list[PassRecord]]) -> list[PassRecord]:

@@ -107,6 +107,17 @@ def _model_options(fn):
     return fn
 
 
+def _dtype_option(fn):
+    return click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                        show_default=True,
+                        help="what the program stores its weights in (it computes in float32); auto: the dtype "
+                             "of the model's checkpoint")(fn)
+
+
+def _dtype(choice: str) -> str | None:
+    return None if choice == "auto" else choice
+
+
 def _progress() -> bool:
     return sys.stderr.isatty()
 
@@ -291,8 +302,10 @@ def main(verbose: int) -> None:
                    "same -T and options; calibration comes from the artifact)")
 @click.option("--dump", type=click.Path(file_okay=False), default=None,
               help="write the graph before the first pass and after each pass here (00-input.txt, 01-fold.txt, ...)")
+@_dtype_option
 @_fail_cleanly
-def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens, stop_after, start_after, dump):
+def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens, stop_after, start_after, dump,
+                dtype):
     """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline, or continue an .snn
     stopped part-way (--start-after); print fidelity and profile."""
     from snncc.api import compile_graph, resume
@@ -319,13 +332,16 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
             program = resume(saved, start_after, pipeline, stop_after=stop_after, instrument=instrument, device=device,
                              progress=_progress())
         else:
-            program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after)
+            # The artifact is written as the compile goes: a big model's weights never all in memory.
+            program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after,
+                                    dtype=_dtype(dtype), save_to=out_path)
     _print_compiled(program, pipeline, start)
-    if eval_tokens:
-        _print_fidelity(program, prepared[0] if prepared else None, eval_tokens)
     if out_path:
-        program.save(out_path)
+        if start_after:
+            program.save(out_path)
         click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB)")
+    if eval_tokens:
+        _print_fidelity(program, prepared, eval_tokens)
 
 
 def _given(parameter: str) -> bool:
@@ -375,18 +391,20 @@ def _print_compiled(program, pipeline, start: int) -> None:
     _print_reports(program.info.passes[start:])
 
 
-def _print_fidelity(program, loaded, eval_tokens: int) -> None:
+def _print_fidelity(program, prepared, eval_tokens: int) -> None:
     """Fidelity against the ANN and a profile summary, on held-out text; a continued compile
-    has no ANN at hand (`loaded` None): its profile only."""
+    has no ANN at hand (`prepared` None): its profile only."""
+    from snncc.blockwise import ann_outputs
     from snncc.evaluate import evaluate
     from snncc.render import print_eval, print_profile_summary
 
     chunks = _eval_chunks(program.tokenizer, None, eval_tokens, 128, program.info.max_positions)
-    if loaded is None:
+    if prepared is None:
         click.echo("(no fidelity check: a continued compile does not load the ANN; `snncc eval` compiles and "
                    "checks in one go)")
     else:
-        print_eval(evaluate(program, loaded.module, chunks, progress=_progress()))
+        loaded, ann, _ = prepared
+        print_eval(evaluate(program, ann_outputs(loaded, ann, chunks, _progress()), chunks, progress=_progress()))
     print_profile_summary(program.profile(chunks[0]))
 
 
@@ -474,10 +492,12 @@ def _check_spec_paths(**paths: str | None) -> None:
 @click.option("--max-tokens", type=int, default=2048, show_default=True, help="tokens of text to score")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per evaluated sequence")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@_dtype_option
 @_fail_cleanly
-def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json):
+def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json, dtype):
     """Fidelity of MODEL's spiking program vs the ANN on held-out text."""
     from snncc.api import compile_graph
+    from snncc.blockwise import ann_outputs
     from snncc.evaluate import evaluate
     from snncc.render import print_eval
 
@@ -488,9 +508,9 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
         if text:
             _check_text_file(text, max_tokens)
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    program = compile_graph(loaded, ann, ctx, pipeline, device=device)
+    program = compile_graph(loaded, ann, ctx, pipeline, device=device, dtype=_dtype(dtype))
     chunks = _eval_chunks(loaded.tokenizer, text, max_tokens, seq_len, loaded.max_positions)
-    result = evaluate(program, loaded.module, chunks, progress=_progress())
+    result = evaluate(program, ann_outputs(loaded, ann, chunks, _progress()), chunks, progress=_progress())
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:

@@ -55,8 +55,10 @@ class PassTable:
         self.sample = sample
         self.dump = dump
         self.device = device
-        with torch.no_grad():
-            self.reference = model.module(sample).float()
+        self.reference = None  # a model read a block at a time has no module to run: its traced ANN (the first graph)
+        if model.weights is None:
+            with torch.no_grad():
+                self.reference = model.module(sample).float()
         self.rows: list[PassRow] = []
         self.sites: list[tuple[str, dict]] = []  # (pass, per-site statistics) of passes that keep them
         if dump:
@@ -65,6 +67,8 @@ class PassTable:
 
     def __call__(self, p: Pass | None, gm: fx.GraphModule, record: PassRecord | None, sites: list) -> None:
         out = ReferenceExecutor(gm, self.device)(self.sample).float().cpu()
+        if self.reference is None:
+            self.reference = out
         if self.model.task == CAUSAL_LM:
             agreement = float((out.argmax(-1) == self.reference.argmax(-1)).float().mean())
         else:

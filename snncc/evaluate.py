@@ -81,18 +81,20 @@ def _mean_pool(hidden: torch.Tensor) -> torch.Tensor:
     return F.normalize(hidden.mean(dim=1), dim=-1)
 
 
-def evaluate(program: SpikingProgram, ann: torch.nn.Module, chunks: list[torch.Tensor],
+def evaluate(program: SpikingProgram, ann: torch.nn.Module | list[torch.Tensor], chunks: list[torch.Tensor],
              progress: bool = False) -> dict:
     """Compare program and ANN on every chunk; causal LMs get perplexity and top-1 agreement,
-    encoders the cosine of mean-pooled sentence embeddings."""
+    encoders the cosine of mean-pooled sentence embeddings. `ann` is the ANN, or its outputs
+    for the chunks computed already (snncc.blockwise.ann_outputs, for a model run a block at
+    a time)."""
     causal = program.info.task == CAUSAL_LM
     nll_ann = nll_snn = 0.0
     predicted = agree = 0
     abs_err_sum, max_err, values = 0.0, 0.0, 0
     cosines, token_cosines = [], []
-    for ids in tqdm(chunks, desc="evaluating", disable=not progress, leave=False):
+    for index, ids in enumerate(tqdm(chunks, desc="evaluating", disable=not progress, leave=False)):
         with torch.no_grad():
-            ref = ann(ids).float()
+            ref = (ann[index] if isinstance(ann, list) else ann(ids)).float()
         _check_finite(ref, "the ANN's outputs", ann if isinstance(ann, fx.GraphModule) else None, ids)
         out = program(ids).float().cpu()
         executor = program.executor

@@ -30,6 +30,7 @@ from snncc.errors import SnnccError
 from tests.conftest import prepared
 
 MARKER = "snncc_hostile_marker"
+SHARD = "weights/shard-00001.safetensors"  # a tiny program's weights fit one shard
 OUTCOMES: collections.Counter = collections.Counter()
 # Examples per generated test: 30 keeps the fast tier fast; SNNCC_HOSTILE_EXAMPLES=300 runs a deeper search.
 EXAMPLES = int(os.environ.get("SNNCC_HOSTILE_EXAMPLES", "30"))
@@ -206,7 +207,10 @@ def test_compressed_bombs_are_refused_before_reading(tmp_path, valid):
     lambda m: m.update(format_version="1"), lambda m: m.pop("info"), lambda m: m["info"].update(T=10**9),
     lambda m: m["info"].update(max_positions=-1), lambda m: m["info"].update(task="exec"),
     lambda m: m["info"].update(extra=1), lambda m: m["info"].update(vocab_size=True),
-    lambda m: m.update(aliases={"x": "nonexistent"}), lambda m: m.update(aliases=[1]),
+    lambda m: m["weights"].update(aliases={"x": "nonexistent"}), lambda m: m["weights"].update(aliases=[1]),
+    lambda m: m["weights"].update(shards=2), lambda m: m["weights"]["weight_map"].update(made_up=SHARD),
+    lambda m: m["weights"]["weight_map"].popitem(), lambda m: m.pop("weights"),
+    lambda m: m["info"].update(dtype="int8"),
     lambda m: m["info"]["coverage"].update(analog_sites=[{"name": "made_up"}]),
 ])
 def test_malformed_manifest_fields_are_one_error(tmp_path, valid, edit):
@@ -231,7 +235,7 @@ def _table_tensors(members: dict[str, bytes]) -> list[tuple[str, str, str]]:
     """(thresholds, codes, bucket) stored tensor names of every table neuron in the graph."""
     rows = graph_rows(members)
     targets = {r["name"]: r["target"] for r in rows if r["op"] == "get_attr"}
-    aliases = json.loads(members["manifest.json"])["aliases"]
+    aliases = json.loads(members["manifest.json"])["weights"]["aliases"]
     tables = []
     for row in rows:
         if row["op"] == "call_function" and row["target"].startswith(("snn.fn_encode", "snn.fn_quantize")):
@@ -246,7 +250,7 @@ def test_malformed_tables_never_reach_the_kernels(tmp_path, valid, edit):
     read out of bounds."""
     import safetensors.torch
 
-    tensors = safetensors.torch.load(valid["weights.safetensors"])
+    tensors = safetensors.torch.load(valid[SHARD])
     tables = set(_table_tensors(valid))  # layers share tables: edit each once
     assert tables
     for thresholds, codes, bucket in tables:
@@ -256,8 +260,59 @@ def test_malformed_tables_never_reach_the_kernels(tmp_path, valid, edit):
             tensors[thresholds] = tensors[thresholds].flip(-1).contiguous()
         else:
             tensors[codes] = tensors[codes][:, :3].contiguous()
-    members = {**valid, "weights.safetensors": safetensors.torch.save(tensors)}
+    members = {**valid, SHARD: safetensors.torch.save(tensors)}
     assert attempt(write(tmp_path / f"{edit}.snn", members), "neuron tables") == "clean error"
+
+
+def _shard_with_header(valid: dict[str, bytes], edit) -> dict[str, bytes]:
+    """The valid artifact with its shard's safetensors header edited (data bytes kept)."""
+    blob = valid[SHARD]
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    return {**valid, SHARD: len(encoded).to_bytes(8, "little") + encoded + blob[8 + length:]}
+
+
+def _first_entry(header: dict) -> dict:
+    return next(v for k, v in header.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: _first_entry(h).update(dtype="F8_E4M3_bogus"), lambda h: _first_entry(h).update(shape=[10**12]),
+    lambda h: _first_entry(h).update(data_offsets=[0, 10**15]), lambda h: _first_entry(h).update(shape=[-1]),
+    lambda h: _first_entry(h).update(data_offsets=[8, 4]), lambda h: _first_entry(h).update(extra=1),
+    lambda h: h.update(overlap={"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}),
+    lambda h: h.update({"a.__class__": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}),
+])
+def test_shard_headers_are_checked_before_any_view(tmp_path, valid, edit):
+    """A shard's safetensors header is parsed by snncc (the shard is mapped, not read): bad
+    dtypes, sizes, byte ranges outside the data or shared by two tensors are refused."""
+    members = _shard_with_header(valid, edit)
+    assert attempt(write(tmp_path / "a.snn", members), "shard header") == "clean error"
+
+
+def test_a_huge_shard_header_length_is_refused(tmp_path, valid):
+    members = {**valid, SHARD: (2**62).to_bytes(8, "little") + valid[SHARD][8:]}
+    assert attempt(write(tmp_path / "a.snn", members), "shard header") == "clean error"
+
+
+def test_format_1_artifacts_still_load(tmp_path, valid):
+    """Artifacts written before shards (one weights.safetensors, aliases in the manifest)."""
+    import safetensors.torch
+
+    manifest = json.loads(valid["manifest.json"])
+    weights = manifest.pop("weights")
+    manifest.update(format_version=1, aliases=weights["aliases"])
+    manifest["info"].pop("dtype")
+    members = {name: data for name, data in valid.items() if name != SHARD}
+    members["weights.safetensors"] = safetensors.torch.save(safetensors.torch.load(valid[SHARD]))
+    members["manifest.json"] = json.dumps(manifest).encode()
+    path = write(tmp_path / "v1.snn", members)
+    assert attempt(path, "format 1") == "loaded"
+    program, current = snncc.load(path), snncc.load(write(tmp_path / "v2.snn", valid))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(program(ids), current(ids))
 
 
 def test_literal_sizes_and_steps_are_bounded(tmp_path, valid):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import snncc
-from snncc.errors import InputError, ModelError
 from snncc.blockwise import load_all_weights
+from snncc.errors import InputError, ModelError
 from snncc.frontend import trace
 from snncc.models import load_model
 

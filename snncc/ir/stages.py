@@ -80,7 +80,8 @@ def split_stages(gm: fx.GraphModule) -> list[Stage]:
         members = [n for n in graph.nodes if stage[n] == s and n.op not in ("get_attr", "output")]
         inputs = [a for a in graph.nodes if a.op != "get_attr" and stage[a] < s and s in consumers.get(a, ())]
         for value in inputs:
-            env[value] = new.create_node("placeholder", value.name, name=value.name)  # placeholder() would snake_case it
+            # (Graph.placeholder would snake_case the name)
+            env[value] = new.create_node("placeholder", value.name, name=value.name)
             env[value].meta.update(value.meta)
             if value not in dependent:
                 env[value].meta["input_independent"] = True
@@ -90,10 +91,10 @@ def split_stages(gm: fx.GraphModule) -> list[Stage]:
                     env[arg] = new.get_attr(arg.target)
                     env[arg].meta.update(arg.meta)
                     set_tensor(root, arg.target, get_tensor(gm, arg))
-            env[node] = new.node_copy(node, lambda a: env[a])
+            env[node] = new.node_copy(node, env.__getitem__)
         if s == count - 1:
             outputs = []
-            new.output((fx.node.map_arg(graph.output_node().args[0], lambda a: env[a]),))
+            new.output((fx.node.map_arg(graph.output_node().args[0], env.__getitem__),))
         else:
             outputs = [n for n in members if any(c > s for c in consumers.get(n, ()))]
             new.output(tuple(env[n] for n in outputs))
@@ -130,13 +131,13 @@ def join_stages(stages: list[Stage]) -> fx.GraphModule:
                 env[node] = graph.get_attr(target)
                 env[node].meta.update(node.meta)
             elif node.op == "output":
-                returned = fx.node.map_arg(node.args[0], lambda a: env[a])
+                returned = fx.node.map_arg(node.args[0], env.__getitem__)
                 if index == len(stages) - 1:
                     result = returned[0]
                 else:
                     values.update(zip(stage.outputs, returned, strict=True))
             else:
-                env[node] = graph.node_copy(node, lambda a: env[a])
+                env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(result)
     for target, tensor in tensors.items():
         set_tensor(root, target, tensor)
