@@ -21,6 +21,7 @@ from snncc.ir.rewrite import copy_graph_module
 from snncc.ir.storage import STORAGE_DTYPES, store_weights
 from snncc.ir.verify import coverage_report, verify
 from snncc.models import CAUSAL_LM, LoadedModel, load_model
+from snncc.parts import CompileParts, compile_key, parts_folder
 from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, Pipeline
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.resume import capture, check_resumable, restore, split
@@ -69,22 +70,31 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     program); `by_block=False`, `debug` (whose pass checks are about the whole graph) and
     `instrument` run the passes on the whole graph at once. `dtype`: what the program stores
     its synapse weights in (snncc.ir.storage), by default the dtype the model's checkpoint has.
-    `save_to`: write the artifact there while compiling, each block's weights as it finishes;
-    the program's weights are then mapped from the file, not held in memory."""
+    `save_to`: write the artifact there; a block-by-block compile keeps each block on disk as it
+    finishes (snncc.parts: its weights leave memory, and a killed compile run again resumes at
+    the first unfinished block), then assembles the artifact from them."""
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
                        dtype=_storage_dtype(dtype, loaded))
+    parts = None
     with ArtifactWriter(Path(save_to)) if save_to else contextlib.nullcontext() as writer:
         if by_block and not debug and instrument is None and stop == len(pipeline.passes) and runs_by_block(pipeline):
-            program = _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, writer)
+            if save_to:
+                key = compile_key(ann, loaded.weight_files(), pipeline.spec, pipeline.steps, info.dtype, ctx.batches)
+                parts = CompileParts(parts_folder(Path(save_to)), key)
+            program = _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, parts)
+            for path, tensors in parts.blocks if parts else []:
+                writer.add_file(path, tensors)
         else:
             load_all_weights(loaded, ann)
             program = _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument,
                            device)
         if writer is not None:
             writer.finish(program)
+    if parts is not None:
+        parts.remove()  # the artifact holds it all now (the program's views of the parts stay valid)
     return program
 
 
@@ -121,11 +131,11 @@ def _storage_dtype(dtype: str | None, loaded: LoadedModel) -> str:
 
 
 def _run_by_block(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, info: ProgramInfo,
-                  loaded: LoadedModel, device: str, progress: bool, writer: ArtifactWriter | None) -> SpikingProgram:
+                  loaded: LoadedModel, device: str, progress: bool, parts: CompileParts | None) -> SpikingProgram:
     """Run every pass of `pipeline` one block at a time (snncc.blockwise)."""
     tokenizer = loaded.tokenizer
     gm, records = compile_stages(ann, ctx, pipeline, stage_weights(loaded), STORAGE_DTYPES[info.dtype], progress,
-                                 writer)
+                                 parts)
     verify(gm)
     info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in records], remaining=[],
                                calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())

@@ -47,6 +47,7 @@ from snncc.resume import ResumeState
 from snncc.shards import (
     MAX_SHARDS,
     SHARD_MEMBER,
+    copy_shard,
     map_shards,
     member_sha256,
     plan_shards,
@@ -241,9 +242,10 @@ def _node_row(row, index: int) -> tuple[str, str, object, object, dict, dict]:
     return name, row["op"], row["target"], row.get("args", {"tuple": []}), kwargs, row.get("meta", {})
 
 
-def graph_from_json(rows, tensor_names: set[str]) -> fx.Graph:
+def graph_from_json(rows, tensor_names: set[str], max_inputs: int = 1) -> fx.Graph:
     """Rebuild an FX graph from `graph_to_json` rows, taking ops only from snncc.ir.opset,
-    names only as identifiers and attribute targets only from `tensor_names`."""
+    names only as identifiers and attribute targets only from `tensor_names`. A program has
+    one input; a compiled block kept by snncc.parts has up to `max_inputs`."""
     if not isinstance(rows, list) or not 0 < len(rows) <= MAX_NODES:
         raise ArtifactError(f"the graph is not a list of at most {MAX_NODES} nodes")
     graph = fx.Graph()
@@ -258,7 +260,7 @@ def graph_from_json(rows, tensor_names: set[str]) -> fx.Graph:
         if not isinstance(args, tuple):
             raise ArtifactError(f"{where}: malformed arguments")
         if op == "placeholder" and target == name and not args and not kwargs \
-                and not graph.find_nodes(op="placeholder"):
+                and len(graph.find_nodes(op="placeholder")) < max_inputs:
             pass  # the input's name is its node's, which FX's namespace checks below
         elif op == "get_attr" and not args and not kwargs:
             if not isinstance(target, str) or target not in tensor_names:
@@ -294,10 +296,9 @@ def _sha256(data: bytes) -> str:
 
 class ArtifactWriter:
     """Writes an artifact atomically, weights shard by shard (snncc.shards): a block-by-block
-    compile hands each compiled block's weights over as it finishes (`add_weights`, which
-    returns them mapped from the file, so they leave memory); `finish` writes the rest (the
-    weights not handed over, the graph, tokenizer and manifest). The file appears at `path`
-    only when the `with` block ends without an error, after `finish`.
+    compile hands over the files its blocks' weights were kept in (`add_file`, snncc.parts);
+    `finish` writes the rest (the weights not handed over, the graph, tokenizer and manifest).
+    The file appears at `path` only when the `with` block ends without an error, after `finish`.
 
         with ArtifactWriter(path) as writer:
             writer.finish(program)
@@ -323,16 +324,20 @@ class ArtifactWriter:
             raise ArtifactError(f"{self.path}: the artifact was not finished; nothing was written")
         return self._stack.__exit__(kind, value, traceback)
 
-    def add_weights(self, tensors: dict[str, torch.Tensor], map_back: bool = True) -> dict[str, torch.Tensor]:
-        """Store `tensors` as one shard; with `map_back`, return them as views of the file."""
+    def add_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Store `tensors` as one shard."""
         name = shard_name(len({*self._weight_map.values()}) + 1)
         self._sums[name] = write_shard(self._archive, name, tensors)
         self._weight_map.update(dict.fromkeys(tensors, name))
-        if map_back:
-            self._archive.fp.flush()
-            tensors = map_shards(self._tmp, [self._archive.getinfo(name)])
         self._stored.update(tensors)
-        return tensors
+
+    def add_file(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Store a safetensors file as one shard, copied as it is; `tensors` are the program's
+        views of it (mapped from the file), so `finish` knows them stored."""
+        name = shard_name(len({*self._weight_map.values()}) + 1)
+        self._sums[name] = copy_shard(self._archive, name, path)
+        self._weight_map.update(dict.fromkeys(tensors, name))
+        self._stored.update(tensors)
 
     def finish(self, program: SpikingProgram) -> None:
         """Write what `program` has that is not stored yet, its graph, tokenizer and manifest."""
@@ -343,7 +348,7 @@ class ArtifactWriter:
                    if storage_key(t) in stored_by_key}
         shards, more_aliases = plan_shards({n: t for n, t in pending.items() if n not in aliases})
         for names in shards:
-            self.add_weights({n: pending[n] for n in names}, map_back=False)
+            self.add_weights({n: pending[n] for n in names})
         aliases.update(more_aliases)
         members = {"graph.json": json.dumps(graph_to_json(program.graph_module.graph)).encode()}
         with tempfile.TemporaryDirectory() as tok_dir:

@@ -21,12 +21,12 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-from snncc.artifact import ArtifactWriter
 from snncc.calibration import CalibrationContext
 from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
 from snncc.ir.stages import Stage, join_stages, split_stages
 from snncc.ir.storage import store_weights
 from snncc.models import LoadedModel
+from snncc.parts import CompileParts, Resumed
 from snncc.pipeline import PassManager, PassRecord, Pipeline
 from snncc.resume import RUN_THE_ANN
 
@@ -118,21 +118,24 @@ def ann_outputs(loaded: LoadedModel, ann: fx.GraphModule, batches: list[torch.Te
 
 def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
                    weights: StageWeights | None = None, dtype: torch.dtype = torch.float32,
-                   progress: bool = False, writer: ArtifactWriter | None = None
+                   progress: bool = False, parts: CompileParts | None = None
                    ) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run `pipeline` on each stage of `ann` in turn, each compiled stage's weights stored in
-    `dtype` (snncc.ir.storage) and, with a `writer`, written to the artifact as the stage
-    finishes and mapped back from it; the joined program graph and, per pass, its record
-    summed over the stages."""
+    `dtype` (snncc.ir.storage) and, with `parts`, written to disk as the stage finishes and
+    mapped back (a compile killed part-way resumes from there: snncc.parts); the joined
+    program graph and, per pass, its record summed over the stages."""
     weights = weights or StageWeights()
     stages = split_stages(ann)
     last_reader = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
-    values: dict[str, list] = {}
-    compiled, records = [], []
-    taken: dict[str, torch.Tensor] = {}
-    bar = tqdm(stages, desc="compiling blocks", disable=not progress, unit="block")
-    for index, stage in enumerate(bar):
-        bar.set_postfix_str(stage.name)
+    resumed = parts.resume() if parts is not None else None
+    if resumed is None:
+        resumed = Resumed([], [], {}, {}, {})
+    ctx.stats.update(resumed.stats)
+    compiled, records, taken, values = resumed.stages, resumed.records, resumed.taken, resumed.values
+    bar = tqdm(total=len(stages), initial=len(compiled), desc="compiling", disable=not progress, unit="block")
+    for index in range(len(compiled), len(stages)):
+        stage = stages[index]
+        bar.set_postfix_str(f"{stage.name}: load")
         weights.load(stage)
         batches = ctx.batches if index == 0 else [tuple(column) for column in
                                                   zip(*(values[name] for name in stage.inputs), strict=True)]
@@ -140,22 +143,27 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         # compiles records each once, as on the whole-model path.
         stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True)
         stage_ctx.attach(stage.graph_module)
+        bar.set_postfix_str(f"{stage.name}: calibrate")
         outputs = stage_ctx.record_all()
+        bar.set_postfix_str(f"{stage.name}: rewrite")
         manager = PassManager(list(pipeline.passes))
         program = manager.run(copy_graph_module(stage.graph_module), stage_ctx)
         store_weights(program, dtype)
         new = claim_names(program, taken)
-        if writer is not None and new:
-            for name, view in writer.add_weights(new).items():
-                set_tensor(program, name, view)
-                taken[name] = view
-        compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
-        records.append(manager.records)
         for position, name in enumerate(stage.outputs):
             values[name] = [output[position] for output in outputs]
         for name in [n for n in values if last_reader.get(n, -1) <= index]:
             del values[name]  # no later stage reads it
+        compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
+        records.append(manager.records)
+        if parts is not None:
+            bar.set_postfix_str(f"{stage.name}: write")
+            for name, view in parts.save_block(index, compiled[-1], new, manager.records, values, ctx.stats).items():
+                set_tensor(program, name, view)
+                taken[name] = view
         weights.release(stage, program)
+        bar.update()
+    bar.close()
     return join_stages(compiled), _summed(records)
 
 

@@ -39,6 +39,12 @@ class LoadedModel:
     weights: CheckpointWeights | None = None
     dtype: torch.dtype = torch.float32  # the dtype its weights are stored in
 
+    def weight_files(self) -> list[Path]:
+        """The files its weights are read from (none for a model in memory)."""
+        if self.weights is None:
+            return []
+        return [self.weights.folder / name for name in sorted(set(self.weights.files.values()))]
+
     def parameter_keys(self) -> dict[str, list[str]]:
         """For each traced tensor name (`model.` + the module's own name), every name the
         module knows the same tensor by (tied embeddings have two)."""

@@ -72,15 +72,31 @@ def storage_key(tensor: torch.Tensor) -> tuple:
 def write_shard(archive: zipfile.ZipFile, name: str, tensors: dict[str, torch.Tensor]) -> str:
     """Write one shard member, its data aligned to ALIGNMENT; returns its SHA-256."""
     data = safetensors.torch.save({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
+    with _aligned_member(archive, name, len(data)) as member:
+        member.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def copy_shard(archive: zipfile.ZipFile, name: str, path: Path) -> str:
+    """Copy a safetensors file in as one shard member (read in chunks); returns its SHA-256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as source, _aligned_member(archive, name, path.stat().st_size) as member:
+        while chunk := source.read(16 * 2**20):
+            digest.update(chunk)
+            member.write(chunk)
+    return digest.hexdigest()
+
+
+def _aligned_member(archive: zipfile.ZipFile, name: str, size: int):
+    """A stored member open for writing whose data starts at a multiple of ALIGNMENT."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
-    zip64 = len(data) >= zipfile.ZIP64_LIMIT
+    info.file_size = size
+    zip64 = size >= zipfile.ZIP64_LIMIT
     start = archive.fp.tell() + _LOCAL_HEADER.size + len(name.encode()) + 4 + (20 if zip64 else 0)
     pad = -start % ALIGNMENT
     info.extra = struct.pack("<HH", _PADDING_ID, pad) + bytes(pad)
-    with archive.open(info, "w", force_zip64=zip64) as member:
-        member.write(data)
-    return hashlib.sha256(data).hexdigest()
+    return archive.open(info, "w", force_zip64=zip64)
 
 
 def member_sha256(path: Path, info: zipfile.ZipInfo) -> str:

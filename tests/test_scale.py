@@ -1,0 +1,124 @@
+"""Big-model machinery on a tiny checkpoint: weights read a block at a time in their stored
+dtype, programs stored in bf16, artifacts written block by block in shards, and a killed
+compile resuming at its first unfinished block."""
+
+from __future__ import annotations
+
+import functools
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from test_models import _byte_level_tokenizer
+
+import snncc
+import snncc.shards
+from snncc.ir.rewrite import get_tensor
+from snncc.models import load_model
+from snncc.parts import parts_folder
+from snncc.pipeline import PassManager
+
+
+@functools.cache
+def _checkpoint(folder: str, dtype: torch.dtype) -> Path:
+    """tiny-llama saved as a user's Hugging Face directory, weights in `dtype`."""
+    path = Path(folder) / str(dtype).removeprefix("torch.")
+    if not path.exists():
+        load_model("tiny-llama").module.model.to(dtype).save_pretrained(path)
+        _byte_level_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory) -> Path:
+    return _checkpoint(str(tmp_path_factory.mktemp("ckpt")), torch.bfloat16)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_checkpoint_is_read_lazily_in_its_own_dtype(bf16_dir):
+    loaded = load_model(str(bf16_dir))
+    assert loaded.weights is not None and loaded.dtype == torch.bfloat16
+    assert all(p.is_meta for p in loaded.module.parameters())  # nothing read yet
+
+
+def test_the_program_stores_weights_in_the_checkpoint_dtype_and_computes_in_float32(bf16_dir):
+    program = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512)
+    as_fp32 = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, dtype="float32")
+    assert program.info.dtype == "bfloat16" and as_fp32.info.dtype == "float32"
+    dtypes = {t.dtype for t in program.graph_module.state_dict().values() if t.is_floating_point()}
+    assert dtypes == {torch.bfloat16, torch.float32}  # weights bf16; ranges and tables float32
+    assert {t.dtype for t in as_fp32.graph_module.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    out, reference = program(_ids()), as_fp32(_ids())
+    assert out.dtype == torch.float32
+    # Only weights a pass rewrote (folded norms) round to bf16: far below the conversion's own error.
+    assert float((out - reference).abs().max()) < 1e-2 * float(reference.abs().max())
+    gm = program.graph_module
+    synapses = [n for n in gm.graph.nodes if n.target == torch.ops.snn.spike_linear.default]
+    assert synapses
+    for node in synapses:  # every synapse reads its weight through a cast of a stored bf16 tensor
+        cast = node.args[1]
+        assert cast.target == torch.ops.aten._to_copy.default and cast.kwargs["dtype"] == torch.float32
+        assert get_tensor(gm, cast.args[0]).dtype == torch.bfloat16
+
+
+def test_saved_while_compiling_it_equals_the_program_and_loads_mapped(bf16_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(snncc.shards, "SHARD_BYTES", 4096)  # many shards from a tiny model
+    path = tmp_path / "out.snn"
+    program = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    assert not parts_folder(path).exists()  # assembled into the artifact, then removed
+    with zipfile.ZipFile(path) as archive:
+        shards = [n for n in archive.namelist() if snncc.shards.SHARD_MEMBER.fullmatch(n)]
+    assert len(shards) >= 4  # one per block at least (the parts), plus what finish adds
+    loaded = snncc.load(path)
+    assert torch.equal(loaded(_ids()), program(_ids()))
+    assert torch.equal(program(_ids()), snncc.compile(str(bf16_dir), passes="las", calib_tokens=512)(_ids()))
+
+
+def test_a_killed_compile_resumes_at_its_first_unfinished_block(bf16_dir, tmp_path, monkeypatch):
+    path = tmp_path / "out.snn"
+    fresh = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512)
+    runs = []
+    original = PassManager.run
+
+    def failing_third(self, gm, ctx):
+        runs.append(1)
+        if len(runs) == 3:
+            raise KeyboardInterrupt  # killed while compiling block 1 (the third stage)
+        return original(self, gm, ctx)
+
+    monkeypatch.setattr(PassManager, "run", failing_third)
+    with pytest.raises(KeyboardInterrupt):
+        snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    assert not path.exists() and parts_folder(path).exists()
+    runs.clear()
+    monkeypatch.setattr(PassManager, "run", lambda self, gm, ctx: runs.append(1) or original(self, gm, ctx))
+    resumed = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    assert len(runs) == 2  # block 1 and the epilogue: the prologue and block 0 were kept
+    assert torch.equal(resumed(_ids()), fresh(_ids()))
+    assert resumed.info.coverage == fresh.info.coverage
+    assert torch.equal(snncc.load(path)(_ids()), fresh(_ids()))
+    assert not parts_folder(path).exists()
+
+
+def test_parts_of_another_compile_are_not_resumed(bf16_dir, tmp_path, monkeypatch):
+    path = tmp_path / "out.snn"
+    original = PassManager.run
+    calls = []
+
+    def fail_second(self, gm, ctx):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, gm, ctx)
+
+    monkeypatch.setattr(PassManager, "run", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        snncc.compile(str(bf16_dir), passes="encode", T=8, calib_tokens=512, save_to=path)
+    calls.clear()
+    monkeypatch.setattr(PassManager, "run", lambda self, gm, ctx: calls.append(1) or original(self, gm, ctx))
+    program = snncc.compile(str(bf16_dir), passes="encode", T=10, calib_tokens=512, save_to=path)  # another T
+    assert len(calls) == 4 and program.T == 10
