@@ -15,6 +15,8 @@ pipelines on the whole-model path.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 
 import torch
@@ -144,7 +146,7 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True)
         stage_ctx.attach(stage.graph_module)
         bar.set_postfix_str(f"{stage.name}: calibrate")
-        outputs = stage_ctx.record_all()
+        outputs = stage_ctx.record_all(keep_outputs=bool(stage.outputs))  # not the logits of the last
         bar.set_postfix_str(f"{stage.name}: rewrite")
         manager = PassManager(list(pipeline.passes))
         program = manager.run(copy_graph_module(stage.graph_module), stage_ctx)
@@ -162,9 +164,26 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
                 set_tensor(program, name, view)
                 taken[name] = view
         weights.release(stage, program)
+        release_free_memory()
         bar.update()
     bar.close()
     return join_stages(compiled), _summed(records)
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the block just compiled back to the system. glibc keeps freed
+    blocks of medium size in its heap, fragmented by the next block's allocations: measured
+    on a 32-block model, the compile's resident memory crept from 0.7 to 1.35 GiB without this
+    and stayed at 0.7-0.8 GiB with it. A no-op without glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        library = ctypes.util.find_library("c")
+        _malloc_trim = getattr(ctypes.CDLL(library), "malloc_trim", False) if library else False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def claim_names(program: fx.GraphModule, taken: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -224,11 +224,11 @@ class CalibrationContext:
             self._record(current, missing - in_ann)
             self.recorded_from_passes |= missing - in_ann
 
-    def record_all(self) -> list:
-        """Record every statistic a pass may ask of the ANN in one run over the batches and
-        return the ANN's output for each batch (a block-by-block compile feeds them to the
-        next block)."""
-        return self._record(self.ann, recordable_statistics(self.ann) - set(self.stats), keep_outputs=True)
+    def record_all(self, keep_outputs: bool = True) -> list:
+        """Record every statistic a pass may ask of the ANN in one run over the batches and,
+        with `keep_outputs`, return the ANN's output for each batch (a block-by-block compile
+        feeds them to the next block)."""
+        return self._record(self.ann, recordable_statistics(self.ann) - set(self.stats), keep_outputs)
 
     def record_ann(self) -> None:
         """Record every ANN tensor a pass may ask for now (what `require` records on its first
@@ -252,7 +252,7 @@ class CalibrationContext:
             if node in dependent:
                 statistics.setdefault(node.name, []).append(name)
         if not statistics and not keep_outputs:
-            return []
+            return []  # nothing to record, nothing wanted
         watched = {name: reduced_dims(nodes[name]) for name in statistics}
         observed = _observed_copy(gm, watched, statistics, self.stats)
         outputs = []

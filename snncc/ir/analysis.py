@@ -256,6 +256,18 @@ def shape_of(node: fx.Node) -> torch.Size | None:
 
 
 class _ShapeRecorder(fx.Interpreter):
+    """Runs a graph under a FakeTensorMode, its stored tensors made fake too: with a real
+    operand an op would compute for real (a cast of every weight: time, and memory the
+    size of the program)."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+        super().__init__(gm)
+        self.mode = mode
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
@@ -270,7 +282,7 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     device = weights.device if weights is not None else torch.device("cpu")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         example = mode.from_tensor(torch.zeros(input_shape, dtype=torch.long, device=device))
-        _ShapeRecorder(gm).run(example)
+        _ShapeRecorder(gm, mode).run(example)
 
 
 def capture(gm: fx.GraphModule, names: set[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
