@@ -79,6 +79,8 @@ COMMANDS = {
                                          "--format onnx-snn --out benchmarks/results/onnx_export_smollm2-135m_las.json",
     "onnx_export_smollm2-135m_none.json": "python benchmarks/onnx_export.py --model smollm2-135m --passes none "
                                           "--format onnx --out benchmarks/results/onnx_export_smollm2-135m_none.json",
+    "scale.json": "python benchmarks/scale.py --folder /work/shaped --models smollm2-135m smollm2-360m smollm2-1.7b "
+                  "llama2-7b --calib-tokens 8192 2048 2048 1024",
     "executor_speed_cuda.json": "python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda "
                                 "-T 16 --tokens 128 512 --repeats 5 --out \"$OUT\"",
     "generation_smollm2-shaped_las_cuda.json": "python3 benchmarks/generation.py --model smollm2-shaped "
@@ -476,6 +478,26 @@ def onnx_section(_: str) -> list[str]:
                                                for _, data in runs] for f in fields])]
 
 
+def scale_section(name: str) -> list[str]:
+    """Per model: the compile's and the program's memory and time beside the ANN's."""
+    data = _load(name)
+    header = ["model", "parameters", "checkpoint", "calib tokens", "ANN load + calib forward", "compile",
+              "compile / ANN", "compile peak RSS", "RSS / checkpoint", "artifact", "artifact / checkpoint",
+              "ANN 128-token forward", "program forward", "ANN forward peak RSS", "program forward peak RSS"]
+    rows = [[r["model"], f"{r['parameters'] / 1e9:.2f}B", f"{r['checkpoint_gib']:.2f} GiB ({r['dtype']})",
+             r["calib_tokens"], f"{r['ann_load_s'] + r['ann_calib_forward_s']:.1f} s", f"{r['compile_s']:.1f} s",
+             f"{r['compile_per_ann']:.2f}x", f"{r['compile_peak_rss_gib']:.2f} GiB",
+             f"{r['compile_rss_per_checkpoint']:.2f}x", f"{r['artifact_gib']:.2f} GiB",
+             f"{r['artifact_per_checkpoint']:.3f}x", f"{r['ann_forward_s']:.2f} s",
+             f"{r['program_forward_s']:.2f} s ({r['forward_per_ann']:.1f}x)", f"{r['ann_peak_rss_gib']:.2f} GiB",
+             f"{r['program_peak_rss_gib']:.2f} GiB"] for r in data["rows"]]
+    return [f"{data['machine']}; each figure from its own process (peak RSS from wait4). The shaped models "
+            "are random weights in real models' shapes, bf16; smollm2-135m is the real model (GGUF, float32). "
+            "Compile: `snncc compile DIR --passes las -o out.snn --eval-tokens 0`; program: the artifact "
+            "loaded and run once; ANN: transformers in the checkpoint's dtype.", "",
+            *_table(header, rows), "", image("scale.png", "memory and time per model")]
+
+
 def load_time_section(_: str) -> list[str]:
     files = sorted(path.name for path in RESULTS.glob("load_time_*.json"))
     if not files:
@@ -527,6 +549,7 @@ SECTIONS = [
     Section("Event backend vs firing rate", "event_scaling.json", event_section),
     Section("ONNX export", None, onnx_section),
     Section("Artifact load time", None, load_time_section),
+    Section("Scale: from 135M to 7B parameters", "scale.json", scale_section),
 ]
 
 

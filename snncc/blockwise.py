@@ -26,7 +26,7 @@ from tqdm import tqdm
 from snncc.calibration import CalibrationContext
 from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
 from snncc.ir.stages import Stage, join_stages, split_stages
-from snncc.ir.storage import store_weights
+from snncc.ir.storage import compute_in_float32, store_weights
 from snncc.models import LoadedModel
 from snncc.parts import CompileParts, Resumed
 from snncc.pipeline import PassManager, PassRecord, Pipeline
@@ -54,7 +54,7 @@ class StageWeights:
 
 class CheckpointStageWeights(StageWeights):
     """A lazily loaded model's weights (snncc.models, `LoadedModel.weights`): each stage reads
-    its own from the checkpoint, in float32, and drops them when it is compiled."""
+    its own from the checkpoint, in the dtype stored there, and drops them when it is compiled."""
 
     def __init__(self, loaded: LoadedModel):
         self.checkpoint = loaded.weights
@@ -67,7 +67,7 @@ class CheckpointStageWeights(StageWeights):
     def load(self, stage: Stage) -> None:
         gm = stage.graph_module
         targets = [n.target for n in gm.graph.nodes if n.op == "get_attr" and get_tensor(gm, n).is_meta]
-        tensors = self.checkpoint.read(sorted({self._key(t) for t in targets}), torch.float32)
+        tensors = self.checkpoint.read(sorted({self._key(t) for t in targets}))
         for target in targets:
             set_tensor(gm, target, tensors[self._key(target)])
 
@@ -84,10 +84,11 @@ def stage_weights(loaded: LoadedModel) -> StageWeights:
 
 
 def load_all_weights(loaded: LoadedModel, ann: fx.GraphModule) -> None:
-    """Give a lazily loaded model's traced graph all its weights at once (float32), for what
-    needs the whole ANN in memory: the whole-model compile path, the debugger."""
+    """Give a lazily loaded model's traced graph all its weights at once, computing in float32,
+    for what needs the whole ANN in memory: the whole-model compile path, the debugger."""
     if loaded.weights is not None:
         CheckpointStageWeights(loaded).load(Stage("model", ann, [], []))
+        compute_in_float32(ann)
 
 
 def run_stages(ann: fx.GraphModule, batches: list[torch.Tensor], weights: StageWeights,
@@ -149,7 +150,9 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         outputs = stage_ctx.record_all(keep_outputs=bool(stage.outputs))  # not the logits of the last
         bar.set_postfix_str(f"{stage.name}: rewrite")
         manager = PassManager(list(pipeline.passes))
-        program = manager.run(copy_graph_module(stage.graph_module), stage_ctx)
+        program = copy_graph_module(stage.graph_module)
+        compute_in_float32(program)  # calibrated in the checkpoint's dtype; passes and neurons work in float32
+        program = manager.run(program, stage_ctx)
         store_weights(program, dtype)
         new = claim_names(program, taken)
         for position, name in enumerate(stage.outputs):

@@ -68,10 +68,10 @@ class OutputOnly(torch.nn.Module):
         return self.model(input_ids=input_ids).last_hidden_state
 
 
-def _finish(name: str, hf_model, tokenizer: Tokenizer, task: str) -> LoadedModel:
-    """Eval mode, no gradients, float32 (a directory's bf16/fp16 checkpoint stays on disk in its
-    own dtype: `_load_checkpoint_lazily` traces a float32 model on the meta device)."""
-    if any(p.dtype != torch.float32 for p in hf_model.parameters()):
+def _finish(name: str, hf_model, tokenizer: Tokenizer, task: str, keep_dtype: bool = False) -> LoadedModel:
+    """Eval mode, no gradients, float32 unless `keep_dtype` (a directory's bf16/fp16 checkpoint,
+    read lazily: snncc.blockwise makes each block compute in float32 after calibrating it)."""
+    if not keep_dtype and any(p.dtype != torch.float32 for p in hf_model.parameters()):
         hf_model = hf_model.float()  # GGUF models arrive dequantized to float32 already
     hf_model.eval()
     for p in hf_model.parameters():
@@ -206,10 +206,10 @@ def _load_checkpoint_lazily(folder: Path, name: str, auto, config, tokenizer: To
     from accelerate import init_empty_weights
 
     weights = CheckpointWeights(folder)
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with init_empty_weights(include_buffers=False):  # traced in its own dtype: calibrated as the user runs it
+        model = auto.from_config(config, attn_implementation="eager", dtype=weights.dtype)
     model.tie_weights()  # from_pretrained ties them; from_config on the meta device does not
-    loaded = _finish(name, model, tokenizer, task)
+    loaded = _finish(name, model, tokenizer, task, keep_dtype=True)
     if any(not set(keys) & set(weights.files) for keys in loaded.parameter_keys().values()):
         return None
     loaded.weights, loaded.dtype = weights, weights.dtype

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from snncc.api import CALIB_TOKENS, compile_graph
+from snncc.calibration import CalibrationContext
 from snncc.evaluate import evaluate
 from snncc.pipeline import DEFAULT_T
 from tests.conftest import heldout_ids, prepared
@@ -72,6 +73,18 @@ def test_smollm2_las_at_its_default_T_meets_the_targets():
     assert result["ppl_ratio"] <= 1.005, result
     assert result["coverage"] == 1.0 and not program.info.coverage["analog_sites"]
     assert not ops_outside_the_table(program.graph_module)  # so it saves and loads
+
+
+@pytest.mark.xdist_group("smollm2-las")
+def test_smollm2_las_block_by_block_is_the_whole_model_program_bit_for_bit():
+    """The shared las program compiled block by block; the whole-model path, from a context
+    that records its ranges afresh, gives the same logits to the bit."""
+    loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
+    fresh = CalibrationContext(ctx.batches, ctx.source)
+    fresh.attach(ann)
+    whole = compile_graph(loaded, ann, fresh, "las", by_block=False)
+    ids = heldout_ids("smollm2-135m", 256, CALIB_TOKENS)
+    assert torch.equal(whole(ids), _smollm2_las()(ids))
 
 
 @pytest.mark.xdist_group("smollm2-las")

@@ -51,3 +51,50 @@ def store_weights(gm: fx.GraphModule, dtype: torch.dtype) -> int:
         stored += 1
     gm.recompile()
     return stored
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_CASTS = {aten._to_copy.default, aten.to.dtype}
+
+
+def compute_in_float32(gm: fx.GraphModule) -> bool:
+    """Make a graph traced in bfloat16 or float16 (a checkpoint's own dtype, in which it was
+    calibrated) compute in float32, as passes and neuron kernels expect: its tensors cast up,
+    every dtype argument naming a low precision made float32, the casts that now do nothing
+    removed, and the recorded value types updated. Returns whether anything changed."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            tensor = get_tensor(gm, node)
+            if isinstance(tensor, torch.Tensor) and tensor.dtype in _LOW_PRECISION:
+                set_tensor(gm, node.target, tensor.float())
+                changed = True
+        for key, value in node.kwargs.items():
+            if value in _LOW_PRECISION:
+                node.update_kwarg(key, torch.float32)
+                changed = True
+        for index, value in enumerate(node.args):
+            if value in _LOW_PRECISION:
+                node.update_arg(index, torch.float32)
+                changed = True
+        fake = node.meta.get("val")
+        if isinstance(fake, torch.Tensor) and fake.dtype in _LOW_PRECISION and hasattr(fake, "fake_mode"):
+            with fake.fake_mode:
+                node.meta["val"] = torch.empty_like(fake, dtype=torch.float32)
+            changed = True
+    for node in list(gm.graph.nodes):
+        if node.target in _CASTS and _is_float32_cast_of_float32(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _is_float32_cast_of_float32(node: fx.Node) -> bool:
+    source = node.args[0]
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    extra = set(node.kwargs) - {"dtype"} or len(node.args) > (2 if node.target == aten.to.dtype else 1)
+    dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+    return (not extra and dtype == torch.float32 and isinstance(value, torch.Tensor)
+            and value.dtype == torch.float32)
