@@ -35,6 +35,12 @@ def bf16_dir(tmp_path_factory) -> Path:
     return _checkpoint(str(tmp_path_factory.mktemp("ckpt")), torch.bfloat16)
 
 
+@functools.cache
+def _las(folder: Path, dtype: str | None = None):
+    """The las program of a checkpoint folder, compiled once per session (tests only read it)."""
+    return snncc.compile(str(folder), passes="las", calib_tokens=512, dtype=dtype)
+
+
 def _ids() -> torch.Tensor:
     return torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
 
@@ -46,8 +52,7 @@ def test_a_checkpoint_is_read_lazily_in_its_own_dtype(bf16_dir):
 
 
 def test_the_program_stores_weights_in_the_checkpoint_dtype_and_computes_in_float32(bf16_dir):
-    program = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512)
-    as_fp32 = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, dtype="float32")
+    program, as_fp32 = _las(bf16_dir), _las(bf16_dir, "float32")
     assert program.info.dtype == "bfloat16" and as_fp32.info.dtype == "float32"
     dtypes = {t.dtype for t in program.graph_module.state_dict().values() if t.is_floating_point()}
     assert dtypes == {torch.bfloat16, torch.float32}  # weights bf16; ranges and tables float32
@@ -75,12 +80,12 @@ def test_saved_while_compiling_it_equals_the_program_and_loads_mapped(bf16_dir, 
     assert len(shards) >= 4  # one per block at least (the parts), plus what finish adds
     loaded = snncc.load(path)
     assert torch.equal(loaded(_ids()), program(_ids()))
-    assert torch.equal(program(_ids()), snncc.compile(str(bf16_dir), passes="las", calib_tokens=512)(_ids()))
+    assert torch.equal(program(_ids()), _las(bf16_dir)(_ids()))
 
 
 def test_a_killed_compile_resumes_at_its_first_unfinished_block(bf16_dir, tmp_path, monkeypatch):
     path = tmp_path / "out.snn"
-    fresh = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512)
+    fresh = _las(bf16_dir)
     runs = []
     original = PassManager.run
 
