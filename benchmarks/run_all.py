@@ -481,18 +481,20 @@ def onnx_section(_: str) -> list[str]:
 def scale_section(name: str) -> list[str]:
     """Per model: the compile's and the program's memory and time beside the ANN's."""
     data = _load(name)
-    header = ["model", "parameters", "checkpoint", "calib tokens", "ANN load + calib forward", "compile",
-              "compile / ANN", "compile peak RSS", "RSS / checkpoint", "artifact", "artifact / checkpoint",
+    header = ["model", "parameters", "weights (file)", "calib tokens", "ANN load + calib forward", "compile",
+              "compile / ANN", "compile peak RSS", "RSS / weights", "artifact", "artifact / weights",
               "ANN 128-token forward", "program forward", "ANN forward peak RSS", "program forward peak RSS"]
-    rows = [[r["model"], f"{r['parameters'] / 1e9:.2f}B", f"{r['checkpoint_gib']:.2f} GiB ({r['dtype']})",
+    rows = [[r["model"], f"{r['parameters'] / 1e9:.2f}B",
+             f"{r['weights_gib']:.2f} GiB {r['dtype'].removeprefix('torch.')} ({r['checkpoint_gib']:.2f} GiB)",
              r["calib_tokens"], f"{r['ann_load_s'] + r['ann_calib_forward_s']:.1f} s", f"{r['compile_s']:.1f} s",
              f"{r['compile_per_ann']:.2f}x", f"{r['compile_peak_rss_gib']:.2f} GiB",
-             f"{r['compile_rss_per_checkpoint']:.2f}x", f"{r['artifact_gib']:.2f} GiB",
-             f"{r['artifact_per_checkpoint']:.3f}x", f"{r['ann_forward_s']:.2f} s",
+             f"{r['compile_rss_per_weights']:.2f}x", f"{r['artifact_gib']:.2f} GiB",
+             f"{r['artifact_per_weights']:.3f}x", f"{r['ann_forward_s']:.2f} s",
              f"{r['program_forward_s']:.2f} s ({r['forward_per_ann']:.1f}x)", f"{r['ann_peak_rss_gib']:.2f} GiB",
              f"{r['program_peak_rss_gib']:.2f} GiB"] for r in data["rows"]]
     return [f"{data['machine']}; each figure from its own process (peak RSS from wait4). The shaped models "
-            "are random weights in real models' shapes, bf16; smollm2-135m is the real model (GGUF, float32). "
+            "are random weights in real models' shapes, bf16; smollm2-135m is the real model, whose quantized "
+            "GGUF file loads as float32 (its weights are those float32 tensors). "
             "Compile: `snncc compile DIR --passes las -o out.snn --eval-tokens 0`; program: the artifact "
             "loaded and run once; ANN: transformers in the checkpoint's dtype.", "",
             *_table(header, rows), "", image("scale.png", "memory and time per model")]

@@ -129,6 +129,7 @@ def measure_model(name: str, source: str, calib_tokens: int, scratch: Path) -> d
     size = checkpoint_bytes(source)
     row = {
         "model": name, "parameters": ann["parameters"], "checkpoint_gib": size / 2**30, "dtype": ann["dtype"],
+        "weights_gib": ann["parameters"] * torch_dtype_bytes(ann["dtype"]) / 2**30,
         "calib_tokens": ann["calib_tokens"],
         "ann_load_s": ann["load_s"], "ann_calib_forward_s": ann["calib_forward_s"], "ann_forward_s": ann["forward_s"],
         "ann_peak_rss_gib": ann_rss,
@@ -137,12 +138,27 @@ def measure_model(name: str, source: str, calib_tokens: int, scratch: Path) -> d
         "program_load_s": program["load_s"], "program_forward_s": program["forward_s"],
         "program_peak_rss_gib": program_rss,
     }
-    row["compile_rss_per_checkpoint"] = compile_rss / row["checkpoint_gib"]
-    row["artifact_per_checkpoint"] = row["artifact_gib"] / row["checkpoint_gib"]
-    row["compile_per_ann"] = compile_s / (ann["load_s"] + ann["calib_forward_s"])
-    row["forward_per_ann"] = program["forward_s"] / ann["forward_s"]
     artifact.unlink()
+    with_ratios(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def torch_dtype_bytes(dtype: str) -> int:
+    return {"torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}[dtype]
+
+
+def with_ratios(row: dict) -> dict:
+    """The ratios the targets are about. The weights' size is the model's as transformers
+    holds it (for a bf16 checkpoint, the checkpoint's size; SmolLM2's GGUF file is quantized
+    and loads as float32, so its weights are 5x its file)."""
+    row.setdefault("weights_gib", row["parameters"] * torch_dtype_bytes(row["dtype"]) / 2**30)
+    row["compile_rss_per_weights"] = row["compile_peak_rss_gib"] / row["weights_gib"]
+    row["artifact_per_weights"] = row["artifact_gib"] / row["weights_gib"]
+    row["compile_per_ann"] = row["compile_s"] / (row["ann_load_s"] + row["ann_calib_forward_s"])
+    row["forward_per_ann"] = row["program_forward_s"] / row["ann_forward_s"]
+    for stale in ("compile_rss_per_checkpoint", "artifact_per_checkpoint"):
+        row.pop(stale, None)
     return row
 
 
@@ -156,13 +172,13 @@ def plot(rows: list[dict], path: Path) -> None:
     names = [f"{r['model']}\n{r['parameters'] / 1e9:.2f}B" for r in rows]
     x = np.arange(len(rows))
     fig, (memory, seconds) = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
-    bars = [("checkpoint size", "checkpoint_gib", "0.6"),
+    bars = [("weights (as loaded)", "weights_gib", "0.6"),
             ("ANN forward (transformers)", "ann_peak_rss_gib", "tab:gray"),
             ("snncc compile", "compile_peak_rss_gib", "tab:blue"),
             ("program forward", "program_peak_rss_gib", "tab:orange")]
     for i, (label, key, color) in enumerate(bars):
         memory.bar(x + (i - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=label, color=color)
-    memory.plot(x, [1.25 * r["checkpoint_gib"] for r in rows], "k_", markersize=28, label="1.25 x checkpoint")
+    memory.plot(x, [1.25 * r["weights_gib"] for r in rows], "k_", markersize=28, label="1.25 x weights")
     memory.axhline(24, color="tab:red", linestyle=":", label="machine memory (24 GiB)")
     memory.set(xticks=x, xticklabels=names, ylabel="GiB (peak RSS)", yscale="log",
                title="Peak memory of each process")
@@ -193,7 +209,14 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "snncc-shaped",
                         help="where the shaped models are written (and reused)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--replot", action="store_true", help="recompute ratios and the plot from --out, run nothing")
     args, rest = parser.parse_known_args()
+    if args.replot:
+        result = json.loads(args.out.read_text())
+        result["rows"] = [with_ratios(row) for row in result["rows"]]
+        args.out.write_text(json.dumps(result, indent=1))
+        plot(result["rows"], args.out.with_suffix(".png"))
+        return
     if args.child == "ann":
         print(json.dumps(child_ann(rest[0], int(rest[1]))))
         return
@@ -213,9 +236,9 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1))
     plot(rows, args.out.with_suffix(".png"))
     print(json.dumps(result, indent=1))
-    worst = max(rows, key=lambda r: r["compile_rss_per_checkpoint"])
-    print(f"summary: {len(rows)} models; compile peak RSS at most {worst['compile_rss_per_checkpoint']:.2f} x the "
-          f"checkpoint ({worst['model']})")
+    worst = max(rows, key=lambda r: r["compile_rss_per_weights"])
+    print(f"summary: {len(rows)} models; compile peak RSS at most {worst['compile_rss_per_weights']:.2f} x the "
+          f"weights ({worst['model']})")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from snncc import passes as _passes  # noqa: F401  (registers the passes)
 from snncc.artifact import ArtifactWriter
 from snncc.blockwise import compile_stages, load_all_weights, runs_by_block, stage_weights
 from snncc.calibration import CalibrationContext, make_context
-from snncc.errors import PipelineError
+from snncc.errors import PipelineError, SnnccError
 from snncc.frontend import trace
 from snncc.ir.rewrite import copy_graph_module
 from snncc.ir.storage import STORAGE_DTYPES, store_weights
@@ -78,6 +79,18 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
                        dtype=_storage_dtype(dtype, loaded))
+    try:
+        return _compile_and_save(loaded, ann, ctx, pipeline, info, stop, debug, instrument, device, by_block, save_to)
+    except SnnccError:
+        if save_to:  # a compile that fails will fail again: nothing to resume
+            shutil.rmtree(parts_folder(Path(save_to)), ignore_errors=True)
+        raise
+
+
+def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
+                      info: ProgramInfo, stop: int, debug: bool, instrument: Instrument | None, device: str,
+                      by_block: bool, save_to: str | Path | None) -> SpikingProgram:
+    """compile_graph's work: block by block where it can, the artifact written as it goes."""
     parts = None
     with ArtifactWriter(Path(save_to)) if save_to else contextlib.nullcontext() as writer:
         if by_block and not debug and instrument is None and stop == len(pipeline.passes) and runs_by_block(pipeline):

@@ -216,6 +216,31 @@ def _load_checkpoint_lazily(folder: Path, name: str, auto, config, tokenizer: To
     return loaded
 
 
+def one_block_twin(loaded: LoadedModel) -> LoadedModel | None:
+    """A lazily loaded model's twin with one block, to trace once for every block
+    (snncc.ir.stages.repeat_block); None where its blocks may differ (per-layer attention
+    types, sliding windows on some layers) or it is not a lazily loaded model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = getattr(getattr(loaded.module, "model", None), "config", None)
+    if loaded.weights is None or config is None or getattr(config, "num_hidden_layers", 0) < 2:
+        return None
+    if len(set(getattr(config, "layer_types", None) or [None])) > 1 or getattr(config, "use_sliding_window", False):
+        return None
+    twin_config = copy.deepcopy(config)
+    twin_config.num_hidden_layers = 1
+    if getattr(twin_config, "layer_types", None):
+        twin_config.layer_types = twin_config.layer_types[:1]
+    auto = AutoModelForCausalLM if loaded.task == CAUSAL_LM else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(twin_config, attn_implementation="eager", dtype=loaded.dtype)
+    model.tie_weights()
+    twin = _finish(loaded.name, model, loaded.tokenizer, loaded.task, keep_dtype=True)
+    twin.weights, twin.dtype = loaded.weights, loaded.dtype
+    return twin
+
+
 def _directory_tokenizer(source: str | Path, local_only: bool) -> Tokenizer:
     try:
         tokenizer = load_hf_tokenizer(source, local_files_only=local_only)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,12 +30,13 @@ import torch.fx as fx
 from safetensors import safe_open
 
 from snncc.calibration import ActivationStats
-from snncc.errors import ArtifactError
+from snncc.errors import ArtifactError, SnnccError
 from snncc.ir.rewrite import set_tensor
 from snncc.ir.stages import Stage
 from snncc.pipeline import PassRecord
 from snncc.version import __version__
 
+log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
 STATE = "state.safetensors"
 
@@ -77,16 +79,25 @@ class CompileParts:
 
     def resume(self) -> Resumed | None:
         """The finished blocks of an earlier run of this compile, or None (the folder is then
-        emptied for a fresh start)."""
+        emptied for a fresh start; so is a folder whose files do not read back)."""
         progress = self._progress()
-        if progress is None or progress.get("key") != self.key:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder.mkdir(parents=True)
-            return None
+        if progress is not None and progress.get("key") == self.key:
+            try:
+                resumed = self._read(progress["done"])
+                log.warning("resuming the compile at block %d of its parts in %s", len(resumed.stages), self.folder)
+                return resumed
+            except (SnnccError, OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("the compile's parts in %s do not read back (%s): starting afresh", self.folder, exc)
+                self.blocks.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        return None
+
+    def _read(self, done: int) -> Resumed:
         from snncc.artifact import graph_from_json
 
         resumed = Resumed([], [], {}, {}, {})
-        for index in range(int(progress["done"])):
+        for index in range(done):
             block = json.loads((self.folder / f"block-{index:05d}.json").read_text())
             weights = self.folder / f"block-{index:05d}.safetensors"
             mapped = _mapped(weights)

@@ -14,7 +14,9 @@ from test_models import _byte_level_tokenizer
 
 import snncc
 import snncc.shards
+from snncc.errors import PipelineError
 from snncc.ir.rewrite import get_tensor
+from snncc.ir.stages import block_index
 from snncc.models import load_model
 from snncc.parts import parts_folder
 from snncc.pipeline import PassManager
@@ -127,3 +129,41 @@ def test_parts_of_another_compile_are_not_resumed(bf16_dir, tmp_path, monkeypatc
     monkeypatch.setattr(PassManager, "run", lambda self, gm, ctx: calls.append(1) or original(self, gm, ctx))
     program = snncc.compile(str(bf16_dir), passes="encode", T=10, calib_tokens=512, save_to=path)  # another T
     assert len(calls) == 4 and program.T == 10
+
+
+def test_a_compile_that_fails_leaves_no_parts(bf16_dir, tmp_path, monkeypatch):
+    """An error (not an interruption) would happen again: nothing is kept to resume."""
+    path = tmp_path / "out.snn"
+    original = PassManager.run
+    calls = []
+
+    def fail_second(self, gm, ctx):
+        calls.append(1)
+        if len(calls) == 2:
+            raise PipelineError("a pass failed")
+        return original(self, gm, ctx)
+
+    monkeypatch.setattr(PassManager, "run", fail_second)
+    with pytest.raises(PipelineError):
+        snncc.compile(str(bf16_dir), passes="encode", calib_tokens=512, save_to=path)
+    assert not path.exists() and not parts_folder(path).exists()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+def test_one_traced_block_serves_every_block(tmp_path, family):
+    """A lazily loaded model is traced with one block and the block repeated: the same
+    computation as tracing every block, to the bit."""
+    from snncc import frontend
+    from snncc.blockwise import load_all_weights
+
+    load_model(family).module.model.save_pretrained(tmp_path)
+    _byte_level_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    repeated, full = frontend.trace(loaded), frontend._traced(loaded)
+    load_all_weights(loaded, repeated)
+    load_all_weights(loaded, full)
+    ids = _ids()
+    assert torch.equal(repeated(ids), full(ids))
+    assert {block_index(n) for n in repeated.graph.nodes} == {None, 0, 1}  # block 1 has its own module path
+

@@ -150,3 +150,83 @@ def _free_target(target: str, tensor: torch.Tensor, taken: dict[str, torch.Tenso
     while candidate in taken and taken[candidate] is not tensor:
         candidate, i = f"{target}_{i}", i + 1
     return candidate
+
+
+def repeat_block(stages: list[Stage], count: int) -> list[Stage]:
+    """The stages of a model of `count` identical blocks, from the stages of its one-block
+    twin (prologue, block 0, epilogue): block i is block 0 with its layer index, node names,
+    tensor names and sources renumbered, reading the hidden state block i - 1 returns and
+    sharing the prologue's other values (masks, RoPE tables). One trace serves every block."""
+    prologue, block, epilogue = stages
+    hidden = _hidden_input(block)
+    blocks = [block] + [_renumbered(block, index, hidden) for index in range(1, count)]
+    last = {block.outputs[0]: blocks[-1].outputs[0]}
+    epilogue = Stage(epilogue.name, _rewired(epilogue.graph_module, last),
+                     [last.get(name, name) for name in epilogue.inputs], epilogue.outputs)
+    return [prologue, *blocks, epilogue]
+
+
+_BLOCK_NAME = re.compile(r"(^|_)(layers|layer|h|blocks|block)_0(?=_|$)")
+_BLOCK_PATH = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks|block))\.0(?=\.|$)")
+
+
+def _renamed(name: str, index: int) -> str:
+    """A block-0 node's name in block `index`: `layers_0_mlp` -> `layers_3_mlp`; a name without
+    the block's path (an unnamed getitem) gets a suffix."""
+    if index == 0:
+        return name
+    renamed, found = _BLOCK_NAME.subn(rf"\g<1>\g<2>_{index}", name, count=1)
+    return renamed if found else f"{name}_block{index}"
+
+
+def _repathed(path: str, index: int) -> str:
+    """A block-0 module path or tensor name in block `index`: `model.layers.0.mlp` -> `model.layers.3.mlp`."""
+    return _BLOCK_PATH.sub(rf"\g<1>.{index}", path, count=1)
+
+
+def _hidden_input(block: Stage) -> str:
+    """Block 0's hidden state: its one data-dependent input (block 0 returns one value)."""
+    dependent = [n.name for n in block.graph_module.graph.nodes
+                 if n.op == "placeholder" and not n.meta.get("input_independent")]
+    if len(dependent) != 1 or len(block.outputs) != 1:
+        raise ValueError(f"a block must read one hidden state and return one; block 0 reads {len(dependent)} "
+                         f"and returns {len(block.outputs)} values")
+    return dependent[0]
+
+
+def _renumbered(block: Stage, index: int, hidden: str) -> Stage:
+    """Block 0 as block `index`: fresh meta tensors under renumbered names (its weights are
+    read when the block is compiled), its hidden state block index - 1's output."""
+    previous = _renamed(block.outputs[0], index - 1)
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in block.graph_module.graph.nodes:
+        if node.op == "placeholder":
+            name = previous if node.name == hidden else node.name
+            env[node] = graph.create_node("placeholder", name, name=name)
+            env[node].meta.update(node.meta)
+        elif node.op == "get_attr":
+            target = _repathed(node.target, index)
+            tensor = get_tensor(block.graph_module, node)
+            set_tensor(root, target, torch.empty_like(tensor, device="meta") if tensor.is_meta else tensor)
+            env[node] = graph.get_attr(target)
+            env[node].meta.update(node.meta)
+        elif node.op == "output":
+            graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            env[node]._rename(_renamed(node.name, index))
+            env[node].meta["source"] = _repathed(node.meta.get("source", ""), index)
+    inputs = [previous if name == hidden else name for name in block.inputs]
+    return Stage(f"block {index}", fx.GraphModule(root, graph), inputs, [_renamed(block.outputs[0], index)])
+
+
+def _rewired(gm: fx.GraphModule, names: dict[str, str]) -> fx.GraphModule:
+    """`gm` with the inputs `names` lists renamed (the epilogue reading the last block)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            node.target = names[node.name]
+            node._rename(names[node.name])
+    gm.recompile()
+    return gm
