@@ -1,9 +1,10 @@
 """A block-by-block compile's finished blocks on disk, so a killed compile resumes.
 
 `snncc compile MODEL -o out.snn` keeps, beside out.snn, a folder `.out.snn.parts` holding each
-compiled block as it finishes (its graph as JSON, its new weights as safetensors, mapped back
-so they leave memory) and, after each block, what the next one needs (the calibration batch's
-values at the block boundary, the ranges recorded so far). The folder carries a key: a hash
+compiled block as it finishes: its graph as JSON, its new weights as safetensors (mapped back,
+so they leave memory), and its state: the calibration batch's values at its output (what the
+next block reads) and the ranges it recorded. progress.json, written last, counts the blocks
+that are complete. The folder carries a key: a hash
 of everything that decides the program (the traced model and its weight files, the pipeline
 and its options, T, the weight dtype, the calibration tokens, snncc's version). Run the same
 command again after a kill and the compile starts at the first unfinished block; anything
@@ -38,7 +39,6 @@ from snncc.version import __version__
 
 log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
-STATE = "state.safetensors"
 
 
 def parts_folder(artifact: Path) -> Path:
@@ -76,6 +76,7 @@ class CompileParts:
         self.folder = folder
         self.key = key
         self.blocks: list[tuple[Path, dict[str, torch.Tensor]]] = []  # each block's weight file and its tensors
+        self._saved_stats: set[str] = set()  # ranges kept by earlier blocks' state files
 
     def resume(self) -> Resumed | None:
         """The finished blocks of an earlier run of this compile, or None (the folder is then
@@ -111,14 +112,14 @@ class CompileParts:
             resumed.stages.append(Stage(block["name"], fx.GraphModule(root, graph), block["inputs"],
                                         block["outputs"]))
             resumed.records.append([PassRecord(**record) for record in block["records"]])
-        state = _mapped(self.folder / STATE)
-        for key, tensor in state.items():
-            kind, name, *rest = key.split("|")
-            if kind == "value":
-                resumed.values.setdefault(name, []).append(tensor)
-            else:
-                resumed.stats[name] = ActivationStats(tensor.clone(), int(rest[0]))
-        for name, kind in json.loads((self.folder / "values.json").read_text()).items():
+            for key, tensor in _mapped(self.folder / f"block-{index:05d}.state.safetensors").items():
+                kind, name, *rest = key.split("|")
+                if kind == "stat":
+                    resumed.stats[name] = ActivationStats(tensor.clone(), int(rest[0]))
+                elif index == done - 1:  # the values after the last finished block
+                    resumed.values.setdefault(name, []).append(tensor.clone())
+        self._saved_stats = set(resumed.stats)
+        for name, kind in block["value_kinds"].items():
             if kind == "int":  # a size the graph passes between blocks
                 resumed.values[name] = [int(t) for t in resumed.values[name]]
         return resumed
@@ -138,19 +139,18 @@ class CompileParts:
 
         weights = self.folder / f"block-{index:05d}.safetensors"
         safetensors.torch.save_file({k: t.detach().contiguous() for k, t in new.items()}, weights)
-        block = {"name": stage.name, "inputs": stage.inputs, "outputs": stage.outputs,
-                 "graph": graph_to_json(stage.graph_module.graph), "records": [vars(r) for r in records]}
-        _write_json(self.folder / f"block-{index:05d}.json", block)
         state, kinds = {}, {}
-        for name, batches in values.items():
+        for name, batches in values.items():  # what the next block reads
             kinds[name] = "int" if isinstance(batches[0], int) else "tensor"
             for i, value in enumerate(batches):
                 state[f"value|{name}|{i:06d}"] = torch.tensor(value) if isinstance(value, int) else value.contiguous()
-        for name, stat in stats.items():
-            state[f"stat|{name}|{stat.samples}"] = stat.absmax.contiguous()
-        safetensors.torch.save_file(state, self.folder / f"{STATE}.tmp")
-        os.replace(self.folder / f"{STATE}.tmp", self.folder / STATE)
-        _write_json(self.folder / "values.json", kinds)
+        for name in set(stats) - self._saved_stats:  # the ranges this block recorded
+            state[f"stat|{name}|{stats[name].samples}"] = stats[name].absmax.contiguous()
+        safetensors.torch.save_file(state, self.folder / f"block-{index:05d}.state.safetensors")
+        self._saved_stats |= set(stats)
+        block = {"name": stage.name, "inputs": stage.inputs, "outputs": stage.outputs, "value_kinds": kinds,
+                 "graph": graph_to_json(stage.graph_module.graph), "records": [vars(r) for r in records]}
+        _write_json(self.folder / f"block-{index:05d}.json", block)
         _write_json(self.folder / PROGRESS, {"key": self.key, "done": index + 1})  # last: the block counts now
         mapped = _mapped(weights)
         self.blocks.append((weights, mapped))
