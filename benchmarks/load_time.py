@@ -2,6 +2,7 @@
 
     python benchmarks/load_time.py --artifact smollm2.snn --repeats 8
     python benchmarks/load_time.py --artifact smollm2.snn --repeats 8 --baseline ee8e39a
+    python benchmarks/load_time.py --artifact smollm2.snn --repeats 8 --baseline 3c56035 --baseline-format-1
 
 --baseline REF loads snncc/artifact.py as it was at git commit REF (against today's other
 modules) and alternates the two loaders, so both see the same machine load: this VM's speed
@@ -37,6 +38,33 @@ def loader_at(ref: str) -> Callable[[Path], object]:
     return module.load_program
 
 
+def format_1_copy(artifact: Path, folder: Path) -> Path:
+    """The artifact as format 1 wrote it: every shard's tensors in one weights.safetensors
+    member, the aliases at the manifest's top level, no weight dtype in the program info."""
+    import hashlib
+    import zipfile
+
+    import safetensors.torch
+
+    with zipfile.ZipFile(artifact) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(members.pop("manifest.json"))
+    weights = manifest.pop("weights")
+    tensors = {}
+    for name in [n for n in members if n.startswith("weights/")]:
+        tensors.update(safetensors.torch.load(members.pop(name)))
+    members["weights.safetensors"] = safetensors.torch.save(tensors)
+    manifest.update(format_version=1, aliases=weights["aliases"])
+    manifest["info"].pop("dtype", None)
+    manifest["sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in members.items()}
+    path = folder / artifact.name
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest))
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
 def timed(load: Callable[[Path], object], path: Path) -> float:
     start = time.perf_counter()
     load(path)
@@ -48,19 +76,27 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, required=True, help="an .snn file (e.g. from snncc compile -o)")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--baseline", default=None, help="git commit whose artifact loader to time alongside")
+    parser.add_argument("--baseline-format-1", action="store_true",
+                        help="give the baseline loader a format-1 copy of the artifact (one weights.safetensors "
+                             "member), for a loader from before format 2")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
     loaders = {"current": load_program}
+    paths = {"current": args.artifact}
+    scratch = tempfile.TemporaryDirectory()
     if args.baseline:
         loaders[args.baseline] = loader_at(args.baseline)
-    for load in loaders.values():  # warm-up: imports, first-use caches
-        load(args.artifact)
+        paths[args.baseline] = format_1_copy(args.artifact, Path(scratch.name)) if args.baseline_format_1 \
+            else args.artifact
+    for name, load in loaders.items():  # warm-up: imports, first-use caches
+        load(paths[name])
     times: dict[str, list[float]] = {name: [] for name in loaders}
     for repeat in range(args.repeats):
         order = list(loaders) if repeat % 2 == 0 else list(reversed(loaders))
         for name in order:
-            times[name].append(timed(loaders[name], args.artifact))
+            times[name].append(timed(loaders[name], paths[name]))
+    scratch.cleanup()
     result = {"artifact": str(args.artifact), "bytes": args.artifact.stat().st_size,
               "median_s": {name: statistics.median(t) for name, t in times.items()},
               "min_s": {name: min(t) for name, t in times.items()}, "times_s": times,

@@ -32,7 +32,7 @@ RESULTS = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
 
 SUITE = {
-    "compile_time": ["--model", "smollm2-135m", "--passes", "las"],
+    "compile_time": ["--model", "smollm2-135m", "--passes", "las", "--paths", "block", "whole", "--repeats", "2"],
     "executor_speed": ["--model", "smollm2-135m", "--passes", "encode", "las", "-T", "16", "8",
                        "--tokens", "128", "512"],
     "executor_memory": ["--passes", "encode", "las", "--lengths", "128", "512", "1024", "--T", "8", "16", "32"],
@@ -428,7 +428,18 @@ def compile_section(name: str) -> list[str]:
             f"{data['machine']}, {data['threads']} threads:", "",
             *_table(["load", "trace", "calibration and passes", "compile (after the load)"],
                     [[f"{data[k]:.1f} s" for k in ("load_s", "trace_s", "calibration_and_passes_s", "compile_s")]]),
-            "", *_table(["pass", "seconds"], [[p, f"{s:.1f}"] for p, s in data["per_pass_s"].items()])]
+            "", *_table(["pass", "seconds"], [[p, f"{s:.1f}"] for p, s in data["per_pass_s"].items()]),
+            *_compile_paths(data)]
+
+
+def _compile_paths(data: dict) -> list[str]:
+    """Block by block vs the whole model at once, where both were timed (same process, best of N)."""
+    paths = data.get("calibration_and_passes_s_by_path")
+    if not paths or len(paths) < 2:
+        return []
+    return ["", f"Calibration and passes by path (best of {data['repeats']}, alternating in one process, table "
+                "caches cleared before each):", "",
+            *_table(["path", "seconds"], [[path, f"{seconds:.1f}"] for path, seconds in paths.items()])]
 
 
 def event_section(name: str) -> list[str]:
