@@ -3,8 +3,9 @@ at a time, as sequential GPTQ/AWQ calibration does.
 
 Each stage's weights are loaded when it starts (`StageWeights.load`), the calibration batch
 runs through it (its outputs are the next stage's inputs, kept between stages), the passes
-rewrite it, and its weights are handed on (`StageWeights.release`: written out, freed) before
-the next stage loads. Peak memory follows one block plus the calibration activations.
+rewrite it, the compiled stage goes to disk where the compile writes an artifact
+(snncc.parts), and the stage's weights are dropped (`StageWeights.release`) before the next
+stage loads. Peak memory follows one block plus the calibration activations.
 
 Every range a pass reads comes from the ANN (snncc.calibration), and the passes of a local
 pipeline rewrite each block from that block alone, so the joined program equals the
@@ -42,8 +43,8 @@ def runs_by_block(pipeline: Pipeline) -> bool:
 
 class StageWeights:
     """Where a stage's weights come from and go: the default keeps everything in memory (the
-    ANN's tensors are the stage's already); a lazy model's loader and an artifact writer
-    override these."""
+    ANN's tensors are the stage's already); a lazily loaded model reads and drops them
+    (CheckpointStageWeights)."""
 
     def load(self, stage: Stage) -> None:
         """Give the stage's graph its ANN weights before it runs."""
