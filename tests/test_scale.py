@@ -85,24 +85,29 @@ def test_saved_while_compiling_it_equals_the_program_and_loads_mapped(bf16_dir, 
     assert torch.equal(program(_ids()), _las(bf16_dir)(_ids()))
 
 
+def _count_passes(monkeypatch, fail_at: int | None = None, error: BaseException | None = None) -> list:
+    """Count PassManager runs (one per stage compiled) in the returned list; with `fail_at`,
+    the run of that number raises `error` instead (a compile killed or failing there)."""
+    original, runs = PassManager.run, []
+
+    def counted(self, gm, ctx):
+        runs.append(1)
+        if len(runs) == fail_at:
+            raise error
+        return original(self, gm, ctx)
+
+    monkeypatch.setattr(PassManager, "run", counted)
+    return runs
+
+
 def test_a_killed_compile_resumes_at_its_first_unfinished_block(bf16_dir, tmp_path, monkeypatch):
     path = tmp_path / "out.snn"
     fresh = _las(bf16_dir)
-    runs = []
-    original = PassManager.run
-
-    def failing_third(self, gm, ctx):
-        runs.append(1)
-        if len(runs) == 3:
-            raise KeyboardInterrupt  # killed while compiling block 1 (the third stage)
-        return original(self, gm, ctx)
-
-    monkeypatch.setattr(PassManager, "run", failing_third)
+    _count_passes(monkeypatch, fail_at=3, error=KeyboardInterrupt())  # killed while compiling block 1
     with pytest.raises(KeyboardInterrupt):
         snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
     assert not path.exists() and parts_folder(path).exists()
-    runs.clear()
-    monkeypatch.setattr(PassManager, "run", lambda self, gm, ctx: runs.append(1) or original(self, gm, ctx))
+    runs = _count_passes(monkeypatch)
     resumed = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
     assert len(runs) == 2  # block 1 and the epilogue: the prologue and block 0 were kept
     assert torch.equal(resumed(_ids()), fresh(_ids()))
@@ -113,37 +118,18 @@ def test_a_killed_compile_resumes_at_its_first_unfinished_block(bf16_dir, tmp_pa
 
 def test_parts_of_another_compile_are_not_resumed(bf16_dir, tmp_path, monkeypatch):
     path = tmp_path / "out.snn"
-    original = PassManager.run
-    calls = []
-
-    def fail_second(self, gm, ctx):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self, gm, ctx)
-
-    monkeypatch.setattr(PassManager, "run", fail_second)
+    _count_passes(monkeypatch, fail_at=2, error=KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         snncc.compile(str(bf16_dir), passes="encode", T=8, calib_tokens=512, save_to=path)
-    calls.clear()
-    monkeypatch.setattr(PassManager, "run", lambda self, gm, ctx: calls.append(1) or original(self, gm, ctx))
+    runs = _count_passes(monkeypatch)
     program = snncc.compile(str(bf16_dir), passes="encode", T=10, calib_tokens=512, save_to=path)  # another T
-    assert len(calls) == 4 and program.T == 10
+    assert len(runs) == 4 and program.T == 10
 
 
 def test_a_compile_that_fails_leaves_no_parts(bf16_dir, tmp_path, monkeypatch):
     """An error (not an interruption) would happen again: nothing is kept to resume."""
     path = tmp_path / "out.snn"
-    original = PassManager.run
-    calls = []
-
-    def fail_second(self, gm, ctx):
-        calls.append(1)
-        if len(calls) == 2:
-            raise PipelineError("a pass failed")
-        return original(self, gm, ctx)
-
-    monkeypatch.setattr(PassManager, "run", fail_second)
+    _count_passes(monkeypatch, fail_at=2, error=PipelineError("a pass failed"))
     with pytest.raises(PipelineError):
         snncc.compile(str(bf16_dir), passes="encode", calib_tokens=512, save_to=path)
     assert not path.exists() and not parts_folder(path).exists()
