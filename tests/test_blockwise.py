@@ -12,6 +12,7 @@ from snncc.blockwise import StageWeights, compile_stages, runs_by_block
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.ir.stages import join_stages, split_stages
+from snncc.models import TINY_MODELS
 from snncc.pipeline import Pipeline
 
 
@@ -38,12 +39,15 @@ def test_position_tables_enter_a_block_as_input_independent(tiny_name):
     assert any(flags.values())
 
 
-@pytest.mark.parametrize("spec", ["las", "encode"])
-def test_block_by_block_is_the_whole_model_program_bit_for_bit(tiny_name, spec):
-    loaded, ann, ctx = prepared(tiny_name)
+@pytest.mark.parametrize(("name", "spec"), [*[(name, "las") for name in TINY_MODELS], ("tiny-llama", "encode"),
+                                             *[pytest.param(name, "encode", marks=pytest.mark.slow)
+                                               for name in TINY_MODELS[1:]]])
+def test_block_by_block_is_the_whole_model_program_bit_for_bit(name, spec):
+    """las on every tiny model in the fast tier; encode on the others in the slow tier."""
+    loaded, ann, ctx = prepared(name)
     whole = compile_graph(loaded, ann, _fresh(ctx, ann), spec, by_block=False)
     blocks = compile_graph(loaded, ann, _fresh(ctx, ann), spec)  # records its ranges block by block
-    x = heldout_ids(tiny_name)
+    x = heldout_ids(name)
     assert torch.equal(blocks(x), whole(x))
     coverage = {key: value for key, value in blocks.info.coverage.items() if key != "analog_ops"}
     assert coverage == {key: value for key, value in whole.info.coverage.items() if key != "analog_ops"}

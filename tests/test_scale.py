@@ -136,7 +136,8 @@ def test_a_compile_that_fails_leaves_no_parts(bf16_dir, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize("family", ["tiny-llama", pytest.param("tiny-gpt2", marks=pytest.mark.slow),
+                                    pytest.param("tiny-bert", marks=pytest.mark.slow)])
 def test_one_traced_block_serves_every_block(tmp_path, family):
     """A lazily loaded model is traced with one block and the block repeated: the same
     computation as tracing every block, to the bit."""
