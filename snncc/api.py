@@ -146,13 +146,12 @@ def _storage_dtype(dtype: str | None, loaded: LoadedModel) -> str:
 def _run_by_block(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, info: ProgramInfo,
                   loaded: LoadedModel, device: str, progress: bool, parts: CompileParts | None) -> SpikingProgram:
     """Run every pass of `pipeline` one block at a time (snncc.blockwise)."""
-    tokenizer = loaded.tokenizer
     gm, records = compile_stages(ann, ctx, pipeline, stage_weights(loaded), STORAGE_DTYPES[info.dtype], progress,
                                  parts)
     verify(gm)
     info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in records], remaining=[],
                                calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())
-    return SpikingProgram(gm, info, tokenizer, device=device)
+    return SpikingProgram(gm, info, loaded.tokenizer, device=device)
 
 
 def _run(gm: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, start: int, stop: int, info: ProgramInfo,

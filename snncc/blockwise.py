@@ -97,17 +97,36 @@ def run_stages(ann: fx.GraphModule, batches: list[torch.Tensor], weights: StageW
     """The ANN's outputs for `batches`, run a stage at a time over all of them (each stage's
     weights loaded once): the reference a lazily loaded model is evaluated against."""
     stages = split_stages(ann)
+    last_reader = _last_readers(stages)
     values: dict[str, list] = {}
     outputs: list = []
     for index, stage in enumerate(tqdm(stages, desc="running the ANN", disable=not progress, unit="block")):
         weights.load(stage)
-        inputs = batches if index == 0 else list(zip(*(values[name] for name in stage.inputs), strict=True))
         with torch.no_grad():
-            outputs = [stage.graph_module(*x) if isinstance(x, tuple) else stage.graph_module(x) for x in inputs]
-        for position, name in enumerate(stage.outputs):
-            values[name] = [output[position] for output in outputs]
+            outputs = [stage.graph_module(*x) if isinstance(x, tuple) else stage.graph_module(x)
+                       for x in _stage_batches(stage, index, batches, values)]
+        _hand_on(stage, index, outputs, values, last_reader)
         weights.release(stage, stage.graph_module)
     return [output[0] for output in outputs]
+
+
+def _last_readers(stages: list[Stage]) -> dict[str, int]:
+    """For each value passed between stages, the index of the last stage that reads it."""
+    return {name: i for i, stage in enumerate(stages) for name in stage.inputs}
+
+
+def _stage_batches(stage: Stage, index: int, batches: list, values: dict[str, list]) -> list:
+    """What stage `index` runs on: the token batches for the first, else per batch the tuple
+    of its inputs, from the values earlier stages handed on."""
+    return batches if index == 0 else list(zip(*(values[name] for name in stage.inputs), strict=True))
+
+
+def _hand_on(stage: Stage, index: int, outputs: list, values: dict[str, list], last_reader: dict[str, int]) -> None:
+    """Keep the stage's outputs (per batch) for the stages after it; drop what none reads."""
+    for position, name in enumerate(stage.outputs):
+        values[name] = [output[position] for output in outputs]
+    for name in [n for n in values if last_reader.get(n, -1) <= index]:
+        del values[name]
 
 
 def ann_outputs(loaded: LoadedModel, ann: fx.GraphModule, batches: list[torch.Tensor],
@@ -130,7 +149,7 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
     program graph and, per pass, its record summed over the stages."""
     weights = weights or StageWeights()
     stages = split_stages(ann)
-    last_reader = {name: i for i, stage in enumerate(stages) for name in stage.inputs}
+    last_reader = _last_readers(stages)
     resumed = parts.resume() if parts is not None else None
     if resumed is None:
         resumed = Resumed([], [], {}, {}, {})
@@ -141,8 +160,7 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         stage = stages[index]
         bar.set_postfix_str(f"{stage.name}: load")
         weights.load(stage)
-        batches = ctx.batches if index == 0 else [tuple(column) for column in
-                                                  zip(*(values[name] for name in stage.inputs), strict=True)]
+        batches = _stage_batches(stage, index, ctx.batches, values)
         # Ranges go into (and come from) the compile's context: a context reused across
         # compiles records each once, as on the whole-model path.
         stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True)
@@ -156,10 +174,7 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         program = manager.run(program, stage_ctx)
         store_weights(program, dtype)
         new = claim_names(program, taken)
-        for position, name in enumerate(stage.outputs):
-            values[name] = [output[position] for output in outputs]
-        for name in [n for n in values if last_reader.get(n, -1) <= index]:
-            del values[name]  # no later stage reads it
+        _hand_on(stage, index, outputs, values, last_reader)
         compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
         records.append(manager.records)
         if parts is not None:

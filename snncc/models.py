@@ -203,24 +203,30 @@ def _load_checkpoint_lazily(folder: Path, name: str, auto, config, tokenizer: To
     """The model built on the meta device (buffers such as RoPE's frequencies are computed for
     real) with its weights left in the checkpoint; None where the checkpoint's tensor names are
     not the module's (a layout transformers converts while loading: load it whole instead)."""
-    from accelerate import init_empty_weights
-
     weights = CheckpointWeights(folder)
-    with init_empty_weights(include_buffers=False):  # traced in its own dtype: calibrated as the user runs it
-        model = auto.from_config(config, attn_implementation="eager", dtype=weights.dtype)
-    model.tie_weights()  # from_pretrained ties them; from_config on the meta device does not
-    loaded = _finish(name, model, tokenizer, task, keep_dtype=True)
+    loaded = _finish(name, _meta_model(auto, config, weights.dtype), tokenizer, task, keep_dtype=True)
     if any(not set(keys) & set(weights.files) for keys in loaded.parameter_keys().values()):
         return None
     loaded.weights, loaded.dtype = weights, weights.dtype
     return loaded
 
 
+def _meta_model(auto, config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of `config` with its parameters on the meta device (no memory) in `dtype`, its
+    computed buffers (RoPE's frequencies) real, and its embeddings tied as from_pretrained ties
+    them. Traced in the checkpoint's own dtype: calibrated as the user runs it."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, attn_implementation="eager", dtype=dtype)
+    model.tie_weights()  # from_config on the meta device does not tie them
+    return model
+
+
 def one_block_twin(loaded: LoadedModel) -> LoadedModel | None:
     """A lazily loaded model's twin with one block, to trace once for every block
     (snncc.ir.stages.repeat_block); None where its blocks may differ (per-layer attention
     types, sliding windows on some layers) or it is not a lazily loaded model."""
-    from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = getattr(getattr(loaded.module, "model", None), "config", None)
@@ -233,10 +239,8 @@ def one_block_twin(loaded: LoadedModel) -> LoadedModel | None:
     if getattr(twin_config, "layer_types", None):
         twin_config.layer_types = twin_config.layer_types[:1]
     auto = AutoModelForCausalLM if loaded.task == CAUSAL_LM else AutoModel
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(twin_config, attn_implementation="eager", dtype=loaded.dtype)
-    model.tie_weights()
-    twin = _finish(loaded.name, model, loaded.tokenizer, loaded.task, keep_dtype=True)
+    twin = _finish(loaded.name, _meta_model(auto, twin_config, loaded.dtype), loaded.tokenizer, loaded.task,
+                   keep_dtype=True)
     twin.weights, twin.dtype = loaded.weights, loaded.dtype
     return twin
 
