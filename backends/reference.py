@@ -55,6 +55,12 @@ class ReferenceExecutor:
 
 def _place_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
     """Move weights to `device` and point tensor factories (arange, zeros...) at it too."""
+    point_factories_at(gm, device)
+    return gm.to(device)
+
+
+def point_factories_at(gm: fx.GraphModule, device: torch.device) -> None:
+    """Make the tensors `gm` creates (arange, zeros, traced rotary tables...) on `device`."""
     changed = False
     for node in gm.graph.nodes:
         if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
@@ -66,4 +72,3 @@ def _place_on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
                 changed = True
     if changed:
         gm.recompile()
-    return gm.to(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -71,9 +70,9 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     program); `by_block=False`, `debug` (whose pass checks are about the whole graph) and
     `instrument` run the passes on the whole graph at once. `dtype`: what the program stores
     its synapse weights in (snncc.ir.storage), by default the dtype the model's checkpoint has.
-    `save_to`: write the artifact there; a block-by-block compile keeps each block on disk as it
-    finishes (snncc.parts: its weights leave memory, and a killed compile run again resumes at
-    the first unfinished block), then assembles the artifact from them."""
+    `save_to`: write the artifact there; a block-by-block compile writes each block's weights
+    into it as the block finishes (snncc.parts: they leave memory, and a killed compile run
+    again resumes at the first unfinished block)."""
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
@@ -91,23 +90,27 @@ def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibration
                       info: ProgramInfo, stop: int, debug: bool, instrument: Instrument | None, device: str,
                       by_block: bool, save_to: str | Path | None) -> SpikingProgram:
     """compile_graph's work: block by block where it can, the artifact written as it goes."""
-    parts = None
-    with ArtifactWriter(Path(save_to)) if save_to else contextlib.nullcontext() as writer:
-        if by_block and not debug and instrument is None and stop == len(pipeline.passes) and runs_by_block(pipeline):
-            if save_to:
-                key = compile_key(ann, loaded.weight_files(), pipeline.spec, pipeline.steps, info.dtype, ctx.batches)
-                parts = CompileParts(parts_folder(Path(save_to)), key)
-            program = _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, parts)
-            for path, tensors in parts.blocks if parts else []:
-                writer.add_file(path, tensors)
-        else:
-            load_all_weights(loaded, ann)
-            program = _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument,
-                           device)
-        if writer is not None:
+    if not (by_block and not debug and instrument is None and stop == len(pipeline.passes)
+            and runs_by_block(pipeline)):
+        load_all_weights(loaded, ann)
+        program = _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument,
+                       device)
+        if save_to:
+            program.save(save_to)
+        return program
+    if not save_to:
+        return _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, None)
+    key = compile_key(ann, loaded.weight_files(), pipeline.spec, pipeline.steps, info.dtype, ctx.batches)
+    parts = CompileParts(parts_folder(Path(save_to)), key)
+    try:
+        program = _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, parts)
+        with ArtifactWriter(Path(save_to), parts.artifact) as writer:
+            for shard, (sha256, tensors) in parts.shards.items():
+                writer.add_stored(shard, sha256, tensors)
             writer.finish(program)
-    if parts is not None:
-        parts.remove()  # the artifact holds it all now (the program's views of the parts stay valid)
+    finally:
+        parts.close()
+    parts.remove()  # the artifact holds it all now (the program's views of it stay valid)
     return program
 
 
@@ -193,9 +196,13 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
                          stop_after=stop_after, dtype=dtype, save_to=save_to)
 
 
-def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:
+def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False,
+         device_map: str | dict | None = None, max_memory: dict | None = None,
+         offload_folder: str | Path | None = None) -> SpikingProgram:
     """Load an artifact written by `SpikingProgram.save`, checking format and integrity;
-    `backend` is "reference" (dense, CPU or CUDA) or "event" (event-driven, CPU)."""
+    `backend` is "reference" (dense, CPU or CUDA) or "event" (event-driven, CPU). `device_map`
+    (with `max_memory`, `offload_folder`): run its stages where accelerate places them instead
+    (SpikingProgram.place)."""
     from snncc.artifact import load_program
 
-    return load_program(Path(path), device, backend, progress)
+    return load_program(Path(path), device, backend, progress, device_map, max_memory, offload_folder)

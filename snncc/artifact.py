@@ -33,7 +33,7 @@ import safetensors.torch
 import torch
 import torch.fx as fx
 
-from snncc.atomic import atomic_file
+from snncc.atomic import atomic_file, commit_file
 from snncc.errors import ArtifactError, SnnccError, first_line
 from snncc.ir.analysis import matmul_sites
 from snncc.ir.ops import MAX_T
@@ -43,11 +43,11 @@ from snncc.ir.spec import INT_BOUNDS
 from snncc.ir.storage import STORAGE_DTYPES
 from snncc.models import CAUSAL_LM, ENCODER
 from snncc.program import ProgramInfo, SpikingProgram
+from snncc.resumable_zip import ResumableZip
 from snncc.resume import ResumeState
 from snncc.shards import (
     MAX_SHARDS,
     SHARD_MEMBER,
-    copy_shard,
     map_shards,
     member_sha256,
     plan_shards,
@@ -295,17 +295,21 @@ def _sha256(data: bytes) -> str:
 
 
 class ArtifactWriter:
-    """Writes an artifact atomically, weights shard by shard (snncc.shards): a block-by-block
-    compile hands over the files its blocks' weights were kept in (`add_file`, snncc.parts);
-    `finish` writes the rest (the weights not handed over, the graph, tokenizer and manifest).
-    The file appears at `path` only when the `with` block ends without an error, after `finish`.
+    """Writes an artifact atomically, weights shard by shard (snncc.shards). `finish` writes
+    what is not stored yet (the weights, the graph, tokenizer and manifest). The file appears at
+    `path` only when the `with` block ends without an error, after `finish`.
 
         with ArtifactWriter(path) as writer:
             writer.finish(program)
+
+    `partial`: a zip that a block-by-block compile has written its blocks' shards into as they
+    finished (snncc.parts), named to the writer with `add_stored`; it is finished in place and
+    moved to `path`, so no weight is written twice.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, partial: ResumableZip | None = None):
         self.path = Path(path)
+        self._partial = partial
         self._stack = contextlib.ExitStack()
         self._stored: dict[str, torch.Tensor] = {}  # name -> the tensor the shards hold under it
         self._weight_map: dict[str, str] = {}
@@ -313,30 +317,44 @@ class ArtifactWriter:
         self._finished = False
 
     def __enter__(self) -> ArtifactWriter:
-        self._tmp = self._stack.enter_context(atomic_file(self.path))
-        self._archive = self._stack.enter_context(zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED,
-                                                                  allowZip64=True))
+        if self._partial is not None:
+            self._archive = self._partial.archive
+            self._stack.callback(self._commit_partial)
+        else:
+            self._tmp = self._stack.enter_context(atomic_file(self.path))
+            self._archive = self._stack.enter_context(zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED,
+                                                                      allowZip64=True))
         return self
 
     def __exit__(self, kind, value, traceback) -> bool:
-        if kind is None and not self._finished:
-            self._stack.__exit__(RuntimeError, RuntimeError("unfinished"), None)
+        unfinished = kind is None and not self._finished
+        if unfinished:
+            kind, value = RuntimeError, RuntimeError("unfinished")
+        if kind is not None and self._partial is not None:
+            self._stack.pop_all()  # the partial zip stays as the compile's parts left it
+        suppressed = self._stack.__exit__(kind, value, traceback)
+        if unfinished:
             raise ArtifactError(f"{self.path}: the artifact was not finished; nothing was written")
-        return self._stack.__exit__(kind, value, traceback)
+        return suppressed
+
+    def _commit_partial(self) -> None:
+        self._partial.close()
+        commit_file(self._partial.path, self.path)
 
     def add_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Store `tensors` as one shard."""
         name = shard_name(len({*self._weight_map.values()}) + 1)
         self._sums[name] = write_shard(self._archive, name, tensors)
-        self._weight_map.update(dict.fromkeys(tensors, name))
-        self._stored.update(tensors)
+        self._stored_as(name, tensors)
 
-    def add_file(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        """Store a safetensors file as one shard, copied as it is; `tensors` are the program's
-        views of it (mapped from the file), so `finish` knows them stored."""
-        name = shard_name(len({*self._weight_map.values()}) + 1)
-        self._sums[name] = copy_shard(self._archive, name, path)
-        self._weight_map.update(dict.fromkeys(tensors, name))
+    def add_stored(self, name: str, sha256: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Name a shard the partial zip holds already; `tensors` are the program's views of it,
+        so `finish` knows them stored."""
+        self._sums[name] = sha256
+        self._stored_as(name, tensors)
+
+    def _stored_as(self, shard: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._weight_map.update(dict.fromkeys(tensors, shard))
         self._stored.update(tensors)
 
     def finish(self, program: SpikingProgram) -> None:
@@ -670,7 +688,9 @@ def _tokenizer(members: dict[str, bytes]):
                                 f"{first_line(exc)})") from None
 
 
-def load_program(path: Path, device: str = "cpu", backend: str = "reference", progress: bool = False) -> SpikingProgram:
+def load_program(path: Path, device: str = "cpu", backend: str = "reference", progress: bool = False,
+                 device_map: str | dict | None = None, max_memory: dict | None = None,
+                 offload_folder: str | Path | None = None) -> SpikingProgram:
     """Read and check an artifact, rebuild its graph and weights, return a runnable program.
     The checksums are computed in a thread beside the parsing (hashlib releases the GIL), and
     checked before anything runs."""
@@ -697,7 +717,8 @@ def load_program(path: Path, device: str = "cpu", backend: str = "reference", pr
                             f"{first_line(exc)})") from None
     _check_tables(gm)
     _check_coverage(gm, info.coverage)
-    program = SpikingProgram(gm, info, _tokenizer(members), device=device, backend=backend, progress=progress)
+    program = SpikingProgram(gm, info, _tokenizer(members), device=device, backend=backend, progress=progress,
+                             device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     program.resume = resume
     return program
 

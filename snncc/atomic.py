@@ -148,12 +148,18 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             yield tmp
-            _fsync(tmp)
-            os.replace(tmp, path)
-            _fsync(path.parent, directory=True)
+            commit_file(tmp, path)
         except BaseException:
             _remove(tmp)
             raise
+
+
+def commit_file(tmp: Path, path: Path) -> None:
+    """Move a finished temporary over `path`, durably (a file written elsewhere, such as a
+    compile's artifact built in its parts folder, is committed the same way)."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent, directory=True)
 
 
 @contextlib.contextmanager

@@ -179,14 +179,32 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         records.append(manager.records)
         if parts is not None:
             bar.set_postfix_str(f"{stage.name}: write")
-            for name, view in parts.save_block(index, compiled[-1], new, manager.records, values, ctx.stats).items():
-                set_tensor(program, name, view)
-                taken[name] = view
+            _map_written(parts, compiled, taken)  # the block before: written while this one computed
+            parts.save_block(index, compiled[-1], new, manager.records, values, ctx.stats)
         weights.release(stage, program)
         release_free_memory()
         bar.update()
+    if parts is not None:
+        _map_written(parts, compiled, taken)
     bar.close()
     return join_stages(compiled), _summed(records)
+
+
+def _map_written(parts: CompileParts, compiled: list[Stage], taken: dict[str, torch.Tensor]) -> None:
+    """Once the block last saved is on disk, its program reads its new tensors from there, and
+    so does any later stage that shares one (a tied embedding)."""
+    written = parts.written_tensors()
+    if written is None:
+        return
+    index, mapped = written
+    in_memory = {id(taken[name]): name for name in mapped}
+    for stage in compiled[index:]:
+        gm = stage.graph_module
+        for node in gm.graph.nodes:
+            name = in_memory.get(id(get_tensor(gm, node))) if node.op == "get_attr" else None
+            if name is not None:
+                set_tensor(gm, node.target, mapped[name])
+    taken.update(mapped)
 
 
 def release_free_memory() -> None:

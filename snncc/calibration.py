@@ -100,7 +100,12 @@ class ActivationStats:
     samples: int = 0
 
     def update(self, value: torch.Tensor, dims: tuple[int, ...]) -> None:
-        current = value.detach().abs().float().amax(dim=dims, keepdim=True)
+        # The max is taken in the value's own dtype, then widened (exact either way: one pass
+        # over a bf16 activation fewer); a reduction over dims of size 1 would only copy it.
+        current = value.detach().abs()
+        if any(current.shape[d] > 1 for d in dims):
+            current = current.amax(dim=dims, keepdim=True)
+        current = current.float()
         self.absmax = torch.maximum(self.absmax, current) if self.samples else current
         self.samples += 1
 

@@ -107,6 +107,19 @@ def _model_options(fn):
     return fn
 
 
+def _placement_options(fn):
+    fn = click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
+                      help="with --device-map: where stages placed on the disk keep their tensors")(fn)
+    fn = click.option("--max-memory", default=None, metavar="BUDGET",
+                      help="with --device-map: memory per device, e.g. cpu=2GiB,0=20GiB; what does not fit goes "
+                           "to the disk")(fn)
+    fn = click.option("--device-map", default=None, metavar="MAP",
+                      help="run the program's stages where accelerate places them: auto, balanced, balanced_low_0, "
+                           "sequential, or a JSON file mapping stages (stages.0 the prologue, stages.1 block 0, ...; "
+                           "'' all) to cpu, disk or a GPU index")(fn)
+    return fn
+
+
 def _dtype_option(fn):
     return click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                         show_default=True,
@@ -167,6 +180,32 @@ def _check_device(device: str) -> None:
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InputError(f"--device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def _check_placement(device_map: str | None, max_memory: str | None, offload_folder: str | None,
+                     device: str = "cpu", backend: str = "reference") -> dict:
+    """The _placement_options, parsed and checked before any model loads: the keyword
+    arguments that place a program (snncc.load, SpikingProgram.place), empty without a map."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise InputError("--max-memory and --offload-folder go with --device-map: give it too")
+        return {}
+    import torch
+
+    if torch.device(device).type != "cpu":  # (checked by _check_device already)
+        raise InputError(f"give --device ('{device}') or --device-map, not both: the map says where each stage runs")
+    if backend != "reference":
+        raise InputError(f"--device-map places the reference backend, not the {backend} backend: "
+                         "use --backend reference")
+    from snncc.backends.placed import parse_device_map, parse_max_memory
+
+    placement = parse_device_map(device_map)
+    if isinstance(placement, dict) and "disk" in placement.values() and offload_folder is None:
+        raise InputError(f"--device-map '{device_map}' puts stages on the disk: give --offload-folder DIR too")
+    if offload_folder is not None:
+        _check_output_path(offload_folder, "--offload-folder", directory=True)
+    return {"device_map": placement, "max_memory": parse_max_memory(max_memory) if max_memory is not None else None,
+            "offload_folder": offload_folder}
 
 
 def _check_prompt(prompt: str) -> None:
@@ -283,6 +322,8 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # the hub client's retry warnings would break snncc's one-line errors
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        # accelerate says offloaded tensors are "on the meta device" each time a program is placed
+        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
 
 
 # --- compile ------------------------------------------------------------------------------
@@ -493,8 +534,10 @@ def _check_spec_paths(**paths: str | None) -> None:
 @click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per evaluated sequence")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @_dtype_option
+@_placement_options
 @_fail_cleanly
-def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json, dtype):
+def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json, dtype, device_map,
+             max_memory, offload_folder):
     """Fidelity of MODEL's spiking program vs the ANN on held-out text."""
     from snncc.api import compile_graph
     from snncc.blockwise import ann_outputs
@@ -507,8 +550,11 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
         _check_at_least("--seq-len", seq_len, 2)
         if text:
             _check_text_file(text, max_tokens)
+        placement = _check_placement(device_map, max_memory, offload_folder, device)
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, pipeline, device=device, dtype=_dtype(dtype))
+    if placement:
+        program.place(**placement)
     chunks = _eval_chunks(loaded.tokenizer, text, max_tokens, seq_len, loaded.max_positions)
     result = evaluate(program, ann_outputs(loaded, ann, chunks, _progress()), chunks, progress=_progress())
     if as_json:
@@ -587,9 +633,11 @@ def inspect_cmd(model, as_json):
               help="dense reference executor, or event-driven execution (CPU) with a progress bar over time steps")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="reference backend: run each new token against cached attention keys and values "
-                   "(the same tokens as --no-cache, which re-runs the whole sequence per token)")
+                   "(the same tokens as --no-cache, which re-runs the whole sequence per token; a program "
+                   "placed by --device-map always re-runs it)")
+@_placement_options
 @_fail_cleanly
-def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache):
+def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache, device_map, max_memory, offload_folder):
     """Generate text greedily with a compiled artifact."""
     import snncc
 
@@ -597,22 +645,25 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache):
         _check_at_least("--max-new-tokens", max_new_tokens, 1)
         _check_prompt(prompt)
         _check_device(device)
+        placement = _check_placement(device_map, max_memory, offload_folder, device, backend)
         _check_artifact(artifact)
-    program = snncc.load(artifact, device=device, backend=backend, progress=_progress())
+    program = snncc.load(artifact, device=device, backend=backend, progress=_progress(), **placement)
     progress = _progress() and backend == "reference"
     click.echo(prompt + program.generate(prompt, max_new_tokens, progress=progress, cache=cache))
 
 
-def _program(model, pipeline, calib, calib_tokens, device="cpu"):
-    """The spiking program of an .snn artifact (`pipeline` None), or MODEL compiled with the pipeline."""
+def _program(model, pipeline, calib, calib_tokens, device="cpu", placement=None):
+    """The spiking program of an .snn artifact (`pipeline` None), or MODEL compiled with the
+    pipeline; placed by `placement` (_check_placement) where it has a device map."""
     if pipeline is None:
         import snncc
 
-        return snncc.load(model, device=device)
+        return snncc.load(model, device=device, **(placement or {}))
     from snncc.api import compile_graph
 
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    return compile_graph(loaded, ann, ctx, pipeline, device=device)
+    program = compile_graph(loaded, ann, ctx, pipeline, device=device)
+    return program.place(**placement) if placement else program
 
 
 def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pipeline | None:
@@ -634,17 +685,20 @@ def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pip
 @click.option("--energy", type=click.Choice(sorted(ENERGY_TABLES)), default="45nm", show_default=True,
               help="energy per operation: " + "; ".join(f"{t.name}: MAC {t.e_mac_pj} pJ, AC {t.e_ac_pj} pJ "
                                                        f"({t.source})" for t in ENERGY_TABLES.values()))
+@_placement_options
 @_fail_cleanly
-def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, plot, energy):
+def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, plot, energy, device_map, max_memory,
+                offload_folder):
     """Spikes, firing rates, SOPs, MACs and energy per layer of MODEL or an artifact on PROMPT."""
     from snncc.render import print_profile
 
     with _arguments():
         _check_prompt(prompt)
         pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
+        placement = _check_placement(device_map, max_memory, offload_folder, device)
         if plot:
             _check_output_path(plot, "--plot")
-    program = _program(model, pipeline, calib, calib_tokens, device)
+    program = _program(model, pipeline, calib, calib_tokens, device, placement)
     ids = program.tokenizer.encode(prompt)
     if not ids:
         raise InputError("the prompt is empty: give some text")

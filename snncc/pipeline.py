@@ -347,10 +347,22 @@ def check_weights(gm: fx.GraphModule) -> None:
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             continue
         weight = any(user.target in _WEIGHT_READERS for user in node.users)
-        if bool(torch.isnan(tensor).any()) or (weight and bool(torch.isinf(tensor).any())):
-            kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+        kind = _non_finite(tensor)
+        if kind == "NaN" or (weight and kind == "inf"):
             raise ModelError(f"tensor '{node.target}' of the traced model holds {kind}: its weights are broken; "
                              "fix or re-download them (or the fine-tuning checkpoint that wrote them)")
+
+
+def _non_finite(tensor: torch.Tensor) -> str | None:
+    """"NaN" if the tensor holds one, else "inf" if it holds an infinity, else None. One
+    min/max pass (NaN propagates through both): a billion-parameter model's weights are
+    checked in a fraction of the time elementwise tests with their temporaries take."""
+    if not tensor.numel():
+        return None
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isnan(high)):
+        return "NaN"
+    return "inf" if bool(high.isinf() | low.isinf()) else None
 
 
 def computing_ops(gm: fx.GraphModule) -> set:

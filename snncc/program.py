@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,12 +43,14 @@ class SpikingProgram:
 
     def __init__(self, graph_module: fx.GraphModule, info: ProgramInfo, tokenizer: Tokenizer,
                  device: str | torch.device = "cpu", mode: str = "fused", backend: str = "reference",
-                 progress: bool = False):
+                 progress: bool = False, device_map: str | Mapping | None = None, max_memory: Mapping | None = None,
+                 offload_folder: str | Path | None = None):
         self.graph_module = graph_module
         self.info = info
         self.tokenizer = tokenizer
         self.backend = backend
-        self.executor = create_executor(graph_module, backend, device, mode, progress)
+        self.executor = create_executor(graph_module, backend, device, mode, progress, device_map, max_memory,
+                                        offload_folder)
         # What the remaining passes need (snncc.resume), where a compile stopped part-way.
         self.resume: ResumeState | None = None
 
@@ -56,7 +59,16 @@ class SpikingProgram:
         return self.info.T
 
     def to(self, device: str | torch.device) -> SpikingProgram:
+        """Run on `device`, all of the program there (a device map it was placed by is dropped)."""
         self.executor = create_executor(self.graph_module, self.backend, device, self.executor.mode)
+        return self
+
+    def place(self, device_map: str | Mapping, max_memory: Mapping | None = None,
+              offload_folder: str | Path | None = None) -> SpikingProgram:
+        """Run with its stages where accelerate's `device_map` puts them ("auto", "balanced",
+        "balanced_low_0", "sequential" or {"stages.N": device}; snncc.backends.placed)."""
+        self.executor = create_executor(self.graph_module, self.backend, "cpu", self.executor.mode,
+                                        device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
         return self
 
     def check_input(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -81,8 +93,10 @@ class SpikingProgram:
 
     def profile(self, input_ids: torch.Tensor, energy: str = "45nm") -> Profile:
         """Spikes, firing rates, SOPs, MACs and energy per site for this input."""
-        return profile_graph(self.executor.gm, self.check_input(input_ids).to(self.executor.device), energy,
-                             self.executor.mode)
+        gm = self.executor.gm
+        # A placed program's own graph stays where it was, whichever device its stages run on.
+        device = next((tensor.device for tensor in gm.buffers()), self.executor.device)
+        return profile_graph(gm, self.check_input(input_ids).to(device), energy, self.executor.mode)
 
     def generate(self, prompt: str, max_new_tokens: int, progress: bool = False, cache: bool = True) -> str:
         """Greedy continuation of `prompt` (see `greedy_tokens`)."""

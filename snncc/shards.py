@@ -77,16 +77,6 @@ def write_shard(archive: zipfile.ZipFile, name: str, tensors: dict[str, torch.Te
     return hashlib.sha256(data).hexdigest()
 
 
-def copy_shard(archive: zipfile.ZipFile, name: str, path: Path) -> str:
-    """Copy a safetensors file in as one shard member (read in chunks); returns its SHA-256."""
-    digest = hashlib.sha256()
-    with path.open("rb") as source, _aligned_member(archive, name, path.stat().st_size) as member:
-        while chunk := source.read(16 * 2**20):
-            digest.update(chunk)
-            member.write(chunk)
-    return digest.hexdigest()
-
-
 def _aligned_member(archive: zipfile.ZipFile, name: str, size: int):
     """A stored member open for writing whose data starts at a multiple of ALIGNMENT."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))

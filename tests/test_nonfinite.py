@@ -52,6 +52,15 @@ def test_compile_refuses_a_nan_weight_naming_the_tensor():
         compile_graph(loaded, _with_embedding(ann, weight), ctx, "las")
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_compile_refuses_an_infinite_weight_naming_the_tensor(value):
+    loaded, ann, ctx = prepared("tiny-llama")
+    weight = torch.zeros(256, 64)
+    weight[7, 3] = value
+    with pytest.raises(ModelError, match=r"^tensor 'nan_embedding' of the traced model holds inf"):
+        compile_graph(loaded, _with_embedding(ann, weight), ctx, "las")
+
+
 def test_compile_refuses_nan_calibration_ranges():
     loaded, ann, ctx = prepared("tiny-llama")
     compile_graph(loaded, ann, ctx, "fold,encode", 8)  # records the ranges

@@ -20,6 +20,7 @@ from snncc.ir.stages import block_index
 from snncc.models import load_model
 from snncc.parts import parts_folder
 from snncc.pipeline import PassManager
+from snncc.shards import storage_key
 
 
 @functools.cache
@@ -76,12 +77,16 @@ def test_saved_while_compiling_it_equals_the_program_and_loads_mapped(bf16_dir, 
     monkeypatch.setattr(snncc.shards, "SHARD_BYTES", 4096)  # many shards from a tiny model
     path = tmp_path / "out.snn"
     program = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
-    assert not parts_folder(path).exists()  # assembled into the artifact, then removed
+    assert not parts_folder(path).exists()  # the artifact moved out of it, then it was removed
     with zipfile.ZipFile(path) as archive:
-        shards = [n for n in archive.namelist() if snncc.shards.SHARD_MEMBER.fullmatch(n)]
-    assert len(shards) >= 4  # one per block at least (the parts), plus what finish adds
+        infos = [i for i in archive.infolist() if snncc.shards.SHARD_MEMBER.fullmatch(i.filename)]
+    assert len(infos) >= 4  # one per block at least, plus what finish adds
     loaded = snncc.load(path)
     assert torch.equal(loaded(_ids()), program(_ids()))
+    in_memory = _las(bf16_dir).graph_module.state_dict()
+    assert set(program.graph_module.state_dict()) == set(in_memory)  # no tensor renamed or stored twice
+    stored = sum(t.numel() * t.element_size() for t in {storage_key(t): t for t in in_memory.values()}.values())
+    assert sum(i.file_size for i in infos) < stored + 4096 * len(infos)  # headers aside, each tensor once
     assert torch.equal(program(_ids()), _las(bf16_dir)(_ids()))
 
 
@@ -114,6 +119,32 @@ def test_a_killed_compile_resumes_at_its_first_unfinished_block(bf16_dir, tmp_pa
     assert resumed.info.coverage == fresh.info.coverage
     assert torch.equal(snncc.load(path)(_ids()), fresh(_ids()))
     assert not parts_folder(path).exists()
+
+
+def test_a_compile_killed_while_writing_a_block_resumes_from_the_last_complete_one(bf16_dir, tmp_path,
+                                                                                   monkeypatch):
+    """The artifact is written in the parts folder as blocks finish: bytes a kill left after
+    the last complete block are cut off, and the artifact ends up whole."""
+    import snncc.parts
+
+    path, original, writes = tmp_path / "out.snn", snncc.parts.write_shard, []
+
+    def killed_on_the_third(archive, name, tensors):
+        writes.append(name)
+        if len(writes) == 3:  # block 1's shard, half written
+            archive.fp.write(b"\x00" * 1000)
+            raise KeyboardInterrupt
+        return original(archive, name, tensors)
+
+    monkeypatch.setattr(snncc.parts, "write_shard", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    monkeypatch.setattr(snncc.parts, "write_shard", original)
+    runs = _count_passes(monkeypatch)
+    resumed = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    assert len(runs) == 2  # block 1 and the epilogue
+    assert torch.equal(snncc.load(path)(_ids()), _las(bf16_dir)(_ids()))
+    assert torch.equal(resumed(_ids()), _las(bf16_dir)(_ids()))
 
 
 def test_parts_of_another_compile_are_not_resumed(bf16_dir, tmp_path, monkeypatch):
