@@ -100,6 +100,17 @@ class PlacedExecutor:
             return self._staged(input_ids.to(self.device)).cpu()
 
 
+def stage_devices(gm: fx.GraphModule, device_map: str | Mapping, max_memory: Mapping | None = None
+                  ) -> list[torch.device]:
+    """Where each stage of `gm` (a traced ANN, its tensors possibly meta) computes under
+    `device_map`: on its GPU, else (a stage accelerate puts on the CPU or the disk) on the CPU.
+    A block-by-block compile holds one stage at a time, so the disk saves it nothing."""
+    staged = StagedProgram(gm, mode="unrolled")
+    placed = resolve_device_map(staged, device_map, checked_max_memory(max_memory))
+    return [_torch_device(device if isinstance(device, int) else "cpu")
+            for device in (placed[f"stages.{i}"] for i in range(len(staged.stages)))]
+
+
 def resolve_device_map(staged: StagedProgram, device_map: str | Mapping,
                        max_memory: dict[Device, int] | None) -> dict[str, Device]:
     """The device of every stage (`stages.N`): inferred by accelerate for a placement name,

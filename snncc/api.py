@@ -61,7 +61,8 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
                   passes: str | Pipeline = DEFAULT_PIPELINE, T: int | None = None, debug: bool = False,
                   instrument: Instrument | None = None, device: str = "cpu",
                   stop_after: str | None = None, by_block: bool = True, dtype: str | None = None,
-                  save_to: str | Path | None = None) -> SpikingProgram:
+                  save_to: str | Path | None = None, device_map: str | dict | None = None,
+                  max_memory: dict | None = None, offload_folder: str | Path | None = None) -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
     `passes` is a spec, parsed at T (None: the pipeline's default, snncc.pipeline.default_T), or
     a Pipeline parsed already. `stop_after`: run the passes up to and including that one; the
@@ -72,26 +73,48 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     its synapse weights in (snncc.ir.storage), by default the dtype the model's checkpoint has.
     `save_to`: write the artifact there; a block-by-block compile writes each block's weights
     into it as the block finishes (snncc.parts: they leave memory, and a killed compile run
-    again resumes at the first unfinished block)."""
+    again resumes at the first unfinished block).
+    `device_map` (with `max_memory`, `offload_folder`; snncc.backends.placed): each block's
+    calibration batches run on the GPU accelerate places the block on, and the program is
+    returned placed by the same map. Only a block-by-block compile takes one."""
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
                        dtype=_storage_dtype(dtype, loaded))
+    block_wise = (by_block and not debug and instrument is None and stop == len(pipeline.passes)
+                  and runs_by_block(pipeline))
+    devices = _calibration_devices(ann, pipeline, block_wise, device_map, max_memory)
     try:
-        return _compile_and_save(loaded, ann, ctx, pipeline, info, stop, debug, instrument, device, by_block, save_to)
+        program = _compile_and_save(loaded, ann, ctx, pipeline, info, stop, debug, instrument, device, block_wise,
+                                    devices, save_to)
     except SnnccError:
         if save_to:  # a compile that fails will fail again: nothing to resume
             shutil.rmtree(parts_folder(Path(save_to)), ignore_errors=True)
         raise
+    return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
+
+
+def _calibration_devices(ann: fx.GraphModule, pipeline: Pipeline, block_wise: bool, device_map: str | dict | None,
+                         max_memory: dict | None) -> list[torch.device] | None:
+    """Where each block calibrates under `device_map` (None: all on the CPU)."""
+    if device_map is None:
+        return None
+    if not block_wise:
+        raise PipelineError(f"a device map places a block-by-block compile; '{pipeline.spec}' here runs on the whole "
+                            "model (a pass that runs the whole ANN, debugging, or --stop-after): compile without "
+                            "it and place the program when you run it (snncc run --device-map)")
+    from snncc.backends.placed import stage_devices
+
+    return stage_devices(ann, device_map, max_memory)
 
 
 def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
                       info: ProgramInfo, stop: int, debug: bool, instrument: Instrument | None, device: str,
-                      by_block: bool, save_to: str | Path | None) -> SpikingProgram:
+                      block_wise: bool, devices: list[torch.device] | None,
+                      save_to: str | Path | None) -> SpikingProgram:
     """compile_graph's work: block by block where it can, the artifact written as it goes."""
-    if not (by_block and not debug and instrument is None and stop == len(pipeline.passes)
-            and runs_by_block(pipeline)):
+    if not block_wise:
         load_all_weights(loaded, ann)
         program = _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument,
                        device)
@@ -99,11 +122,11 @@ def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibration
             program.save(save_to)
         return program
     if not save_to:
-        return _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, None)
+        return _run_by_block(ann, ctx, pipeline, info, loaded, device, devices, None)
     key = compile_key(ann, loaded.weight_files(), pipeline.spec, pipeline.steps, info.dtype, ctx.batches)
     parts = CompileParts(parts_folder(Path(save_to)), key)
     try:
-        program = _run_by_block(ann, ctx, pipeline, info, loaded, device, ctx.progress, parts)
+        program = _run_by_block(ann, ctx, pipeline, info, loaded, device, devices, parts)
         with ArtifactWriter(Path(save_to), parts.artifact) as writer:
             for shard, (sha256, tensors) in parts.shards.items():
                 writer.add_stored(shard, sha256, tensors)
@@ -147,10 +170,11 @@ def _storage_dtype(dtype: str | None, loaded: LoadedModel) -> str:
 
 
 def _run_by_block(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, info: ProgramInfo,
-                  loaded: LoadedModel, device: str, progress: bool, parts: CompileParts | None) -> SpikingProgram:
+                  loaded: LoadedModel, device: str, devices: list[torch.device] | None,
+                  parts: CompileParts | None) -> SpikingProgram:
     """Run every pass of `pipeline` one block at a time (snncc.blockwise)."""
-    gm, records = compile_stages(ann, ctx, pipeline, stage_weights(loaded), STORAGE_DTYPES[info.dtype], progress,
-                                 parts)
+    gm, records = compile_stages(ann, ctx, pipeline, stage_weights(loaded), STORAGE_DTYPES[info.dtype],
+                                 ctx.progress, parts, devices)
     verify(gm)
     info = dataclasses.replace(info, passes=info.passes + [dict(vars(r)) for r in records], remaining=[],
                                calibration=ctx.summary(), coverage=coverage_report(gm).to_dict())
@@ -178,22 +202,27 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM, device: str = "cpu",
             debug: bool = False, progress: bool = False, instrument: Callable | None = None,
             stop_after: str | None = None, start_after: str | None = None, dtype: str | None = None,
-            save_to: str | Path | None = None) -> SpikingProgram:
+            save_to: str | Path | None = None, device_map: str | dict | None = None, max_memory: dict | None = None,
+            offload_folder: str | Path | None = None) -> SpikingProgram:
     """Trace `model`, calibrate on `calib` text, run the `passes` pipeline, return the program.
     `stop_after`: run the passes up to and including that one. `start_after`: `model` is a
     program (or its .snn file) compiled with stop_after that pass; run the passes after it,
     calibrated as it was (`calib` is not read). `dtype`: the program's weight dtype (float32,
     bfloat16, float16; default: the checkpoint's). `save_to`: write the artifact there as the
-    compile goes (see compile_graph): the way to compile a model bigger than memory."""
+    compile goes (see compile_graph): the way to compile a model bigger than memory.
+    `device_map`, `max_memory`, `offload_folder`: accelerate's placement for the calibration
+    and the returned program (see compile_graph)."""
     if start_after:
         program = model if isinstance(model, SpikingProgram) else load(model)
-        return resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
+        program = resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
+        return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
     pipeline = Pipeline.parse(passes, T)
     split(pipeline, None, stop_after)  # refused before the model loads
     loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,
                                progress=progress)
     return compile_graph(loaded, ann, ctx, pipeline, debug=debug, instrument=instrument, device=device,
-                         stop_after=stop_after, dtype=dtype, save_to=save_to)
+                         stop_after=stop_after, dtype=dtype, save_to=save_to, device_map=device_map,
+                         max_memory=max_memory, offload_folder=offload_folder)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False,

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
+from snncc.backends.reference import point_factories_at
 from snncc.calibration import CalibrationContext
 from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
 from snncc.ir.stages import Stage, join_stages, split_stages
@@ -141,12 +142,14 @@ def ann_outputs(loaded: LoadedModel, ann: fx.GraphModule, batches: list[torch.Te
 
 def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
                    weights: StageWeights | None = None, dtype: torch.dtype = torch.float32,
-                   progress: bool = False, parts: CompileParts | None = None
-                   ) -> tuple[fx.GraphModule, list[PassRecord]]:
+                   progress: bool = False, parts: CompileParts | None = None,
+                   devices: list[torch.device] | None = None) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run `pipeline` on each stage of `ann` in turn, each compiled stage's weights stored in
     `dtype` (snncc.ir.storage) and, with `parts`, written to disk as the stage finishes and
     mapped back (a compile killed part-way resumes from there: snncc.parts); the joined
-    program graph and, per pass, its record summed over the stages."""
+    program graph and, per pass, its record summed over the stages. `devices`: where each
+    stage's calibration batches run (snncc.backends.placed.stage_devices; default the CPU);
+    the passes run on the CPU."""
     weights = weights or StageWeights()
     stages = split_stages(ann)
     last_reader = _last_readers(stages)
@@ -160,13 +163,21 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         stage = stages[index]
         bar.set_postfix_str(f"{stage.name}: load")
         weights.load(stage)
-        batches = _stage_batches(stage, index, ctx.batches, values)
+        device = devices[index] if devices else _CPU
+        if device != _CPU:
+            _move_stage(stage, device)
+        batches = _moved(_stage_batches(stage, index, ctx.batches, values), device)
         # Ranges go into (and come from) the compile's context: a context reused across
         # compiles records each once, as on the whole-model path.
         stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True)
         stage_ctx.attach(stage.graph_module)
         bar.set_postfix_str(f"{stage.name}: calibrate")
         outputs = stage_ctx.record_all(keep_outputs=bool(stage.outputs))  # not the logits of the last
+        if device != _CPU:  # outputs, ranges and the stage come back: the passes run on the CPU
+            outputs = _moved(outputs, _CPU)
+            for stats in ctx.stats.values():
+                stats.absmax = stats.absmax.to(_CPU)
+            _move_stage(stage, _CPU)
         bar.set_postfix_str(f"{stage.name}: rewrite")
         manager = PassManager(list(pipeline.passes))
         program = copy_graph_module(stage.graph_module)
@@ -205,6 +216,24 @@ def _map_written(parts: CompileParts, compiled: list[Stage], taken: dict[str, to
             if name is not None:
                 set_tensor(gm, node.target, mapped[name])
     taken.update(mapped)
+
+
+_CPU = torch.device("cpu")
+
+
+def _move_stage(stage: Stage, device: torch.device) -> None:
+    """The stage's tensors, and the tensors its graph creates, on `device`."""
+    point_factories_at(stage.graph_module, device)
+    stage.graph_module.to(device)
+
+
+def _moved(value, device: torch.device):
+    """`value` (a tensor, or lists and tuples of them and of sizes) with its tensors on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list | tuple):
+        return type(value)(_moved(v, device) for v in value)
+    return value
 
 
 def release_free_memory() -> None:

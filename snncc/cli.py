@@ -344,13 +344,15 @@ def main(verbose: int) -> None:
 @click.option("--dump", type=click.Path(file_okay=False), default=None,
               help="write the graph before the first pass and after each pass here (00-input.txt, 01-fold.txt, ...)")
 @_dtype_option
+@_placement_options
 @_fail_cleanly
 def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens, stop_after, start_after, dump,
-                dtype):
+                dtype, device_map, max_memory, offload_folder):
     """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline, or continue an .snn
     stopped part-way (--start-after); print fidelity and profile."""
     from snncc.api import compile_graph, resume
     from snncc.atomic import atomic_dir
+    from snncc.blockwise import runs_by_block
     from snncc.debug import GraphDump
     from snncc.resume import split
 
@@ -362,6 +364,11 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
         out_path = _check_output_path(output) if output else None
         if dump:
             _check_output_path(dump, "--dump", directory=True)
+        placement = _check_placement(device_map, max_memory, offload_folder, device)
+        if placement and not start_after and (dump or stop_after or not runs_by_block(pipeline)):
+            raise InputError(f"--device-map places a block-by-block compile; with "
+                             f"{'--dump' if dump else '--stop-after' if stop_after else repr(pipeline.spec)} it runs "
+                             "on the whole model: compile without a map and give it to snncc run")
     if start_after:
         saved, prepared = _resumable(model, pipeline, start, start_after), None
     else:
@@ -372,10 +379,12 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
         if start_after:
             program = resume(saved, start_after, pipeline, stop_after=stop_after, instrument=instrument, device=device,
                              progress=_progress())
+            if placement:
+                program.place(**placement)
         else:
             # The artifact is written as the compile goes: a big model's weights never all in memory.
             program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after,
-                                    dtype=_dtype(dtype), save_to=out_path)
+                                    dtype=_dtype(dtype), save_to=out_path, **placement)
     _print_compiled(program, pipeline, start)
     if out_path:
         if start_after:

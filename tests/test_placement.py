@@ -20,7 +20,7 @@ from snncc.api import compile_graph
 from snncc.backends import create_executor
 from snncc.backends.placed import PlacedExecutor, StagedProgram, parse_device_map, parse_max_memory
 from snncc.backends.reference import ReferenceExecutor
-from snncc.errors import InputError
+from snncc.errors import InputError, PipelineError
 from snncc.program import SpikingProgram
 from tests.conftest import compiled, heldout_ids, prepared
 from tests.snncc_process import run_snncc
@@ -221,6 +221,51 @@ def test_a_device_map_file_is_parsed_and_checked(tmp_path):
         parse_device_map(str(path))
 
 
+# --- compiling under a map ----------------------------------------------------------------
+
+
+def test_a_compile_under_a_map_returns_the_program_placed(tmp_path):
+    """The calibration runs where the map puts each block (here the CPU), the program is the
+    one compiled without a map, and it comes back placed, some stages on the disk."""
+    loaded, ann, ctx = prepared("tiny-llama")
+    plain = compile_graph(loaded, ann, ctx, "las", 8)
+    placed = compile_graph(loaded, ann, ctx, "las", 8, device_map="auto",
+                           max_memory={"cpu": _disk_budget(plain.graph_module)}, offload_folder=tmp_path)
+    assert isinstance(placed.executor, PlacedExecutor) and "disk" in placed.executor.device_map.values()
+    tensors, plain_tensors = placed.graph_module.state_dict(), plain.graph_module.state_dict()
+    assert tensors.keys() == plain_tensors.keys()
+    assert all(torch.equal(tensor, plain_tensors[name]) for name, tensor in tensors.items())
+    assert torch.equal(placed(_ids()), plain(_ids()))
+
+
+def test_blocks_calibrated_on_another_device_give_the_same_program():
+    """Each block moves to its device to calibrate and back for the passes. "cpu:0" is the CPU
+    under another name: the move and the way back run without a GPU, and change nothing."""
+    from snncc.blockwise import compile_stages
+    from snncc.calibration import CalibrationContext
+    from snncc.ir.stages import split_stages
+    from snncc.pipeline import Pipeline
+
+    _, ann, ctx = prepared("tiny-llama")
+    count = len(split_stages(ann))
+    programs = []
+    for devices in (None, [torch.device("cpu", 0)] * count):
+        fresh = CalibrationContext(ctx.batches, ctx.source)
+        fresh.attach(ann)
+        gm, _ = compile_stages(ann, fresh, Pipeline.parse("las", 8), devices=devices)
+        programs.append(gm)
+    plain, moved = programs
+    assert all(t.device == torch.device("cpu") for t in moved.state_dict().values())
+    assert torch.equal(moved(_ids()), plain(_ids()))
+    assert all(torch.equal(t, plain.state_dict()[k]) for k, t in moved.state_dict().items())
+
+
+def test_a_map_is_refused_where_the_compile_runs_the_whole_model():
+    loaded, ann, ctx = prepared("tiny-llama")
+    with pytest.raises(PipelineError, match="places a block-by-block compile"):
+        compile_graph(loaded, ann, ctx, "fas", device_map="auto")
+
+
 # --- the command line --------------------------------------------------------------------------
 
 
@@ -258,3 +303,11 @@ def test_bad_placement_options_fail_on_one_line(bf16_artifact, tmp_path, options
     result = run_snncc(tmp_path, "run", str(bf16_artifact), "--prompt", "hi", *options)
     assert_clean_error(result, *words, folder=tmp_path, before=before)
     assert result.returncode == 2  # the command line must change, found before any model loads
+
+
+@pytest.mark.parametrize("options", [["--passes", "fas"], ["--passes", "las", "--stop-after", "fold"]])
+def test_snncc_compile_refuses_a_map_where_it_runs_the_whole_model(tmp_path, options):
+    before = listing(tmp_path)
+    result = run_snncc(tmp_path, "compile", "tiny-llama", *options, "--device-map", "auto")
+    assert_clean_error(result, "--device-map", "whole model", folder=tmp_path, before=before)
+    assert result.returncode == 2
