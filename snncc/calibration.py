@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_CALIB_TEXT = DATA_DIR / "dev_text.txt"
 HELDOUT_TEXT = DATA_DIR / "heldout.txt"
+# Held-out text of three kinds, none used for calibration or for choosing defaults: `snncc eval`
+# reports each and the worst, since a program tuned on prose can fail on code or manuals.
+HELDOUT_TEXTS = {"prose": HELDOUT_TEXT, "code": DATA_DIR / "heldout_code.txt", "docs": DATA_DIR / "heldout_docs.txt"}
 
 
 BYTES_PER_TOKEN = 64  # generous: real tokenizers average a few bytes per token

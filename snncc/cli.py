@@ -30,7 +30,7 @@ import click
 
 from snncc.errors import InputError, SnnccError, first_line
 from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, PIPELINE_OPTIONS, STANDARD_T, Pipeline
-from snncc.profile import ENERGY_TABLES
+from snncc.profile import ENERGY_TABLES, MEMORY_SOURCE
 
 HELDOUT_HELP = "held-out text (default: snncc's packaged heldout.txt, never used for calibration)"
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -538,8 +538,10 @@ def _check_spec_paths(**paths: str | None) -> None:
 @main.command("eval")
 @click.argument("model")
 @_model_options
-@click.option("--text", type=click.Path(dir_okay=False), default=None, help=HELDOUT_HELP)
-@click.option("--max-tokens", type=int, default=2048, show_default=True, help="tokens of text to score")
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help="held-out text to score (default: snncc's packaged held-out prose, source code and technical "
+                   "documentation, each scored apart; none is used for calibration)")
+@click.option("--max-tokens", type=int, default=2048, show_default=True, help="tokens of text to score (per text)")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per evaluated sequence")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @_dtype_option
@@ -547,11 +549,13 @@ def _check_spec_paths(**paths: str | None) -> None:
 @_fail_cleanly
 def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json, dtype, device_map,
              max_memory, offload_folder):
-    """Fidelity of MODEL's spiking program vs the ANN on held-out text."""
+    """Fidelity of MODEL's spiking program vs the ANN on held-out text: prose, source code and
+    technical documentation (each, and the worst), or --text."""
     from snncc.api import compile_graph
     from snncc.blockwise import ann_outputs
-    from snncc.evaluate import evaluate
-    from snncc.render import print_eval
+    from snncc.calibration import HELDOUT_TEXTS
+    from snncc.evaluate import evaluate, worst_of
+    from snncc.render import print_domains, print_eval
 
     with _arguments():
         pipeline = _check_model_options(passes, T, calib, calib_tokens, device)
@@ -564,12 +568,25 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
     program = compile_graph(loaded, ann, ctx, pipeline, device=device, dtype=_dtype(dtype))
     if placement:
         program.place(**placement)
-    chunks = _eval_chunks(loaded.tokenizer, text, max_tokens, seq_len, loaded.max_positions)
-    result = evaluate(program, ann_outputs(loaded, ann, chunks, _progress()), chunks, progress=_progress())
+    texts = {"text": Path(text)} if text else HELDOUT_TEXTS
+    chunks = {kind: _eval_chunks(loaded.tokenizer, path, max_tokens, seq_len, loaded.max_positions)
+              for kind, path in texts.items()}
+    references = iter(ann_outputs(loaded, ann, [c for kind in chunks.values() for c in kind], _progress()))
+    results = {kind: evaluate(program, [next(references) for _ in kind_chunks], kind_chunks, progress=_progress())
+               for kind, kind_chunks in chunks.items()}
+    if text:
+        if as_json:
+            click.echo(json.dumps(results["text"], indent=1))
+        else:
+            print_eval(results["text"])
+        return
+    worst = worst_of(results)
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        first = results["prose"]
+        click.echo(json.dumps({key: first[key] for key in ("model", "pipeline", "T", "coverage")}
+                              | {"domains": results, "worst": worst}, indent=1))
     else:
-        print_eval(result)
+        print_domains(results, worst)
 
 
 # --- debug --------------------------------------------------------------------------------
@@ -693,7 +710,8 @@ def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pip
               help="also draw firing rate and SOPs per layer and per step into this PNG")
 @click.option("--energy", type=click.Choice(sorted(ENERGY_TABLES)), default="45nm", show_default=True,
               help="energy per operation: " + "; ".join(f"{t.name}: MAC {t.e_mac_pj} pJ, AC {t.e_ac_pj} pJ "
-                                                       f"({t.source})" for t in ENERGY_TABLES.values()))
+                                                       f"({t.source})" for t in ENERGY_TABLES.values())
+                   + ". Each is also reported with memory traffic: " + MEMORY_SOURCE)
 @_placement_options
 @_fail_cleanly
 def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, plot, energy, device_map, max_memory,

@@ -128,3 +128,22 @@ def evaluate(program: SpikingProgram, ann: torch.nn.Module | list[torch.Tensor],
         result.update(cosine=sum(cosines) / len(cosines), min_cosine=min(cosines),
                       token_cosine=sum(token_cosines) / len(token_cosines))
     return result
+
+
+# Whether a higher value of a fidelity figure is worse (errors, perplexity ratio) or better
+# (agreement, cosine): what `worst_of` takes over the domains.
+_HIGHER_IS_WORSE = {"ppl_ratio": True, "mean_abs_logit_err": True, "max_abs_logit_err": True, "mean_abs_err": True,
+                    "max_abs_err": True, "top1_agreement": False, "cosine": False, "min_cosine": False,
+                    "token_cosine": False}
+
+
+def worst_of(results: dict[str, dict]) -> dict[str, dict]:
+    """Per fidelity figure, its worst value over the domains' results and the domain it comes
+    from: a program must be judged by the text it does worst on."""
+    worst = {}
+    for key, higher_is_worse in _HIGHER_IS_WORSE.items():
+        values = {domain: result[key] for domain, result in results.items() if key in result}
+        if values:
+            domain = (max if higher_is_worse else min)(values, key=values.get)
+            worst[key] = {"value": values[domain], "domain": domain}
+    return worst

@@ -4,6 +4,19 @@ SOPs follow the convention of the LAS and FAS papers: each spike adds one weight
 targets, so a spike costs as many accumulates (ACs) as its neuron has targets (fan-out); a
 burst of n spikes in one step costs n.
 Energy = SOPs * E_AC + analog MACs * E_MAC, against the ANN's MACs * E_MAC.
+
+That arithmetic convention leaves out memory, where much of the energy of real hardware goes.
+The memory-aware figures beside it (`memory_energy_*`) add on-chip SRAM traffic, counted per
+event as analytical SNN energy models do (Lemaire et al., "An analytical estimation of spiking
+neural networks energy efficiency", ICONIP 2022; Dampfhoffer et al., "Are SNNs really more
+energy-efficient than ANNs? An in-depth hardware-aware study", IEEE TETCI 2022):
+- a synaptic event (one SOP) reads its weight and reads and writes its target's membrane:
+  E_AC + 3 words;
+- a neuron integrates its input once per time step: E_AC + 2 words (membrane read, write);
+- a MAC, the ANN's or an analog one left in the program, reads its weight: E_MAC + 1 word.
+Inputs (buffered, read once per layer) and outputs (one write per output, 1/fan-in of the
+operations) are left out on both sides, and nothing is reused across tokens: a word's energy
+is SRAM_PJ_PER_BIT times the table's word width.
 """
 
 from __future__ import annotations
@@ -37,18 +50,30 @@ class EnergyTable:
     e_mac_pj: float
     e_ac_pj: float
     source: str
+    word_bits: int = 32  # the width of a weight or a membrane potential in memory
+
+    @property
+    def word_pj(self) -> float:
+        """Reading or writing one word of on-chip SRAM."""
+        return SRAM_PJ_PER_BIT * self.word_bits
 
 
 # Horowitz, "Computing's energy problem", ISSCC 2014, 45 nm at 0.9 V: a MAC is one multiply
 # plus one add, an accumulate (AC) one add.
 ENERGY_TABLES = {
     "45nm": EnergyTable("45nm", 4.6, 0.9, "Horowitz ISSCC 2014, 45 nm FP32: mult 3.7 + add 0.9 pJ; add 0.9 pJ "
-                        "(the convention of the LAS/FAS papers)"),
+                        "(the convention of the LAS/FAS papers)", 32),
     "45nm-fp16": EnergyTable("45nm-fp16", 1.5, 0.4, "Horowitz ISSCC 2014, 45 nm FP16: mult 1.1 + add 0.4 pJ; "
-                             "add 0.4 pJ"),
+                             "add 0.4 pJ", 16),
     "45nm-int8": EnergyTable("45nm-int8", 0.23, 0.03, "Horowitz ISSCC 2014, 45 nm INT8: mult 0.2 + add 0.03 pJ; "
-                             "add 0.03 pJ"),
+                             "add 0.03 pJ", 8),
 }
+# Horowitz ISSCC 2014, 45 nm: a 64-bit access to an 8 KB SRAM costs 10 pJ (the smallest array
+# he lists: the cheapest memory a chip could keep its weights and membranes in).
+SRAM_PJ_PER_BIT = 10.0 / 64
+MEMORY_SOURCE = ("memory-aware: + SRAM 8 KB, 10 pJ per 64-bit access (Horowitz ISSCC 2014); per SOP a weight read "
+                 "and a membrane read and write, per neuron step a membrane read and write, per MAC a weight read "
+                 "(Lemaire et al. ICONIP 2022; Dampfhoffer et al. IEEE TETCI 2022)")
 
 
 @dataclass
@@ -110,6 +135,24 @@ class Profile:
             return None
         return self.energy_snn_pj / self.energy_ann_pj if self.ann_macs else 0.0
 
+    @property
+    def memory_energy_snn_pj(self) -> float:
+        """The program's energy with its SRAM traffic (module docstring)."""
+        e, word = self.energy, self.energy.word_pj
+        return (self.sops * (e.e_ac_pj + 3 * word) + self.neurons * self.T * (e.e_ac_pj + 2 * word)
+                + self.analog_macs * (e.e_mac_pj + word))
+
+    @property
+    def memory_energy_ann_pj(self) -> float:
+        return self.ann_macs * (self.energy.e_mac_pj + self.energy.word_pj)
+
+    @property
+    def memory_energy_ratio(self) -> float | None:
+        """As energy_ratio, memory traffic counted; None where that one is."""
+        if self.unknown_sites:
+            return None
+        return self.memory_energy_snn_pj / self.memory_energy_ann_pj if self.ann_macs else 0.0
+
     def totals(self) -> dict:
         """The headline numbers as a JSON-able dict."""
         return {
@@ -119,6 +162,9 @@ class Profile:
             "sops": self.sops, "analog_macs": self.analog_macs, "ann_macs": self.ann_macs,
             "energy_snn_uj": self.energy_snn_pj * 1e-6, "energy_ann_uj": self.energy_ann_pj * 1e-6,
             "energy_ratio": self.energy_ratio, "energy_table": self.energy.name,
+            "memory_energy_snn_uj": self.memory_energy_snn_pj * 1e-6,
+            "memory_energy_ann_uj": self.memory_energy_ann_pj * 1e-6,
+            "memory_energy_ratio": self.memory_energy_ratio,
             "unknown_mac_sites": len(self.unknown_sites),
         }
 
@@ -131,7 +177,7 @@ class Profile:
     def to_dict(self) -> dict:
         rows = [dict(vars(layer), firing_rate=layer.firing_rate) for layer in self.layers]
         return {"totals": self.totals(), "firing_rate_per_step": self.firing_rate_per_step(), "layers": rows,
-                "energy_source": self.energy.source}
+                "energy_source": self.energy.source, "memory_energy_source": MEMORY_SOURCE}
 
 
 _COSTS: dict[str, Callable] = {}  # cost model (snncc.ir.spec) -> the _Counter method that counts it

@@ -28,6 +28,19 @@ def print_eval(result: dict) -> None:
         click.echo(f"  {key:20s} {shown}")
 
 
+def print_domains(results: dict[str, dict], worst: dict[str, dict]) -> None:
+    """Fidelity per kind of held-out text, a row each, and the worst of each figure."""
+    first = next(iter(results.values()))
+    causal = "ppl_ratio" in first
+    keys = ["ppl_ratio", "top1_agreement", "max_abs_logit_err"] if causal else ["cosine", "min_cosine", "token_cosine"]
+    click.echo(f"fidelity vs ANN ({first['model']}, '{first['pipeline']}', T={first['T']}) on held-out text:")
+    click.echo(f"  {'text':8s} {'tokens':>7s} " + " ".join(f"{key:>18s}" for key in keys))
+    for domain, result in results.items():
+        click.echo(f"  {domain:8s} {result['tokens']:7d} " + " ".join(f"{result[key]:18.6f}" for key in keys))
+    click.echo(f"  {'worst':8s} {'':7s} " + " ".join(f"{worst[key]['value']:11.6f} ({worst[key]['domain']:>4s})"
+                                                for key in keys))
+
+
 def _si(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -45,6 +58,9 @@ def print_profile_summary(profile: Profile, top: int = 5) -> None:
     ratio = (f"ratio {t['energy_ratio']:.3f}" if t["energy_ratio"] is not None
              else f"ratio unknown: {t['unknown_mac_sites']} analog matmul sites with uncountable MACs")
     click.echo(f"  energy SNN {t['energy_snn_uj']:.2f} uJ vs ANN {t['energy_ann_uj']:.2f} uJ ({ratio})")
+    if t["memory_energy_ratio"] is not None:
+        click.echo(f"  with memory traffic (SRAM) SNN {t['memory_energy_snn_uj']:.2f} uJ vs ANN "
+                   f"{t['memory_energy_ann_uj']:.2f} uJ (ratio {t['memory_energy_ratio']:.3f})")
     if not top:
         return
     busiest = sorted(profile.layers, key=lambda layer: -layer.sops)[:top]

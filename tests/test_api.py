@@ -93,6 +93,24 @@ def test_profile_counts_are_consistent(tiny_name):
             assert layer.sops == layer.spikes_in * (layer.ann_macs // layer.neurons_in)
 
 
+def test_memory_aware_energy_counts_sram_traffic_per_event():
+    """One synapse site of 100 SOPs over 10 neurons at T = 4, against 50 ANN MACs, in the
+    45 nm FP32 table (MAC 4.6 pJ, AC 0.9 pJ) with 32-bit words at 10 pJ per 64-bit SRAM
+    access (5 pJ a word): per SOP AC + 3 words, per neuron step AC + 2 words, per MAC MAC + 1 word."""
+    from snncc.profile import ENERGY_TABLES, LayerProfile, Profile
+
+    profile = Profile(layers=[LayerProfile("n", "s", "spike_linear", neurons_in=10, sops=100, ann_macs=50, T=4)],
+                      neurons=10, T=4, energy=ENERGY_TABLES["45nm"])
+    assert profile.memory_energy_snn_pj == pytest.approx(100 * (0.9 + 15) + 40 * (0.9 + 10))
+    assert profile.memory_energy_ann_pj == pytest.approx(50 * (4.6 + 5))
+    assert profile.memory_energy_ratio == pytest.approx(2026 / 480)
+    assert profile.energy_ratio == pytest.approx(100 * 0.9 / (50 * 4.6))  # the arithmetic convention, unchanged
+    int8 = Profile(layers=profile.layers, neurons=10, T=4, energy=ENERGY_TABLES["45nm-int8"])
+    assert int8.memory_energy_ann_pj == pytest.approx(50 * (0.23 + 1.25))  # 8-bit words
+    profile.unknown_sites.append("an analog matmul")
+    assert profile.memory_energy_ratio is None and profile.totals()["memory_energy_ratio"] is None
+
+
 def test_api_accepts_a_plain_module_and_refuses_float_input():
     class Tiny(torch.nn.Module):
         def __init__(self):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from snncc.calibration import HELDOUT_TEXTS
 from snncc.cli import main
 
 
@@ -31,18 +33,31 @@ def test_inspect_json_reports_every_arithmetic_op():
     assert {item["op"] for item in inventory["no_pass_lowers"]} == {"aten.add.Tensor"}  # residual adds
 
 
-def test_eval_json_has_every_field():
-    result = json.loads(_run("eval", "tiny-llama", "--passes", "encode", "-T", "12", "--max-tokens", "256",
+def test_eval_json_has_every_field_for_every_kind_of_text_and_the_worst():
+    report = json.loads(_run("eval", "tiny-llama", "--passes", "encode", "-T", "12", "--max-tokens", "256",
                              "--calib-tokens", "512", "--json"))
-    for key in ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_abs_logit_err",
-                "max_abs_logit_err", "tokens", "T", "pipeline", "coverage"):
-        assert key in result
-    assert result["T"] == 12 and result["pipeline"] == "encode" and result["coverage"] == 1.0
+    assert report["T"] == 12 and report["pipeline"] == "encode" and report["coverage"] == 1.0
+    assert set(report["domains"]) == {"prose", "code", "docs"}
+    for result in report["domains"].values():
+        for key in ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_abs_logit_err",
+                    "max_abs_logit_err", "tokens", "T", "pipeline", "coverage"):
+            assert key in result
+    ratios = {kind: result["ppl_ratio"] for kind, result in report["domains"].items()}
+    assert report["worst"]["ppl_ratio"] == {"value": max(ratios.values()), "domain": max(ratios, key=ratios.get)}
+    agreement = {kind: result["top1_agreement"] for kind, result in report["domains"].items()}
+    assert report["worst"]["top1_agreement"]["value"] == min(agreement.values())
+
+
+def test_eval_of_one_text_file_is_flat():
+    flat = json.loads(_run("eval", "tiny-llama", "--passes", "encode", "-T", "12", "--max-tokens", "256",
+                           "--calib-tokens", "512", "--text", str(HELDOUT_TEXTS["code"]), "--json"))
+    assert flat["tokens"] > 0 and "domains" not in flat and 0 < flat["top1_agreement"] <= 1
 
 
 def test_eval_encoder_reports_cosine():
-    result = json.loads(_run("eval", "tiny-bert", "-T", "12", "--max-tokens", "256", "--calib-tokens", "512", "--json"))
-    assert result["cosine"] > 0.99 and "ppl_ratio" not in result
+    report = json.loads(_run("eval", "tiny-bert", "-T", "12", "--max-tokens", "256", "--calib-tokens", "512", "--json"))
+    assert all(r["cosine"] > 0.99 and "ppl_ratio" not in r for r in report["domains"].values())
+    assert report["worst"]["cosine"]["value"] == min(r["cosine"] for r in report["domains"].values())
 
 
 def test_debug_table_and_dump(tmp_path):
@@ -87,6 +102,7 @@ def test_profile_plot_and_energy_tables(tmp_path):
     assert abs(sum(fp32["firing_rate_per_step"]) - fp32["totals"]["spikes_per_neuron"]) < 1e-9
 
 
+@pytest.mark.slow  # 25 s; each format's export is tested in the fast tier (tests/backends), the CLI's refusals too
 def test_export_onnx_and_nir_from_an_artifact(tmp_path):
     artifact = tmp_path / "fas.snn"
     fas_plain_if = "fas,qcfs{L=8,multirange=0},calibrate{layer_steps=2,neuron_steps=2,batches=1}"  # what NIR holds
