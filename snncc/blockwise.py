@@ -163,10 +163,11 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         stage = stages[index]
         bar.set_postfix_str(f"{stage.name}: load")
         weights.load(stage)
+        batches = _stage_batches(stage, index, ctx.batches, values)
         device = devices[index] if devices else _CPU
         if device != _CPU:
             _move_stage(stage, device)
-        batches = _moved(_stage_batches(stage, index, ctx.batches, values), device)
+            batches = _moved(batches, device)
         # Ranges go into (and come from) the compile's context: a context reused across
         # compiles records each once, as on the whole-model path.
         stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True)

@@ -147,9 +147,9 @@ class CompileParts:
     def save_block(self, index: int, stage: Stage, new: dict[str, torch.Tensor], records: list[PassRecord],
                    values: dict[str, list], stats: dict[str, ActivationStats]) -> None:
         """Keep a finished block and what the next needs. It is written in a background thread
-        while the next block computes (writing a 1.7B model's blocks took 15 s of its 80 s
-        compile); `written` waits for it and hands back its new tensors mapped from the
-        artifact. One block is in flight at a time."""
+        while the next block computes (writing waits on the disk, computing does not);
+        `written_tensors` waits for it and hands back its new tensors mapped from the artifact.
+        One block is in flight at a time."""
         self.written_tensors()
         recorded = {f"stat|{name}|{stats[name].samples}": stats[name].absmax  # the ranges this block recorded
                     for name in set(stats) - self._saved_stats}
@@ -205,6 +205,7 @@ class CompileParts:
 
     def remove(self) -> None:
         self.close()
+        self._writer.shutdown()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
