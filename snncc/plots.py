@@ -114,9 +114,10 @@ def plot_profile(profile: Profile, path: Path, title: str) -> None:
     ax_steps.set_title("firing rate per time step, all encoders")
     totals = profile.totals()
     ratio = "unknown" if totals["energy_ratio"] is None else f"{totals['energy_ratio']:.3f}"
-    fig.suptitle(f"{title}: {totals['spikes_per_neuron']:.2f} spikes per activation, energy SNN/ANN "
-                 f"{ratio} ({profile.energy.name})")
-    fig.tight_layout()
+    memory = "unknown" if totals["memory_energy_ratio"] is None else f"{totals['memory_energy_ratio']:.3f}"
+    fig.suptitle(f"{title}: {totals['spikes_per_neuron']:.2f} spikes per activation\nenergy SNN/ANN "
+                 f"{ratio} ({profile.energy.name}), {memory} with memory traffic")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the two-line title
     _save(fig, path, dpi=110)
 
 
