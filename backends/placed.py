@@ -32,7 +32,7 @@ from snncc.backends.fuse import fuse_for_execution
 from snncc.backends.reference import point_factories_at
 from snncc.errors import InputError
 from snncc.ir.ops import execution_mode
-from snncc.ir.stages import Stage, split_stages
+from snncc.ir.stages import Stage, last_readers, split_stages
 
 PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
 MAX_DEVICE_MAP_BYTES = 2**20  # a map names one device per stage: a bigger file is not one
@@ -62,7 +62,7 @@ class StagedProgram(nn.Module):
         super().__init__()
         self.model_inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
         self.stages = nn.ModuleList(ProgramStage(stage, mode) for stage in split_stages(gm))
-        self._last_reader = {name: i for i, stage in enumerate(self.stages) for name in stage.inputs}
+        self._last_reader = last_readers(self.stages)
 
     def forward(self, *model_inputs: torch.Tensor) -> torch.Tensor:
         values = dict(zip(self.model_inputs, model_inputs, strict=True))

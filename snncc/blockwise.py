@@ -27,7 +27,7 @@ from tqdm import tqdm
 from snncc.backends.reference import point_factories_at
 from snncc.calibration import CalibrationContext
 from snncc.ir.rewrite import copy_graph_module, get_tensor, set_tensor
-from snncc.ir.stages import Stage, join_stages, split_stages
+from snncc.ir.stages import Stage, join_stages, last_readers, split_stages
 from snncc.ir.storage import compute_in_float32, store_weights
 from snncc.models import LoadedModel
 from snncc.parts import CompileParts, Resumed
@@ -98,7 +98,7 @@ def run_stages(ann: fx.GraphModule, batches: list[torch.Tensor], weights: StageW
     """The ANN's outputs for `batches`, run a stage at a time over all of them (each stage's
     weights loaded once): the reference a lazily loaded model is evaluated against."""
     stages = split_stages(ann)
-    last_reader = _last_readers(stages)
+    last_reader = last_readers(stages)
     values: dict[str, list] = {}
     outputs: list = []
     for index, stage in enumerate(tqdm(stages, desc="running the ANN", disable=not progress, unit="block")):
@@ -109,11 +109,6 @@ def run_stages(ann: fx.GraphModule, batches: list[torch.Tensor], weights: StageW
         _hand_on(stage, index, outputs, values, last_reader)
         weights.release(stage, stage.graph_module)
     return [output[0] for output in outputs]
-
-
-def _last_readers(stages: list[Stage]) -> dict[str, int]:
-    """For each value passed between stages, the index of the last stage that reads it."""
-    return {name: i for i, stage in enumerate(stages) for name in stage.inputs}
 
 
 def _stage_batches(stage: Stage, index: int, batches: list, values: dict[str, list]) -> list:
@@ -152,7 +147,7 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
     the passes run on the CPU."""
     weights = weights or StageWeights()
     stages = split_stages(ann)
-    last_reader = _last_readers(stages)
+    last_reader = last_readers(stages)
     resumed = parts.resume() if parts is not None else None
     if resumed is None:
         resumed = Resumed([], [], {}, {}, {})

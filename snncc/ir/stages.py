@@ -105,6 +105,12 @@ def split_stages(gm: fx.GraphModule) -> list[Stage]:
     return stages
 
 
+def last_readers(stages: list) -> dict[str, int]:
+    """For each value passed between stages (anything with `inputs` names), the index of the
+    last stage that reads it: after that stage the value can be dropped."""
+    return {name: i for i, stage in enumerate(stages) for name in stage.inputs}
+
+
 def join_stages(stages: list[Stage]) -> fx.GraphModule:
     """One graph that runs the (compiled) stages in order: each stage's inputs wired to the
     values of the same name that earlier stages return, its tensors registered on one root
