@@ -14,6 +14,7 @@ import torch.fx as fx
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
 from snncc.artifact import ArtifactWriter
 from snncc.blockwise import compile_stages, load_all_weights, runs_by_block, stage_weights
+from snncc.budget import BUDGET_T, Budget, compile_within_budget
 from snncc.calibration import CalibrationContext, make_context
 from snncc.errors import PipelineError, SnnccError
 from snncc.frontend import trace
@@ -62,7 +63,8 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
                   instrument: Instrument | None = None, device: str = "cpu",
                   stop_after: str | None = None, by_block: bool = True, dtype: str | None = None,
                   save_to: str | Path | None = None, device_map: str | dict | None = None,
-                  max_memory: dict | None = None, offload_folder: str | Path | None = None) -> SpikingProgram:
+                  max_memory: dict | None = None, offload_folder: str | Path | None = None,
+                  budget: str | Budget | None = None) -> SpikingProgram:
     """Run a pipeline on a copy of the traced ANN (the ANN itself is left untouched).
     `passes` is a spec, parsed at T (None: the pipeline's default, snncc.pipeline.default_T), or
     a Pipeline parsed already. `stop_after`: run the passes up to and including that one; the
@@ -76,7 +78,12 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     again resumes at the first unfinished block).
     `device_map` (with `max_memory`, `offload_folder`; snncc.backends.placed): each block's
     calibration batches run on the GPU accelerate places the block on, and the program is
-    returned placed by the same map. Only a block-by-block compile takes one."""
+    returned placed by the same map. Only a block-by-block compile takes one.
+    `budget` (snncc.budget): give each synapse input's channels the digits that meet it, at
+    most T (default BUDGET_T) each; the program is checked against it before it returns."""
+    if budget is not None:
+        return _compile_within_budget(loaded, ann, ctx, passes, T, budget, device, stop_after, dtype, save_to,
+                                      device_map, max_memory, offload_folder, debug or instrument is not None)
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
@@ -92,6 +99,28 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
         if save_to:  # a compile that fails will fail again: nothing to resume
             shutil.rmtree(parts_folder(Path(save_to)), ignore_errors=True)
         raise
+    return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
+
+
+def _compile_within_budget(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationContext,
+                           passes: str | Pipeline, T: int | None, budget: str | Budget, device: str,
+                           stop_after: str | None, dtype: str | None, save_to: str | Path | None,
+                           device_map: str | dict | None, max_memory: dict | None,
+                           offload_folder: str | Path | None, instrumented: bool) -> SpikingProgram:
+    """compile_graph with a budget: the plan search compiles the program more than once."""
+    if stop_after or instrumented:
+        raise PipelineError("a budget compiles the whole pipeline, more than once: it cannot stop part-way, dump "
+                            "or debug the passes")
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    pipeline = _pipeline(passes, BUDGET_T if T is None and isinstance(passes, str) else T)
+    load_all_weights(loaded, ann)  # the sensitivity runs the whole ANN
+
+    def compile_with(plan_ctx: CalibrationContext) -> SpikingProgram:
+        return compile_graph(loaded, ann, plan_ctx, pipeline, device=device, dtype=dtype)
+
+    program = compile_within_budget(ann, ctx, pipeline, budget, loaded.task, compile_with, ctx.progress)
+    if save_to:
+        program.save(save_to)
     return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
 
 
@@ -123,7 +152,8 @@ def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibration
         return program
     if not save_to:
         return _run_by_block(ann, ctx, pipeline, info, loaded, device, devices, None)
-    key = compile_key(ann, loaded.weight_files(), pipeline.spec, pipeline.steps, info.dtype, ctx.batches)
+    key = compile_key(ann, loaded.weight_files(), pipeline.spec, pipeline.steps, info.dtype, ctx.batches,
+                      ctx.range_factors)
     parts = CompileParts(parts_folder(Path(save_to)), key)
     try:
         program = _run_by_block(ann, ctx, pipeline, info, loaded, device, devices, parts)
@@ -203,7 +233,7 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
             debug: bool = False, progress: bool = False, instrument: Callable | None = None,
             stop_after: str | None = None, start_after: str | None = None, dtype: str | None = None,
             save_to: str | Path | None = None, device_map: str | dict | None = None, max_memory: dict | None = None,
-            offload_folder: str | Path | None = None) -> SpikingProgram:
+            offload_folder: str | Path | None = None, budget: str | None = None) -> SpikingProgram:
     """Trace `model`, calibrate on `calib` text, run the `passes` pipeline, return the program.
     `stop_after`: run the passes up to and including that one. `start_after`: `model` is a
     program (or its .snn file) compiled with stop_after that pass; run the passes after it,
@@ -211,18 +241,21 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
     bfloat16, float16; default: the checkpoint's). `save_to`: write the artifact there as the
     compile goes (see compile_graph): the way to compile a model bigger than memory.
     `device_map`, `max_memory`, `offload_folder`: accelerate's placement for the calibration
-    and the returned program (see compile_graph)."""
+    and the returned program (see compile_graph). `budget`: per-channel precision that meets
+    it, e.g. "top1=0.995,ppl=1.005" or "energy=0.5" (snncc.budget)."""
     if start_after:
         program = model if isinstance(model, SpikingProgram) else load(model)
         program = resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
         return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
-    pipeline = Pipeline.parse(passes, T)
+    pipeline = Pipeline.parse(passes, BUDGET_T if budget and T is None else T)
     split(pipeline, None, stop_after)  # refused before the model loads
+    if budget:
+        Budget.parse(budget)  # refused before the model loads
     loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,
                                progress=progress)
     return compile_graph(loaded, ann, ctx, pipeline, debug=debug, instrument=instrument, device=device,
                          stop_after=stop_after, dtype=dtype, save_to=save_to, device_map=device_map,
-                         max_memory=max_memory, offload_folder=offload_folder)
+                         max_memory=max_memory, offload_folder=offload_folder, budget=budget)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False,

@@ -486,16 +486,18 @@ def _check_sums(path: Path, manifest: dict, members: dict[str, bytes], shards: l
 # --- the manifest's facts ------------------------------------------------------------------
 
 _INFO_FIELDS = {"model": str, "task": str, "pipeline": str, "T": int, "max_positions": int, "vocab_size": int,
-                "passes": list, "calibration": dict, "coverage": dict, "remaining": list, "dtype": str}
-# Absent from artifacts written before programs could stop part-way, or store weights in bf16.
-_OPTIONAL_INFO = {"remaining", "dtype"}
+                "passes": list, "calibration": dict, "coverage": dict, "remaining": list, "dtype": str,
+                "precision": dict}
+# Absent from artifacts written before programs could stop part-way, store weights in bf16,
+# or compile to a budget.
+_OPTIONAL_INFO = {"remaining", "dtype", "precision"}
 
 
 def _program_info(info) -> ProgramInfo:
     """The manifest's ProgramInfo, every field of its type and in its range."""
     if not isinstance(info, dict) or not set(_INFO_FIELDS) - _OPTIONAL_INFO <= set(info) <= set(_INFO_FIELDS):
         raise ArtifactError("the manifest's program info is malformed")
-    info = {"remaining": [], "dtype": "float32", **info}
+    info = {"remaining": [], "dtype": "float32", "precision": {}, **info}
     for key, kind in _INFO_FIELDS.items():
         if not isinstance(info[key], kind) or isinstance(info[key], bool):
             raise ArtifactError(f"the manifest's {key} is not a {kind.__name__}")

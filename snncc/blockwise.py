@@ -165,7 +165,8 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
             batches = _moved(batches, device)
         # Ranges go into (and come from) the compile's context: a context reused across
         # compiles records each once, as on the whole-model path.
-        stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True)
+        stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True,
+                                       range_factors=ctx.range_factors)
         stage_ctx.attach(stage.graph_module)
         bar.set_postfix_str(f"{stage.name}: calibrate")
         outputs = stage_ctx.record_all(keep_outputs=bool(stage.outputs))  # not the logits of the last

@@ -192,6 +192,10 @@ class CalibrationContext:
     # A block of a block-by-block compile: its graph runs on the ANN's values at its inputs,
     # so ranges recorded from a pass's graph would differ from the whole model's (refused).
     ann_only: bool = False
+    # Per-site precision (snncc.allocation): a site's calibrated range times 2^k per channel
+    # codes it with k digits fewer. Keyed by the ANN tensor; every pass reads ranges through
+    # snncc.ir.encoders.calibrated_absmax, which applies it.
+    range_factors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -208,7 +212,8 @@ class CalibrationContext:
         fine-tuned weights): ranges are recorded afresh from a snapshot of `changed`; the
         original ANN stays the teacher. This context is left as it was."""
         return CalibrationContext(self.batches, self.source, ann=copy_graph_module(changed),
-                                  progress=self.progress, teacher=self.teacher, memo=self.memo)
+                                  progress=self.progress, teacher=self.teacher, memo=self.memo,
+                                  range_factors=self.range_factors)
 
     def require(self, names: Iterable[str], current: fx.GraphModule | None = None) -> None:
         """Make sure `stats` holds every named tensor, recording what is missing: from the ANN

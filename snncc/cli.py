@@ -343,23 +343,37 @@ def main(verbose: int) -> None:
                    "same -T and options; calibration comes from the artifact)")
 @click.option("--dump", type=click.Path(file_okay=False), default=None,
               help="write the graph before the first pass and after each pass here (00-input.txt, 01-fold.txt, ...)")
+@click.option("--budget", metavar="TARGETS", default=None,
+              help="give each synapse input's channels the fewest digits that keep these targets on held-out "
+                   "calibration text: top1=0.995,ppl=1.005 (or kl=..., cosine=... for encoders), or the most "
+                   "faithful program within energy=R of the ANN's energy; -T is then the most digits a channel "
+                   "keeps (default 16)")
 @_dtype_option
 @_placement_options
 @_fail_cleanly
 def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens, stop_after, start_after, dump,
-                dtype, device_map, max_memory, offload_folder):
+                budget, dtype, device_map, max_memory, offload_folder):
     """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline, or continue an .snn
     stopped part-way (--start-after); print fidelity and profile."""
     from snncc.api import compile_graph, resume
     from snncc.atomic import atomic_dir
+    from snncc.budget import BUDGET_T, Budget, multirange_ranges
+    from snncc.render import print_precision
     from snncc.blockwise import runs_by_block
     from snncc.debug import GraphDump
     from snncc.resume import split
 
     with _arguments():
         _check_continued(model, start_after)
-        pipeline = _check_model_options(passes, T, calib, calib_tokens, device)
+        pipeline = _check_model_options(passes, T if T is not None or not budget else BUDGET_T, calib, calib_tokens,
+                                        device)
         start, _ = split(pipeline, start_after, stop_after)
+        if budget:
+            Budget.parse(budget)
+            multirange_ranges(pipeline)
+            if stop_after or start_after or dump:
+                raise InputError("--budget compiles the whole pipeline, more than once: it cannot take --stop-after, "
+                                 "--start-after or --dump")
         _check_at_least("--eval-tokens", eval_tokens, 2, zero_ok=True)
         out_path = _check_output_path(output) if output else None
         if dump:
@@ -384,8 +398,10 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
         else:
             # The artifact is written as the compile goes: a big model's weights never all in memory.
             program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after,
-                                    dtype=_dtype(dtype), save_to=out_path, **placement)
+                                    dtype=_dtype(dtype), save_to=out_path, budget=budget, **placement)
     _print_compiled(program, pipeline, start)
+    if program.info.precision:
+        print_precision(program.info.precision)
     if out_path:
         if start_after:
             program.save(out_path)

@@ -81,17 +81,54 @@ def _mean_pool(hidden: torch.Tensor) -> torch.Tensor:
     return F.normalize(hidden.mean(dim=1), dim=-1)
 
 
+class FidelityTally:
+    """Fidelity figures of outputs against the ANN's, added a chunk at a time: causal LMs get
+    perplexities, top-1 agreement and the KL divergence of the next-token distributions
+    (ANN to program, per token), encoders the cosine of mean-pooled sentence embeddings."""
+
+    def __init__(self, causal: bool):
+        self.causal = causal
+        self.nll_ann = self.nll_snn = self.kl = 0.0
+        self.predicted = self.agree = self.scored = 0
+        self.abs_err_sum, self.max_err, self.values = 0.0, 0.0, 0
+        self.cosines: list[float] = []
+        self.token_cosines: list[float] = []
+
+    def add(self, out: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> None:
+        out, ref = out.float().cpu(), ref.float().cpu()
+        err = (out - ref).abs()
+        self.abs_err_sum += float(err.double().sum())
+        self.max_err = max(self.max_err, float(err.max()))
+        self.values += err.numel()
+        if self.causal:
+            self.nll_ann += _nll_sum(ref, ids)
+            self.nll_snn += _nll_sum(out, ids)
+            self.scored += ids.shape[1] - 1
+            self.agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+            self.predicted += ids.numel()
+            logp_ann, logp_snn = ref.double().log_softmax(-1), out.double().log_softmax(-1)
+            self.kl += float((logp_ann.exp() * (logp_ann - logp_snn)).sum())
+        else:
+            self.cosines.append(float((_mean_pool(out) * _mean_pool(ref)).sum(-1).mean()))
+            self.token_cosines.append(float(F.cosine_similarity(out, ref, dim=-1).mean()))
+
+    def result(self) -> dict:
+        if not self.causal:
+            return {"mean_abs_err": self.abs_err_sum / self.values, "max_abs_err": self.max_err,
+                    "cosine": sum(self.cosines) / len(self.cosines), "min_cosine": min(self.cosines),
+                    "token_cosine": sum(self.token_cosines) / len(self.token_cosines)}
+        ppl_ann, ppl_snn = math.exp(self.nll_ann / self.scored), math.exp(self.nll_snn / self.scored)
+        return {"ppl_ann": ppl_ann, "ppl_snn": ppl_snn, "ppl_ratio": ppl_snn / ppl_ann,
+                "top1_agreement": self.agree / self.predicted, "kl_per_token": self.kl / self.predicted,
+                "mean_abs_logit_err": self.abs_err_sum / self.values, "max_abs_logit_err": self.max_err}
+
+
 def evaluate(program: SpikingProgram, ann: torch.nn.Module | list[torch.Tensor], chunks: list[torch.Tensor],
              progress: bool = False) -> dict:
-    """Compare program and ANN on every chunk; causal LMs get perplexity and top-1 agreement,
-    encoders the cosine of mean-pooled sentence embeddings. `ann` is the ANN, or its outputs
-    for the chunks computed already (snncc.blockwise.ann_outputs, for a model run a block at
-    a time)."""
-    causal = program.info.task == CAUSAL_LM
-    nll_ann = nll_snn = 0.0
-    predicted = agree = 0
-    abs_err_sum, max_err, values = 0.0, 0.0, 0
-    cosines, token_cosines = [], []
+    """Compare program and ANN on every chunk (FidelityTally's figures). `ann` is the ANN, or
+    its outputs for the chunks computed already (snncc.blockwise.ann_outputs, for a model run
+    a block at a time)."""
+    tally = FidelityTally(program.info.task == CAUSAL_LM)
     for index, ids in enumerate(tqdm(chunks, desc="evaluating", disable=not progress, leave=False)):
         with torch.no_grad():
             ref = (ann[index] if isinstance(ann, list) else ann(ids)).float()
@@ -101,39 +138,16 @@ def evaluate(program: SpikingProgram, ann: torch.nn.Module | list[torch.Tensor],
         gm = getattr(executor, "gm", program.graph_module)
         _check_finite(out, "the spiking program's outputs", gm, ids.to(getattr(executor, "device", "cpu")),
                       getattr(executor, "mode", "fused"))
-        err = (out - ref).abs()
-        abs_err_sum += float(err.double().sum())
-        max_err = max(max_err, float(err.max()))
-        values += err.numel()
-        if causal:
-            nll_ann += _nll_sum(ref, ids)
-            nll_snn += _nll_sum(out, ids)
-            agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-            predicted += ids.numel()
-        else:
-            cosines.append(float((_mean_pool(out) * _mean_pool(ref)).sum(-1).mean()))
-            token_cosines.append(float(F.cosine_similarity(out, ref, dim=-1).mean()))
-    tokens = sum(c.numel() for c in chunks)
-    result = {"model": program.info.model, "pipeline": program.info.pipeline, "T": program.info.T,
-              "tokens": tokens, "coverage": program.info.coverage.get("coverage"),
-              "mean_abs_err": abs_err_sum / values, "max_abs_err": max_err}
-    if causal:
-        scored = sum(c.shape[1] - 1 for c in chunks)
-        ppl_ann, ppl_snn = math.exp(nll_ann / scored), math.exp(nll_snn / scored)
-        result.update(ppl_ann=ppl_ann, ppl_snn=ppl_snn, ppl_ratio=ppl_snn / ppl_ann,
-                      top1_agreement=agree / predicted,
-                      mean_abs_logit_err=result.pop("mean_abs_err"),
-                      max_abs_logit_err=result.pop("max_abs_err"))
-    else:
-        result.update(cosine=sum(cosines) / len(cosines), min_cosine=min(cosines),
-                      token_cosine=sum(token_cosines) / len(token_cosines))
-    return result
+        tally.add(out, ref, ids)
+    return {"model": program.info.model, "pipeline": program.info.pipeline, "T": program.info.T,
+            "tokens": sum(c.numel() for c in chunks), "coverage": program.info.coverage.get("coverage"),
+            **tally.result()}
 
 
 # Whether a higher value of a fidelity figure is worse (errors, perplexity ratio) or better
 # (agreement, cosine): what `worst_of` takes over the domains.
-_HIGHER_IS_WORSE = {"ppl_ratio": True, "mean_abs_logit_err": True, "max_abs_logit_err": True, "mean_abs_err": True,
-                    "max_abs_err": True, "top1_agreement": False, "cosine": False, "min_cosine": False,
+_HIGHER_IS_WORSE = {"ppl_ratio": True, "kl_per_token": True, "mean_abs_logit_err": True, "max_abs_logit_err": True,
+                    "mean_abs_err": True, "max_abs_err": True, "top1_agreement": False, "cosine": False, "min_cosine": False,
                     "token_cosine": False}
 
 

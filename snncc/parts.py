@@ -53,9 +53,11 @@ def parts_folder(artifact: Path) -> Path:
 
 
 def compile_key(ann: fx.GraphModule, weight_files: list[Path], pipeline_spec: str, T: int, dtype: str,
-                batches: list[torch.Tensor]) -> str:
+                batches: list[torch.Tensor], range_factors: dict[str, torch.Tensor] | None = None) -> str:
     """A hash of what decides the compiled program (see the module docstring)."""
     digest = hashlib.sha256(f"{__version__}|{pipeline_spec}|{T}|{dtype}|{ann.graph}".encode())
+    for name, factor in sorted((range_factors or {}).items()):  # a precision plan
+        digest.update(name.encode() + factor.numpy().tobytes())
     for file in sorted(weight_files):
         stat = file.stat()
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())

@@ -36,6 +36,7 @@ class ProgramInfo:
     coverage: dict = field(default_factory=dict)
     remaining: list[str] = field(default_factory=list)  # passes still to run: a program stopped part-way
     dtype: str = "float32"  # what its synapse weights are stored in (snncc.ir.storage); it computes in float32
+    precision: dict = field(default_factory=dict)  # a budgeted compile's plan and check (snncc.budget)
 
 
 class SpikingProgram:

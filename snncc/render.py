@@ -91,3 +91,17 @@ def print_inventory(inventory: dict) -> None:
         click.echo("arithmetic no pass can lower yet (stays analog, listed by the verifier):")
         for item in inventory["no_pass_lowers"]:
             click.echo(f"  {item['op']}: {', '.join(item['sources'])}")
+
+
+def print_precision(precision: dict) -> None:
+    """A budgeted compile's plan and how it did on the calibration text held out from it."""
+    plan, check = precision["plan"], precision["check"]
+    met = "met" if precision["met_on_check"] else "NOT met"
+    click.echo(f"budget {precision['budget']}: {met} on {precision['check_tokens']} held-out calibration tokens "
+               f"(margins {precision['margins'] or 'none'}); plan fitted on {precision['fit_tokens']} tokens")
+    click.echo(f"  {plan['sites']} synapse inputs, {plan['mean_digits']:.2f} of {plan['T']} digits kept per channel "
+               f"on average; predicted divergence {plan['predicted_divergence_per_token']:.3g} per token")
+    figures = {key: check[key] for key in ("top1_agreement", "ppl_ratio", "kl_per_token", "cosine") if key in check}
+    energy = precision["check_energy_ratio"]
+    click.echo("  check: " + ", ".join(f"{key} {value:.6g}" for key, value in figures.items())
+               + f", energy ratio {'unknown' if energy is None else f'{energy:.3f}'}")

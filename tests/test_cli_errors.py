@@ -160,6 +160,17 @@ def test_bad_T(tmp_path, args, word):
     assert_clean_error(result, word, folder=tmp_path)
 
 
+@pytest.mark.parametrize(("args", "word"), [
+    (("--budget", "top1=1.5"), "out of range"),
+    (("--budget", "speed=2"), "unknown key"),
+    (("--budget", "top1=0.99", "--stop-after", "fold"), "--stop-after"),
+    (("--budget", "top1=0.99", "--passes", "encode"), "outlier"),
+], ids=["out-of-range", "unknown-key", "with-stop-after", "no-multirange-neurons"])
+def test_bad_budget(tmp_path, args, word):
+    result = run_snncc(tmp_path, "compile", "tiny-llama", *args, "-o", "out.snn")
+    assert_clean_error(result, word, folder=tmp_path)
+
+
 # --- 5. missing artifact --------------------------------------------------------------------
 
 

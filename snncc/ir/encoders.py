@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
+from snncc.ir.match import through_identity
 from snncc.ir.rewrite import add_constant
 from snncc.ir.spec import is_rate_train, train_steps
 
@@ -31,7 +32,8 @@ def calib_name(node: fx.Node) -> str:
 
 def calibrated_absmax(ctx: CalibrationContext, node: fx.Node) -> torch.Tensor:
     """node's per-channel max |x| on the calibration text, refused where NaN or inf: a range
-    made from it would code nothing (and NaN cannot be rounded to a table's power of two)."""
+    made from it would code nothing (and NaN cannot be rounded to a table's power of two).
+    Times the context's range factor for node, where a precision plan drops digits there."""
     stats = ctx.stats.get(calib_name(node))
     if stats is None:
         raise PipelineError(f"no calibration range for '{node.name}': the ANN never computed it")
@@ -40,7 +42,8 @@ def calibrated_absmax(ctx: CalibrationContext, node: fx.Node) -> torch.Tensor:
         raise PipelineError(f"the calibration range of '{node.name}' is {kind}: the model computes {kind} there on "
                             "the calibration text (an overflow or a broken weight upstream); fix the model or "
                             "give other --calib text")
-    return stats.absmax
+    factor = ctx.range_factors.get(calib_name(through_identity(node)))
+    return stats.absmax if factor is None else stats.absmax * factor
 
 
 def channel_range(ctx: CalibrationContext, x: fx.Node, per_last_dim: bool, headroom: float = 1.0,

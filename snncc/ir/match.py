@@ -35,6 +35,14 @@ IDENTITY_OPS = frozenset({aten.to.dtype, aten.alias.default, aten.clone.default,
 ELEMENTWISE_OPS = NONLINEAR_OPS | AFFINE_OPS | IDENTITY_OPS
 
 
+def through_identity(x: fx.Node) -> fx.Node:
+    """The tensor x is a cast or copy of (x itself if it is none): a block-by-block compile
+    drops the casts (snncc.ir.storage), so a plan keyed by tensor names the source."""
+    while x.target in IDENTITY_OPS and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return x
+
+
 def synapse_operands(node: fx.Node, dependent: set[fx.Node]) -> list[tuple[fx.Node, bool]]:
     """The activation operands a synapse at `node` reads, each with its range layout (True:
     per last dim, for linear layers and elementwise products; False: per static dim, for

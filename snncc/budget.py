@@ -1,0 +1,269 @@
+"""Compiling to a budget: the cheapest program that keeps the user's fidelity targets, or the
+most faithful one within an energy ratio, checked on calibration text the allocation did not see.
+
+    --budget top1=0.995,ppl=1.005   top-1 agreement at least, perplexity ratio at most
+    --budget kl=1e-4                KL(ANN || program) per token at most
+    --budget cosine=0.9999          encoders: mean-pooled embedding cosine at least
+    --budget energy=0.5             energy ratio (45 nm convention) at most, fidelity maximised
+
+The calibration batches are split: the first FIT_SHARE measure the sensitivity
+(snncc.sensitivity) the allocation (snncc.allocation) works from; the rest are the check
+text. The search runs the ANN with each site's real code (snn.mr_quantize at the planned
+ranges) on the check text, a forward pass per candidate, and takes the cheapest plan that
+meets every fidelity target with MARGINS to spare; then the real program is compiled and
+checked on the same text, and the plan is tightened until it meets them too. The
+sensitivity is measured once per model and context and reused across budgets (ctx.memo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from snncc import allocation, sensitivity
+from snncc.calibration import CalibrationContext
+from snncc.errors import PipelineError
+from snncc.evaluate import FidelityTally
+from snncc.ir.encoders import channel_range
+from snncc.ir.ops import mr_quantize
+from snncc.ir.rewrite import contents_digest, copy_graph_module
+from snncc.models import CAUSAL_LM
+from snncc.pipeline import PASSES, Pipeline
+from snncc.profile import ENERGY_TABLES, profile_graph
+from snncc.program import SpikingProgram
+
+log = logging.getLogger(__name__)
+
+FIT_SHARE = 0.75  # of the calibration batches: sensitivity; the rest: the check
+SENSITIVITY_TOKENS = 1024  # of the fit batches the sensitivity runs on (a forward and backward each)
+BUDGET_T = 16  # steps of a budgeted program: the most digits any channel keeps
+# What a plan must beat a target by on the check text, so that it holds on unseen text
+# (chosen on the check text's spread over domains: benchmarks/energy_frontier.py).
+MARGINS = {"top1": 0.001, "ppl": 0.001, "kl": 0.5, "cosine": 0.5}
+_SEARCH_STEPS = 8
+_TIGHTENINGS = 3
+# Where each budget key's figure is in a FidelityTally result, and whether higher is better.
+_FIGURES = {"top1": ("top1_agreement", True), "ppl": ("ppl_ratio", False), "kl": ("kl_per_token", False),
+            "cosine": ("cosine", True)}
+_DOMAINS = {"top1": (0.0, 1.0), "ppl": (1.0, math.inf), "kl": (0.0, math.inf), "cosine": (0.0, 1.0),
+            "energy": (0.0, math.inf)}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Fidelity targets (top1, ppl, kl, cosine) or an energy ratio (energy), parsed from
+    'key=value,...'."""
+
+    limits: dict[str, float]
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        limits = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in _DOMAINS:
+                raise PipelineError(f"budget: unknown key {key!r} (keys: {', '.join(_DOMAINS)})")
+            try:
+                number = float(value)
+            except ValueError:
+                raise PipelineError(f"budget: {key}={value!r} is not a number") from None
+            low, high = _DOMAINS[key]
+            if not (math.isfinite(number) and low < number and (number <= high)):
+                raise PipelineError(f"budget: {key}={value} is out of range ({low:g} < {key} <= {high:g})")
+            limits[key] = number
+        if not limits:
+            raise PipelineError("budget: give at least one target, e.g. top1=0.995,ppl=1.005 or energy=0.5")
+        if "energy" in limits and len(limits) > 1:
+            raise PipelineError("budget: an energy budget maximises fidelity; give it alone")
+        return cls(limits)
+
+    @property
+    def spec(self) -> str:
+        return ",".join(f"{key}={value:g}" for key, value in self.limits.items())
+
+    def check(self, task: str) -> None:
+        """Refuse targets the task has no figure for."""
+        wrong = {"top1", "ppl", "kl"} if task != CAUSAL_LM else {"cosine"}
+        if wrong & set(self.limits):
+            raise PipelineError(f"budget: {', '.join(sorted(wrong & set(self.limits)))} does not apply to a "
+                                f"{task} model")
+
+    def met(self, result: dict, margin: bool = True) -> bool:
+        """Whether fidelity figures meet every fidelity target (with MARGINS when `margin`)."""
+        for key, limit in self.limits.items():
+            if key == "energy":
+                continue
+            figure, higher_is_better = _FIGURES[key]
+            value = result[figure]
+            m = MARGINS[key] if margin else 0.0
+            if key in ("kl",):
+                ok = value <= limit * (1 - m)
+            elif key == "cosine":
+                ok = 1 - value <= (1 - limit) * (1 - m)
+            elif higher_is_better:
+                ok = value >= limit + m
+            else:
+                ok = value <= limit - m
+            if not ok:
+                return False
+        return True
+
+
+class _Simulated(fx.Interpreter):
+    """The ANN with every site's value replaced by what its planned code decodes to."""
+
+    def __init__(self, gm: fx.GraphModule, codes: dict[str, tuple[torch.Tensor, int, int]]):
+        super().__init__(gm)
+        self.codes = codes
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.codes:
+            scale, T, G = self.codes[n.name]
+            out = mr_quantize(out, scale, T, G) * scale
+        return out
+
+
+def _site_codes(gm: fx.GraphModule, ctx: CalibrationContext, T: int, G: int) -> dict:
+    """Each site's (range, T, G) as the compiled program will code it under ctx.range_factors."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return {name: (channel_range(ctx, nodes[name], per_last_dim), T, G)
+            for name, per_last_dim in sensitivity.synapse_sites(gm)}
+
+
+def simulate(folded: fx.GraphModule, ctx: CalibrationContext, plan: allocation.Plan, G: int,
+             batches: list[torch.Tensor], references: list[torch.Tensor], causal: bool) -> dict:
+    """Fidelity on `batches` of the ANN with the plan's codes at every site."""
+    saved = ctx.range_factors
+    ctx.range_factors = plan.range_factors()
+    try:
+        codes = _site_codes(folded, ctx, plan.T, G)
+    finally:
+        ctx.range_factors = saved
+    tally = FidelityTally(causal)
+    with torch.no_grad():
+        for ids, ref in zip(batches, references, strict=True):
+            out = _Simulated(folded, codes).run(ids)
+            tally.add(out[0] if isinstance(out, (tuple, list)) else out, ref, ids)
+    return tally.result()
+
+
+def energy_ratio(program: SpikingProgram, batches: list[torch.Tensor]) -> float | None:
+    """The program's energy ratio (45 nm convention) on the first check batch."""
+    return profile_graph(program.graph_module, batches[0]).energy_ratio
+
+
+def multirange_ranges(pipeline: Pipeline) -> int:
+    """The outlier ranges of the pipeline's multi-range neurons: what a budget allocates."""
+    outliers = [p for p in pipeline.passes if p.name == "outlier"]
+    if not outliers or any(p.name == "qcfs" for p in pipeline.passes):
+        raise PipelineError(f"budget: '{pipeline.spec}' has no multi-range synapse neurons to give per-channel "
+                            "precision (a budget needs las's outlier pass, and no qcfs)")
+    return outliers[0].G
+
+
+def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, budget: Budget,
+                          task: str, compile_with: Callable[[CalibrationContext], SpikingProgram],
+                          progress: bool = False) -> SpikingProgram:
+    """The program `compile_with(ctx)` makes under the plan that meets `budget` (module docstring).
+    `pipeline` must run at BUDGET_T."""
+    budget.check(task)
+    G = multirange_ranges(pipeline)
+    causal = task == CAUSAL_LM
+    split = max(1, int(len(ctx.batches) * FIT_SHARE))
+    fit, check = ctx.batches[:split], ctx.batches[split:]
+    fit = _first_tokens(fit, SENSITIVITY_TOKENS)
+    if not check:
+        raise PipelineError(f"budget: the calibration text gives {len(ctx.batches)} batch(es); a budget needs at "
+                            "least 2 (one held out to check the plan): give more --calib-tokens")
+    folded = PASSES["fold"]().run(copy_graph_module(ann), ctx).graph_module
+    folded.recompile()
+    key = f"site sensitivity {contents_digest(folded, fit[0])} {len(fit)} {BUDGET_T} {G}"
+    if key not in ctx.memo:
+        ctx.memo[key] = sensitivity.measure(folded, ctx, fit, BUDGET_T, G, causal, progress)
+    measured: sensitivity.Sensitivity = ctx.memo[key]
+    with torch.no_grad():
+        references = [_output(folded, ids) for ids in check]
+    if "energy" in budget.limits:
+        plan = _plan_for_energy(measured, budget.limits["energy"])
+    else:
+        plan = _plan_for_fidelity(measured, folded, ctx, G, budget, check, references, causal)
+    for attempt in range(_TIGHTENINGS + 1):
+        ctx.range_factors = plan.range_factors()
+        program = compile_with(ctx)
+        result = _check_program(program, check, references, causal)
+        ratio = energy_ratio(program, check)
+        log.info("budget %s: plan %s, check %s, energy %s", budget.spec, plan.summary(), result, ratio)
+        if "energy" in budget.limits:
+            if ratio is None or ratio <= budget.limits["energy"] or attempt == _TIGHTENINGS:
+                break
+            plan = allocation.within_sops(measured, plan.sops * budget.limits["energy"] / ratio)
+        elif budget.met(result) or attempt == _TIGHTENINGS:
+            break
+        else:
+            plan = allocation.within_distortion(measured, plan.distortion / plan.tokens / 2)
+    program.info = dataclasses.replace(program.info, precision={
+        "budget": budget.spec, "margins": {k: MARGINS[k] for k in budget.limits if k in MARGINS},
+        "met_on_check": budget.met(result) and (ratio is not None and ratio <= budget.limits.get("energy", math.inf)),
+        "fit_tokens": sum(b.numel() for b in fit), "check_tokens": sum(b.numel() for b in check),
+        "check": result, "check_energy_ratio": ratio, "plan": plan.summary()})
+    return program
+
+
+def _first_tokens(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The first batches that hold `tokens` tokens (at least one batch)."""
+    taken, total = [], 0
+    for batch in batches:
+        if taken and total >= tokens:
+            break
+        taken.append(batch)
+        total += batch.numel()
+    return taken
+
+
+def _output(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+    out = gm(ids)
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+
+def _check_program(program: SpikingProgram, check: list[torch.Tensor], references: list[torch.Tensor],
+                   causal: bool) -> dict:
+    tally = FidelityTally(causal)
+    for ids, ref in zip(check, references, strict=True):
+        tally.add(program(ids), ref, ids)
+    return tally.result()
+
+
+def _plan_for_energy(measured: sensitivity.Sensitivity, ratio: float) -> allocation.Plan:
+    """The least divergent plan whose sites' predicted operations fit `ratio` of the ANN's energy."""
+    table = ENERGY_TABLES["45nm"]
+    sops = ratio * measured.ann_macs * table.e_mac_pj / table.e_ac_pj
+    return allocation.within_sops(measured, sops)
+
+
+def _plan_for_fidelity(measured: sensitivity.Sensitivity, folded: fx.GraphModule, ctx: CalibrationContext, G: int,
+                       budget: Budget, check: list[torch.Tensor], references: list[torch.Tensor],
+                       causal: bool) -> allocation.Plan:
+    """The cheapest plan whose simulated program meets the budget on the check text: bisection
+    on the predicted divergence per token, between full precision and the cheapest plan."""
+    finest = allocation.allocate(measured, allocation.LAMBDA_RANGE[1])
+    low = math.log(max(finest.distortion / measured.tokens, 1e-12))
+    high = math.log(allocation.uniform(measured, BUDGET_T - sensitivity.MAX_DROPPED).distortion / measured.tokens)
+    best = finest
+    for _ in range(_SEARCH_STEPS):
+        mid = (low + high) / 2
+        plan = allocation.within_distortion(measured, math.exp(mid))
+        simulated = simulate(folded, ctx, plan, G, check, references, causal)
+        log.info("budget search: predicted divergence %.3g per token -> %s", math.exp(mid), simulated)
+        if budget.met(simulated):
+            best, low = plan, mid
+        else:
+            high = mid
+    return best
