@@ -126,8 +126,9 @@ def _table(rows: list[dict], comparison: list[dict], path: Path, command: str) -
     if comparison:
         lines += ["", "Predicted synaptic operations at equal predicted divergence (sensitivity tokens):", "",
                   "| uniform digits | predicted KL/token | uniform | per site | per channel |", "|---|---|---|---|---|"]
-        lines += [f"| {c['uniform_digits']} | {c['predicted_kl']:.2e} | 1 | {c['per_site_sops'] / c['uniform_sops']:.3f} "
-                  f"| {c['per_channel_sops'] / c['uniform_sops']:.3f} |" for c in comparison]
+        lines += [f"| {c['uniform_digits']} | {c['predicted_kl']:.2e} | 1 "
+                  f"| {c['per_site_sops'] / c['uniform_sops']:.3f} | {c['per_channel_sops'] / c['uniform_sops']:.3f} |"
+                  for c in comparison]
     path.write_text("\n".join(lines) + "\n")
 
 

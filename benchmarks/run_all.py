@@ -79,6 +79,7 @@ COMMANDS = {
                                          "--format onnx-snn --out benchmarks/results/onnx_export_smollm2-135m_las.json",
     "onnx_export_smollm2-135m_none.json": "python benchmarks/onnx_export.py --model smollm2-135m --passes none "
                                           "--format onnx --out benchmarks/results/onnx_export_smollm2-135m_none.json",
+    "energy_frontier_smollm2-135m.json": "python benchmarks/energy_frontier.py --model smollm2-135m",
     "scale.json": "python benchmarks/scale.py --folder /work/shaped --models smollm2-135m smollm2-360m smollm2-1.7b "
                   "llama2-7b --calib-tokens 8192 2048 2048 1024",
     "executor_speed_cuda.json": "python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda "
@@ -511,6 +512,12 @@ def scale_section(name: str) -> list[str]:
             *_table(header, rows), "", image("scale.png", "memory and time per model")]
 
 
+def energy_frontier_section(name: str) -> list[str]:
+    """The frontier table energy_frontier.py wrote beside its JSON, and its plot."""
+    table = (RESULTS / name.replace(".json", ".md")).read_text().splitlines()
+    return [*table, "", image(name.replace(".json", ".png"), "fidelity vs energy")]
+
+
 def load_time_section(_: str) -> list[str]:
     files = sorted(path.name for path in RESULTS.glob("load_time_*.json"))
     if not files:
@@ -541,6 +548,8 @@ SECTIONS = [
     Section("las with multi-range table neurons vs T",
             "fidelity_vs_T_smollm2-135m_las+nonlinear(ranges=6+headroom=1)+attention(ranges=6).json", fidelity_section),
     Section("las greedy continuations", "greedy_smollm2-135m_las.json", greedy_section),
+    Section("Fidelity vs energy: uniform T, fas, budgets", "energy_frontier_smollm2-135m.json",
+            energy_frontier_section),
     Section("Per-neuron error", "neuron_error.json", neuron_error_section),
     Section("fas at T = 8: accuracy and energy", None, fas_frontier_section),
     *[Section(f"fas variants before fine-tuning ({name.removesuffix('.json')})", name, fas_variants_section)

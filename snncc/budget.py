@@ -46,7 +46,7 @@ BUDGET_T = 16  # steps of a budgeted program: the most digits any channel keeps
 # What a plan must beat a target by on the check text, so that it holds on unseen text
 # (chosen on the check text's spread over domains: benchmarks/energy_frontier.py).
 MARGINS = {"top1": 0.001, "ppl": 0.001, "kl": 0.5, "cosine": 0.5}
-_SEARCH_STEPS = 8
+_SEARCH_STEPS = 6
 _TIGHTENINGS = 3
 # Where each budget key's figure is in a FidelityTally result, and whether higher is better.
 _FIGURES = {"top1": ("top1_agreement", True), "ppl": ("ppl_ratio", False), "kl": ("kl_per_token", False),
@@ -183,8 +183,7 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
     if not check:
         raise PipelineError(f"budget: the calibration text gives {len(ctx.batches)} batch(es); a budget needs at "
                             "least 2 (one held out to check the plan): give more --calib-tokens")
-    folded = PASSES["fold"]().run(copy_graph_module(ann), ctx).graph_module
-    folded.recompile()
+    folded = folded_ann(ann, ctx)
     key = f"site sensitivity {contents_digest(folded, fit[0])} {len(fit)} {BUDGET_T} {G}"
     if key not in ctx.memo:
         ctx.memo[key] = sensitivity.measure(folded, ctx, fit, BUDGET_T, G, causal, progress)
@@ -192,7 +191,8 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
     with torch.no_grad():
         references = [_output(folded, ids) for ids in check]
     if "energy" in budget.limits:
-        plan = _plan_for_energy(measured, budget.limits["energy"])
+        site_share = budget.limits["energy"]  # of the ANN's energy, for the sites' operations
+        plan = _plan_for_energy(measured, site_share)
     else:
         plan = _plan_for_fidelity(measured, folded, ctx, G, budget, check, references, causal)
     for attempt in range(_TIGHTENINGS + 1):
@@ -204,7 +204,9 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
         if "energy" in budget.limits:
             if ratio is None or ratio <= budget.limits["energy"] or attempt == _TIGHTENINGS:
                 break
-            plan = allocation.within_sops(measured, plan.sops * budget.limits["energy"] / ratio)
+            # What is not a site (tables, norms, exp) costs what it costs: take the excess off the sites.
+            site_share -= ratio - budget.limits["energy"]
+            plan = _plan_for_energy(measured, max(site_share, 0.0))
         elif budget.met(result) or attempt == _TIGHTENINGS:
             break
         else:
@@ -215,6 +217,14 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
         "fit_tokens": sum(b.numel() for b in fit), "check_tokens": sum(b.numel() for b in check),
         "check": result, "check_energy_ratio": ratio, "plan": plan.summary()})
     return program
+
+
+def folded_ann(ann: fx.GraphModule, ctx: CalibrationContext) -> fx.GraphModule:
+    """The ANN with its norm weights folded into the linear layers (`fold`): the tensors las
+    encodes, as a module that runs."""
+    folded = PASSES["fold"]().run(copy_graph_module(ann), ctx).graph_module
+    folded.recompile()
+    return folded
 
 
 def _first_tokens(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:

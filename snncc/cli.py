@@ -357,10 +357,10 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     stopped part-way (--start-after); print fidelity and profile."""
     from snncc.api import compile_graph, resume
     from snncc.atomic import atomic_dir
-    from snncc.budget import BUDGET_T, Budget, multirange_ranges
-    from snncc.render import print_precision
     from snncc.blockwise import runs_by_block
+    from snncc.budget import BUDGET_T, Budget, multirange_ranges
     from snncc.debug import GraphDump
+    from snncc.render import print_precision
     from snncc.resume import split
 
     with _arguments():

@@ -32,14 +32,14 @@ from tqdm import tqdm
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import MATMUL_TARGETS, data_dependent_nodes, matmul_operands, weight_linear
 from snncc.ir.encoders import calib_name, channel_range
-from snncc.ir.match import is_probability, synapse_operands, through_identity
+from snncc.ir.match import function_regions, is_probability, synapse_operands, through_identity
 from snncc.ir.ops import mr_encode, mr_quantize
-from snncc.ir.rewrite import copy_graph_module, get_tensor
+from snncc.ir.rewrite import copy_graph_module
 
 log = logging.getLogger(__name__)
 
-FISHER_SAMPLES = 2
-MAX_DROPPED = 11  # digits a channel may drop: at T = 16 it keeps at least 5  # draws of y per batch: the Fisher estimate's noise averages over tokens too
+FISHER_SAMPLES = 2  # draws of y per batch: the Fisher estimate's noise averages over tokens too
+MAX_DROPPED = 11  # digits a channel may drop: at T = 16 it keeps at least 5
 
 
 @dataclass
@@ -80,9 +80,11 @@ def synapse_sites(gm: fx.GraphModule) -> dict[tuple[str, bool], list[tuple[fx.No
             if not is_probability(x):
                 sites.setdefault((through_identity(x).name, per_last_dim), []).append((node, x))
     # A tensor read in both range layouts gets two encoders; a plan keyed by tensor cannot
-    # tell them apart, so such a tensor keeps every digit.
+    # tell them apart, so such a tensor keeps every digit. So does a table neuron's output
+    # (GELU's, read by BERT's FFN): its code is the table's, not a multi-range neuron's.
     names = [name for name, _ in sites]
-    return {key: pairs for key, pairs in sites.items() if names.count(key[0]) == 1}
+    tables = {output.name for output, _, _ in function_regions(gm)}
+    return {key: pairs for key, pairs in sites.items() if names.count(key[0]) == 1 and key[0] not in tables}
 
 
 def _fan_out(reader_value: torch.Tensor, reader: fx.Node, operand: fx.Node) -> int:
