@@ -147,8 +147,8 @@ def evaluate(program: SpikingProgram, ann: torch.nn.Module | list[torch.Tensor],
 # Whether a higher value of a fidelity figure is worse (errors, perplexity ratio) or better
 # (agreement, cosine): what `worst_of` takes over the domains.
 _HIGHER_IS_WORSE = {"ppl_ratio": True, "kl_per_token": True, "mean_abs_logit_err": True,
-                    "max_abs_logit_err": True, "mean_abs_err": True, "max_abs_err": True, "top1_agreement": False, "cosine": False, "min_cosine": False,
-                    "token_cosine": False}
+                    "max_abs_logit_err": True, "mean_abs_err": True, "max_abs_err": True, "top1_agreement": False,
+                    "cosine": False, "min_cosine": False, "token_cosine": False}
 
 
 def worst_of(results: dict[str, dict]) -> dict[str, dict]:
