@@ -80,6 +80,8 @@ COMMANDS = {
     "onnx_export_smollm2-135m_none.json": "python benchmarks/onnx_export.py --model smollm2-135m --passes none "
                                           "--format onnx --out benchmarks/results/onnx_export_smollm2-135m_none.json",
     "energy_frontier_smollm2-135m.json": "python benchmarks/energy_frontier.py --model smollm2-135m",
+    "greedy_smollm2-135m_las_budget.json": "python benchmarks/greedy_agreement.py --passes las "
+                                           "--budget top1=0.995,ppl=1.005",
     "scale.json": "python benchmarks/scale.py --folder /work/shaped --models smollm2-135m smollm2-360m smollm2-1.7b "
                   "llama2-7b --calib-tokens 8192 2048 2048 1024",
     "executor_speed_cuda.json": "python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda "
@@ -209,8 +211,8 @@ def fidelity_section(name: str) -> list[str]:
 
 def greedy_section(name: str) -> list[str]:
     data = _load(name)
-    return _table(["T", "prompts", "identical continuations", "first diverging token of the others"],
-                  [[r["T"], r["prompts"], r["identical"],
+    return _table(["T", "budget", "prompts", "identical continuations", "first diverging token of the others"],
+                  [[r["T"], r.get("budget") or "-", r["prompts"], r["identical"],
                     ", ".join(str(d) for d in r["first_divergence"] if d is not None) or "-"] for r in data["rows"]])
 
 
@@ -548,6 +550,7 @@ SECTIONS = [
     Section("las with multi-range table neurons vs T",
             "fidelity_vs_T_smollm2-135m_las+nonlinear(ranges=6+headroom=1)+attention(ranges=6).json", fidelity_section),
     Section("las greedy continuations", "greedy_smollm2-135m_las.json", greedy_section),
+    Section("las greedy continuations, budgeted", "greedy_smollm2-135m_las_budget.json", greedy_section),
     Section("Fidelity vs energy: uniform T, fas, budgets", "energy_frontier_smollm2-135m.json",
             energy_frontier_section),
     Section("Per-neuron error", "neuron_error.json", neuron_error_section),

@@ -326,6 +326,29 @@ def main(verbose: int) -> None:
         logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
 
 
+_budget_option = click.option(
+    "--budget", metavar="TARGETS", default=None,
+    help="give each synapse input's channels the fewest digits that keep these targets on held-out calibration "
+         "text: top1=0.995,ppl=1.005 (or kl=..., cosine=... for encoders), or the most faithful program within "
+         "energy=R of the ANN's energy; -T is then the most digits a channel keeps (default 16)")
+
+
+def _budget_T(T: int | None, budget: str | None) -> int | None:
+    """-T as given, or a budget's default: the most digits a channel keeps."""
+    from snncc.budget import BUDGET_T
+
+    return T if T is not None or not budget else BUDGET_T
+
+
+def _check_budget(budget: str | None, pipeline) -> None:
+    """A budget that parses, for a pipeline with multi-range synapse neurons to allocate."""
+    from snncc.budget import Budget, multirange_ranges
+
+    if budget:
+        Budget.parse(budget)
+        multirange_ranges(pipeline)
+
+
 # --- compile ------------------------------------------------------------------------------
 
 
@@ -343,11 +366,7 @@ def main(verbose: int) -> None:
                    "same -T and options; calibration comes from the artifact)")
 @click.option("--dump", type=click.Path(file_okay=False), default=None,
               help="write the graph before the first pass and after each pass here (00-input.txt, 01-fold.txt, ...)")
-@click.option("--budget", metavar="TARGETS", default=None,
-              help="give each synapse input's channels the fewest digits that keep these targets on held-out "
-                   "calibration text: top1=0.995,ppl=1.005 (or kl=..., cosine=... for encoders), or the most "
-                   "faithful program within energy=R of the ANN's energy; -T is then the most digits a channel "
-                   "keeps (default 16)")
+@_budget_option
 @_dtype_option
 @_placement_options
 @_fail_cleanly
@@ -358,19 +377,16 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
     from snncc.api import compile_graph, resume
     from snncc.atomic import atomic_dir
     from snncc.blockwise import runs_by_block
-    from snncc.budget import BUDGET_T, Budget, multirange_ranges
     from snncc.debug import GraphDump
     from snncc.render import print_precision
     from snncc.resume import split
 
     with _arguments():
         _check_continued(model, start_after)
-        pipeline = _check_model_options(passes, T if T is not None or not budget else BUDGET_T, calib, calib_tokens,
-                                        device)
+        pipeline = _check_model_options(passes, _budget_T(T, budget), calib, calib_tokens, device)
         start, _ = split(pipeline, start_after, stop_after)
+        _check_budget(budget, pipeline)
         if budget:
-            Budget.parse(budget)
-            multirange_ranges(pipeline)
             if stop_after or start_after or dump:
                 raise InputError("--budget compiles the whole pipeline, more than once: it cannot take --stop-after, "
                                  "--start-after or --dump")
@@ -560,11 +576,12 @@ def _check_spec_paths(**paths: str | None) -> None:
 @click.option("--max-tokens", type=int, default=2048, show_default=True, help="tokens of text to score (per text)")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per evaluated sequence")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@_budget_option
 @_dtype_option
 @_placement_options
 @_fail_cleanly
-def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json, dtype, device_map,
-             max_memory, offload_folder):
+def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json, budget, dtype,
+             device_map, max_memory, offload_folder):
     """Fidelity of MODEL's spiking program vs the ANN on held-out text: prose, source code and
     technical documentation (each, and the worst), or --text."""
     from snncc.api import compile_graph
@@ -574,14 +591,15 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
     from snncc.render import print_domains, print_eval
 
     with _arguments():
-        pipeline = _check_model_options(passes, T, calib, calib_tokens, device)
+        pipeline = _check_model_options(passes, _budget_T(T, budget), calib, calib_tokens, device)
+        _check_budget(budget, pipeline)
         _check_at_least("--max-tokens", max_tokens, 2)
         _check_at_least("--seq-len", seq_len, 2)
         if text:
             _check_text_file(text, max_tokens)
         placement = _check_placement(device_map, max_memory, offload_folder, device)
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    program = compile_graph(loaded, ann, ctx, pipeline, device=device, dtype=_dtype(dtype))
+    program = compile_graph(loaded, ann, ctx, pipeline, device=device, dtype=_dtype(dtype), budget=budget)
     if placement:
         program.place(**placement)
     texts = {"text": Path(text)} if text else HELDOUT_TEXTS

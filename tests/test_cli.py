@@ -60,6 +60,25 @@ def test_eval_encoder_reports_cosine():
     assert report["worst"]["cosine"]["value"] == min(r["cosine"] for r in report["domains"].values())
 
 
+@pytest.mark.slow  # a budget compiles more than once (about 20 s on 2 cores)
+def test_compile_to_a_budget_prints_the_check_and_saves_the_plan(tmp_path):
+    out = _run("compile", "tiny-llama", "--budget", "kl=2e-3", "--calib-tokens", "1024", "--eval-tokens", "0",
+               "-o", str(tmp_path / "out.snn"))
+    assert "budget kl=0.002: met on 256 held-out calibration tokens" in out and "digits kept" in out
+    import snncc
+
+    precision = snncc.load(tmp_path / "out.snn").info.precision
+    assert precision["budget"] == "kl=0.002" and precision["check"]["kl_per_token"] <= 1e-3
+    assert precision["plan"]["T"] == 16  # a budget's default: the most digits a channel keeps
+
+
+@pytest.mark.slow
+def test_eval_to_an_encoder_budget_reports_the_domains():
+    report = json.loads(_run("eval", "tiny-bert", "--budget", "cosine=0.999", "--max-tokens", "256",
+                             "--calib-tokens", "1024", "--json"))
+    assert report["T"] == 16 and all(r["cosine"] > 0.999 for r in report["domains"].values())
+
+
 def test_debug_table_and_dump(tmp_path):
     out = _run("debug", "tiny-llama", "--passes", "encode", "-T", "8", "--calib-tokens", "512",
                "--dump", str(tmp_path / "dump"), "--plot", str(tmp_path / "passes.png"))
