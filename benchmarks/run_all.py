@@ -81,7 +81,7 @@ COMMANDS = {
                                           "--format onnx --out benchmarks/results/onnx_export_smollm2-135m_none.json",
     "energy_frontier_smollm2-135m.json": "python benchmarks/energy_frontier.py --model smollm2-135m",
     "greedy_smollm2-135m_las_budget.json": "python benchmarks/greedy_agreement.py --passes las "
-                                           "--budget top1=0.995,ppl=1.005",
+                                           "--budget top1=0.995,ppl=1.005 kl=1e-4",
     "scale.json": "python benchmarks/scale.py --folder /work/shaped --models smollm2-135m smollm2-360m smollm2-1.7b "
                   "llama2-7b --calib-tokens 8192 2048 2048 1024",
     "executor_speed_cuda.json": "python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda "
