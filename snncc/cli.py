@@ -342,11 +342,11 @@ def _budget_T(T: int | None, budget: str | None) -> int | None:
 
 def _check_budget(budget: str | None, pipeline) -> None:
     """A budget that parses, for a pipeline with multi-range synapse neurons to allocate."""
-    from snncc.budget import Budget, multirange_ranges
+    from snncc.budget import Budget, multirange_neurons
 
     if budget:
         Budget.parse(budget)
-        multirange_ranges(pipeline)
+        multirange_neurons(pipeline)
 
 
 # --- compile ------------------------------------------------------------------------------

@@ -138,14 +138,15 @@ def _objective(output: torch.Tensor, causal: bool, generator: torch.Generator) -
 
 
 def measure(ann: fx.GraphModule, ctx: CalibrationContext, batches: list[torch.Tensor], T: int, G: int,
-            causal: bool = True, progress: bool = False, seed: int = 0) -> Sensitivity:
+            causal: bool = True, progress: bool = False, headroom: float = 1.0, seed: int = 0) -> Sensitivity:
     """Sensitivity of every synapse site of `ann` (fold applied: the graph las encodes) on
-    `batches`, at T steps with G outlier ranges (module docstring)."""
+    `batches`, at T steps with G outlier ranges above ranges `headroom` x the calibrated max
+    (`outlier`'s options; module docstring)."""
     gm = copy_graph_module(ann)
     sites = synapse_sites(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     ctx.require({calib_name(nodes[name]) for name, _ in sites}, gm)
-    ranges = {key: channel_range(ctx, nodes[key[0]], key[1]).double() for key in sites}
+    ranges = {key: channel_range(ctx, nodes[key[0]], key[1], headroom).double() for key in sites}
     distortion = {key: torch.zeros((T, *r.shape), dtype=torch.float64) for key, r in ranges.items()}
     sops = {key: torch.zeros((T, *r.shape), dtype=torch.float64) for key, r in ranges.items()}
     generator = torch.Generator().manual_seed(seed)
