@@ -189,6 +189,7 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
         references = [_output(folded, ids) for ids in check]
     if "energy" in budget.limits:
         site_share = budget.limits["energy"]  # of the ANN's energy, for the sites' operations
+        tried: list[tuple[float, float]] = []
         plan = _plan_for_energy(measured, site_share)
     else:
         plan, simulated = _plan_for_fidelity(measured, folded, ctx, (G, headroom), budget, check, references,
@@ -202,8 +203,10 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
         if "energy" in budget.limits:
             if ratio is None or ratio <= budget.limits["energy"] or attempt == _TIGHTENINGS:
                 break
-            # What is not a site (tables, norms, exp) costs what it costs: take the excess off the sites.
-            site_share -= ratio - budget.limits["energy"]
+            # What is not a site (tables, norms, exp) costs what it costs: take the excess off the
+            # sites, scaled by how the measured ratio has followed the planned share (secant).
+            tried.append((site_share, ratio))
+            site_share -= (ratio - 0.995 * budget.limits["energy"]) / _slope(tried)
             plan = _plan_for_energy(measured, max(site_share, 0.0))
         elif budget.met(result) or attempt == _TIGHTENINGS:
             break
@@ -284,6 +287,14 @@ def _plan_for_fidelity(measured: sensitivity.Sensitivity, folded: fx.GraphModule
     if best_result is None:
         best_result = simulate(folded, ctx, best, code[0], check, references, causal, code[1])
     return best, best_result
+
+
+def _slope(tried: list[tuple[float, float]]) -> float:
+    """d(measured energy ratio) / d(planned site share) from the last two tries (1 before)."""
+    if len(tried) < 2 or tried[-1][0] == tried[-2][0]:
+        return 1.0
+    (share0, ratio0), (share1, ratio1) = tried[-2:]
+    return min(max((ratio1 - ratio0) / (share1 - share0), 0.2), 5.0)
 
 
 def _divergence(result: dict) -> float:
