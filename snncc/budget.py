@@ -194,27 +194,31 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
     else:
         plan, simulated = _plan_for_fidelity(measured, folded, ctx, (G, headroom), budget, check, references,
                                              causal)
-    for attempt in range(_TIGHTENINGS + 1):
-        ctx.range_factors = plan.range_factors()
-        program = compile_with(ctx)
-        result = _check_program(program, check, references, causal)
-        ratio = energy_ratio(program, check)
-        log.info("budget %s: plan %s, check %s, energy %s", budget.spec, plan.summary(), result, ratio)
-        if "energy" in budget.limits:
-            if ratio is None or ratio <= budget.limits["energy"] or attempt == _TIGHTENINGS:
+    saved = ctx.range_factors  # the context is the caller's: it compiles plain programs after
+    try:
+        for attempt in range(_TIGHTENINGS + 1):
+            ctx.range_factors = plan.range_factors()
+            program = compile_with(ctx)
+            result = _check_program(program, check, references, causal)
+            ratio = energy_ratio(program, check)
+            log.info("budget %s: plan %s, check %s, energy %s", budget.spec, plan.summary(), result, ratio)
+            if "energy" in budget.limits:
+                if ratio is None or ratio <= budget.limits["energy"] or attempt == _TIGHTENINGS:
+                    break
+                # What is not a site (tables, norms, exp) costs what it costs: take the excess off the
+                # sites, scaled by how the measured ratio has followed the planned share (secant).
+                tried.append((site_share, ratio))
+                site_share -= (ratio - 0.995 * budget.limits["energy"]) / _slope(tried)
+                plan = _plan_for_energy(measured, max(site_share, 0.0))
+            elif budget.met(result) or attempt == _TIGHTENINGS:
                 break
-            # What is not a site (tables, norms, exp) costs what it costs: take the excess off the
-            # sites, scaled by how the measured ratio has followed the planned share (secant).
-            tried.append((site_share, ratio))
-            site_share -= (ratio - 0.995 * budget.limits["energy"]) / _slope(tried)
-            plan = _plan_for_energy(measured, max(site_share, 0.0))
-        elif budget.met(result) or attempt == _TIGHTENINGS:
-            break
-        else:
-            # The program also has what the simulation leaves out (table neurons, norms): its
-            # divergence exceeds the simulated one, by a factor the next plan divides out.
-            gap = _divergence(result) / max(_divergence(simulated), 1e-30) if attempt == 0 else 1.0
-            plan = allocation.within_distortion(measured, plan.distortion / plan.tokens / max(gap * 1.25, 2.0))
+            else:
+                # The program also has what the simulation leaves out (table neurons, norms): its
+                # divergence exceeds the simulated one, by a factor the next plan divides out.
+                gap = _divergence(result) / max(_divergence(simulated), 1e-30) if attempt == 0 else 1.0
+                plan = allocation.within_distortion(measured, plan.distortion / plan.tokens / max(gap * 1.25, 2.0))
+    finally:
+        ctx.range_factors = saved
     energy_met = "energy" not in budget.limits or (ratio is not None and ratio <= budget.limits["energy"])
     program.info = dataclasses.replace(program.info, precision={
         "budget": budget.spec, "margins": {k: MARGINS[k] for k in budget.limits if k in MARGINS},

@@ -139,4 +139,4 @@ def test_budget_compile_meets_a_divergence_budget_on_held_out_calibration_text()
     cheaper = compile_within_budget(ann, ctx, pipeline, Budget.parse("kl=2e-2"), loaded.task,
                                     lambda c: compile_graph(loaded, ann, c, pipeline))
     assert cheaper.info.precision["check_energy_ratio"] < precision["check_energy_ratio"]
-    assert ctx.range_factors  # the last plan stays on the context it was compiled with
+    assert ctx.range_factors == {}  # the plan does not stay on the caller's context
