@@ -130,13 +130,13 @@ def _slow_unless(fast: tuple[str, ...], name: str, *rest: str):
 # Every tiny model: las (the pipeline with the most kinds of spiking op) in the function form,
 # and the ANN ("none") in the standard form the ONNX frontend reads back. fas in the function
 # form and las inlined into the standard opset (slower to build) on every model too. The fast
-# tier keeps las in the function form on a decoder and an encoder (tiny-llama, tiny-bert), and
-# fas and las inlined on tiny-llama; the rest is in the slow tier. tiny-llama's fas inlined and
-# tiny-bert's ANN in the function form.
+# tier keeps las in the function form on a decoder and an encoder (tiny-llama, tiny-bert); fas
+# and las inlined are in the slow tier, with tiny-llama's fas inlined and tiny-bert's ANN in
+# the function form.
 _CASES = ([_slow_unless(("tiny-llama", "tiny-bert"), m, "las", "onnx-snn") for m in TINY_MODELS]
           + [(m, "none", "onnx") for m in TINY_MODELS]
-          + [_slow_unless(("tiny-llama",), m, "fas", "onnx-snn") for m in TINY_MODELS]
-          + [_slow_unless(("tiny-llama",), m, "las", "onnx") for m in TINY_MODELS]
+          + [_slow_unless((), m, "fas", "onnx-snn") for m in TINY_MODELS]
+          + [_slow_unless((), m, "las", "onnx") for m in TINY_MODELS]
           + [pytest.param("tiny-llama", "fas", "onnx", marks=pytest.mark.slow), ("tiny-bert", "none", "onnx-snn")])
 
 
