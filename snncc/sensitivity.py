@@ -100,12 +100,9 @@ class _Perturbed(fx.Interpreter):
     """Runs the ANN with a zero perturbation leaf added to every site's value, so one backward
     gives each site's total gradient; remembers the site values and the fan-out of their readers."""
 
-    def __init__(self, gm: fx.GraphModule, sites):
+    def __init__(self, gm: fx.GraphModule, site_names: set[str], readers: dict[str, list[tuple[str, fx.Node]]]):
         super().__init__(gm)
-        self.site_names = {name for name, _ in sites}
-        self.readers = {reader.name: [(name, operand) for (name, _), pairs in sites.items()
-                                      for r, operand in pairs if r is reader]
-                        for pairs in sites.values() for reader, _ in pairs}
+        self.site_names, self.readers = site_names, readers
         self.values: dict[str, torch.Tensor] = {}
         self.leaves: dict[str, torch.Tensor] = {}
         self.fan_out: dict[str, int] = {}
@@ -122,6 +119,15 @@ class _Perturbed(fx.Interpreter):
         if n.name in self.readers:
             self.macs += out.numel() * int(self.env[matmul_operands(n)[0]].shape[-1])
         return out
+
+
+def _readers(sites: dict[tuple[str, bool], list[tuple[fx.Node, fx.Node]]]) -> dict[str, list[tuple[str, fx.Node]]]:
+    """Reader node name -> the (site, operand) pairs it reads: built once, read at every node."""
+    readers: dict[str, list[tuple[str, fx.Node]]] = {}
+    for (name, _), pairs in sites.items():
+        for reader, operand in pairs:
+            readers.setdefault(reader.name, []).append((name, operand))
+    return readers
 
 
 def _objective(output: torch.Tensor, causal: bool, generator: torch.Generator) -> torch.Tensor:
@@ -151,8 +157,9 @@ def measure(ann: fx.GraphModule, ctx: CalibrationContext, batches: list[torch.Te
     sops = {key: torch.zeros((T, *r.shape), dtype=torch.float64) for key, r in ranges.items()}
     generator = torch.Generator().manual_seed(seed)
     macs = 0
+    site_names, readers = {name for name, _ in sites}, _readers(sites)
     for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress, leave=False):
-        runner = _Perturbed(gm, sites)
+        runner = _Perturbed(gm, site_names, readers)
         with torch.enable_grad():
             output = runner.run(batch)
             output = output[0] if isinstance(output, (tuple, list)) else output
