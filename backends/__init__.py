@@ -15,15 +15,20 @@ BACKENDS = ("reference", "event")
 
 def create_executor(gm: fx.GraphModule, backend: str = "reference", device: str | torch.device = "cpu",
                     mode: str = "fused", progress: bool = False, device_map: str | Mapping | None = None,
-                    max_memory: Mapping | None = None, offload_folder: str | Path | None = None):
+                    max_memory: Mapping | None = None, offload_folder: str | Path | None = None,
+                    compiled: bool = False):
     """An object that runs `gm` on token ids: `executor(input_ids) -> outputs`. With a
-    `device_map`, the reference backend runs it placed by accelerate (snncc.backends.placed)."""
+    `device_map`, the reference backend runs it placed by accelerate (snncc.backends.placed).
+    `compiled`: the reference backend runs through torch.compile (snncc.backends.compiled)."""
+    if compiled and (backend != "reference" or device_map is not None):
+        raise InputError("torch.compile runs the reference backend on one device: drop --compile, "
+                         "or use --backend reference without --device-map")
     if device_map is not None:
         return _placed_executor(gm, backend, device, mode, device_map, max_memory, offload_folder)
     if backend == "reference":
         from snncc.backends.reference import ReferenceExecutor
 
-        return ReferenceExecutor(gm, device, mode)
+        return ReferenceExecutor(gm, device, mode, compiled)
     if backend == "event":
         from snncc.backends.event import EventBackend
 

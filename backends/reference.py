@@ -3,13 +3,19 @@
 Batched over time inside each kernel, on CPU or CUDA. `mode="fused"` decodes a spike train
 once before a synaptic layer (exact by linearity); `mode="unrolled"` does one synaptic
 matmul per time step, as a time-stepped machine would. Both give the same outputs.
+`compiled=True` runs the graphs through torch.compile (snncc.backends.compiled): the same
+outputs bit for bit, the neurons fused with the ops around them, the first call of each shape
+slower (it compiles).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.fx as fx
 
+from snncc.backends.compiled import compile_graph_module
 from snncc.backends.fuse import fuse_for_execution
 from snncc.errors import InputError
 from snncc.ir.incremental import incremental_graph
@@ -27,17 +33,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class ReferenceExecutor:
     """Owns a graph on one device and runs it without autograd."""
 
-    def __init__(self, gm: fx.GraphModule, device: str | torch.device = "cpu", mode: str = "fused"):
+    def __init__(self, gm: fx.GraphModule, device: str | torch.device = "cpu", mode: str = "fused",
+                 compiled: bool = False):
         self.device = resolve_device(device)
         self.gm = _place_on(gm, self.device)  # the program itself: spike trains and all
         self.mode = mode
+        self.compiled = compiled
         self._runnable = fuse_for_execution(self.gm) if mode == "fused" else self.gm
-        self._step: fx.GraphModule | None = None  # built on the first cached step
+        self._forward = compile_graph_module(self._runnable) if compiled else self._runnable
+        self._step: Callable | None = None  # built on the first cached step
         self._cached: list[str] = []  # the tensors the step graph caches, in `past` order
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), execution_mode(self.mode):
-            return self._runnable(input_ids.to(self.device))
+            return self._forward(input_ids.to(self.device))
 
     def step(self, input_ids: torch.Tensor, past: list[torch.Tensor] | None,
              past_length: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -45,7 +54,9 @@ class ReferenceExecutor:
         attention keys and values are cached in `past` (None: no earlier tokens); returns the
         outputs of the new tokens and the cache extended by them (snncc.ir.incremental)."""
         if self._step is None:
-            self._step, self._cached = incremental_graph(self._runnable)
+            step, self._cached = incremental_graph(self._runnable)
+            # dynamic: one compile serves every cache length (else one per token)
+            self._step = compile_graph_module(step, dynamic=True) if self.compiled else step
         if past is None:
             past = [None] * len(self._cached)
         with torch.no_grad(), execution_mode(self.mode):

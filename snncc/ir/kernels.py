@@ -63,7 +63,8 @@ def _built() -> bool:
 
 
 def kernels_for(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> ModuleType | None:
-    """The compiled kernels where they apply to x (a CPU tensor of `dtype`), else None."""
-    if x.device.type != "cpu" or x.dtype != dtype:
+    """The compiled kernels where they apply to x (a CPU tensor of `dtype`), else None; None
+    under torch.compile, which traces the PyTorch chains instead (and fuses them itself)."""
+    if x.device.type != "cpu" or x.dtype != dtype or torch.compiler.is_compiling():
         return None
     return _compiled()

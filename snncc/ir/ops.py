@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import hashlib
 import math
+import struct
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -114,7 +115,10 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def _fill_where(values: torch.Tensor, x: torch.Tensor, mask_of) -> torch.Tensor:
-    """values with NaN where mask_of(x) (x broadcasts to values), skipped when x is finite."""
+    """values with NaN where mask_of(x) (x broadcasts to values), skipped when x is finite
+    (eagerly: under torch.compile the mask fuses into the op and a branch on data would not)."""
+    if torch.compiler.is_compiling():
+        return values.masked_fill(mask_of(x), float("nan"))
     return values if all_finite(x) else values.masked_fill_(mask_of(x), float("nan"))
 
 
@@ -124,7 +128,7 @@ def uncodable(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     overflows to inf is a value beyond the range like any other, and clips. Where u is all
     finite (one reduction) nothing is uncodable: an infinite x would make u inf or NaN, so a
     single False broadcasts instead of two masks of u's size."""
-    if all_finite(u):
+    if not torch.compiler.is_compiling() and all_finite(u):
         return torch.zeros(1, dtype=torch.bool, device=u.device)
     return torch.isnan(u) | torch.isinf(x).expand(u.shape)
 
@@ -208,7 +212,7 @@ def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.T
     """What an mr_encode train decodes to (in units of scale), computed without the train;
     bit-identical to decoding it for T <= 22 (NaN where it poisons). For the fused executor."""
     if T <= 22:
-        return _fill_where(_mr_quantize_float32(x / scale, T, G), x, torch.isinf)
+        return multi_range_value(x, scale, T, G)
     u = x / scale
     bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
@@ -218,6 +222,11 @@ def mr_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.T
         membrane, sign, j = multi_range_code(u[start : start + chunk], T, G)
         out[start : start + chunk] = membrane.mul_(sign).to(u.dtype).mul_(gains[j])
     return out.masked_fill_(bad, float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
+
+
+def multi_range_value(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
+    """mr_quantize for T <= 22 as plain tensor code: what torch.compile traces and fuses."""
+    return _fill_where(_mr_quantize_float32(x / scale, T, G), x, torch.isinf)
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
@@ -277,8 +286,9 @@ def _range_index32(a: torch.Tensor, limit: float, G: int) -> torch.Tensor:
 
 
 def _limit_mantissa(limit: float) -> int:
-    """The 23 mantissa bits of float32 `limit`."""
-    return int(torch.tensor(limit, dtype=torch.float32).view(torch.int32)) & 0x7FFFFF
+    """The 23 mantissa bits of float32 `limit` (read with struct: no tensor, so torch.compile
+    keeps it a constant)."""
+    return struct.unpack("<I", struct.pack("<f", limit))[0] & 0x7FFFFF
 
 
 @mr_encode.register_fake
@@ -345,10 +355,8 @@ def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
     sign(u) * min(floor(|u| 2^T + 1/2), 2^T - 1) * 2^-T with u = x / scale. Bit-identical to
     decoding `mt_encode` for T <= 24 (float32 holds every such code exactly; NaN where it
     poisons); the fused executor uses it where only synapses read a train."""
-    if T <= 22:  # float32 holds |u| 2^T + 1/2 exactly: the same codes in a few float32 passes
-        u = x / scale  # NaN stays NaN through the clamps; an infinite x has no code either
-        code = torch.floor(u.float().abs().clamp_(max=1.0).mul_(2.0**T).add_(0.5)).clamp_(max=2**T - 1)
-        return _fill_where(torch.copysign(code.mul_(2.0**-T), u).to(u.dtype), x, torch.isinf)
+    if T <= 22:
+        return multi_threshold_value(x, scale, T)
     u = x / scale
     bad, u = uncodable(x, u).reshape(-1), u.reshape(-1)
     out = torch.empty_like(u)
@@ -357,6 +365,14 @@ def mt_quantize(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
         membrane, sign = mt_initial_membrane(u[start : start + chunk], T)
         out[start : start + chunk] = membrane.mul_(sign).to(torch.float64).mul_(2.0**-T)
     return out.masked_fill_(bad, float("nan")).view(torch.broadcast_shapes(x.shape, scale.shape))
+
+
+def multi_threshold_value(x: torch.Tensor, scale: torch.Tensor, T: int) -> torch.Tensor:
+    """mt_quantize for T <= 22 as plain tensor code (torch.compile traces it): float32 holds
+    |u| 2^T + 1/2 exactly, so the same codes come out of a few float32 passes."""
+    u = x / scale  # NaN stays NaN through the clamps; an infinite x has no code either
+    code = torch.floor(u.float().abs().clamp_(max=1.0).mul_(2.0**T).add_(0.5)).clamp_(max=2**T - 1)
+    return _fill_where(torch.copysign(code.mul_(2.0**-T), u).to(u.dtype), x, torch.isinf)
 
 
 @mt_quantize.register_fake
@@ -460,6 +476,9 @@ def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
     compares its membrane with the thresholds of table bucket[c] (one table if bucket has
     one entry) and takes the code of the interval it lands in. scale > 0: the codes times
     scale as float32 (exact for codes below 2^24), in the same pass where the kernels run."""
+    lookup = table_lookup(thresholds, codes, bucket) if T <= TABLE_MAX_BITS else None
+    if lookup is not None:
+        return looked_up_codes(x, lookup, scale)
     if bucket.numel() == 1:
         b = int(bucket)
         return _lookup(x.float().contiguous(), thresholds, b, codes[b], T, scale)
@@ -473,6 +492,35 @@ def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
         columns = torch.nonzero(bucket == b).squeeze(1)
         out[:, columns] = _lookup(flat[:, columns].contiguous(), thresholds, b, codes[b], T)
     return _scaled(out.view(x.shape), scale)
+
+
+class TableLookup(NamedTuple):
+    """A table neuron's tables as its guided search reads them (table_lookup builds it once,
+    looked_up_codes is plain tensor code that torch.compile traces)."""
+
+    guide: _Guide
+    codes: torch.Tensor  # every table's codes, flat (int64)
+    code_base: torch.Tensor  # where each channel's table starts in `codes` (one entry: all channels)
+    channels: int  # 1: one table for every channel, else the channels of the last dim
+
+
+def table_lookup(thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor) -> TableLookup | None:
+    """The lookup of the table(s) `bucket` selects (shared or one per channel), or None where
+    no guide fits (then only binary search resolves it)."""
+    if bucket.numel() == 1:
+        row = int(bucket)
+        guide = _guide_for(thresholds, row)
+        base, codes, channels = torch.zeros(1, dtype=torch.int64, device=codes.device), codes[row], 1
+    else:
+        guide = _guide_for(thresholds, bucket)
+        base, codes, channels = bucket * codes.shape[1], codes.reshape(-1), bucket.numel()
+    return None if guide is None else TableLookup(guide, codes, base.reshape(-1).long(), channels)
+
+
+def looked_up_codes(x: torch.Tensor, lookup: TableLookup, scale: float = 0.0) -> torch.Tensor:
+    """table_codes through a prebuilt lookup (scale as there)."""
+    flat = x.reshape(-1, lookup.channels).float().contiguous()
+    return _guided_codes(flat, lookup.guide, lookup.codes, lookup.code_base, scale).view(x.shape)
 
 
 def _scaled(codes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -717,9 +765,18 @@ def fn_quantize(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
                 T: int, G: int = 0) -> torch.Tensor:
     """What an fn_encode train decodes to (before its range), without the train: k 2^-T
     (the code holds the value whatever digits send it, so G does not enter); NaN for NaN x."""
-    if x.dtype == torch.float32 and T + G <= TABLE_MAX_BITS:  # codes below 2^20: exact in float32
-        return table_value(x, thresholds, codes, bucket, T)
+    lookup = table_lookup(thresholds, codes, bucket) if T + G <= TABLE_MAX_BITS else None
+    if lookup is not None:
+        return table_neuron_value(x, lookup, T)
     return _fill_where(table_codes(x, thresholds, codes, bucket, T).to(x.dtype).mul_(2.0**-T), x, torch.isnan)
+
+
+def table_neuron_value(x: torch.Tensor, lookup: TableLookup, T: int) -> torch.Tensor:
+    """fn_quantize through a prebuilt lookup, for T + G <= TABLE_MAX_BITS (codes below 2^20:
+    exact in float32) as plain tensor code: what torch.compile traces and fuses."""
+    if x.dtype == torch.float32:
+        return _fill_where(looked_up_codes(x, lookup, 2.0**-T), x, torch.isnan)
+    return _fill_where(looked_up_codes(x, lookup).to(x.dtype).mul_(2.0**-T), x, torch.isnan)
 
 
 @fn_quantize.register_fake
@@ -752,16 +809,19 @@ def _(sa, scale_a, sb, scale_b, rate_a=False, rate_b=False):
 
 
 def normalizer_codes(a: torch.Tensor, power: float, thresholds: torch.Tensor, codes: torch.Tensor,
-                     T: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     T: int, lookup: TableLookup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mantissa code k, exponent F) of the floating-point neuron for a^power: a^power is
     about k 2^-T 2^-F (snncc.ir.neurons.mantissa_table). frexp reads the exponent exactly;
-    it is what comparing a with the powers of two would give."""
+    it is what comparing a with the powers of two would give. `lookup`: the mantissa table's,
+    prebuilt (T <= TABLE_MAX_BITS), as compiled code passes it."""
     mantissa, exponent = torch.frexp(a.float().clamp(min=torch.finfo(torch.float32).tiny))
     m, e = mantissa * 2, exponent - 1  # a = m 2^e, m in [1, 2)
     if power == -0.5:
         odd = torch.remainder(e, 2)
         m, e = m * (1 + odd), e - odd  # a = m 4^(e/2), m in [1, 4)
         e = torch.div(e, 2, rounding_mode="floor")
+    if lookup is not None:
+        return looked_up_codes(m, lookup), e
     return _lookup(m.contiguous(), thresholds, 0, codes[0], T), e
 
 
@@ -787,9 +847,16 @@ def spike_normalize(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: 
             gain = torch.ldexp(spike_values(spikes.view(e.shape), x.dtype), -(e + t + 1))
             out.add_(x * gain)
         return out
-    k, e = normalizer_codes(a, power, thresholds, codes, T)
-    dtype = torch.float64 if _execution_mode.get() == "exact" else x.dtype
-    factor = torch.ldexp(k.to(dtype), -(e + T).to(dtype)).masked_fill_(uncodable(a, a), float("nan"))
+    return normalized(x, a, power, thresholds, codes, T, exact=_execution_mode.get() == "exact")
+
+
+def normalized(x: torch.Tensor, a: torch.Tensor, power: float, thresholds: torch.Tensor, codes: torch.Tensor,
+               T: int, lookup: TableLookup | None = None, exact: bool = False) -> torch.Tensor:
+    """spike_normalize outside unrolled mode (exact: float64 membranes) as plain tensor code,
+    which torch.compile traces where the mantissa `lookup` is prebuilt."""
+    k, e = normalizer_codes(a, power, thresholds, codes, T, lookup)
+    dtype = torch.float64 if exact else x.dtype
+    factor = torch.ldexp(k.to(dtype), -(e + T).to(dtype)).masked_fill(uncodable(a, a), float("nan"))
     return (x.to(dtype) * factor).to(x.dtype)
 
 
