@@ -2,6 +2,11 @@
 
     python benchmarks/executor_speed.py --model smollm2-135m --passes encode las -T 16 --tokens 128
     python benchmarks/executor_speed.py --passes las -T 8 16 --tokens 128 512   # vs T and length
+    python benchmarks/executor_speed.py --passes las -T 14 --tokens 128 512 --modes fused compiled
+
+Modes: `fused` and `unrolled` (eager), `compiled` (fused, through torch.compile; the ANN is
+then also timed compiled, as snncc's `none` program through the same path, so the ratio
+compares like with like; the first call of each length compiles and is not timed).
 
 For each length, the ANN and every (pipeline, T, mode) run side by side in one process on the
 same input (best of `--repeats`), so the ratios hold on any machine; absolute times are for
@@ -34,14 +39,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--passes", nargs="+", default=["encode", "las"])
+    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=["fused", "unrolled", "compiled"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
     loaded, ann, ctx = prepare(benchmark_model(args.model, args.layers), calib_tokens=1024)
     model = copy.deepcopy(loaded.module).to(args.device)  # the programs keep theirs
-    executors = {(passes, T, mode): ReferenceExecutor(program.graph_module, args.device, mode)
+    executors = {(passes, T, mode): _executor(program, args.device, mode)
                  for passes in args.passes for T in args.T
-                 for program in [compile_graph(loaded, ann, ctx, passes, T)] for mode in ("fused", "unrolled")}
+                 for program in [compile_graph(loaded, ann, ctx, passes, T)] for mode in args.modes}
+    ann_compiled = (_executor(compile_graph(loaded, ann, ctx, "none"), args.device, "compiled")
+                    if "compiled" in args.modes else None)
     rows = []
     with torch.no_grad():
         for tokens in args.tokens:
@@ -49,6 +57,11 @@ def main() -> None:
             ann_s = best_of(args.repeats, lambda x=ids: model(x))
             rows.append({"runner": "ANN", "tokens": tokens, "T": None, "seconds": ann_s, "x_ann": 1.0})
             print(json.dumps(rows[-1]), flush=True)
+            if ann_compiled is not None:
+                seconds = best_of(args.repeats, lambda x=ids: ann_compiled(x))
+                rows.append({"runner": "ANN compiled", "tokens": tokens, "T": None, "seconds": seconds,
+                             "x_ann": seconds / ann_s})
+                print(json.dumps(rows[-1]), flush=True)
             for (passes, T, mode), executor in executors.items():
                 seconds = best_of(args.repeats, lambda e=executor, x=ids: e(x))
                 rows.append({"runner": f"{passes} {mode}", "tokens": tokens, "T": T, "seconds": seconds,
@@ -64,10 +77,16 @@ def main() -> None:
         {"model": args.model, "tokens": args.tokens, "T": args.T, "machine": machine,
          "threads": torch.get_num_threads(), "rows": rows}, indent=1))
     head = {r["runner"]: r["x_ann"] for r in rows if r["tokens"] == args.tokens[0] and r["T"] in (None, args.T[0])}
-    parts = [f"{p} fused {head[p + ' fused']:.2f}x, unrolled {head[p + ' unrolled']:.2f}x "
-             f"({head[p + ' unrolled'] / args.T[0]:.2f} x T)" for p in args.passes]
+    parts = [f"{p} " + ", ".join(f"{m} {head[f'{p} {m}']:.2f}x" for m in args.modes) for p in args.passes]
     print(f"summary: {args.model}, {args.tokens[0]} tokens, T={args.T[0]} on {machine}, wall time vs the ANN: "
           + "; ".join(parts))
+
+
+def _executor(program, device: str, mode: str) -> ReferenceExecutor:
+    """The reference executor in `mode` (compiled: fused, through torch.compile)."""
+    if mode == "compiled":
+        return ReferenceExecutor(program.graph_module, device, "fused", compiled=True)
+    return ReferenceExecutor(program.graph_module, device, mode)
 
 
 if __name__ == "__main__":

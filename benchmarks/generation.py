@@ -1,13 +1,17 @@
 """Greedy generation speed, ANN vs SNN, with and without the KV cache.
 
     python benchmarks/generation.py --model smollm2-135m --passes las --prompt-tokens 32 --new-tokens 32
+    python benchmarks/generation.py --modes fused compiled --batch 1 8
 
-Every runner continues the same held-out prompt in one process: the ANN as snncc's `none`
+Every runner continues the same held-out prompts in one process: the ANN as snncc's `none`
 program, the SNN in the reference executor's fused and unrolled modes, each with the KV
 cache (snncc.ir.incremental) and without (the whole sequence re-run per token), and the
-model's own transformers `generate` (its KV cache) as a yardstick. Tokens/s counts the new
-tokens over the whole wall time, prompt pass included. Cached and uncached runs of one
-program must produce the same tokens (checked and printed).
+model's own transformers `generate` (its KV cache) as a yardstick. Mode `compiled` runs the
+fused step graph through torch.compile (snncc.backends.compiled), the ANN's too, so like is
+compared with like; its compiles happen in the untimed warm-up. With a batch of B, B
+different prompts are continued at once. Tokens/s counts the new tokens of the whole batch
+over the whole wall time, prompt pass included. Cached and uncached runs of one program must
+produce the same tokens (checked and printed).
 """
 
 from __future__ import annotations
@@ -50,61 +54,75 @@ def main() -> None:
     parser.add_argument("-T", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"])
-    parser.add_argument("--uncached-modes", nargs="+", default=["fused"],
+    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=["fused", "unrolled", "compiled"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="prompts continued at once")
+    parser.add_argument("--uncached-modes", nargs="*", default=["fused"],
                         help="modes also timed without the cache (slow: the sequence is re-run per token)")
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
     loaded, ann, ctx = prepare(benchmark_model(args.model, args.layers), calib_tokens=args.calib_tokens, progress=True)
-    prompt = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), args.prompt_tokens, args.prompt_tokens)[0]
+    chunks = token_chunks(loaded.tokenizer, read_text(HELDOUT_TEXT), args.prompt_tokens,
+                          args.prompt_tokens * max(args.batch))
     programs = {"ANN": compile_graph(loaded, ann, ctx, "none"),
                 "SNN": compile_graph(loaded, ann, ctx, args.passes, args.T)}
+    hf = copy.deepcopy(loaded.module.model).to(args.device)
     rows, tokens = [], {}
+    for batch in args.batch:
+        rows += _runners(args, programs, hf, torch.cat(chunks[:batch]), tokens)
+    same = {name: torch.equal(tokens[name], tokens[name.replace("uncached", "cached")])
+            for name in tokens if "uncached" in name}
+    print_table(["runner", "batch", "seconds", "tokens/s", "x ANN cached", "same tokens as ANN"],
+                [[r["runner"], r["batch"], f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.2f}",
+                  f"{r['x_ann_cached_speed']:.3f}", r["tokens_equal_ann"]] for r in rows])
+    result = {"model": args.model, "passes": args.passes, "T": programs["SNN"].T, "machine": machine(args.device),
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batches": args.batch,
+              "rows": rows, "cached_equals_uncached": same}
+    args.out.mkdir(parents=True, exist_ok=True)
+    device_suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
+    (args.out / f"generation_{args.model}_{args.passes}{device_suffix}.json").write_text(json.dumps(result, indent=1))
+    first = [r for r in rows if r["batch"] == args.batch[0]]
+    ann = next(r for r in first if r["runner"] == "ANN cached")
+    snns = ", ".join(f"{r['runner']} {r['tokens_per_s']:.1f} ({r['x_ann_cached_speed']:.2f}x)" for r in first
+                     if r["runner"].startswith("SNN") and r["runner"].endswith(" cached"))
+    print(f"summary: {args.model} {args.passes} T={result['T']} on {result['machine']}, batch {args.batch[0]}: "
+          f"ANN {ann['tokens_per_s']:.1f} tokens/s, {snns}; cached tokens equal uncached: {all(same.values())}")
+
+
+def _runners(args, programs: dict, hf, prompt: torch.Tensor, tokens: dict) -> list[dict]:
+    """Every runner on one batch of prompts; their new tokens go into `tokens` by name."""
+    batch, rows = prompt.shape[0], []
 
     def record(name: str, fn) -> None:
         new, seconds = _timed(fn)
-        tokens[name] = new
-        rows.append({"runner": name, "seconds": seconds, "tokens_per_s": args.new_tokens / seconds})
+        tokens[f"{name}, batch {batch}"] = new
+        rows.append({"runner": name, "batch": batch, "seconds": seconds,
+                     "tokens_per_s": batch * args.new_tokens / seconds})
         print(json.dumps(rows[-1]), flush=True)
 
-    hf = copy.deepcopy(loaded.module.model).to(args.device)
     hf_prompt = prompt.to(args.device)
     with torch.no_grad():
         hf.generate(hf_prompt, max_new_tokens=2, do_sample=False)  # warm-up
         record("ANN transformers generate (KV cache)", lambda: hf.generate(
             hf_prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
             do_sample=False)[:, prompt.shape[1]:].cpu())
+    ann_modes = ["fused"] + (["compiled"] if "compiled" in args.modes else [])
     for kind, program in programs.items():
-        for mode in args.modes if kind == "SNN" else ["fused"]:
-            program.executor = create_executor(program.graph_module, "reference", args.device, mode)
-            program.greedy_tokens(prompt, 2, cache=True)  # warm-up; builds the step graph
-            label = f"{kind} {mode}" if kind == "SNN" else kind
+        for mode in args.modes if kind == "SNN" else ann_modes:
+            program.executor = create_executor(program.graph_module, "reference", args.device,
+                                               "fused" if mode == "compiled" else mode, compiled=mode == "compiled")
+            program.greedy_tokens(prompt, 2, cache=True)  # warm-up; builds (and compiles) the step graph
+            label = f"{kind} {mode}" if kind == "SNN" or mode != "fused" else kind
             record(f"{label} cached", lambda p=program: p.greedy_tokens(prompt, args.new_tokens, cache=True))
-            if kind == "ANN" or mode in args.uncached_modes:
+            if mode != "compiled" and (kind == "ANN" or mode in args.uncached_modes):
                 record(f"{label} uncached", lambda p=program: p.greedy_tokens(prompt, args.new_tokens, cache=False))
-
-    same = {name: torch.equal(tokens[name], tokens[name.replace("uncached", "cached")])
-            for name in tokens if name.endswith("uncached")}
     ann_rate = next(r["tokens_per_s"] for r in rows if r["runner"] == "ANN cached")
     for row in rows:
         row["x_ann_cached_speed"] = row["tokens_per_s"] / ann_rate
-        row["tokens_equal_ann"] = torch.equal(tokens[row["runner"]], tokens["ANN cached"])
-    print_table(["runner", "seconds", "tokens/s", "x ANN cached", "same tokens as ANN"],
-                [[r["runner"], f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.2f}", f"{r['x_ann_cached_speed']:.3f}",
-                  r["tokens_equal_ann"]] for r in rows])
-    result = {"model": args.model, "passes": args.passes, "T": programs["SNN"].T, "machine": machine(args.device),
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
-              "cached_equals_uncached": same}
-    args.out.mkdir(parents=True, exist_ok=True)
-    device_suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
-    (args.out / f"generation_{args.model}_{args.passes}{device_suffix}.json").write_text(json.dumps(result, indent=1))
-    by_name = {r["runner"]: r for r in rows}
-    snn = by_name["SNN fused cached"]
-    print(f"summary: {args.model} {args.passes} T={result['T']} on {result['machine']}: ANN {ann_rate:.1f} tokens/s, "
-          f"SNN fused {snn['tokens_per_s']:.1f} tokens/s with the KV cache ({snn['x_ann_cached_speed']:.2f}x the ANN); "
-          f"cached tokens equal uncached: {all(same.values())}")
+        row["tokens_equal_ann"] = torch.equal(tokens[f"{row['runner']}, batch {batch}"],
+                                              tokens[f"ANN cached, batch {batch}"])
+    return rows
 
 
 if __name__ == "__main__":

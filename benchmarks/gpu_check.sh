@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 8 in one run on the device machine (CUDA, no package registry, its
-# own torch and transformers): the CUDA tests, then executor speed, generation and hot paths
-# on a SmolLM2-shaped Llama with random weights. Logs and JSON go to $OUT (default /tmp/gpu).
+# The GPU figures in one run on the device machine (CUDA, no package registry, its own torch
+# and transformers): the CUDA tests (eager and compiled executors), then forward speed,
+# generation and hot paths of `las` T = 14, eager and compiled, on a SmolLM2-shaped Llama with
+# random weights. Logs and JSON go to $OUT (default /tmp/gpu). Each step has a time limit, so
+# one slow step leaves the others their figures.
 #   bash benchmarks/gpu_check.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/gpu}
@@ -10,11 +12,15 @@ mkdir -p "$OUT"
 shim=$(mktemp -d)
 cp -r snncc "$shim/snncc" && cp -r passes "$shim/snncc/passes" && cp -r backends "$shim/snncc/backends"
 export PYTHONPATH="$shim:benchmarks"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-PYTHONPATH="$PYTHONPATH:$PWD" python3 -P -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
-python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda -T 16 --tokens 128 512 --repeats 5 \
-    --out "$OUT" 2>&1 | tee "$OUT/executor_speed.log"
-python3 benchmarks/generation.py --model smollm2-shaped --device cuda --new-tokens 32 --calib-tokens 1024 \
-    --out "$OUT" 2>&1 | tee "$OUT/generation.log"
-python3 benchmarks/hot_paths.py --model smollm2-shaped --device cuda -T 16 --tokens 128 --out "$OUT" 2>&1 \
-    | tee "$OUT/hot_paths.log"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/versions.log"
+PYTHONPATH="$PYTHONPATH:$PWD" timeout "${TESTS_S:-150}" python3 -P -m pytest -q -p no:cacheprovider -m "" \
+    tests/test_cuda.py "tests/backends/test_compiled.py::test_multi_range_quantizer_compiled_equals_eager" \
+    "tests/backends/test_compiled.py::test_table_neurons_and_normalisers_compiled_equal_eager" 2>&1 | tee "$OUT/test_cuda.log"
+timeout "${SPEED_S:-200}" python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda --passes las -T 14 \
+    --tokens 128 512 --modes fused compiled --repeats 5 --out "$OUT" 2>&1 | tee "$OUT/executor_speed.log"
+timeout "${GENERATION_S:-240}" python3 benchmarks/generation.py --model smollm2-shaped --device cuda --new-tokens 32 \
+    --calib-tokens 1024 --modes fused compiled --uncached-modes --batch 1 8 --out "$OUT" 2>&1 \
+    | tee "$OUT/generation.log"
+timeout "${HOT_S:-120}" python3 benchmarks/hot_paths.py --model smollm2-shaped --device cuda -T 14 --tokens 128 \
+    --modes fused compiled --out "$OUT" 2>&1 | tee "$OUT/hot_paths.log"
