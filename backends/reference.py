@@ -41,7 +41,8 @@ class ReferenceExecutor:
         self.compiled = compiled
         self._runnable = fuse_for_execution(self.gm) if mode == "fused" else self.gm
         self._forward = compile_graph_module(self._runnable) if compiled else self._runnable
-        self._step: Callable | None = None  # built on the first cached step
+        self._step: fx.GraphModule | None = None  # built on the first cached step
+        self._compiled_step: Callable | None = None  # the step graph compiled, for decoding
         self._cached: list[str] = []  # the tensors the step graph caches, in `past` order
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -54,13 +55,16 @@ class ReferenceExecutor:
         attention keys and values are cached in `past` (None: no earlier tokens); returns the
         outputs of the new tokens and the cache extended by them (snncc.ir.incremental)."""
         if self._step is None:
-            step, self._cached = incremental_graph(self._runnable)
+            self._step, self._cached = incremental_graph(self._runnable)
             # dynamic: one compile serves every cache length (else one per token)
-            self._step = compile_graph_module(step, dynamic=True) if self.compiled else step
+            self._compiled_step = compile_graph_module(self._step, dynamic=True) if self.compiled else None
+        # The prompt pass runs once per generation, at a new length each time: eagerly. The
+        # decoding steps, one token per sequence each, run compiled.
+        step = self._step if past is None or self._compiled_step is None else self._compiled_step
         if past is None:
             past = [None] * len(self._cached)
         with torch.no_grad(), execution_mode(self.mode):
-            output, *present = self._step(input_ids.to(self.device), past_length, *past)
+            output, *present = step(input_ids.to(self.device), past_length, *past)
         return output, present
 
 

@@ -695,9 +695,13 @@ def inspect_cmd(model, as_json):
               help="reference backend: run each new token against cached attention keys and values "
                    "(the same tokens as --no-cache, which re-runs the whole sequence per token; a program "
                    "placed by --device-map always re-runs it)")
+@click.option("--compile", "compiled", is_flag=True,
+              help="reference backend: run through torch.compile (the same tokens, faster per token after a "
+                   "first compile that takes minutes on a large model; torch caches it on disk)")
 @_placement_options
 @_fail_cleanly
-def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache, device_map, max_memory, offload_folder):
+def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache, compiled, device_map, max_memory,
+            offload_folder):
     """Generate text greedily with a compiled artifact."""
     import snncc
 
@@ -706,8 +710,13 @@ def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache, device_map
         _check_prompt(prompt)
         _check_device(device)
         placement = _check_placement(device_map, max_memory, offload_folder, device, backend)
+        if compiled and (backend != "reference" or placement):
+            raise InputError("--compile runs the reference backend on one device: drop --backend event "
+                             "and --device-map, or --compile")
         _check_artifact(artifact)
     program = snncc.load(artifact, device=device, backend=backend, progress=_progress(), **placement)
+    if compiled:
+        program.compile()
     progress = _progress() and backend == "reference"
     click.echo(prompt + program.generate(prompt, max_new_tokens, progress=progress, cache=cache))
 

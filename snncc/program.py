@@ -64,6 +64,15 @@ class SpikingProgram:
         self.executor = create_executor(self.graph_module, self.backend, device, self.executor.mode)
         return self
 
+    def compile(self) -> SpikingProgram:
+        """Run through torch.compile from now on (reference backend, one device): the same
+        outputs bit for bit, faster, the first call of a forward and of generation slower
+        (they compile; minutes on a large model, cached on disk by torch for later runs)."""
+        executor = self.executor
+        self.executor = create_executor(self.graph_module, self.backend, executor.device, executor.mode,
+                                        compiled=True)
+        return self
+
     def place(self, device_map: str | Mapping, max_memory: Mapping | None = None,
               offload_folder: str | Path | None = None) -> SpikingProgram:
         """Run with its stages where accelerate's `device_map` puts them ("auto", "balanced",

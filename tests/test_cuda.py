@@ -62,7 +62,7 @@ def test_program_follows_the_device(name, mode):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-llama"])
 def test_the_compiled_executor_on_cuda_matches_the_cpu(name):
     """torch.compile on CUDA (Triton kernels for the neurons): the forward within the CPU's
     bounds (T = 22, the longest code the compiled neurons take; a flipped code is worth ~1e-6
