@@ -11,6 +11,8 @@ import torch
 
 from snncc.api import prepare
 from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
+from snncc.models import LoadedModel, load_model
+from snncc.tokenizer import ByteTokenizer
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
@@ -48,10 +50,13 @@ def smollm2_shaped(layers: int = 30) -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
-def benchmark_model(name: str, layers: int = 30) -> str | torch.nn.Module:
-    """What `prepare` takes for a benchmark's --model: SMOLLM2_SHAPED builds the random model,
-    any other name goes to snncc's loader."""
-    return smollm2_shaped(layers) if name == SMOLLM2_SHAPED else name
+def benchmark_model(name: str, layers: int = 30) -> str | LoadedModel:
+    """What `prepare` takes for a benchmark's --model: SMOLLM2_SHAPED builds the random model
+    (read through the byte tokenizer, said explicitly: ids 0-255 are as good as any for timing
+    random weights), any other name goes to snncc's loader."""
+    if name != SMOLLM2_SHAPED:
+        return name
+    return load_model(smollm2_shaped(layers), tokenizer=ByteTokenizer())
 
 
 def heldout_chunks(tokenizer, tokens: int, seq_len: int = 128) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import smollm2_shaped
+from common import SMOLLM2_SHAPED, benchmark_model
 
 _MEASURE = r"""
 import gc, json, sys, torch, snncc, snncc.backends
@@ -53,7 +53,7 @@ def main() -> None:
     from snncc.api import compile_graph, prepare
     from snncc.render import print_table
 
-    loaded, ann, ctx = prepare(smollm2_shaped(args.layers), calib_tokens=1024)
+    loaded, ann, ctx = prepare(benchmark_model(SMOLLM2_SHAPED, args.layers), calib_tokens=1024)
     loaded.max_positions = max(args.lengths)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

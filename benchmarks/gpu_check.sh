@@ -14,13 +14,13 @@ cp -r snncc "$shim/snncc" && cp -r passes "$shim/snncc/passes" && cp -r backends
 export PYTHONPATH="$shim:benchmarks"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/versions.log"
-PYTHONPATH="$PYTHONPATH:$PWD" timeout "${TESTS_S:-150}" python3 -P -m pytest -q -p no:cacheprovider -m "" \
+PYTHONPATH="$PYTHONPATH:$PWD" timeout "${TESTS_S:-100}" python3 -P -m pytest -q -p no:cacheprovider -m "" \
     tests/test_cuda.py "tests/backends/test_compiled.py::test_multi_range_quantizer_compiled_equals_eager" \
     "tests/backends/test_compiled.py::test_table_neurons_and_normalisers_compiled_equal_eager" 2>&1 | tee "$OUT/test_cuda.log"
-timeout "${SPEED_S:-200}" python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda --passes las -T 14 \
+timeout "${SPEED_S:-190}" python3 benchmarks/executor_speed.py --model smollm2-shaped --device cuda --passes las -T 14 \
     --tokens 128 512 --modes fused compiled --repeats 5 --out "$OUT" 2>&1 | tee "$OUT/executor_speed.log"
-timeout "${GENERATION_S:-240}" python3 benchmarks/generation.py --model smollm2-shaped --device cuda --new-tokens 32 \
+timeout "${GENERATION_S:-200}" python3 benchmarks/generation.py --model smollm2-shaped --device cuda --new-tokens 32 \
     --calib-tokens 1024 --modes fused compiled --uncached-modes --batch 1 8 --out "$OUT" 2>&1 \
     | tee "$OUT/generation.log"
-timeout "${HOT_S:-120}" python3 benchmarks/hot_paths.py --model smollm2-shaped --device cuda -T 14 --tokens 128 \
+timeout "${HOT_S:-70}" python3 benchmarks/hot_paths.py --model smollm2-shaped --device cuda -T 14 --tokens 128 \
     --modes fused compiled --out "$OUT" 2>&1 | tee "$OUT/hot_paths.log"
