@@ -33,10 +33,11 @@ RESULTS_MD = HERE / "RESULTS.md"
 
 SUITE = {
     "compile_time": ["--model", "smollm2-135m", "--passes", "las", "--paths", "block", "whole", "--repeats", "2"],
-    "executor_speed": ["--model", "smollm2-135m", "--passes", "encode", "las", "-T", "16", "8",
-                       "--tokens", "128", "512"],
+    "executor_speed": ["--model", "smollm2-135m", "--passes", "las", "-T", "14", "--tokens", "128", "512",
+                       "--modes", "fused", "unrolled", "compiled", "--compiled-ann"],
     "executor_memory": ["--passes", "encode", "las", "--lengths", "128", "512", "1024", "--T", "8", "16", "32"],
-    "generation": ["--model", "smollm2-135m", "--passes", "las"],
+    "generation": ["--model", "smollm2-135m", "--passes", "las", "-T", "14", "--modes", "fused", "unrolled", "compiled",
+                   "--compiled-ann", "--batch", "1", "8"],
     "event_scaling": ["--rates", "0.001", "0.003", "0.01", "0.05", "0.2", "0.5"],
     "hot_paths": ["--model", "smollm2-135m", "--passes", "las", "-T", "16", "--tokens", "128"],
     "fidelity_vs_T": ["--passes", "las", "--T", "8", "12", "14", "16", "24", "32"],
@@ -59,6 +60,8 @@ COMMANDS = {
     "generation_smollm2-135m_las.json": suite_command("generation"),
     "event_scaling.json": suite_command("event_scaling"),
     "hot_paths_smollm2-135m_las_cpu.json": suite_command("hot_paths"),
+    "hot_paths_smollm2-135m_las_cpu_step.json": "python benchmarks/hot_paths.py --passes las -T 14 --tokens 32 --step "
+                                                "--modes fused compiled",
     "fidelity_vs_T_smollm2-135m_las.json": suite_command("fidelity_vs_T"),
     "fidelity_vs_T_smollm2-135m_las+nonlinear(ranges=6+headroom=1)+attention(ranges=6).json":
         _FIDELITY + '--passes "las,nonlinear{ranges=6,headroom=1},attention{ranges=6}" --T 6 8 10 12',
@@ -473,7 +476,9 @@ def hot_paths_table(data: dict) -> list[str]:
 
 def hot_paths_section(name: str) -> list[str]:
     data = _load(name)
-    return [f"torch.profiler, {data['model']} `{data['passes']}` T = {data['T']}, {data['tokens']} tokens, "
+    what = (f"one cached decoding step after {data['tokens']} tokens" if data.get("step")
+            else f"one forward of {data['tokens']} tokens")
+    return [f"torch.profiler, {data['model']} `{data['passes']}` T = {data['T']}, {what}, "
             f"{data['device']}; self time, profiler overhead included:", "", *hot_paths_table(data)]
 
 
@@ -569,6 +574,8 @@ SECTIONS = [
     Section("Compile time", "compile_time_smollm2-135m_las.json", compile_section),
     Section("Executor speed (CPU)", "executor_speed_cpu.json", speed_section),
     Section("Where the time goes (CPU)", "hot_paths_smollm2-135m_las_cpu.json", hot_paths_section),
+    Section("Where a generation step's time goes (CPU)", "hot_paths_smollm2-135m_las_cpu_step.json",
+            hot_paths_section),
     Section("GPU: speed, generation, kernel time", "executor_speed_cuda.json", gpu_section),
     Section("Peak memory", "executor_memory_fused.json", memory_section),
     Section("Generation", "generation_smollm2-135m_las.json", generation_section),
