@@ -63,6 +63,10 @@ class ReferenceExecutor:
         step = self._step if past is None or self._compiled_step is None else self._compiled_step
         if past is None:
             past = [None] * len(self._cached)
+        elif step is self._compiled_step:
+            # torch.compile guards on strides: the eager prompt pass and the compiled steps lay
+            # their caches out differently, which would cost a second compile at the next token
+            past = [tensor.contiguous() for tensor in past]
         with torch.no_grad(), execution_mode(self.mode):
             output, *present = step(input_ids.to(self.device), past_length, *past)
         return output, present
