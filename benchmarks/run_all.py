@@ -34,9 +34,9 @@ RESULTS_MD = HERE / "RESULTS.md"
 SUITE = {
     "compile_time": ["--model", "smollm2-135m", "--passes", "las", "--paths", "block", "whole", "--repeats", "2"],
     "executor_speed": ["--model", "smollm2-135m", "--passes", "las", "-T", "14", "--tokens", "128", "512",
-                       "--modes", "fused", "unrolled", "compiled", "--compiled-ann"],
+                       "--modes", "fused", "compiled", "--compiled-ann"],
     "executor_memory": ["--passes", "encode", "las", "--lengths", "128", "512", "1024", "--T", "8", "16", "32"],
-    "generation": ["--model", "smollm2-135m", "--passes", "las", "-T", "14", "--modes", "fused", "unrolled", "compiled",
+    "generation": ["--model", "smollm2-135m", "--passes", "las", "-T", "14", "--modes", "fused", "compiled",
                    "--compiled-ann", "--batch", "1", "8"],
     "event_scaling": ["--rates", "0.001", "0.003", "0.01", "0.05", "0.2", "0.5"],
     "hot_paths": ["--model", "smollm2-135m", "--passes", "las", "-T", "16", "--tokens", "128"],
