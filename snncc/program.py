@@ -69,6 +69,9 @@ class SpikingProgram:
         outputs bit for bit, faster, the first call of a forward and of generation slower
         (they compile; minutes on a large model, cached on disk by torch for later runs)."""
         executor = self.executor
+        if getattr(executor, "device_map", None) is not None:
+            raise InputError("this program is placed by a device map; torch.compile runs it on one device: "
+                             "call .to(device) first")
         self.executor = create_executor(self.graph_module, self.backend, executor.device, executor.mode,
                                         compiled=True)
         return self

@@ -179,6 +179,11 @@ def test_missing_artifact(tmp_path):
     assert_clean_error(result, "missing.snn", "does not exist", folder=tmp_path)
 
 
+def test_compile_with_the_event_backend_is_refused_before_loading(tmp_path):
+    result = run_snncc(tmp_path, "run", "missing.snn", "--prompt", "hi", "--compile", "--backend", "event")
+    assert_clean_error(result, "--compile runs the reference backend", folder=tmp_path)
+
+
 # --- 6. corrupt artifacts -------------------------------------------------------------------
 
 

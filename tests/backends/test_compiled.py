@@ -99,6 +99,9 @@ def test_a_compiled_program_equals_the_eager_one(name):
 
 def test_only_the_reference_backend_on_one_device_compiles():
     loaded, ann, ctx = prepared("tiny-llama")
-    gm = compile_graph(loaded, ann, ctx, "none").graph_module
+    program = compile_graph(loaded, ann, ctx, "none")
     with pytest.raises(InputError, match="torch.compile runs the reference backend"):
-        create_executor(gm, "event", compiled=True)
+        create_executor(program.graph_module, "event", compiled=True)
+    program.place({"": "cpu"})
+    with pytest.raises(InputError, match="placed by a device map"):
+        program.compile()
