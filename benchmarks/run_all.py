@@ -385,6 +385,10 @@ def gpu_section(name: str) -> list[str]:
     hot = f"hot_paths_{speed['model']}_las_cuda.json"
     if _load(hot) is not None:
         lines += ["", *provenance(hot), "", "Device self time (torch.profiler):", "", *hot_paths_table(_load(hot))]
+    logs = sorted(RESULTS.glob("*cuda*.log")) + sorted(RESULTS.glob("gpu_check*.log"))
+    if logs:
+        lines += ["", "Later device runs that were cut short (the compiled executor; each log heads with its command "
+                  "and why it stopped): " + ", ".join(f"[{log.name}](results/{log.name})" for log in logs) + "."]
     return lines
 
 
