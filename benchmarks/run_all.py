@@ -188,7 +188,7 @@ def _bar_plot(path: Path, labels: list[str], values: list[float], xlabel: str, t
     ax.barh(labels[::-1], values[::-1], color="tab:blue")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_title(title)
+    fig.suptitle(title)  # centred on the figure: long bar labels would push an axes title off it
     _save(fig, path)
 
 
