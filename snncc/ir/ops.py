@@ -477,16 +477,12 @@ def table_codes(x: torch.Tensor, thresholds: torch.Tensor, codes: torch.Tensor, 
     one entry) and takes the code of the interval it lands in. scale > 0: the codes times
     scale as float32 (exact for codes below 2^24), in the same pass where the kernels run."""
     lookup = table_lookup(thresholds, codes, bucket) if T <= TABLE_MAX_BITS else None
-    if lookup is not None:
+    if lookup is not None:  # all channels at once, each through its own table's guide
         return looked_up_codes(x, lookup, scale)
     if bucket.numel() == 1:
         b = int(bucket)
         return _lookup(x.float().contiguous(), thresholds, b, codes[b], T, scale)
     flat = x.reshape(-1, x.shape[-1]).float()
-    guide = _guide_for(thresholds, bucket) if T <= TABLE_MAX_BITS else None
-    if guide is not None:  # all channels at once: each reads its own table's guide
-        return _guided_codes(flat.contiguous(), guide, codes.reshape(-1), bucket * codes.shape[1],
-                             scale).view(x.shape)
     out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
     for b in torch.unique(bucket).tolist():
         columns = torch.nonzero(bucket == b).squeeze(1)
