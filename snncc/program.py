@@ -60,8 +60,10 @@ class SpikingProgram:
         return self.info.T
 
     def to(self, device: str | torch.device) -> SpikingProgram:
-        """Run on `device`, all of the program there (a device map it was placed by is dropped)."""
-        self.executor = create_executor(self.graph_module, self.backend, device, self.executor.mode)
+        """Run on `device`, all of the program there (a device map it was placed by is dropped;
+        a compiled program stays compiled)."""
+        self.executor = create_executor(self.graph_module, self.backend, device, self.executor.mode,
+                                        compiled=getattr(self.executor, "compiled", False))
         return self
 
     def compile(self) -> SpikingProgram:

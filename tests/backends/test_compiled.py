@@ -102,6 +102,7 @@ def test_only_the_reference_backend_on_one_device_compiles():
     program = compile_graph(loaded, ann, ctx, "none")
     with pytest.raises(InputError, match="torch.compile runs the reference backend"):
         create_executor(program.graph_module, "event", compiled=True)
+    assert program.compile().to("cpu").executor.compiled  # moving it keeps it compiled
     program.place({"": "cpu"})
     with pytest.raises(InputError, match="placed by a device map"):
         program.compile()
