@@ -37,7 +37,8 @@ def compiled(fn):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("T", "G"), [(8, 0), (14, 3), (22, 6)])
+@pytest.mark.parametrize(("T", "G"), [pytest.param(8, 0, marks=pytest.mark.slow), (14, 3),
+                                      pytest.param(22, 6, marks=pytest.mark.slow)])  # each compiles: seconds
 def test_multi_range_quantizer_compiled_equals_eager(T, G, device):
     x = awkward_values(19_985).view(-1, 4).to(device)  # 20,000 with the special values
     scale = torch.tensor([0.5, 1.0, 3.0, 1e-3], device=device)
@@ -45,6 +46,7 @@ def test_multi_range_quantizer_compiled_equals_eager(T, G, device):
     assert same_bits(compiled(ops.multi_threshold_value)(x, scale, T), snn.mt_quantize(x, scale, T))
 
 
+@pytest.mark.slow  # four compiles: about 20 s on two cores
 @pytest.mark.parametrize("device", DEVICES)
 def test_table_neurons_and_normalisers_compiled_equal_eager(device):
     """Every table neuron (shared and per-channel tables) and normaliser of a `las` program,
