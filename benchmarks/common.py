@@ -50,6 +50,18 @@ def smollm2_shaped(layers: int = 30) -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
+EXECUTOR_MODES = ("fused", "unrolled", "compiled")
+
+
+def executor_for(gm, device: str, mode: str):
+    """The reference executor in a benchmark's `mode`: fused, unrolled, or compiled (fused,
+    through torch.compile)."""
+    from snncc.backends import create_executor
+
+    return create_executor(gm, "reference", device, "fused" if mode == "compiled" else mode,
+                           compiled=mode == "compiled")
+
+
 def benchmark_model(name: str, layers: int = 30) -> str | LoadedModel:
     """What `prepare` takes for a benchmark's --model: SMOLLM2_SHAPED builds the random model
     (read through the byte tokenizer, said explicitly: ids 0-255 are as good as any for timing

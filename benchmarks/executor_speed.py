@@ -22,10 +22,9 @@ import platform
 from pathlib import Path
 
 import torch
-from common import SMOLLM2_SHAPED, benchmark_model, best_of
+from common import EXECUTOR_MODES, SMOLLM2_SHAPED, benchmark_model, best_of, executor_for
 
 from snncc.api import compile_graph, prepare
-from snncc.backends.reference import ReferenceExecutor
 from snncc.render import print_table
 
 
@@ -39,17 +38,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--passes", nargs="+", default=["encode", "las"])
-    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=["fused", "unrolled", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=EXECUTOR_MODES)
     parser.add_argument("--compiled-ann", action="store_true", help="also time the ANN through torch.compile")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
     loaded, ann, ctx = prepare(benchmark_model(args.model, args.layers), calib_tokens=1024)
     model = copy.deepcopy(loaded.module).to(args.device)  # the programs keep theirs
-    executors = {(passes, T, mode): _executor(program, args.device, mode)
+    executors = {(passes, T, mode): executor_for(program.graph_module, args.device, mode)
                  for passes in args.passes for T in args.T
                  for program in [compile_graph(loaded, ann, ctx, passes, T)] for mode in args.modes}
-    ann_compiled = (_executor(compile_graph(loaded, ann, ctx, "none"), args.device, "compiled")
+    ann_compiled = (executor_for(compile_graph(loaded, ann, ctx, "none").graph_module, args.device, "compiled")
                     if args.compiled_ann else None)
     rows = []
     with torch.no_grad():
@@ -81,13 +80,6 @@ def main() -> None:
     parts = [f"{p} " + ", ".join(f"{m} {head[f'{p} {m}']:.2f}x" for m in args.modes) for p in args.passes]
     print(f"summary: {args.model}, {args.tokens[0]} tokens, T={args.T[0]} on {machine}, wall time vs the ANN: "
           + "; ".join(parts))
-
-
-def _executor(program, device: str, mode: str) -> ReferenceExecutor:
-    """The reference executor in `mode` (compiled: fused, through torch.compile)."""
-    if mode == "compiled":
-        return ReferenceExecutor(program.graph_module, device, "fused", compiled=True)
-    return ReferenceExecutor(program.graph_module, device, mode)
 
 
 if __name__ == "__main__":

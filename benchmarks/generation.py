@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import SMOLLM2_SHAPED, benchmark_model
+from common import EXECUTOR_MODES, SMOLLM2_SHAPED, benchmark_model, executor_for
 
 from snncc.api import compile_graph, prepare
-from snncc.backends import create_executor
 from snncc.calibration import HELDOUT_TEXT, read_text, token_chunks
 from snncc.render import print_table
 
@@ -55,7 +54,7 @@ def main() -> None:
     parser.add_argument("-T", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=["fused", "unrolled", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=EXECUTOR_MODES)
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="prompts continued at once")
     parser.add_argument("--compiled-ann", action="store_true", help="also run the ANN through torch.compile")
     parser.add_argument("--uncached-modes", nargs="*", default=["fused"],
@@ -112,8 +111,7 @@ def _runners(args, programs: dict, hf, prompt: torch.Tensor, tokens: dict) -> li
     ann_modes = ["fused"] + (["compiled"] if args.compiled_ann else [])
     for kind, program in programs.items():
         for mode in args.modes if kind == "SNN" else ann_modes:
-            program.executor = create_executor(program.graph_module, "reference", args.device,
-                                               "fused" if mode == "compiled" else mode, compiled=mode == "compiled")
+            program.executor = executor_for(program.graph_module, args.device, mode)
             program.greedy_tokens(prompt, 2, cache=True)  # warm-up; builds (and compiles) the step graph
             label = f"{kind} {mode}" if kind == "SNN" or mode != "fused" else kind
             record(f"{label} cached", lambda p=program: p.greedy_tokens(prompt, args.new_tokens, cache=True))

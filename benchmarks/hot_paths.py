@@ -19,11 +19,10 @@ import json
 from pathlib import Path
 
 import torch
-from common import SMOLLM2_SHAPED, benchmark_model
+from common import EXECUTOR_MODES, SMOLLM2_SHAPED, benchmark_model, executor_for
 from torch.profiler import ProfilerActivity, profile
 
 from snncc.api import compile_graph, prepare
-from snncc.backends import create_executor
 from snncc.render import print_table
 
 
@@ -60,7 +59,7 @@ def main() -> None:
     parser.add_argument("--passes", default="las")
     parser.add_argument("-T", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=["fused", "unrolled", "compiled"],
+    parser.add_argument("--modes", nargs="+", default=["fused", "unrolled"], choices=EXECUTOR_MODES,
                         help="compiled: fused through torch.compile (its compile is the untimed warm-up call)")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--step", action="store_true", help="profile one cached decoding step, not a forward")
@@ -72,13 +71,12 @@ def main() -> None:
     ids = torch.randint(0, 256, (1, args.tokens))
     if args.step:
         none = compile_graph(loaded, ann, ctx, "none").graph_module
-        runners = {"ANN": decoding_step(create_executor(none, "reference", args.device), ids)}
+        runners = {"ANN": decoding_step(executor_for(none, args.device, "fused"), ids)}
     else:
         ann_module, ann_ids = copy.deepcopy(loaded.module).to(args.device), ids.to(args.device)
         runners = {"ANN": lambda: ann_module(ann_ids)}
     for mode in args.modes:
-        executor = create_executor(program.graph_module, "reference", args.device,
-                                   "fused" if mode == "compiled" else mode, compiled=mode == "compiled")
+        executor = executor_for(program.graph_module, args.device, mode)
         runners[f"SNN {mode}"] = decoding_step(executor, ids) if args.step else lambda e=executor: e(ids)
     result = {"model": args.model, "device": args.device, "passes": args.passes, "T": program.T,
               "tokens": args.tokens, "step": args.step, "runners": {}}
