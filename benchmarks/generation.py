@@ -91,6 +91,11 @@ def main() -> None:
           f"ANN {ann['tokens_per_s']:.1f} tokens/s, {snns}; cached tokens equal uncached: {all(same.values())}")
 
 
+def new_tokens(program, prompt: torch.Tensor, count: int, cache: bool) -> torch.Tensor:
+    """`count` greedy tokens after `prompt`, never stopping early (as min_new_tokens does for transformers)."""
+    return program.generate(prompt, count, eos_token_id=[], cache=cache)[:, prompt.shape[1]:]
+
+
 def _runners(args, programs: dict, hf, prompt: torch.Tensor, tokens: dict) -> list[dict]:
     """Every runner on one batch of prompts; their new tokens go into `tokens` by name."""
     batch, rows = prompt.shape[0], []
@@ -112,11 +117,11 @@ def _runners(args, programs: dict, hf, prompt: torch.Tensor, tokens: dict) -> li
     for kind, program in programs.items():
         for mode in args.modes if kind == "SNN" else ann_modes:
             program.executor = executor_for(program.graph_module, args.device, mode)
-            program.greedy_tokens(prompt, 2, cache=True)  # warm-up; builds (and compiles) the step graph
+            program.generate(prompt, 2, eos_token_id=[])  # warm-up; builds (and compiles) the step graph
             label = f"{kind} {mode}" if kind == "SNN" or mode != "fused" else kind
-            record(f"{label} cached", lambda p=program: p.greedy_tokens(prompt, args.new_tokens, cache=True))
+            record(f"{label} cached", lambda p=program: new_tokens(p, prompt, args.new_tokens, cache=True))
             if mode != "compiled" and (kind == "ANN" or mode in args.uncached_modes):
-                record(f"{label} uncached", lambda p=program: p.greedy_tokens(prompt, args.new_tokens, cache=False))
+                record(f"{label} uncached", lambda p=program: new_tokens(p, prompt, args.new_tokens, cache=False))
     ann_rate = next(r["tokens_per_s"] for r in rows if r["runner"] == "ANN cached")
     for row in rows:
         row["x_ann_cached_speed"] = row["tokens_per_s"] / ann_rate

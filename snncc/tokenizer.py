@@ -54,6 +54,19 @@ class HFTokenizer:
         (directory / "snncc_tokenizer.json").write_text(json.dumps({"kind": self.kind}))
 
 
+def as_tokenizer(tokenizer) -> Tokenizer:
+    """snncc's own tokenizers as they are; a Hugging Face tokenizer object (what
+    AutoTokenizer.from_pretrained returns) wrapped, so that programs can save it."""
+    if isinstance(tokenizer, (ByteTokenizer, HFTokenizer)):
+        return tokenizer
+    if all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode", "save_pretrained")):
+        return HFTokenizer(tokenizer)
+    if all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode", "save")):
+        return tokenizer  # a tokenizer of the Tokenizer protocol
+    raise InputError(f"a {type(tokenizer).__name__} is not a tokenizer: give a Hugging Face tokenizer "
+                     "(AutoTokenizer.from_pretrained) or one with encode, decode and save")
+
+
 REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json")
 MAX_CONFIG_BYTES = 16 * 2**20  # a config larger than this is not a config
 

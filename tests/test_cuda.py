@@ -70,7 +70,7 @@ def test_the_compiled_executor_on_cuda_matches_the_cpu(name):
     loaded, ann, ctx = prepared(name)
     program = compile_graph(loaded, ann, ctx, "las", 22)
     ids = heldout_ids(name)[:2, :40]
-    cpu, cpu_tokens = program(ids), program.greedy_tokens(ids[:, :24], 8)
+    cpu, cpu_tokens = program(ids), program.generate(ids[:, :24], 8)
     program.executor = create_executor(copy_graph_module(program.graph_module), "reference", "cuda", compiled=True)
     torch.testing.assert_close(program(ids).cpu(), cpu, rtol=1e-4, atol=1e-4)
-    assert torch.equal(program.greedy_tokens(ids[:, :24], 8), cpu_tokens)
+    assert torch.equal(program.generate(ids[:, :24], 8), cpu_tokens)

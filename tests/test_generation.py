@@ -38,8 +38,8 @@ def test_cached_generation_gives_the_tokens_of_full_recomputation(name, pipeline
     program = _program(name, pipeline)
     program.executor = create_executor(program.graph_module, "reference", "cpu", mode)
     prompt = _prompt(name)
-    cached = program.greedy_tokens(prompt, 12, cache=True)
-    recomputed = program.greedy_tokens(prompt, 12, cache=False)
+    cached = program.generate(prompt, 12, cache=True)
+    recomputed = program.generate(prompt, 12, cache=False)
     assert torch.equal(cached, recomputed)
 
 
@@ -68,9 +68,9 @@ def test_unrolled_mode_caches_spike_trains_and_fused_mode_their_values():
 def test_bad_generation_requests_are_refused():
     program = _program("tiny-llama", "none")
     with pytest.raises(InputError, match="max_new_tokens must be at least 1"):
-        program.greedy_tokens(_prompt("tiny-llama"), 0)
+        program.generate(_prompt("tiny-llama"), 0)
     with pytest.raises(InputError, match="allows at most"):
-        program.greedy_tokens(_prompt("tiny-llama"), program.info.max_positions)
+        program.generate(_prompt("tiny-llama"), program.info.max_positions)
 
 
 class _Toy(torch.nn.Module):

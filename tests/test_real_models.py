@@ -57,7 +57,7 @@ def test_smollm2_encode_T16_agrees_with_the_ann():
 @pytest.mark.xdist_group("smollm2-encode")
 def test_smollm2_greedy_answer_survives_encoding():
     program = _program("smollm2-135m", "encode", 16)
-    assert program.generate("The capital of France is", 3).startswith(" Paris")
+    assert program.generate_text("The capital of France is", 3).startswith(" Paris")
 
 
 def _smollm2_las():
@@ -96,7 +96,7 @@ def test_smollm2_las_greedy_continuations_match_the_ann(prompt):
         for _ in range(16):
             ids = torch.cat([ids, loaded.module(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     expected = loaded.tokenizer.decode(ids[0, -16:].tolist())
-    assert _smollm2_las().generate(prompt, 16) == expected
+    assert _smollm2_las().generate_text(prompt, 16) == expected
 
 
 @pytest.mark.xdist_group("minilm")
