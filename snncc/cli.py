@@ -5,7 +5,8 @@ of an unexpected error before it), and an exit code that says whose move it is:
 
   0    done
   1    the work failed: the model or artifact could not be loaded, a pass or an export failed,
-       or an unexpected error (shown as `snncc: error: <ExceptionType>: <message>`)
+       an optional package is missing (checked before any model is loaded where the options
+       tell), or an unexpected error (shown as `snncc: error: <ExceptionType>: <message>`)
   2    the command line is wrong: click's usage errors, and snncc's checks of option values,
        input files, prompts, devices and output paths, all made before any model is loaded
   130  interrupted (Ctrl-C)
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import click
 
-from snncc.errors import InputError, SnnccError, first_line
+from snncc.errors import InputError, SnnccError, first_line, require
+from snncc.numerics import EXPORT_TOLERANCES
 from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, PIPELINE_OPTIONS, STANDARD_T, Pipeline
 from snncc.profile import ENERGY_TABLES, MEMORY_SOURCE
 
@@ -92,32 +94,64 @@ def _fail_cleanly(fn):
     return wrapper
 
 
-def _model_options(fn):
-    fn = click.option("--passes", "-p", default=DEFAULT_PIPELINE, show_default=True,
-                      help="pipeline name (las, fas, none) or comma list of passes, e.g. 'fold,encode{T=8}'; "
-                           "'fas,qcfs{steps=250}' sets options of a pipeline's pass")(fn)
-    fn = click.option("-T", "T", type=int, default=None,
-                      help="time steps per spike train [default: the pipeline's measured default, "
-                           + ", ".join(f"{k} {v}" for k, v in DEFAULT_T.items()) + f"; else {STANDARD_T}]")(fn)
-    fn = click.option("--calib", type=click.Path(dir_okay=False), default=None,
-                      help="calibration text file (default: snncc's packaged dev text)")(fn)
-    fn = click.option("--calib-tokens", type=int, default=8192, show_default=True,
-                      help="tokens of calibration text to record")(fn)
-    fn = click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)")(fn)
-    return fn
+def _in_order(*options):
+    """Options that --help lists in the order given (decorators apply from the bottom up)."""
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
 
 
-def _placement_options(fn):
-    fn = click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
-                      help="with --device-map: where stages placed on the disk keep their tensors")(fn)
-    fn = click.option("--max-memory", default=None, metavar="BUDGET",
-                      help="with --device-map: memory per device, e.g. cpu=2GiB,0=20GiB; what does not fit goes "
-                           "to the disk")(fn)
-    fn = click.option("--device-map", default=None, metavar="MAP",
-                      help="run the program's stages where accelerate places them: auto, balanced, balanced_low_0, "
-                           "sequential, or a JSON file mapping stages (stages.0 the prologue, stages.1 block 0, ...; "
-                           "'' all) to cpu, disk or a GPU index")(fn)
-    return fn
+_model_options = _in_order(
+    click.option("--passes", "-p", default=DEFAULT_PIPELINE, show_default=True,
+                 help="pipeline name (las, fas, none) or comma list of passes, e.g. 'fold,encode{T=8}'; "
+                      "'fas,qcfs{steps=250}' sets options of a pipeline's pass"),
+    click.option("-T", "T", type=int, default=None,
+                 help="time steps per spike train [default: the pipeline's measured default, "
+                      + ", ".join(f"{k} {v}" for k, v in DEFAULT_T.items()) + f"; else {STANDARD_T}]; "
+                      "a pass's own T= in --passes cannot also be given"),
+    click.option("--calib", type=click.Path(dir_okay=False), default=None,
+                 help="calibration text file (default: snncc's packaged dev text)"),
+    click.option("--calib-tokens", type=int, default=8192, show_default=True,
+                 help="tokens of calibration text to record"),
+    click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)"))
+
+_placement_options = _in_order(
+    click.option("--device-map", default=None, metavar="MAP",
+                 help="run the program's stages where accelerate places them: auto, balanced, balanced_low_0, "
+                      "sequential, or a JSON file mapping stages (stages.0 the prologue, stages.1 block 0, ...; "
+                      "'' all) to cpu, disk or a GPU index"),
+    click.option("--max-memory", default=None, metavar="BUDGET",
+                 help="with --device-map: memory per device, e.g. cpu=2GiB,0=20GiB; what does not fit goes "
+                      "to the disk"),
+    click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
+                 help="with --device-map: where stages placed on the disk keep their tensors"))
+
+_json_option = click.option("--json", "as_json", is_flag=True,
+                            help="print the result as one JSON object on stdout (progress and notes go to stderr)")
+
+ARTIFACT, ONNX, MODEL = "artifact", "onnx", "model"
+
+
+def _source_kind(source: str) -> str:
+    """What a MODEL_OR_ARTIFACT argument names, for every command alike: an .snn artifact (or
+    any zip file: what artifacts are), an .onnx model, or a model (a builtin name, a model
+    directory or a Hugging Face id; snncc.models.load_model tells those apart)."""
+    path = Path(source)
+    if source.endswith(".snn"):
+        return ARTIFACT
+    if source.endswith(".onnx"):
+        return ONNX
+    if path.is_file():
+        import zipfile
+
+        if zipfile.is_zipfile(path):
+            return ARTIFACT
+        raise InputError(f"'{source}' is a file but neither an .snn artifact nor an .onnx model: give one of those, "
+                         "a model directory, a builtin model name or a Hugging Face id")
+    return MODEL
 
 
 def _dtype_option(fn):
@@ -132,7 +166,10 @@ def _dtype(choice: str) -> str | None:
 
 
 def _progress() -> bool:
-    return sys.stderr.isatty()
+    """Progress on stderr where it is a terminal (snncc.progress): the library's own default."""
+    from snncc.progress import enabled
+
+    return enabled(None)
 
 
 # --- checks made before any work --------------------------------------------------------------
@@ -286,6 +323,14 @@ def _eval_chunks(tokenizer, text_path, max_tokens, seq_len, max_positions):
     return token_chunks(tokenizer, text, min(seq_len, max_positions), max_tokens)
 
 
+def _usage_error(exc: click.UsageError) -> None:
+    """A usage error on one line, then click's hint where to read the command's help."""
+    click.echo(f"snncc: error: {' '.join(exc.format_message().split())}", err=True)
+    if exc.ctx is not None:
+        click.echo(f"Try '{exc.ctx.command_path} {exc.ctx.help_option_names[0]}' for help.", err=True)
+    sys.exit(exc.exit_code)
+
+
 class _Group(click.Group):
     """Click's own usage errors (bad option values, unknown options) in snncc's one-line form."""
 
@@ -299,6 +344,8 @@ class _Group(click.Group):
         except click.exceptions.NoArgsIsHelpError as exc:
             exc.show()
             sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            _usage_error(exc)
         except click.ClickException as exc:
             _error(exc.format_message(), exc.exit_code)
         except click.Abort as exc:
@@ -311,7 +358,7 @@ class _Group(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="log what the compiler does (-vv: debug)")
 @click.version_option(package_name="snncc")
 def main(verbose: int) -> None:
@@ -354,8 +401,8 @@ def _check_budget(budget: str | None, pipeline) -> None:
 
 @main.command("compile")
 @click.argument("model")
-@_model_options
 @click.option("-o", "--output", default=None, help="write the artifact here (e.g. out.snn)")
+@_model_options
 @click.option("--eval-tokens", type=int, default=512, show_default=True,
               help="held-out tokens for the fidelity check printed after compiling (0: skip)")
 @click.option("--stop-after", metavar="PASS", default=None,
@@ -368,10 +415,11 @@ def _check_budget(budget: str | None, pipeline) -> None:
               help="write the graph before the first pass and after each pass here (00-input.txt, 01-fold.txt, ...)")
 @_budget_option
 @_dtype_option
+@_json_option
 @_placement_options
 @_fail_cleanly
-def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_tokens, stop_after, start_after, dump,
-                budget, dtype, device_map, max_memory, offload_folder):
+def compile_cmd(model, output, passes, T, calib, calib_tokens, device, eval_tokens, stop_after, start_after, dump,
+                budget, dtype, as_json, device_map, max_memory, offload_folder):
     """Compile MODEL (builtin name, HF id, directory or .onnx file) with a pipeline, or continue an .snn
     stopped part-way (--start-after); print fidelity and profile."""
     from snncc.api import compile_graph, resume
@@ -415,15 +463,23 @@ def compile_cmd(model, passes, T, calib, calib_tokens, device, output, eval_toke
             # The artifact is written as the compile goes: a big model's weights never all in memory.
             program = compile_graph(*prepared, pipeline, instrument=instrument, device=device, stop_after=stop_after,
                                     dtype=_dtype(dtype), save_to=out_path, budget=budget, **placement)
-    _print_compiled(program, pipeline, start)
+    report = {"compiled": _compiled(program, pipeline, start)}
+    if not as_json:
+        _print_compiled(report["compiled"])
     if program.info.precision:
-        print_precision(program.info.precision)
+        report["precision"] = program.info.precision
+        if not as_json:
+            print_precision(program.info.precision)
     if out_path:
         if start_after:
             program.save(out_path)
-        click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB)")
+        report["artifact"] = {"path": str(out_path), "bytes": out_path.stat().st_size}
+        if not as_json:
+            click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB)")
     if eval_tokens:
-        _print_fidelity(program, prepared, eval_tokens)
+        report.update(_fidelity(program, prepared, eval_tokens, as_json))
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
 
 
 def _given(parameter: str) -> bool:
@@ -435,14 +491,14 @@ def _check_continued(model: str, start_after: str | None) -> None:
     """--start-after takes an .snn written with --stop-after, calibrated already; an .snn
     without --start-after is a program, not a model."""
     if start_after:
-        if not model.endswith(".snn"):
+        if _source_kind(model) != ARTIFACT:
             raise InputError(f"--start-after continues a program written with --stop-after: give its .snn file, "
                              f"not '{model}'")
         given = [f"--{name.replace('_', '-')}" for name in ("calib", "calib_tokens") if _given(name)]
         if given:
             raise InputError(f"{' and '.join(given)}: a continued compile uses the calibration its artifact carries")
         _check_artifact(model)
-    elif model.endswith(".snn"):
+    elif _source_kind(model) == ARTIFACT:
         raise InputError(f"'{model}' is a compiled program: continue one written with --stop-after PASS with "
                          "--start-after PASS, or compile its model")
 
@@ -459,35 +515,48 @@ def _resumable(artifact: str, pipeline, start: int, start_after: str):
     return program
 
 
-def _print_compiled(program, pipeline, start: int) -> None:
+def _compiled(program, pipeline, start: int) -> dict:
     """What the compile made, and what the passes it ran (from `start` on) measured."""
+    info = program.info
+    return {"model": info.model, "pipeline": pipeline.spec, "T": program.T, "nodes": len(program.graph_module.graph.nodes),
+            "coverage": info.coverage, "remaining": info.remaining, "passes": info.passes[start:]}
+
+
+def _print_compiled(compiled: dict) -> None:
     from snncc.ir.verify import format_coverage
 
-    cov = program.info.coverage
-    nodes = len(program.graph_module.graph.nodes)
-    stopped = f"; stopped after {program.info.passes[-1]['name']}, to run: {', '.join(program.info.remaining)}" \
-        if program.info.remaining else ""
-    click.echo(f"compiled {program.info.model} with '{pipeline.spec}' (T={program.T}{stopped}): {nodes} nodes, "
-               f"spike-driven coverage {format_coverage(cov)} of matmul MACs "
+    cov = compiled["coverage"]
+    stopped = f"; stopped after {compiled['passes'][-1]['name']}, to run: {', '.join(compiled['remaining'])}" \
+        if compiled["remaining"] else ""
+    click.echo(f"compiled {compiled['model']} with '{compiled['pipeline']}' (T={compiled['T']}{stopped}): "
+               f"{compiled['nodes']} nodes, spike-driven coverage {format_coverage(cov)} of matmul MACs "
                f"({len(cov['analog_sites'])} analog matmul sites)")
-    _print_reports(program.info.passes[start:])
+    _print_reports(compiled["passes"])
 
 
-def _print_fidelity(program, prepared, eval_tokens: int) -> None:
-    """Fidelity against the ANN and a profile summary, on held-out text; a continued compile
-    has no ANN at hand (`prepared` None): its profile only."""
+def _fidelity(program, prepared, eval_tokens: int, as_json: bool) -> dict:
+    """Fidelity against the ANN and a profile summary, on held-out text (printed unless
+    `as_json`); a continued compile has no ANN at hand (`prepared` None): its profile only."""
     from snncc.blockwise import ann_outputs
     from snncc.evaluate import evaluate
     from snncc.render import print_eval, print_profile_summary
 
     chunks = _eval_chunks(program.tokenizer, None, eval_tokens, 128, program.info.max_positions)
+    report = {}
     if prepared is None:
         click.echo("(no fidelity check: a continued compile does not load the ANN; `snncc eval` compiles and "
-                   "checks in one go)")
+                   "checks in one go)", err=as_json)
     else:
         loaded, ann, _ = prepared
-        print_eval(evaluate(program, ann_outputs(loaded, ann, chunks, _progress()), chunks, progress=_progress()))
-    print_profile_summary(program.profile(chunks[0]))
+        report["fidelity"] = evaluate(program, ann_outputs(loaded, ann, chunks, _progress()), chunks,
+                                      progress=_progress())
+        if not as_json:
+            print_eval(report["fidelity"])
+    profile = program.profile(chunks[0])
+    report["profile"] = profile.totals()
+    if not as_json:
+        print_profile_summary(profile)
+    return report
 
 
 def _print_reports(records: list[dict]) -> None:
@@ -545,6 +614,8 @@ def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib,
         _check_output_path(checkpoint, "--checkpoint")
         if plot:
             _check_output_path(plot, "--plot")
+    if plot:
+        require("matplotlib", "--plot")  # a missing package is no usage error (exit 1), but say so before the work
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, pipeline)
     _print_reports(program.info.passes)
@@ -582,24 +653,25 @@ def _check_spec_paths(**paths: str | None) -> None:
 @_fail_cleanly
 def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, seq_len, as_json, budget, dtype,
              device_map, max_memory, offload_folder):
-    """Fidelity of MODEL's spiking program vs the ANN on held-out text: prose, source code and
-    technical documentation (each, and the worst), or --text."""
-    from snncc.api import compile_graph
+    """Fidelity of MODEL's spiking program (or of an .snn artifact) vs the ANN on held-out text:
+    prose, source code and technical documentation (each, and the worst), or --text."""
     from snncc.blockwise import ann_outputs
     from snncc.calibration import HELDOUT_TEXTS
     from snncc.evaluate import evaluate, worst_of
     from snncc.render import print_domains, print_eval
 
     with _arguments():
-        pipeline = _check_model_options(passes, _budget_T(T, budget), calib, calib_tokens, device)
-        _check_budget(budget, pipeline)
+        pipeline = _check_program_options(model, passes, _budget_T(T, budget), calib, calib_tokens, device)
+        if pipeline is None and (budget or _given("dtype")):
+            raise InputError(f"'{model}' is compiled already: --budget and --dtype compile a model; drop them")
+        if pipeline is not None:
+            _check_budget(budget, pipeline)
         _check_at_least("--max-tokens", max_tokens, 2)
         _check_at_least("--seq-len", seq_len, 2)
         if text:
             _check_text_file(text, max_tokens)
         placement = _check_placement(device_map, max_memory, offload_folder, device)
-    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    program = compile_graph(loaded, ann, ctx, pipeline, device=device, dtype=_dtype(dtype), budget=budget)
+    loaded, ann, program = _program_and_ann(model, pipeline, calib, calib_tokens, device, budget, dtype)
     if placement:
         program.place(**placement)
     texts = {"text": Path(text)} if text else HELDOUT_TEXTS
@@ -623,6 +695,29 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
         print_domains(results, worst)
 
 
+def _program_and_ann(model, pipeline, calib, calib_tokens, device, budget=None, dtype="auto"):
+    """(LoadedModel, ANN graph, program): MODEL compiled with `pipeline`, or an artifact
+    (`pipeline` None) with the model it was compiled from, loaded by the name it records."""
+    if pipeline is None:
+        import snncc
+        from snncc.errors import ModelError
+        from snncc.frontend import trace
+        from snncc.models import load_model
+
+        program = snncc.load(model, device=device, progress=_progress())
+        click.echo(f"comparing with {program.info.model}, the model '{model}' names as its source", err=True)
+        try:
+            loaded = load_model(program.info.model)
+        except ModelError as exc:
+            raise ModelError(f"'{model}' was compiled from '{program.info.model}', which cannot be loaded here to "
+                             f"compare with ({exc}): evaluate the model itself with --passes") from None
+        return loaded, trace(loaded), program
+    from snncc.api import compile_graph
+
+    loaded, ann, ctx = _prepare(model, calib, calib_tokens)
+    return loaded, ann, compile_graph(loaded, ann, ctx, pipeline, device=device, dtype=_dtype(dtype), budget=budget)
+
+
 # --- debug --------------------------------------------------------------------------------
 
 
@@ -634,14 +729,17 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
 @click.option("--text", type=click.Path(dir_okay=False), default=None, help=HELDOUT_HELP)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="also draw error, agreement and coverage per pass into this PNG")
+@_json_option
 @_fail_cleanly
-def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
+def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot, as_json):
     """Run the pipeline pass by pass: time, nodes, coverage and error vs the ANN after each."""
     from snncc.api import compile_graph
     from snncc.atomic import atomic_dir
     from snncc.debug import PassTable
 
     with _arguments():
+        if _source_kind(model) == ARTIFACT:
+            raise InputError(f"'{model}' is compiled already; debug runs the passes one by one: give its model")
         pipeline = _check_model_options(passes, T, calib, calib_tokens, device)
         if text:
             _check_text_file(text, 128)
@@ -649,16 +747,23 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
             _check_output_path(dump, "--dump", directory=True)
         if plot:
             _check_output_path(plot, "--plot")
+    if plot:
+        require("matplotlib", "--plot")
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     sample = _eval_chunks(loaded.tokenizer, text, 128, 128, loaded.max_positions)[0]
     # The dump appears file by file when complete; if a pass fails, the passes before it stay.
     with atomic_dir(dump, keep_partial=True) if dump else contextlib.nullcontext() as dump_dir:
         table = PassTable(loaded, sample, dump_dir, device)
         program = compile_graph(loaded, ann, ctx, pipeline, debug=True, instrument=table, device=device)
-    table.print()
+    if as_json:
+        click.echo(json.dumps({"model": loaded.name, "pipeline": program.info.pipeline, "T": program.T,
+                               "agreement": table.metric, "passes": [vars(row) for row in table.rows],
+                               "sites": [{"pass": name, **site} for name, site in table.sites]}, indent=1))
+    else:
+        table.print()
     if plot:
         table.plot(Path(plot), f"{loaded.name} '{passes}' T={program.T}: pass by pass")
-        click.echo(f"wrote {plot}")
+        click.echo(f"wrote {plot}", err=as_json)
 
 
 # --- inspect ------------------------------------------------------------------------------
@@ -666,29 +771,36 @@ def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot):
 
 @main.command("inspect")
 @click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="print the inventory as JSON")
+@click.option("--wide", is_flag=True, help="every pass's column and every source module (wider than 100 columns)")
+@_json_option
 @_fail_cleanly
-def inspect_cmd(model, as_json):
-    """Op inventory of MODEL (or of an .snn artifact) and what each pipeline lowers."""
+def inspect_cmd(model, wide, as_json):
+    """What an .snn artifact is (model, pipeline, T, coverage, passes, versions) and its ops; or
+    MODEL's ops (a builtin name, a model directory, a Hugging Face id or an .onnx file) and what
+    each pipeline lowers."""
     from snncc.inventory import artifact_inventory, model_inventory
     from snncc.render import print_inventory
 
-    inventory = artifact_inventory(Path(model)) if model.endswith(".snn") or Path(model).is_file() \
-        else model_inventory(model)
+    with _arguments():
+        kind = _source_kind(model)
+        if kind == ARTIFACT:
+            _check_artifact(model)
+    inventory = artifact_inventory(Path(model)) if kind == ARTIFACT else model_inventory(model)
     if as_json:
         click.echo(json.dumps(inventory, indent=1))
     else:
-        print_inventory(inventory)
+        print_inventory(inventory, wide)
 
 
 # --- run / profile --------------------------------------------------------------------------
 
 
 @main.command("run")
-@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("--prompt", required=True, help="text to continue")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True,
+              help="stop after this many new tokens, or where the model ends its text")
+@_model_options
 @click.option("--backend", type=click.Choice(["reference", "event"]), default="reference", show_default=True,
               help="dense reference executor, or event-driven execution (CPU) with a progress bar over time steps")
 @click.option("--cache/--no-cache", default=True, show_default=True,
@@ -698,46 +810,60 @@ def inspect_cmd(model, as_json):
 @click.option("--compile", "compiled", is_flag=True,
               help="reference backend: run through torch.compile (the same tokens, faster per token after a "
                    "first compile that takes minutes on a large model; torch caches it on disk)")
+@_json_option
 @_placement_options
 @_fail_cleanly
-def run_cmd(artifact, prompt, max_new_tokens, device, backend, cache, compiled, device_map, max_memory,
-            offload_folder):
-    """Generate text greedily with a compiled artifact."""
-    import snncc
-
+def run_cmd(model, prompt, max_new_tokens, passes, T, calib, calib_tokens, device, backend, cache, compiled, as_json,
+            device_map, max_memory, offload_folder):
+    """Generate text greedily with an .snn artifact, or with MODEL compiled with --passes
+    (a builtin name, a model directory, a Hugging Face id or an .onnx file)."""
     with _arguments():
         _check_at_least("--max-new-tokens", max_new_tokens, 1)
         _check_prompt(prompt)
-        _check_device(device)
+        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
         placement = _check_placement(device_map, max_memory, offload_folder, device, backend)
         if compiled and (backend != "reference" or placement):
             raise InputError("--compile runs the reference backend on one device: drop --backend event "
                              "and --device-map, or --compile")
-        _check_artifact(artifact)
-    program = snncc.load(artifact, device=device, backend=backend, progress=_progress(), **placement)
+    program = _program(model, pipeline, calib, calib_tokens, device, placement, backend)
     if compiled:
         program.compile()
-    progress = _progress() and backend == "reference"
-    click.echo(prompt + program.generate(prompt, max_new_tokens, progress=progress, cache=cache))
+    progress = _progress()  # the event backend's per-run bar keeps quiet while generating
+    continuation = program.generate_text(prompt, max_new_tokens, progress=progress, cache=cache)
+    if as_json:
+        click.echo(json.dumps({"model": program.info.model, "pipeline": program.info.pipeline, "T": program.T,
+                               "prompt": prompt, "continuation": continuation}, indent=1))
+    else:
+        click.echo(prompt + continuation)
 
 
-def _program(model, pipeline, calib, calib_tokens, device="cpu", placement=None):
+def _program(model, pipeline, calib, calib_tokens, device="cpu", placement=None, backend="reference"):
     """The spiking program of an .snn artifact (`pipeline` None), or MODEL compiled with the
     pipeline; placed by `placement` (_check_placement) where it has a device map."""
     if pipeline is None:
         import snncc
 
-        return snncc.load(model, device=device, **(placement or {}))
+        return snncc.load(model, device=device, backend=backend, progress=_progress(), **(placement or {}))
     from snncc.api import compile_graph
+    from snncc.program import SpikingProgram
 
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, pipeline, device=device)
+    if backend != "reference":
+        program = SpikingProgram(program.graph_module, program.info, program.tokenizer, backend=backend,
+                                 progress=_progress())
     return program.place(**placement) if placement else program
 
 
 def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pipeline | None:
-    """What _program will need: an existing artifact (None), or options that compile MODEL (its pipeline)."""
-    if model.endswith(".snn"):
+    """What _program will need: an existing artifact (None; then compile options are refused),
+    or options that compile MODEL (its pipeline)."""
+    if _source_kind(model) == ARTIFACT:
+        given = [f"--{name.replace('_', '-')}" if name != "T" else "-T"
+                 for name in ("passes", "T", "calib", "calib_tokens") if _given(name)]
+        if given:
+            raise InputError(f"'{model}' is compiled already: {' and '.join(given)} would compile a model; drop "
+                             f"{'them' if len(given) > 1 else 'it'}, or give the model")
         _check_device(device)
         _check_artifact(model)
         return None
@@ -768,6 +894,8 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
         placement = _check_placement(device_map, max_memory, offload_folder, device)
         if plot:
             _check_output_path(plot, "--plot")
+    if plot:
+        require("matplotlib", "--plot")
     program = _program(model, pipeline, calib, calib_tokens, device, placement)
     ids = program.tokenizer.encode(prompt)
     if not ids:
@@ -794,54 +922,102 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
               help="onnx: standard opset only (neurons as Loops over time); onnx-snn: spiking ops as 'snn' domain "
                    "nodes with the function library that defines them; nir: the IF neurons and the synapses they "
                    "feed (what NIR can express), the rest listed")
-@click.option("-o", "--output", required=True, help="file to write, e.g. model.onnx")
+@click.option("-o", "--output", required=True,
+              help="file to write, e.g. dir/model.onnx; ONNX writes beside it the tokenizer, a README.md and "
+                   "model.snncc.json (metadata)")
 @click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="weights in OUTPUT.data beside the model (auto: when the model would pass protobuf's 2 GB)")
 @click.option("--verify-tokens", type=int, default=16, show_default=True,
               help="run the file (onnxruntime; nirtorch for NIR) on this many held-out tokens and compare with "
-                   "the reference executor (0: skip)")
+                   "the reference executor (0: skip); beyond --atol/--rtol the export fails (exit 1; the files "
+                   "stay)")
+@click.option("--atol", type=float, default=None,
+              help="the verification fails where |output - reference| > ATOL + RTOL x |reference| anywhere, as "
+                   "optimum-cli's does [default: " + ", ".join(f"{f.upper()} {a:g}" for f, (a, _) in
+                                                               EXPORT_TOLERANCES.items()) + "]")
+@click.option("--rtol", type=float, default=None,
+              help="relative tolerance of the verification (see --atol) [default: "
+                   + ", ".join(f"{f.upper()} {r:g}" for f, (_, r) in EXPORT_TOLERANCES.items()) + "]")
 @_fail_cleanly
-def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, external_data, verify_tokens):
+def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, external_data, verify_tokens, atol, rtol):
     """Export an .snn artifact (or MODEL compiled with --passes) to ONNX or NIR."""
+    from snncc.errors import ExportError
+
     with _arguments():
         _check_at_least("--verify-tokens", verify_tokens, 0)
+        for option, value in (("--atol", atol), ("--rtol", rtol)):
+            if value is not None and not 0 <= value < float("inf"):
+                raise InputError(f"{option} must be a number >= 0, got {value}")
         pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
+        if fmt == "nir" and pipeline is not None:
+            from snncc.backends.nir import refusal
+
+            refused = refusal(pipeline)  # a compile whose program NIR cannot take is not started
+            if refused:
+                raise InputError(refused)
         out_path = _check_output_path(output)
+    _check_export_packages(fmt, verify_tokens > 0)
     program = _program(model, pipeline, calib, calib_tokens, device)
     sample = _eval_chunks(program.tokenizer, None, max(verify_tokens, 2), max(verify_tokens, 2),
                           program.info.max_positions)[0] if verify_tokens else None
+    default_atol, default_rtol = EXPORT_TOLERANCES["nir" if fmt == "nir" else "onnx"]
+    atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
     if fmt == "nir":
-        _export_nir(program, out_path, sample)
+        check, runtime, written = _export_nir(program, out_path, sample, atol, rtol), "nirtorch", f"{out_path} stays"
     else:
-        _export_onnx(program, out_path, fmt, external_data, sample)
+        check = _export_onnx(program, out_path, fmt, external_data, sample, atol, rtol)
+        runtime, written = "onnxruntime", f"{out_path} and the files beside it stay"
+    if check is not None and not check.passed:
+        raise ExportError(f"verification failed: {runtime} differs from the reference executor by up to "
+                          f"{check.max_abs_error:.2e} (max abs error; {check.mismatched} of {check.values} values "
+                          f"beyond --atol {atol:g} + --rtol {rtol:g} x |reference|); {written} written: relax "
+                          "--atol/--rtol to accept the export")
 
 
-def _export_nir(program, out_path, sample) -> None:
+def _check_export_packages(fmt: str, verify: bool) -> None:
+    """Name a missing optional package before anything is compiled for the export."""
+    writer, runner = ((("nir",), ("nirtorch",)) if fmt == "nir"
+                      else (("onnx", "onnx_ir", "onnxscript"), ("onnxruntime",)))  # onnxscript imports onnx_ir
+    for module in writer:
+        require(module, f"export --format {fmt}")
+    for module in runner if verify else ():
+        require(module, "export's check of the file (--verify-tokens 0 skips it)")
+
+
+def _export_nir(program, out_path, sample, atol, rtol):
+    """Write the NIR file; its verification (a Comparison), or None."""
     from snncc.backends.nir import to_nir, verify_nir, write_nir
 
     export = to_nir(program)
     write_nir(export, out_path)
     click.echo(f"snncc: warning: {export.summary()}", err=True)
     click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {len(export.graph.nodes)} NIR nodes)")
-    if sample is not None:
-        error = verify_nir(program, export, out_path, sample)
-        click.echo(f"read back with nir; nirtorch vs the reference executor at the {len(export.synapses)} synapse "
-                   f"outputs on {sample.shape[-1]} held-out tokens: max relative error {error:.2e}")
+    if sample is None:
+        return None
+    check = verify_nir(program, export, out_path, sample, atol, rtol)
+    click.echo(f"read back with nir; nirtorch vs the reference executor at the {len(export.synapses)} synapse "
+               f"outputs on {sample.shape[-1]} held-out tokens: {check.summary()}")
+    return check
 
 
-def _export_onnx(program, out_path, fmt, external_data, sample) -> None:
-    from snncc.backends.onnx import check_onnx, export_onnx, verify_onnx
+def _export_onnx(program, out_path, fmt, external_data, sample, atol, rtol):
+    """Write the ONNX bundle (snncc.backends.bundle); its verification (a Comparison), or None."""
+    from snncc.backends.bundle import export_bundle
 
     external = {"auto": None, "always": True, "never": False}[external_data]
-    report = export_onnx(program, out_path, fmt, external)
-    check_onnx(out_path)
+    bundle = export_bundle(program, out_path, fmt, external, sample, atol, rtol)
+    report = bundle.report
     data = f" + {report.external_data.name}" if report.external_data else ""
     click.echo(f"wrote {out_path}{data} ({report.bytes / 2**20:.1f} MiB, {report.nodes} nodes, "
                f"{report.seconds:.1f} s); onnx.checker passed")
-    if sample is not None:
-        error = verify_onnx(program, out_path, sample)
+    click.echo(f"beside it: {', '.join(f.name for f in bundle.files if f not in (report.path, report.external_data))}")
+    if bundle.readme_kept is not None:
+        click.echo(f"snncc: warning: kept {bundle.readme_kept}, which snncc did not write: the export's README is "
+                   "not written", err=True)
+    if bundle.verification is not None:
         click.echo(f"onnxruntime vs the reference executor on {sample.shape[-1]} held-out tokens: "
-                   f"max relative error {error:.2e}")
+                   f"{bundle.verification.summary()}")
+    return bundle.verification
 
 
 if __name__ == "__main__":

@@ -59,13 +59,17 @@ def graph_inventory(gm: fx.GraphModule) -> dict:
             "no_pass_lowers": [{"op": r["op"], "sources": r["sources"]} for r in unlowerable]}
 
 
-def model_inventory(model: str) -> dict:
-    """Trace `model` (no calibration) and inventory its ANN graph."""
+def model_inventory(model: str, progress: bool | None = None) -> dict:
+    """Trace `model` (no calibration) and inventory its ANN graph; `progress` (snncc.progress;
+    None: on a terminal) shows the load and the trace on stderr."""
     from snncc.frontend import trace
     from snncc.models import load_model
+    from snncc.progress import phase
 
-    loaded = load_model(model)
-    inventory = graph_inventory(trace(loaded))
+    with phase(f"loading {model}", progress, f"loaded {model}"):
+        loaded = load_model(model)
+    with phase(f"tracing {loaded.name}", progress, f"traced {loaded.name}"):
+        inventory = graph_inventory(trace(loaded))
     inventory["model"] = loaded.name
     return inventory
 
@@ -73,9 +77,15 @@ def model_inventory(model: str) -> dict:
 def artifact_inventory(path: Path) -> dict:
     """Inventory of a compiled artifact's graph, with its manifest facts."""
     import snncc
+    from snncc.artifact import artifact_versions
 
     program = snncc.load(path)
+    info = program.info
     inventory = graph_inventory(program.graph_module)
-    inventory.update(model=program.info.model, pipeline=program.info.pipeline, T=program.info.T,
-                     coverage=program.info.coverage.get("coverage"))
+    inventory.update(model=info.model, pipeline=info.pipeline, T=info.T, coverage=info.coverage.get("coverage"),
+                     manifest={"task": info.task, "weights": info.dtype, "max_positions": info.max_positions,
+                               "vocab_size": info.vocab_size, "coverage": info.coverage,
+                               "passes": [{"name": r["name"], "seconds": r["seconds"]} for r in info.passes],
+                               "remaining": info.remaining, "calibration": info.calibration,
+                               "budget": info.precision.get("budget"), **artifact_versions(path)})
     return inventory

@@ -227,11 +227,13 @@ def default_T(spec: str) -> int:
 
 def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
     """Turn `las`, `none` or `encode{T=8},...` into pass instances, checking names and order.
-    T None means the pipeline's default (default_T)."""
+    T None means the pipeline's default (default_T); a T given and a pass's own T= that
+    differs are refused (which one was meant?)."""
+    given_T = T
     T = default_T(spec) if T is None else T
     validate_T(T)
     if not spec or not spec.strip():
-        raise PipelineError("empty --passes: give a pipeline (" + ", ".join(PIPELINES) + ") or pass names")
+        raise PipelineError("empty pipeline: give a pipeline name (" + ", ".join(PIPELINES) + ") or pass names")
     passes: list[Pass] = []
     pipeline_members: dict[int, dict[str, str]] = {}  # position of a pass a pipeline brought -> its options
     for item in _split_items(spec):
@@ -244,6 +246,9 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
             raise PipelineError(f"options of '{name}' must be key=value pairs, got {{{opts}}}")
         if name in PASSES:
             options = {k.strip(): v.strip() for k, v in options.items()}
+            if given_T is not None and "T" in options and options["T"] != str(given_T):
+                raise PipelineError(f"T={given_T} was given and pass '{name}' sets its own T={options['T']}: "
+                                    "give one of them")
             from_pipeline = [i for i, p in enumerate(passes) if p.name == name and i in pipeline_members]
             if from_pipeline:  # `fas,qcfs{steps=600}`: set options of a pass the pipeline brought
                 i = from_pipeline[0]
@@ -288,12 +293,13 @@ class Pipeline:
 
     def after(self, name: str | None, option: str) -> int:
         """How many passes run up to and including pass `name` (0 for None): where to stop, or
-        where a compile continued from a saved program starts."""
+        where a compile continued from a saved program starts. `option` ("start after", "stop
+        after") names the request in the error for a pass the pipeline lacks."""
         if name is None:
             return 0
         names = [p.name for p in self.passes]
         if name not in names:
-            raise PipelineError(f"{option} '{name}': no such pass in '{self.spec}' (its passes: "
+            raise PipelineError(f"cannot {option} '{name}': no such pass in '{self.spec}' (its passes: "
                                 f"{', '.join(names) or 'none'})")
         return names.index(name) + 1
 
@@ -406,54 +412,68 @@ class PassManager:
 
     In debug mode it also checks each pass's contracts: `modified` tells the truth, every op
     the pass made disappear is in its `lowers` (check_lowers), and `run` left the pass's own
-    fields as they were (passes are stateless)."""
+    fields as they were (passes are stateless).
 
-    def __init__(self, passes: list[Pass], debug: bool = False, instrument: Instrument | None = None):
+    `progress` (snncc.progress): a bar over the passes naming the one running; `on_pass`: told
+    each pass as it starts instead (a block-by-block compile names it on its block bar)."""
+
+    def __init__(self, passes: list[Pass], debug: bool = False, instrument: Instrument | None = None,
+                 progress: bool | None = False, on_pass: Callable[[Pass], None] | None = None):
         self.passes = passes
         self.debug = debug
         self.instrument = instrument
+        self.progress = progress
+        self.on_pass = on_pass
         self.records: list[PassRecord] = []
         self.context: CalibrationContext | None = None  # what the last pass handed on (snncc.resume keeps it)
 
     def run(self, gm: fx.GraphModule, ctx: CalibrationContext) -> fx.GraphModule:
         from snncc.ir.verify import verify
+        from snncc.progress import bar
 
         ctx.forget_pass_records()
         check_weights(gm)
         if self.instrument:
             self.instrument(None, gm, None, [])
-        for p in self.passes:
-            existing = set(gm.graph.nodes)
-            if self.debug:
-                before, ops_before, fields_before = graph_fingerprint(gm), computing_ops(gm), dict(vars(p))
-            start = time.perf_counter()
-            try:
-                result = p.run(gm, ctx)
-            except PipelineError:
-                raise
-            except Exception as exc:
-                done = ", ".join(r.name for r in self.records) or "none"
-                raise PipelineError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); "
-                                    f"passes already run: {done}") from exc
-            gm = result.graph_module
-            ctx = result.context or ctx
-            stamp_provenance(gm, existing, p.name)
-            gm.graph.lint()
-            gm.recompile()
-            if self.debug:
-                if (graph_fingerprint(gm) != before) != result.modified:
-                    raise PipelineError(f"pass '{p.name}' reported modified={result.modified}, "
-                                        "but the graph says otherwise")
-                check_lowers(p, ops_before, gm)
-                if dict(vars(p)) != fields_before:
-                    raise PipelineError(f"pass '{p.name}' changed its own fields while running: passes must be "
-                                        "stateless (return what a run measured in its PassResult)")
-            verify(gm)
-            record = PassRecord(p.name, p.options(), time.perf_counter() - start, result.modified,
-                                len(gm.graph.nodes), result.report)
-            self.records.append(record)
-            log.info("pass %s: %.2fs, modified=%s", p.name, record.seconds, record.modified)
-            if self.instrument:
-                self.instrument(p, gm, record, result.sites)
+        with bar(total=len(self.passes), desc="passes", progress=self.progress if self.on_pass is None else False,
+                 unit="pass", leave=True) as shown:
+            for p in self.passes:
+                shown.set_postfix_str(p.name)
+                if self.on_pass:
+                    self.on_pass(p)
+                existing = set(gm.graph.nodes)
+                if self.debug:
+                    before, ops_before, fields_before = graph_fingerprint(gm), computing_ops(gm), dict(vars(p))
+                start = time.perf_counter()
+                try:
+                    result = p.run(gm, ctx)
+                except PipelineError:
+                    raise
+                except Exception as exc:
+                    done = ", ".join(r.name for r in self.records) or "none"
+                    raise PipelineError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); "
+                                        f"passes already run: {done}") from exc
+                gm = result.graph_module
+                ctx = result.context or ctx
+                stamp_provenance(gm, existing, p.name)
+                gm.graph.lint()
+                gm.recompile()
+                if self.debug:
+                    if (graph_fingerprint(gm) != before) != result.modified:
+                        raise PipelineError(f"pass '{p.name}' reported modified={result.modified}, "
+                                            "but the graph says otherwise")
+                    check_lowers(p, ops_before, gm)
+                    if dict(vars(p)) != fields_before:
+                        raise PipelineError(f"pass '{p.name}' changed its own fields while running: passes must be "
+                                            "stateless (return what a run measured in its PassResult)")
+                verify(gm)
+                record = PassRecord(p.name, p.options(), time.perf_counter() - start, result.modified,
+                                    len(gm.graph.nodes), result.report)
+                self.records.append(record)
+                log.info("pass %s: %.2fs, modified=%s", p.name, record.seconds, record.modified)
+                if self.instrument:
+                    self.instrument(p, gm, record, result.sites)
+                shown.update()
+            shown.set_postfix_str("")
         self.context = ctx
         return gm

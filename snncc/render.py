@@ -7,10 +7,13 @@ import click
 from snncc.profile import Profile
 
 
-def print_table(header: list[str], rows: list[list]) -> None:
-    """A left-aligned text table."""
+def print_table(header: list[str], rows: list[list], max_width: int | None = None) -> None:
+    """A left-aligned text table; with `max_width`, its last column cut to fit."""
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    if max_width is not None:
+        widths[-1] = max(len(header[-1]), min(widths[-1], max_width - sum(widths[:-1]) - 2 * (len(widths) - 1)))
+        cells = [row[:-1] + [_fitted(row[-1], widths[-1])] for row in cells]
     for i, row in enumerate(cells):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
@@ -77,20 +80,64 @@ def print_profile(profile: Profile) -> None:
     print_profile_summary(profile, top=0)
 
 
-def print_inventory(inventory: dict) -> None:
-    """Op table with one status column per pipeline, then the ops no pass can lower."""
-    header = ["op", "count", "kind"] + inventory["pipelines"] + ["source modules"]
+INVENTORY_WIDTH = 100  # columns `snncc inspect` keeps to (--wide: all of it)
+INVENTORY_PIPELINES = ("none", "las", "fas")
+
+
+def print_inventory(inventory: dict, wide: bool = False) -> None:
+    """An artifact's manifest, then the op table: a status column per pipeline (for an
+    artifact, compiled already, none), fitted to INVENTORY_WIDTH columns unless `wide` (then a
+    column per pass too, and every source module), then the ops no pass can lower."""
+    if "manifest" in inventory:
+        print_manifest(inventory)
+        pipelines = inventory["pipelines"] if wide else []
+    else:
+        pipelines = inventory["pipelines"] if wide else [p for p in INVENTORY_PIPELINES if p in inventory["pipelines"]]
+    header = ["op", "count", "kind"] + pipelines + ["source modules"]
     rows = []
     for row in inventory["ops"]:
-        statuses = [row["status"][p] if row["kind"] == "arithmetic" else "-" for p in inventory["pipelines"]]
-        sources = ", ".join(row["sources"][:3]) + (f" (+{len(row['sources']) - 3})" if len(row["sources"]) > 3 else "")
+        statuses = [row["status"][p] if row["kind"] == "arithmetic" else "-" for p in pipelines]
+        shown = row["sources"] if wide else row["sources"][:2]
+        sources = ", ".join(shown) + (f" (+{len(row['sources']) - len(shown)})" if len(row["sources"]) > len(shown)
+                                      else "")
         rows.append([row["op"], row["count"], row["kind"], *statuses, sources])
-    click.echo(f"op inventory of {inventory['model']}:")
-    print_table(header, rows)
+    click.echo(f"op inventory of {inventory['model']}" + (" (--wide: every pass and source module)" if not wide
+                                                          else "") + ":")
+    print_table(header, rows, None if wide else INVENTORY_WIDTH)
     if inventory["no_pass_lowers"]:
         click.echo("arithmetic no pass can lower yet (stays analog, listed by the verifier):")
         for item in inventory["no_pass_lowers"]:
-            click.echo(f"  {item['op']}: {', '.join(item['sources'])}")
+            click.echo(_fitted(f"  {item['op']}: {', '.join(item['sources'])}", None if wide else INVENTORY_WIDTH))
+
+
+def print_manifest(inventory: dict) -> None:
+    """What an artifact is: its model, pipeline, T, coverage, passes and versions."""
+    from snncc.ir.verify import format_coverage
+
+    manifest = inventory["manifest"]
+    facts = {
+        "model": f"{inventory['model']} ({manifest['task']}, {manifest['vocab_size']} token ids, at most "
+                 f"{manifest['max_positions']} positions)",
+        "pipeline": f"'{inventory['pipeline']}', T={inventory['T']}" + (f", budget {manifest['budget']}"
+                                                                        if manifest["budget"] else ""),
+        "coverage": f"{format_coverage(manifest['coverage'])} of matmul MACs spike-driven "
+                    f"({len(manifest['coverage'].get('analog_sites', []))} analog matmul sites)",
+        "passes": ", ".join(f"{p['name']} {p['seconds']:.1f} s" for p in manifest["passes"]) or "none",
+        "weights": manifest["weights"],
+        "calibration": f"{manifest['calibration'].get('tokens', '?')} tokens of "
+                       f"{manifest['calibration'].get('source', '?')}",
+        "written by": f"snncc {manifest['snncc_version']}, torch {manifest['torch_version']} (artifact format "
+                      f"{manifest['format_version']})",
+    }
+    if manifest["remaining"]:
+        facts["to run"] = ", ".join(manifest["remaining"]) + " (stopped part-way)"
+    for key, value in facts.items():
+        click.echo(_fitted(f"{key + ':':13s}{value}", INVENTORY_WIDTH))
+    click.echo("")
+
+
+def _fitted(text: str, width: int | None) -> str:
+    return text if width is None or len(text) <= width else text[:width - 1] + "…"
 
 
 def print_precision(precision: dict) -> None:
