@@ -14,15 +14,15 @@ BACKENDS = ("reference", "event")
 
 
 def create_executor(gm: fx.GraphModule, backend: str = "reference", device: str | torch.device = "cpu",
-                    mode: str = "fused", progress: bool = False, device_map: str | Mapping | None = None,
+                    mode: str = "fused", progress: bool | None = None, device_map: str | Mapping | None = None,
                     max_memory: Mapping | None = None, offload_folder: str | Path | None = None,
                     compiled: bool = False):
     """An object that runs `gm` on token ids: `executor(input_ids) -> outputs`. With a
     `device_map`, the reference backend runs it placed by accelerate (snncc.backends.placed).
     `compiled`: the reference backend runs through torch.compile (snncc.backends.compiled)."""
     if compiled and (backend != "reference" or device_map is not None):
-        raise InputError("torch.compile runs the reference backend on one device: drop --compile, "
-                         "or use --backend reference without --device-map")
+        raise InputError("torch.compile runs the reference backend on one device: run without torch.compile, "
+                         "or use the reference backend without a device map")
     if device_map is not None:
         return _placed_executor(gm, backend, device, mode, device_map, max_memory, offload_folder)
     if backend == "reference":
@@ -33,7 +33,7 @@ def create_executor(gm: fx.GraphModule, backend: str = "reference", device: str 
         from snncc.backends.event import EventBackend
 
         if torch.device(device).type != "cpu":
-            raise InputError(f"the event backend runs on the CPU, not '{device}': use --device cpu")
+            raise InputError(f"the event backend runs on the CPU, not '{device}': use the CPU (device 'cpu')")
         return EventBackend(gm, progress)
     raise InputError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
 
@@ -43,7 +43,7 @@ def _placed_executor(gm: fx.GraphModule, backend: str, device: str | torch.devic
     """A PlacedExecutor, where the backend and device leave the placement to the map."""
     if backend != "reference":
         raise InputError(f"a device map places the reference backend, not the {backend} backend: "
-                         "use --backend reference or drop --device-map")
+                         "use the reference backend, or no device map")
     if torch.device(device).type != "cpu":
         raise InputError(f"give a device ('{device}') or a device map, not both: the map says where each stage runs")
     from snncc.backends.placed import PlacedExecutor

@@ -19,12 +19,12 @@ and a handler missing for any entry stops this module from loading.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from tqdm import tqdm
 
 from snncc.ir.analysis import data_dependent_nodes, matmul_like, site_macs
 from snncc.ir.ops import (
@@ -44,7 +44,8 @@ from snncc.ir.ops import (
     table_value,
     uncodable,
 )
-from snncc.ir.spec import SOURCE, TorchKernel, event_gaps, require_covered, spec_of, train_steps
+from snncc.ir.spec import TorchKernel, event_gaps, require_covered, spec_of
+from snncc.progress import bar
 
 _EVENT_CHUNK_ELEMENTS = 1 << 22  # events x fan-out gathered at once: bounds scratch memory
 
@@ -118,17 +119,20 @@ class EventExecutor(fx.Interpreter):
     """Interprets the graph; `snn` ops run as event-driven neurons and synapses (or, where
     their spec says so, as their torch kernel on dense tensors)."""
 
-    def __init__(self, gm: fx.GraphModule, progress: bool = False):
+    def __init__(self, gm: fx.GraphModule, progress: bool | None = False):
         super().__init__(gm)
         self.counts = EventCounts()
         self.dependent = data_dependent_nodes(gm.graph)
-        spiking = [n for n in gm.graph.nodes if n.op == "call_function" and _steps_events(_event(n.target))]
-        T = max((train_steps(n) for n in spiking if spec_of(n.target).role == SOURCE), default=0)
-        self.bar = tqdm(total=len(spiking) * T, desc="time steps", unit="step", disable=not progress, leave=False)
+        # One bar per run over the ops that run step by step, each counted once when its T steps are done.
+        self.spiking = {n for n in gm.graph.nodes if n.op == "call_function" and _steps_events(_event(n.target))}
+        self.bar = bar(total=len(self.spiking), desc="event-driven run", progress=progress, unit="op")
 
     def run_node(self, n: fx.Node):
         self.node = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        if n in self.spiking:
+            self.bar.update(1)
+        return result
 
     def call_function(self, target, args, kwargs):
         event = _event(target)
@@ -151,7 +155,6 @@ class EventExecutor(fx.Interpreter):
         for spikes in flat:
             fired = torch.nonzero(spikes).squeeze(1)
             steps.append((fired, spikes[fired].long()))
-            self.bar.update(1)
         return self._train(train.shape[1:], steps)
 
     def _shape(self, value: object) -> torch.Size | None:
@@ -173,7 +176,6 @@ class EventExecutor(fx.Interpreter):
             membrane[fired] -= threshold
             live = fired[sign[fired] != 0]  # a zero input never fires
             steps.append((live, sign[live]))
-            self.bar.update(1)
         return self._train(x.shape, _poison_events(steps, bad))
 
     @_handler
@@ -186,7 +188,6 @@ class EventExecutor(fx.Interpreter):
         for spikes in if_spikes(x, threshold, membrane, T, burst):
             fired = torch.nonzero(spikes).squeeze(1)
             steps.append((fired, spikes[fired].long()))
-            self.bar.update(1)
         return self._train(if_shape(x, threshold, membrane), steps)
 
     @_handler
@@ -218,7 +219,6 @@ class EventExecutor(fx.Interpreter):
             if exponent is not None:  # graded spikes +-2^j; POISON stays POISON
                 payload = torch.where(payload == POISON, payload, payload << exponent[fired])
             steps.append((fired, payload))
-            self.bar.update(1)
         return self._train(shape, steps)
 
     def _train(self, shape: torch.Size, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> SpikeEvents:
@@ -253,7 +253,6 @@ class EventExecutor(fx.Interpreter):
             value_a = spike_values(pay_a, torch.float64) * a.gains[t] * amp_a[idx_a]
             out.index_add_(0, idx_a, value_a * partial_b[idx_a])
             partial_a.index_add_(0, idx_a, value_a)
-            self.bar.update(1)
         self.counts.sops[self.node.name] = a.count() + b.count()
         self.counts.membrane_updates[self.node.name] = out.numel() * a.T
         return out.view(shape).to(scale_a.dtype)
@@ -273,7 +272,6 @@ class EventExecutor(fx.Interpreter):
             fired = torch.nonzero(digit).squeeze(1)
             gain = torch.ldexp(spike_values(digit[fired], torch.float64), -(exponent[fired] + t + 1).double())
             out.index_add_(0, fired, rows[fired] * gain[:, None])
-            self.bar.update(1)
         name = self.node.name
         self.counts.spikes_per_step[f"{name}_mantissa"] = [int(torch.count_nonzero(d)) for d in digits]
         self.counts.sops[name] = int(torch.count_nonzero(digits)) * rows.shape[1]
@@ -291,7 +289,6 @@ class EventExecutor(fx.Interpreter):
         for t, (idx, sign) in enumerate(events.steps):
             values = spike_values(sign, torch.float64) * events.gains[t]
             _accumulate(membranes, idx // fan_in, columns, idx % fan_in, values)
-            self.bar.update(1)
         if bias is not None:
             membranes += bias.double()
         self.counts.sops[self.node.name] = events.count() * fan_out
@@ -325,7 +322,6 @@ class EventExecutor(fx.Interpreter):
             value_a = spike_values(sign_a, torch.float64) * a.gains[t] * amp_a[idx_a]
             _accumulate(out_rows, g_a * m + i, partial_b, g_a * k + ka, value_a)  # uses P^B_t
             partial_a_t.index_put_((g_a * k + ka, i), value_a, accumulate=True)
-            self.bar.update(1)
         out = out_rows.view(groups, m, n) + out_cols.view(groups, n, m).transpose(1, 2)
         self.counts.sops[self.node.name] = a.count() * n + b.count() * m
         self.counts.membrane_updates[self.node.name] = out.numel() * a.T
@@ -368,17 +364,25 @@ require_covered("snncc.backends.event", event_gaps(_HANDLERS))
 class EventBackend:
     """Runs a program's graph event by event on the CPU; `counts` holds the last run's counts."""
 
-    def __init__(self, gm: fx.GraphModule, progress: bool = False):
+    def __init__(self, gm: fx.GraphModule, progress: bool | None = None):
         self.gm = gm.to("cpu")
-        self.progress = progress
+        self.progress = progress  # a bar over each run's spiking ops (snncc.progress); not while `quiet`
         self.counts = EventCounts()
         self.device = torch.device("cpu")
         self.mode = "exact"  # the reference mode whose outputs and counts this backend matches
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         executor = EventExecutor(self.gm, self.progress)
-        with torch.no_grad():
+        with torch.no_grad(), executor.bar:
             out = executor.run(input_ids.cpu())
-        executor.bar.close()
         self.counts = executor.counts
         return out
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No bar per run inside the block: a generation loop runs once per token and shows its own."""
+        progress, self.progress = self.progress, False
+        try:
+            yield
+        finally:
+            self.progress = progress

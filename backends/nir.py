@@ -24,6 +24,7 @@ with nothing to export.
 from __future__ import annotations
 
 import collections
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,17 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from snncc.errors import ExportError
+from snncc.errors import ExportError, require
 from snncc.ir.analysis import capture, matmul_sites, propagate_shapes
 from snncc.ir.ops import execution_mode
 from snncc.ir.rewrite import get_tensor
 from snncc.ir.spec import NIR_IF_POPULATION, NIR_SYNAPSE, nir_gaps, require_covered, spec_of
-from snncc.numerics import max_relative_error
+from snncc.numerics import EXPORT_TOLERANCES, Comparison, compare, worst
+from snncc.pipeline import DEFAULT_T
+from snncc.progress import bar, phase
+from snncc.version import __version__
 
+ATOL, RTOL = EXPORT_TOLERANCES["nir"]  # verify_nir's default tolerance, at every synapse output
 _BURST = "burst IF populations (several spikes per step; NIR's Threshold sends one)"
 _FORMS = (NIR_IF_POPULATION, NIR_SYNAPSE)  # the NIR forms this module builds (snncc.ir.spec)
 require_covered("snncc.backends.nir", nir_gaps(_FORMS))
@@ -134,7 +139,7 @@ def _add_population(gm: fx.GraphModule, node: fx.Node, spec, macs: dict, nodes: 
 
 def to_nir(program) -> NirExport:
     """The NIR graph of the program's IF populations and the synapses they feed."""
-    import nir
+    nir = require("nir", "NIR export")
 
     gm = program.graph_module
     nodes: dict = {}
@@ -157,29 +162,64 @@ def to_nir(program) -> NirExport:
         elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             export.left_out[f"analog {node.target.__name__.split('.')[0]} ops"] += 1
     if not export.populations and export.left_out[_BURST]:
-        raise ExportError(f"NIR's thresholds send one spike per step and all {export.left_out[_BURST]} IF populations "
-                          "of this program send bursts (T < the QCFS levels L): compile with "
-                          f'--passes "fas,qcfs{{L={program.T},multirange=0}}" (FAS\'s plain IF neurons at T = L, '
-                          'on every synapse input) or "fas,ifencode{burst=1}" (plain neurons, a coarser code) to '
-                          'export them')
+        raise ExportError(_burst_refusal(f"all {export.left_out[_BURST]} IF populations of this program send bursts",
+                                         program.T))
     if not export.populations:
         raise ExportError("nothing in this program can be expressed in NIR, which has rate-coded neurons and static "
                           f"synapses only ({program.info.pipeline!r} uses "
-                          f"{', '.join(r for r, _ in export.left_out.most_common(3))}, ...): compile with "
-                          "--passes fas to export its IF neurons and linear layers")
+                          f"{', '.join(r for r, _ in export.left_out.most_common(3))}, ...): {_advice(program.T)}")
+    # strings only: HDF5 gives numbers back as numpy scalars, and a reason with a '/' in it would
+    # become a nested group as a key
     export.graph = nir.NIRGraph(nodes=nodes, edges=edges,
-                                metadata={"snncc.model": program.info.model, "snncc.pipeline": program.info.pipeline,
-                                          "snncc.T": program.T, "snncc.left_out": dict(export.left_out)})
+                                metadata={"snncc.version": __version__, "snncc.model": program.info.model,
+                                          "snncc.pipeline": program.info.pipeline, "snncc.T": str(program.T),
+                                          "snncc.left_out": json.dumps(dict(export.left_out))})
     return export
 
 
-def write_nir(export: NirExport, path: str | Path) -> None:
-    """Write the graph (HDF5, nir.write) atomically."""
-    import nir
+def exporting_pipeline(T: int) -> str:
+    """A pipeline whose programs NIR takes, at T steps and at fas's default T alike: FAS with a
+    plain IF neuron at every synapse input (one spike per step: B = max(1, round(L / T)) is 1
+    for L = min(T, 8) at both)."""
+    return f"fas,qcfs{{L={min(T, DEFAULT_T['fas'])},multirange=0}}"
+
+
+def _advice(T: int) -> str:
+    return (f'compile with the pipeline "{exporting_pipeline(T)}" (FAS\'s plain IF neuron at every synapse input) '
+            'or "fas,ifencode{burst=1}" (plain neurons, a coarser code) to export IF neurons and the linear layers '
+            'they feed')
+
+
+def _burst_refusal(what: str, T: int) -> str:
+    return f"NIR's thresholds send one spike per step and {what} (T < the QCFS levels L): {_advice(T)}"
+
+
+def refusal(pipeline) -> str | None:
+    """The refusal to_nir gives every program of `pipeline` (a snncc.pipeline.Pipeline) where
+    its passes alone decide it, so that no compile is spent on a program NIR cannot take: no
+    IF neurons (no qcfs and ifencode passes), or IF neurons that all send bursts. None: only
+    the compiled program can tell."""
+    passes = {p.name: p for p in pipeline.passes}
+    if "qcfs" not in passes or "ifencode" not in passes:
+        return (f"nothing a program of the pipeline '{pipeline.spec}' holds can be expressed in NIR, which has "
+                "rate-coded neurons and static synapses only: it makes no IF neurons (no qcfs and ifencode passes); "
+                + _advice(pipeline.T))
+    ifencode = passes["ifencode"]
+    burst = ifencode.burst or max(1, round(passes["qcfs"].L / ifencode.T))  # as the ifencode pass picks it
+    if burst > 1:
+        return _burst_refusal(f"the IF neurons of the pipeline '{pipeline.spec}' at T = {ifencode.T} send bursts "
+                              f"of {burst} spikes", pipeline.T)
+    return None
+
+
+def write_nir(export: NirExport, path: str | Path, progress: bool | None = None) -> None:
+    """Write the graph (HDF5, nir.write) atomically; `progress` (snncc.progress; None: on a
+    terminal) shows it on stderr."""
+    nir = require("nir", "NIR export")
 
     from snncc.atomic import atomic_file
 
-    with atomic_file(Path(path)) as tmp:
+    with phase(f"writing {Path(path).name}", progress, f"wrote {Path(path).name}"), atomic_file(Path(path)) as tmp:
         nir.write(str(tmp), export.graph)
 
 
@@ -230,7 +270,7 @@ def _affine(node) -> torch.nn.Linear:
 def synapse_graph(graph, synapse: str):
     """The NIR subgraph of one synapse and its presynaptic population (one input, one output):
     what nirtorch runs."""
-    import nir
+    nir = require("nir", "running a NIR graph")
 
     population = next(src.removesuffix("__up") for src, dst in graph.edges
                       if dst == f"{synapse}__affine" and src.endswith("__up"))
@@ -242,8 +282,8 @@ def synapse_graph(graph, synapse: str):
 def run_synapse(graph, synapse: str, currents: torch.Tensor, T: int) -> torch.Tensor:
     """Drive a synapse's population with constant currents (..., C) for T steps in nirtorch
     (float64) and return the synapse's accumulated output."""
-    import nir
-    import nirtorch
+    nir = require("nir", "running a NIR graph")
+    nirtorch = require("nirtorch", "running a NIR graph")
 
     node_map = {nir.I: lambda n: _Integrator(n.r), nir.Threshold: lambda n: _Threshold(n.threshold),
                 nir.Scale: lambda n: _Scale(n.scale), nir.Affine: _affine}
@@ -255,11 +295,14 @@ def run_synapse(graph, synapse: str, currents: torch.Tensor, T: int) -> torch.Te
     return out
 
 
-def verify_nir(program, export: NirExport, path: str | Path, input_ids: torch.Tensor) -> float:
+def verify_nir(program, export: NirExport, path: str | Path, input_ids: torch.Tensor, atol: float = ATOL,
+               rtol: float = RTOL, progress: bool | None = None) -> Comparison:
     """Read the file back with nir, run every synapse in it with nirtorch on the currents the
-    program's IF populations receive for input_ids, and return the worst relative difference
-    from the reference executor (exact mode) at the synapse outputs."""
-    import nir
+    program's IF populations receive for input_ids, and compare the synapse outputs with the
+    reference executor's (exact mode) within atol + rtol |reference| (snncc.numerics.Comparison).
+    `progress` (snncc.progress; None: on a terminal) shows each step on stderr."""
+    nir = require("nir", "verifying a NIR export")
+    require("nirtorch", "verifying a NIR export")  # run_synapse runs each synapse in it
 
     graph = nir.read(str(path))
     if set(graph.nodes) != set(export.graph.nodes) or sorted(graph.edges) != sorted(export.graph.edges):
@@ -267,13 +310,14 @@ def verify_nir(program, export: NirExport, path: str | Path, input_ids: torch.Te
     wanted = {name for _, name in export.synapses.values()}
     nodes = {node.name: node for node in program.graph_module.graph.nodes}
     wanted |= {nodes[name].args[0].args[0].name for name in wanted}
-    with execution_mode("exact"):
+    with phase("running the reference executor (exact)", progress, "ran the reference executor"), \
+            execution_mode("exact"):
         values = capture(program.graph_module, wanted, program.check_input(input_ids))
-    worst = 0.0
-    for synapse, (_, fx_name) in export.synapses.items():
+    comparisons = []
+    for synapse, (_, fx_name) in bar(export.synapses.items(), desc="running the NIR synapses with nirtorch",
+                                     progress=progress, total=len(export.synapses), unit="synapse"):
         encoder = nodes[fx_name].args[0]
         currents = values[encoder.args[0].name]
         out = run_synapse(graph, synapse, currents.reshape(-1, currents.shape[-1]), encoder.args[3])
-        reference = values[fx_name].reshape(out.shape).double()
-        worst = max(worst, max_relative_error(out, reference))
-    return worst
+        comparisons.append(compare(out, values[fx_name].reshape(out.shape), atol, rtol))
+    return worst(comparisons)

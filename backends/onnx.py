@@ -25,23 +25,25 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from snncc.atomic import atomic_file
 from snncc.backends.onnx_functions import DOMAIN, DOMAIN_VERSION, OPS, function_library, register_schemas
-from snncc.errors import ExportError, InputError, first_line
+from snncc.errors import ExportError, InputError, first_line, require
 from snncc.ir.ops import execution_mode
 from snncc.ir.spec import OpSpec, arguments, onnx_gaps, require_covered, spec_of, specs
 from snncc.models import CAUSAL_LM
-from snncc.numerics import max_relative_error
+from snncc.numerics import EXPORT_TOLERANCES, Comparison, compare
+from snncc.progress import phase
 from snncc.version import __version__
 
 FORMATS = ("onnx", "onnx-snn")
 INPUT_NAME = "input_ids"
 PROTOBUF_LIMIT = 2 * 1024**3
+ATOL, RTOL = EXPORT_TOLERANCES["onnx"]  # verify_onnx's default tolerance
 
 require_covered("snncc.backends.onnx", onnx_gaps(OPS))
 
@@ -102,11 +104,13 @@ def _refuse_what_onnx_cannot_say(gm: torch.fx.GraphModule) -> None:
                 raise ExportError(refusal)
 
 
-def to_onnx(program, fmt: str = "onnx"):
-    """The program as an onnx_ir.Model in format `fmt` (see FORMATS)."""
+def to_onnx(program, fmt: str = "onnx", progress: bool | None = False):
+    """The program as an onnx_ir.Model in format `fmt` (see FORMATS); `progress`
+    (snncc.progress) shows its steps on stderr."""
     if fmt not in FORMATS:
         raise InputError(f"unknown ONNX format '{fmt}': use one of {', '.join(FORMATS)}")
-    import onnx_ir
+    onnx_ir = require("onnx_ir", "ONNX export")
+    require("onnxscript", "ONNX export")  # torch.onnx's exporter, and _simplify's constant folding
     from onnx_ir.passes.common import InlinePass
     from torch.export import Dim
 
@@ -120,10 +124,11 @@ def to_onnx(program, fmt: str = "onnx"):
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            exported = torch.onnx.export(
-                program.graph_module, (example,), dynamo=True, custom_translation_table=_translations(),
-                input_names=[INPUT_NAME], output_names=[output_name(info.task)], dynamic_shapes=dims,
-                opset_version=18, optimize=False, verbose=False)
+            with phase("exporting with torch.onnx", progress, "exported with torch.onnx"):
+                exported = torch.onnx.export(
+                    program.graph_module, (example,), dynamo=True, custom_translation_table=_translations(),
+                    input_names=[INPUT_NAME], output_names=[output_name(info.task)], dynamic_shapes=dims,
+                    opset_version=18, optimize=False, verbose=False)
     except ExportError:
         raise
     except Exception as exc:
@@ -137,16 +142,18 @@ def to_onnx(program, fmt: str = "onnx"):
         exporter_log.setLevel(level)
     model = exported.model
     _name_spiking_values(model, program.graph_module)
-    _simplify(model)
+    with phase("simplifying the ONNX graph", progress, "simplified the ONNX graph"):
+        _simplify(model)
     used = sorted({node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN})
     for proto in function_library(used):
         function = onnx_ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
     model.opset_imports[DOMAIN] = DOMAIN_VERSION
     if fmt == "onnx":
-        InlinePass()(model)
-        model.functions.clear()
-        _simplify(model)  # fold what the inlined bodies compute from constants
+        with phase("inlining the snn functions", progress, "inlined and simplified the snn functions"):
+            InlinePass()(model)
+            model.functions.clear()
+            _simplify(model)  # fold what the inlined bodies compute from constants
     model.metadata_props.update(metadata(program, fmt, used))
     model.producer_name, model.producer_version = "snncc", __version__
     return model
@@ -217,23 +224,36 @@ class ExportReport:
     bytes: int
     seconds: float
     nodes: int
+    inputs: list[dict] = field(default_factory=list)  # name, dtype, shape (a dim by its size or its name)
+    outputs: list[dict] = field(default_factory=list)
+    opsets: dict[str, int] = field(default_factory=dict)  # domain ('' the standard one) -> version
 
 
-def export_onnx(program, path: str | Path, fmt: str = "onnx", external_data: bool | None = None) -> ExportReport:
+def _signature(values) -> list[dict]:
+    return [{"name": v.name, "dtype": str(v.dtype.numpy()) if v.dtype is not None else None,
+             "shape": [d if isinstance(d, int) else d.value for d in v.shape] if v.shape is not None else None}
+            for v in values]
+
+
+def export_onnx(program, path: str | Path, fmt: str = "onnx", external_data: bool | None = None,
+                progress: bool | None = None) -> ExportReport:
     """Write `program` as ONNX to `path` atomically (model and external data file both or
-    neither). external_data None: only when the model would exceed protobuf's 2 GB limit."""
+    neither). external_data None: only when the model would exceed protobuf's 2 GB limit.
+    `progress` (snncc.progress; None: on a terminal) shows each step on stderr."""
     start = time.perf_counter()
     path = Path(path)
-    model = to_onnx(program, fmt)
+    model = to_onnx(program, fmt, progress)
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if external_data is None:
         external_data = weight_bytes > PROTOBUF_LIMIT * 0.9
     data_name = f"{path.name}.data" if external_data else None
-    _save_together(model, path, data_name)
+    with phase(f"writing {path.name}", progress, f"wrote {path.name}"):
+        _save_together(model, path, data_name)
     total = path.stat().st_size + ((path.parent / data_name).stat().st_size if data_name else 0)
     nodes = sum(1 for _ in model.graph.all_nodes())
     return ExportReport(path, path.parent / data_name if data_name else None, total,
-                        time.perf_counter() - start, nodes)
+                        time.perf_counter() - start, nodes, _signature(model.graph.inputs),
+                        _signature(model.graph.outputs), dict(model.opset_imports))
 
 
 def _save_together(model, path: Path, data_name: str | None) -> None:
@@ -279,13 +299,16 @@ def _restored_on_failure(file: Path, backup: Path) -> Iterator[None]:
         raise
 
 
-def check_onnx(path: str | Path) -> None:
-    """onnx.checker on the file (by path, so external data and > 2 GB models work)."""
+def check_onnx(path: str | Path, progress: bool | None = None) -> None:
+    """onnx.checker on the file (by path, so external data and > 2 GB models work); `progress`
+    (snncc.progress; None: on a terminal) shows it on stderr."""
     import onnx
 
     register_schemas()
     try:
-        onnx.checker.check_model(str(path), full_check=False)
+        with phase(f"checking {Path(path).name} with onnx.checker", progress,
+                   f"checked {Path(path).name} with onnx.checker"):
+            onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
 
@@ -294,7 +317,7 @@ class OnnxRuntimeExecutor:
     """Runs an exported model with onnxruntime on the CPU: executor(input_ids) -> outputs."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime as ort
+        ort = require("onnxruntime", "running an ONNX file")
 
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -303,12 +326,20 @@ class OnnxRuntimeExecutor:
         return torch.from_numpy(out)
 
 
-def verify_onnx(program, path: str | Path, input_ids: torch.Tensor) -> float:
-    """max |onnxruntime - reference| / max |reference| on input_ids. The reference runs in
-    `exact` mode (float64 membranes, rounded once per op), which the exported graph
-    implements; the default fused mode sums in float32 and can differ where a neuron's input
-    sits on a threshold."""
+def verify_onnx(program, path: str | Path, input_ids: torch.Tensor, atol: float = ATOL,
+                rtol: float = RTOL, progress: bool | None = None) -> Comparison:
+    """onnxruntime against the reference executor on input_ids, within atol + rtol |reference|
+    (snncc.numerics.Comparison). The reference runs in `exact` mode (float64 membranes,
+    rounded once per op), which the exported graph implements; the default fused mode sums in
+    float32 and can differ where a neuron's input sits on a threshold. `progress`
+    (snncc.progress; None: on a terminal) shows each step on stderr."""
     input_ids = program.check_input(input_ids)
-    with torch.no_grad(), execution_mode("exact"):
+    tokens = f"{input_ids.numel()} tokens"
+    with phase(f"running the reference executor (exact) on {tokens}", progress, "ran the reference executor"), \
+            torch.no_grad(), execution_mode("exact"):
         reference = program.executor.gm(input_ids.to(program.executor.device)).cpu()
-    return max_relative_error(OnnxRuntimeExecutor(path)(input_ids), reference)
+    with phase("creating the onnxruntime session", progress, "created the onnxruntime session"):
+        runtime = OnnxRuntimeExecutor(path)
+    with phase(f"running onnxruntime on {tokens}", progress, "ran onnxruntime"):
+        output = runtime(input_ids)
+    return compare(output, reference, atol, rtol)

@@ -23,9 +23,12 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import onnx
-from onnx import TensorProto, helper
-from onnx.defs import OpSchema
+from snncc.errors import require
+
+# Imported only for an ONNX export: without the `onnx` extra, importing this module (or
+# snncc.backends.onnx) raises MissingDependencyError rather than ModuleNotFoundError.
+onnx = require("onnx", "ONNX export")
+TensorProto, helper, OpSchema = onnx.TensorProto, onnx.helper, onnx.defs.OpSchema
 
 DOMAIN = "snn"
 DOMAIN_VERSION = 1

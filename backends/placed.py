@@ -228,7 +228,7 @@ def parse_max_memory(text: str) -> dict[Device, int]:
                 raise InputError(f"'{device}' is given twice")
             budget[key] = memory_size(size)
     except InputError as exc:
-        raise InputError(f"--max-memory '{text}': {exc} (give e.g. cpu=2GiB,0=20GiB)") from None
+        raise InputError(f"max memory '{text}': {exc} (give e.g. cpu=2GiB,0=20GiB)") from None
     return budget
 
 
@@ -239,29 +239,29 @@ def parse_device_map(text: str) -> str | dict[str, Device]:
         return text
     path = Path(text)
     if not path.is_file():
-        raise InputError(f"--device-map '{text}' is neither {', '.join(PLACEMENTS)} nor a JSON file")
+        raise InputError(f"device map '{text}' is neither {', '.join(PLACEMENTS)} nor a JSON file")
     if path.stat().st_size > MAX_DEVICE_MAP_BYTES:
-        raise InputError(f"--device-map '{text}' is over {MAX_DEVICE_MAP_BYTES // 2**10} KiB: not a device map")
+        raise InputError(f"device map '{text}' is over {MAX_DEVICE_MAP_BYTES // 2**10} KiB: not a device map")
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"--device-map '{text}' is not a readable JSON file ({type(exc).__name__})") from None
+        raise InputError(f"device map '{text}' is not a readable JSON file ({type(exc).__name__})") from None
     if not isinstance(entries, dict) or not entries:
-        raise InputError(f"--device-map '{text}' must hold a JSON object such as {{\"stages.0\": \"cpu\"}}")
+        raise InputError(f"device map '{text}' must hold a JSON object such as {{\"stages.0\": \"cpu\"}}")
     for key in entries:
         if not _STAGE_KEY.fullmatch(key):
-            raise InputError(f"--device-map '{text}' names '{key}': name stages stages.0, stages.1, ... ('' for all)")
+            raise InputError(f"device map '{text}' names '{key}': name stages stages.0, stages.1, ... ('' for all)")
     try:
         return {key: device_of(device) for key, device in entries.items()}
     except InputError as exc:
-        raise InputError(f"--device-map '{text}': {exc}") from None
+        raise InputError(f"device map '{text}': {exc}") from None
 
 
 def _offload_dir(owner: object, offload_folder: str | Path | None) -> str:
     """A fresh folder under `offload_folder` for the disk stages' tensors, removed with `owner`."""
     if offload_folder is None:
-        raise InputError("the device map puts stages on the disk, which needs an offload folder: give "
-                         "--offload-folder DIR (offload_folder= in Python)")
+        raise InputError("the device map puts stages on the disk, which needs an offload folder: give one "
+                         "(offload_folder)")
     try:
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         folder = tempfile.mkdtemp(prefix="snncc-offload-", dir=offload_folder)

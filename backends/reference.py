@@ -26,7 +26,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """A torch device, refusing CUDA with a clear error where none is present."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' requested but no CUDA GPU is available here: use --device cpu")
+        raise InputError(f"device '{device}' requested but no CUDA GPU is available here: use the CPU (device 'cpu')")
     return dev
 
 

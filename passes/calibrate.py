@@ -33,12 +33,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
 from snncc.finetune import Kept, distillation_loss, logits_of
 from snncc.ir.rewrite import get_tensor, rewired_copy, set_tensor
 from snncc.pipeline import AT_LEAST_ONE, DEFAULT_T, NON_NEGATIVE, POSITIVE, Pass, PassResult, option, register_pass
+from snncc.progress import bar
 
 snn = torch.ops.snn
 
@@ -215,17 +215,17 @@ class CalibratePass(Pass):
             qcfs_model(batch)
         return outputs
 
-    def _train(self, neurons: _Neurons, loss, steps: int, n_batches: int, stage: str, progress: bool,
+    def _train(self, neurons: _Neurons, loss, steps: int, n_batches: int, stage: str, progress: bool | None,
                keep_if_best) -> None:
         """Adam over the training batches in turn; keep_if_best(step) every check_every steps."""
         optimizer = torch.optim.Adam(neurons.parameters(), lr=self.lr)
-        bar = tqdm(range(steps), desc=f"calibrating ({stage}-wise)", unit="step", disable=not progress, leave=False)
-        for step in bar:
+        steps_bar = bar(range(steps), desc=f"calibrating ({stage}-wise)", progress=progress, unit="step")
+        for step in steps_bar:
             total, _, kl = loss(step % n_batches)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{float(total.detach()):.4f}", kl=f"{kl:.4f}")
+            steps_bar.set_postfix(loss=f"{float(total.detach()):.4f}", kl=f"{kl:.4f}")
             if (step + 1) % self.check_every == 0 or step + 1 == steps:
                 keep_if_best(step + 1)
 

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
 from snncc.finetune import FinetuneConfig, distillation_loss, finetune, logits_of, probe_kl
@@ -61,6 +60,7 @@ from snncc.ir.rewrite import (
     set_tensor,
 )
 from snncc.pipeline import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Domain, Pass, PassResult, option, register_pass
+from snncc.progress import bar
 
 snn = torch.ops.snn
 _CLIP_FACTORS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.16, 0.12)
@@ -181,7 +181,7 @@ class QcfsPass(Pass):
 
 
 def site_sensitivities(gm: fx.GraphModule, sites: list[fx.Node], batch: torch.Tensor, teacher: fx.GraphModule,
-                       progress: bool = False) -> list[float]:
+                       progress: bool | None = False) -> list[float]:
     """Per QCFS site, the KL of the logits to the teacher's on `batch` with only that site
     quantized (the others pass their input through)."""
     lambdas = [get_tensor(gm, site.args[1]) for site in sites]
@@ -194,7 +194,7 @@ def site_sensitivities(gm: fx.GraphModule, sites: list[fx.Node], batch: torch.Te
     with torch.no_grad():
         teacher_logits = logits_of(teacher(batch))
         kls = []
-        for index in tqdm(range(len(sites)), desc="site sensitivity", unit="site", disable=not progress, leave=False):
+        for index in bar(range(len(sites)), desc="site sensitivity", progress=progress, unit="site"):
             active[0] = index
             kls.append(float(distillation_loss(logits_of(probe(batch)), teacher_logits)))
     return kls

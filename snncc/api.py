@@ -25,6 +25,7 @@ from snncc.models import CAUSAL_LM, LoadedModel, load_model
 from snncc.parts import CompileParts, compile_key, parts_folder
 from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, Pipeline
 from snncc.program import ProgramInfo, SpikingProgram
+from snncc.progress import phase
 from snncc.resume import capture, check_resumable, restore, split
 from snncc.tokenizer import Tokenizer
 
@@ -47,11 +48,18 @@ def _vocab_size(ann: fx.GraphModule, model: LoadedModel) -> int:
 def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None = None,
             calib_tokens: int = CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN,
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM,
-            progress: bool = False) -> tuple[LoadedModel, fx.GraphModule, CalibrationContext]:
+            progress: bool | None = None) -> tuple[LoadedModel, fx.GraphModule, CalibrationContext]:
     """Load and trace the model and set up calibration: what every pipeline starts from.
-    Passes record the ANN tensors they need through the context, each tensor once."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, tokenizer, task)
-    ann = trace(loaded)
+    Passes record the ANN tensors they need through the context, each tensor once.
+    `progress` (snncc.progress; None: on a terminal) is the compile's: the context carries it."""
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        name = model if isinstance(model, str) else type(model).__name__
+        with phase(f"loading {name}", progress, f"loaded {name}"):
+            loaded = load_model(model, tokenizer, task)
+    with phase(f"tracing {loaded.name}", progress, f"traced {loaded.name}"):
+        ann = trace(loaded)
     verify(ann)
     ctx = make_context(loaded.tokenizer, calib, min(seq_len, loaded.max_positions), calib_tokens)
     ctx.attach(ann, progress=progress)
@@ -88,7 +96,7 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
-                       dtype=_storage_dtype(dtype, loaded))
+                       dtype=_storage_dtype(dtype, loaded), generation=loaded.generation)
     block_wise = (by_block and not debug and instrument is None and stop == len(pipeline.passes)
                   and runs_by_block(pipeline))
     devices = _calibration_devices(ann, pipeline, block_wise, device_map, max_memory)
@@ -120,7 +128,7 @@ def _compile_within_budget(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibr
 
     program = compile_within_budget(ann, ctx, pipeline, budget, loaded.task, compile_with, ctx.progress)
     if save_to:
-        program.save(save_to)
+        program.save(save_to, ctx.progress)
     return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
 
 
@@ -131,8 +139,8 @@ def _calibration_devices(ann: fx.GraphModule, pipeline: Pipeline, block_wise: bo
         return None
     if not block_wise:
         raise PipelineError(f"a device map places a block-by-block compile; '{pipeline.spec}' here runs on the whole "
-                            "model (a pass that runs the whole ANN, debugging, or --stop-after): compile without "
-                            "it and place the program when you run it (snncc run --device-map)")
+                            "model (a pass that runs the whole ANN, debugging, or stopping after a pass): compile "
+                            "without a device map and place the program when you run it")
     from snncc.backends.placed import stage_devices
 
     return stage_devices(ann, device_map, max_memory)
@@ -148,7 +156,7 @@ def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibration
         program = _run(copy_graph_module(ann), ctx, pipeline, 0, stop, info, loaded.tokenizer, debug, instrument,
                        device)
         if save_to:
-            program.save(save_to)
+            program.save(save_to, ctx.progress)
         return program
     if not save_to:
         return _run_by_block(ann, ctx, pipeline, info, loaded, device, devices, None)
@@ -157,7 +165,8 @@ def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibration
     parts = CompileParts(parts_folder(Path(save_to)), key)
     try:
         program = _run_by_block(ann, ctx, pipeline, info, loaded, device, devices, parts)
-        with ArtifactWriter(Path(save_to), parts.artifact) as writer:
+        with phase(f"writing {Path(save_to).name}", ctx.progress, f"wrote {Path(save_to).name}"), \
+                ArtifactWriter(Path(save_to), parts.artifact) as writer:
             for shard, (sha256, tensors) in parts.shards.items():
                 writer.add_stored(shard, sha256, tensors)
             writer.finish(program)
@@ -169,7 +178,7 @@ def _compile_and_save(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibration
 
 def resume(program: SpikingProgram, start_after: str, passes: str | Pipeline = DEFAULT_PIPELINE,
            T: int | None = None, stop_after: str | None = None, debug: bool = False,
-           instrument: Instrument | None = None, device: str = "cpu", progress: bool = False) -> SpikingProgram:
+           instrument: Instrument | None = None, device: str = "cpu", progress: bool | None = None) -> SpikingProgram:
     """Continue a program compiled with `stop_after`: run the passes of `passes` after
     `start_after` (which must be the passes, with their options, that the program ran). The
     result equals compiling in one go; the program is left as it was."""
@@ -214,7 +223,8 @@ def _run_by_block(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeli
 def _run(gm: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, start: int, stop: int, info: ProgramInfo,
          tokenizer: Tokenizer, debug: bool, instrument: Instrument | None, device: str) -> SpikingProgram:
     """Run passes start..stop of `pipeline` on `gm`; a program stopped early carries what the rest need."""
-    manager = PassManager(list(pipeline.passes[start:stop]), debug=debug, instrument=instrument)
+    manager = PassManager(list(pipeline.passes[start:stop]), debug=debug, instrument=instrument,
+                          progress=ctx.progress)
     gm = manager.run(gm, ctx)
     remaining = [p.name for p in pipeline.passes[stop:]]
     state = capture(gm, manager.context) if remaining else None
@@ -230,7 +240,7 @@ def _run(gm: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, start:
 def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT_PIPELINE, T: int | None = None,
             calib: str | Path | None = None, calib_tokens: int = CALIB_TOKENS,
             tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM, device: str = "cpu",
-            debug: bool = False, progress: bool = False, instrument: Callable | None = None,
+            debug: bool = False, progress: bool | None = None, instrument: Callable | None = None,
             stop_after: str | None = None, start_after: str | None = None, dtype: str | None = None,
             save_to: str | Path | None = None, device_map: str | dict | None = None, max_memory: dict | None = None,
             offload_folder: str | Path | None = None, budget: str | None = None) -> SpikingProgram:
@@ -242,9 +252,10 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
     compile goes (see compile_graph): the way to compile a model bigger than memory.
     `device_map`, `max_memory`, `offload_folder`: accelerate's placement for the calibration
     and the returned program (see compile_graph). `budget`: per-channel precision that meets
-    it, e.g. "top1=0.995,ppl=1.005" or "energy=0.5" (snncc.budget)."""
+    it, e.g. "top1=0.995,ppl=1.005" or "energy=0.5" (snncc.budget). `progress`: show each
+    phase (load, trace, calibration, passes, blocks, save) on stderr; None: on a terminal."""
     if start_after:
-        program = model if isinstance(model, SpikingProgram) else load(model)
+        program = model if isinstance(model, SpikingProgram) else load(model, progress=progress)
         program = resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
         return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
     pipeline = Pipeline.parse(passes, BUDGET_T if budget and T is None else T)
@@ -258,13 +269,13 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
                          max_memory=max_memory, offload_folder=offload_folder, budget=budget)
 
 
-def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool = False,
+def load(path: str | Path, device: str = "cpu", backend: str = "reference", progress: bool | None = None,
          device_map: str | dict | None = None, max_memory: dict | None = None,
          offload_folder: str | Path | None = None) -> SpikingProgram:
     """Load an artifact written by `SpikingProgram.save`, checking format and integrity;
     `backend` is "reference" (dense, CPU or CUDA) or "event" (event-driven, CPU). `device_map`
     (with `max_memory`, `offload_folder`): run its stages where accelerate places them instead
-    (SpikingProgram.place)."""
+    (SpikingProgram.place). `progress`: show the load on stderr; None: on a terminal."""
     from snncc.artifact import load_program
 
     return load_program(Path(path), device, backend, progress, device_map, max_memory, offload_folder)

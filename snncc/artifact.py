@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from snncc.atomic import atomic_file, commit_file
-from snncc.errors import ArtifactError, SnnccError, first_line
+from snncc.errors import ArtifactError, ArtifactNotFoundError, SnnccError, first_line
 from snncc.ir.analysis import matmul_sites
 from snncc.ir.ops import MAX_T
 from snncc.ir.opset import op_name, resolve_op
@@ -43,6 +43,7 @@ from snncc.ir.spec import INT_BOUNDS
 from snncc.ir.storage import STORAGE_DTYPES
 from snncc.models import CAUSAL_LM, ENCODER
 from snncc.program import ProgramInfo, SpikingProgram
+from snncc.progress import phase
 from snncc.resumable_zip import ResumableZip
 from snncc.resume import ResumeState
 from snncc.shards import (
@@ -391,10 +392,11 @@ class ArtifactWriter:
         self._finished = True
 
 
-def save_program(program: SpikingProgram, path: Path) -> None:
+def save_program(program: SpikingProgram, path: Path, progress: bool | None = None) -> None:
     """Write `program` to `path` atomically; an existing file is replaced only on success.
-    Weights go in shard by shard, so saving holds one shard's bytes at a time."""
-    with ArtifactWriter(path) as writer:
+    Weights go in shard by shard, so saving holds one shard's bytes at a time. `progress`
+    (snncc.progress; None: on a terminal) shows the save on stderr."""
+    with phase(f"saving {path.name}", progress, f"saved {path.name}"), ArtifactWriter(path) as writer:
         writer.finish(program)
 
 
@@ -445,17 +447,21 @@ def _read_members(path: Path) -> tuple[dict, dict[str, bytes], list[zipfile.ZipI
     """The manifest, the other members' bytes, and the weight shards' directory entries (they
     are mapped, not read: snncc.shards); checksums are checked apart (`_check_sums`), so
     hashing can run beside the parsing."""
+    if not path.exists():
+        raise ArtifactNotFoundError(f"artifact '{path}' does not exist: compile a model and save it there")
     if not path.is_file():
-        raise ArtifactError(f"artifact '{path}' does not exist: create it with `snncc compile MODEL -o {path}`")
+        raise ArtifactError(f"artifact '{path}' is not a regular file")
     try:
         with zipfile.ZipFile(path) as archive:
             infos = _checked_directory(archive, path)
             shards = [info for info in infos if SHARD_MEMBER.fullmatch(info.filename)]
             members = {info.filename: archive.read(info) for info in infos if info not in shards}
+    except SnnccError:
+        raise  # _checked_directory's own message (a SnnccError is also a ValueError)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
             RuntimeError) as exc:
         raise ArtifactError(f"'{path}' is not a readable snncc artifact ({first_line(exc)}): "
-                            "recompile it with `snncc compile`") from None
+                            "recompile its model") from None
     manifest = _json(members.pop("manifest.json"), "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"'{path}' is not a snncc artifact (no '{FORMAT}' manifest)")
@@ -487,17 +493,18 @@ def _check_sums(path: Path, manifest: dict, members: dict[str, bytes], shards: l
 
 _INFO_FIELDS = {"model": str, "task": str, "pipeline": str, "T": int, "max_positions": int, "vocab_size": int,
                 "passes": list, "calibration": dict, "coverage": dict, "remaining": list, "dtype": str,
-                "precision": dict}
+                "precision": dict, "generation": dict}
 # Absent from artifacts written before programs could stop part-way, store weights in bf16,
-# or compile to a budget.
-_OPTIONAL_INFO = {"remaining", "dtype", "precision"}
+# compile to a budget, or stop generating where their model does.
+_OPTIONAL_INFO = {"remaining", "dtype", "precision", "generation"}
+MAX_EOS_IDS = 64
 
 
 def _program_info(info) -> ProgramInfo:
     """The manifest's ProgramInfo, every field of its type and in its range."""
     if not isinstance(info, dict) or not set(_INFO_FIELDS) - _OPTIONAL_INFO <= set(info) <= set(_INFO_FIELDS):
         raise ArtifactError("the manifest's program info is malformed")
-    info = {"remaining": [], "dtype": "float32", "precision": {}, **info}
+    info = {"remaining": [], "dtype": "float32", "precision": {}, "generation": {}, **info}
     for key, kind in _INFO_FIELDS.items():
         if not isinstance(info[key], kind) or isinstance(info[key], bool):
             raise ArtifactError(f"the manifest's {key} is not a {kind.__name__}")
@@ -517,7 +524,22 @@ def _program_info(info) -> ProgramInfo:
     remaining = info["remaining"]
     if len(remaining) > MAX_PASSES or not all(isinstance(n, str) and _PASS_NAME.fullmatch(n) for n in remaining):
         raise ArtifactError("the manifest's list of passes still to run is malformed")
+    _check_generation(info["generation"], info["vocab_size"])
     return ProgramInfo(**info)
+
+
+def _check_generation(generation: dict, vocab_size: int) -> None:
+    """{} or {"eos_token_id": [ids], "pad_token_id": id or null}, every id in the vocabulary."""
+    if not generation:
+        return
+    eos, pad = generation.get("eos_token_id"), generation.get("pad_token_id")
+
+    def is_id(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+    if (set(generation) != {"eos_token_id", "pad_token_id"} or not isinstance(eos, list)
+            or len(eos) > MAX_EOS_IDS or not all(map(is_id, eos)) or not (pad is None or is_id(pad))):
+        raise ArtifactError("the manifest's generation settings are malformed")
 
 
 def _check_coverage(gm: fx.GraphModule, coverage: dict) -> None:
@@ -690,12 +712,19 @@ def _tokenizer(members: dict[str, bytes]):
                                 f"{first_line(exc)})") from None
 
 
-def load_program(path: Path, device: str = "cpu", backend: str = "reference", progress: bool = False,
+def load_program(path: Path, device: str = "cpu", backend: str = "reference", progress: bool | None = None,
                  device_map: str | dict | None = None, max_memory: dict | None = None,
                  offload_folder: str | Path | None = None) -> SpikingProgram:
     """Read and check an artifact, rebuild its graph and weights, return a runnable program.
     The checksums are computed in a thread beside the parsing (hashlib releases the GIL), and
-    checked before anything runs."""
+    checked before anything runs. `progress` (snncc.progress; None: on a terminal) shows the
+    load on stderr, and the event backend's bar over each run."""
+    with phase(f"loading {path.name}", progress, f"loaded {path.name}"):
+        return _load_program(path, device, backend, progress, device_map, max_memory, offload_folder)
+
+
+def _load_program(path: Path, device: str, backend: str, progress: bool | None, device_map: str | dict | None,
+                  max_memory: dict | None, offload_folder: str | Path | None) -> SpikingProgram:
     manifest, members, shards = _read_members(path)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         sums = pool.submit(_check_sums, path, manifest, members, shards)
@@ -723,6 +752,13 @@ def load_program(path: Path, device: str = "cpu", backend: str = "reference", pr
                              device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     program.resume = resume
     return program
+
+
+def artifact_versions(path: Path) -> dict:
+    """The format and versions an artifact was written with (its manifest's, unhashed: for
+    showing, after load_program has checked the file)."""
+    manifest = _read_members(path)[0]
+    return {key: manifest.get(key) for key in ("format_version", "snncc_version", "torch_version")}
 
 
 def read_manifest(path: Path) -> dict:

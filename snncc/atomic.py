@@ -192,3 +192,47 @@ def _move_into(source: Path, target: Path) -> None:
         _fsync(entry)
         os.replace(entry, target / entry.name)
     _fsync(target, directory=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(target: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `target` (named as its temporaries are, so a later write of
+    `target` removes it if this process dies), for files that then move in with
+    commit_together; removed when the block ends, and on SIGTERM or SIGINT."""
+    _, tmp = _temporary_beside(target)
+    with _registered(tmp):
+        try:
+            tmp.mkdir()
+            yield tmp
+        finally:
+            _remove(tmp)
+
+
+def commit_together(moves: list[tuple[Path, Path]]) -> None:
+    """Move finished temporaries over their targets in order, all or nothing: each target's
+    previous file is kept beside its temporary (a hard link, or a copy) until every move has
+    succeeded, and on a failure each moved target is put back as it was (or removed, if it was
+    new). A reader of the last target sees the others in place already."""
+    kept: list[tuple[Path, Path | None]] = []
+    try:
+        for index, (tmp, target) in enumerate(moves):
+            previous = None
+            if target.exists() or target.is_symlink():
+                previous = tmp.with_name(f"{TMP_PREFIX}-previous-{index}")
+                try:
+                    os.link(target, previous, follow_symlinks=False)
+                except OSError:  # a file system without hard links: a copy keeps it just the same
+                    shutil.copy2(target, previous, follow_symlinks=False)
+            kept.append((target, previous))
+            commit_file(tmp, target)
+    except BaseException:
+        for target, previous in reversed(kept):
+            if previous is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(previous, target)
+        raise
+    finally:
+        for _, previous in kept:
+            if previous is not None:
+                previous.unlink(missing_ok=True)

@@ -22,7 +22,6 @@ import logging
 
 import torch
 import torch.fx as fx
-from tqdm import tqdm
 
 from snncc.backends.reference import point_factories_at
 from snncc.calibration import CalibrationContext
@@ -32,6 +31,7 @@ from snncc.ir.storage import compute_in_float32, store_weights
 from snncc.models import LoadedModel
 from snncc.parts import CompileParts, Resumed
 from snncc.pipeline import PassManager, PassRecord, Pipeline
+from snncc.progress import bar
 from snncc.resume import RUN_THE_ANN
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,14 @@ def load_all_weights(loaded: LoadedModel, ann: fx.GraphModule) -> None:
 
 
 def run_stages(ann: fx.GraphModule, batches: list[torch.Tensor], weights: StageWeights,
-               progress: bool = False) -> list[torch.Tensor]:
+               progress: bool | None = None) -> list[torch.Tensor]:
     """The ANN's outputs for `batches`, run a stage at a time over all of them (each stage's
     weights loaded once): the reference a lazily loaded model is evaluated against."""
     stages = split_stages(ann)
     last_reader = last_readers(stages)
     values: dict[str, list] = {}
     outputs: list = []
-    for index, stage in enumerate(tqdm(stages, desc="running the ANN", disable=not progress, unit="block")):
+    for index, stage in enumerate(bar(stages, desc="running the ANN", progress=progress, unit="block")):
         weights.load(stage)
         with torch.no_grad():
             outputs = [stage.graph_module(*x) if isinstance(x, tuple) else stage.graph_module(x)
@@ -126,7 +126,7 @@ def _hand_on(stage: Stage, index: int, outputs: list, values: dict[str, list], l
 
 
 def ann_outputs(loaded: LoadedModel, ann: fx.GraphModule, batches: list[torch.Tensor],
-                progress: bool = False) -> list[torch.Tensor]:
+                progress: bool | None = None) -> list[torch.Tensor]:
     """The model's own outputs for `batches` (the reference fidelity is measured against): from
     its module where it is in memory, else its traced graph run a stage at a time."""
     if loaded.weights is None:
@@ -137,7 +137,7 @@ def ann_outputs(loaded: LoadedModel, ann: fx.GraphModule, batches: list[torch.Te
 
 def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline,
                    weights: StageWeights | None = None, dtype: torch.dtype = torch.float32,
-                   progress: bool = False, parts: CompileParts | None = None,
+                   progress: bool | None = None, parts: CompileParts | None = None,
                    devices: list[torch.device] | None = None) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run `pipeline` on each stage of `ann` in turn, each compiled stage's weights stored in
     `dtype` (snncc.ir.storage) and, with `parts`, written to disk as the stage finishes and
@@ -153,48 +153,49 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         resumed = Resumed([], [], {}, {}, {})
     ctx.stats.update(resumed.stats)
     compiled, records, taken, values = resumed.stages, resumed.records, resumed.taken, resumed.values
-    bar = tqdm(total=len(stages), initial=len(compiled), desc="compiling", disable=not progress, unit="block")
-    for index in range(len(compiled), len(stages)):
-        stage = stages[index]
-        bar.set_postfix_str(f"{stage.name}: load")
-        weights.load(stage)
-        batches = _stage_batches(stage, index, ctx.batches, values)
-        device = devices[index] if devices else _CPU
-        if device != _CPU:
-            _move_stage(stage, device)
-            batches = _moved(batches, device)
-        # Ranges go into (and come from) the compile's context: a context reused across
-        # compiles records each once, as on the whole-model path.
-        stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True,
-                                       range_factors=ctx.range_factors)
-        stage_ctx.attach(stage.graph_module)
-        bar.set_postfix_str(f"{stage.name}: calibrate")
-        outputs = stage_ctx.record_all(keep_outputs=bool(stage.outputs))  # not the logits of the last
-        if device != _CPU:  # outputs, ranges and the stage come back: the passes run on the CPU
-            outputs = _moved(outputs, _CPU)
-            for stats in ctx.stats.values():
-                stats.absmax = stats.absmax.to(_CPU)
-            _move_stage(stage, _CPU)
-        bar.set_postfix_str(f"{stage.name}: rewrite")
-        manager = PassManager(list(pipeline.passes))
-        program = copy_graph_module(stage.graph_module)
-        compute_in_float32(program)  # calibrated in the checkpoint's dtype; passes and neurons work in float32
-        program = manager.run(program, stage_ctx)
-        store_weights(program, dtype)
-        new = claim_names(program, taken)
-        _hand_on(stage, index, outputs, values, last_reader)
-        compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
-        records.append(manager.records)
-        if parts is not None:
-            bar.set_postfix_str(f"{stage.name}: write")
-            _map_written(parts, compiled, taken)  # the block before: written while this one computed
-            parts.save_block(index, compiled[-1], new, manager.records, values, ctx.stats)
-        weights.release(stage, program)
-        release_free_memory()
-        bar.update()
+    with bar(total=len(stages), initial=len(compiled), desc="compiling", progress=progress, unit="block",
+             leave=True) as shown:
+        for index in range(len(compiled), len(stages)):
+            stage = stages[index]
+            shown.set_postfix_str(f"{stage.name}: loading weights")
+            weights.load(stage)
+            batches = _stage_batches(stage, index, ctx.batches, values)
+            device = devices[index] if devices else _CPU
+            if device != _CPU:
+                _move_stage(stage, device)
+                batches = _moved(batches, device)
+            # Ranges go into (and come from) the compile's context: a context reused across
+            # compiles records each once, as on the whole-model path.
+            stage_ctx = CalibrationContext(batches, ctx.source, stats=ctx.stats, ann_only=True,
+                                           range_factors=ctx.range_factors)
+            stage_ctx.attach(stage.graph_module)
+            shown.set_postfix_str(f"{stage.name}: recording calibration activations")
+            outputs = stage_ctx.record_all(keep_outputs=bool(stage.outputs))  # not the logits of the last
+            if device != _CPU:  # outputs, ranges and the stage come back: the passes run on the CPU
+                outputs = _moved(outputs, _CPU)
+                for stats in ctx.stats.values():
+                    stats.absmax = stats.absmax.to(_CPU)
+                _move_stage(stage, _CPU)
+            manager = PassManager(list(pipeline.passes),
+                                  on_pass=lambda p, name=stage.name: shown.set_postfix_str(f"{name}: pass {p.name}"))
+            program = copy_graph_module(stage.graph_module)
+            compute_in_float32(program)  # calibrated in the checkpoint's dtype; passes and neurons work in float32
+            program = manager.run(program, stage_ctx)
+            store_weights(program, dtype)
+            new = claim_names(program, taken)
+            _hand_on(stage, index, outputs, values, last_reader)
+            compiled.append(Stage(stage.name, program, stage.inputs, stage.outputs))
+            records.append(manager.records)
+            if parts is not None:
+                shown.set_postfix_str(f"{stage.name}: writing")
+                _map_written(parts, compiled, taken)  # the block before: written while this one computed
+                parts.save_block(index, compiled[-1], new, manager.records, values, ctx.stats)
+            weights.release(stage, program)
+            release_free_memory()
+            shown.update()
+        shown.set_postfix_str("")
     if parts is not None:
         _map_written(parts, compiled, taken)
-    bar.close()
     return join_stages(compiled), _summed(records)
 
 

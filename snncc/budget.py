@@ -37,6 +37,7 @@ from snncc.models import CAUSAL_LM
 from snncc.pipeline import PASSES, Pass, Pipeline
 from snncc.profile import ENERGY_TABLES, profile_graph
 from snncc.program import SpikingProgram
+from snncc.progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def multirange_neurons(pipeline: Pipeline) -> Pass:
 
 def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipeline, budget: Budget,
                           task: str, compile_with: Callable[[CalibrationContext], SpikingProgram],
-                          progress: bool = False) -> SpikingProgram:
+                          progress: bool | None = False) -> SpikingProgram:
     """The program `compile_with(ctx)` makes under the plan that meets `budget` (module docstring).
     The pipeline's T is the most digits a channel keeps."""
     budget.check(task)
@@ -179,7 +180,7 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
     fit = _first_tokens(fit, SENSITIVITY_TOKENS)
     if not check:
         raise PipelineError(f"budget: the calibration text gives {len(ctx.batches)} batch(es); a budget needs at "
-                            "least 2 (one held out to check the plan): give more --calib-tokens")
+                            "least 2 (one held out to check the plan): give more calibration tokens")
     folded = folded_ann(ann, ctx)
     key = f"site sensitivity {contents_digest(folded, fit[0])} {len(fit)} {pipeline.steps} {G} {headroom}"
     if key not in ctx.memo:
@@ -198,9 +199,11 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
     try:
         for attempt in range(_TIGHTENINGS + 1):
             ctx.range_factors = plan.range_factors()
-            program = compile_with(ctx)
-            result = _check_program(program, check, references, causal)
-            ratio = energy_ratio(program, check)
+            with phase(f"budget: compiling plan {attempt + 1} and checking it", progress,
+                       f"budget: compiled and checked plan {attempt + 1}"):
+                program = compile_with(ctx)
+                result = _check_program(program, check, references, causal)
+                ratio = energy_ratio(program, check)
             log.info("budget %s: plan %s, check %s, energy %s", budget.spec, plan.summary(), result, ratio)
             if "energy" in budget.limits:
                 if ratio is None or ratio <= budget.limits["energy"] or attempt == _TIGHTENINGS:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from tqdm import tqdm
 
-from snncc.errors import InputError, PipelineError
+from snncc.errors import InputError, InputNotFoundError, PipelineError
 from snncc.ir.analysis import data_dependent_nodes
 from snncc.ir.rewrite import copy_graph_module
+from snncc.progress import bar
 from snncc.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def read_text(path: str | Path, max_tokens: int | None = None) -> str:
     the end of the prefix is dropped; a leading byte-order mark is skipped."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"text file '{path}' does not exist")
+        raise InputNotFoundError(f"text file '{path}' does not exist")
     if not path.is_file():
         raise InputError(f"text file '{path}' is not a regular file")
     limit = text_bytes_for(max_tokens)
@@ -178,7 +178,7 @@ class CalibrationContext:
     source: str
     stats: dict[str, ActivationStats] = field(default_factory=dict)
     ann: fx.GraphModule | None = None
-    progress: bool = False
+    progress: bool | None = False  # snncc.progress: None shows it on a terminal
     teacher: fx.GraphModule | None = None  # the original ANN, whatever `ann` now is
     # Tensors recorded from a pass's graph (not the ANN's): they depend on that pipeline run
     # (its T, its earlier passes), so a new run must record them afresh.
@@ -201,7 +201,7 @@ class CalibrationContext:
     def tokens(self) -> int:
         return sum(b.numel() for b in self.batches)
 
-    def attach(self, ann: fx.GraphModule, progress: bool = False) -> None:
+    def attach(self, ann: fx.GraphModule, progress: bool | None = False) -> None:
         """Remember the ANN graph that `require` records from."""
         self.ann = ann
         self.teacher = ann
@@ -270,7 +270,8 @@ class CalibrationContext:
         observed = _observed_copy(gm, watched, statistics, self.stats)
         outputs = []
         with torch.no_grad():
-            for batch in tqdm(self.batches, desc="calibrating", disable=not self.progress, leave=False):
+            for batch in bar(self.batches, desc="recording calibration activations", progress=self.progress,
+                             unit="batch"):
                 output = observed(*batch) if isinstance(batch, tuple) else observed(batch)
                 if keep_outputs:
                     outputs.append(output)

@@ -518,8 +518,9 @@ def _resumable(artifact: str, pipeline, start: int, start_after: str):
 def _compiled(program, pipeline, start: int) -> dict:
     """What the compile made, and what the passes it ran (from `start` on) measured."""
     info = program.info
-    return {"model": info.model, "pipeline": pipeline.spec, "T": program.T, "nodes": len(program.graph_module.graph.nodes),
-            "coverage": info.coverage, "remaining": info.remaining, "passes": info.passes[start:]}
+    return {"model": info.model, "pipeline": pipeline.spec, "T": program.T,
+            "nodes": len(program.graph_module.graph.nodes), "coverage": info.coverage, "remaining": info.remaining,
+            "passes": info.passes[start:]}
 
 
 def _print_compiled(compiled: dict) -> None:
@@ -820,11 +821,11 @@ def run_cmd(model, prompt, max_new_tokens, passes, T, calib, calib_tokens, devic
     with _arguments():
         _check_at_least("--max-new-tokens", max_new_tokens, 1)
         _check_prompt(prompt)
-        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
-        placement = _check_placement(device_map, max_memory, offload_folder, device, backend)
-        if compiled and (backend != "reference" or placement):
+        if compiled and (backend != "reference" or device_map):
             raise InputError("--compile runs the reference backend on one device: drop --backend event "
                              "and --device-map, or --compile")
+        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
+        placement = _check_placement(device_map, max_memory, offload_folder, device, backend)
     program = _program(model, pipeline, calib, calib_tokens, device, placement, backend)
     if compiled:
         program.compile()

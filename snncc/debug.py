@@ -95,7 +95,8 @@ class PassTable:
         """The table as a picture: error, agreement and coverage per pass."""
         from snncc.plots import plot_passes
 
-        plot_passes(self.rows, path, title, self.metric)
+        output = "logits" if self.model.task == CAUSAL_LM else "last hidden state"
+        plot_passes(self.rows, path, title, self.metric, output)
 
     def print(self) -> None:
         from snncc.render import print_table

@@ -7,12 +7,12 @@ import math
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from snncc.errors import NumericsError
 from snncc.ir.ops import EXECUTION_MODES, POISON, execution_mode
 from snncc.models import CAUSAL_LM
 from snncc.program import SpikingProgram
+from snncc.progress import bar
 
 
 class _NonFiniteTracer(fx.Interpreter):
@@ -70,7 +70,7 @@ def _check_finite(values: torch.Tensor, what: str, gm: fx.GraphModule | None, in
     origin = unnamed if node is None else f"node '{node.name}' ({node.target}" + (
         f", from {node.meta['source']})" if node.meta.get("source") else ")")
     raise NumericsError(f"{what} hold {kind} (first produced by {origin}): nothing can be measured; check the "
-                        "model's weights and calibration ranges (snncc debug shows the error pass by pass)")
+                        "model's weights and calibration ranges (debugging the pipeline shows the error pass by pass)")
 
 
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -124,12 +124,12 @@ class FidelityTally:
 
 
 def evaluate(program: SpikingProgram, ann: torch.nn.Module | list[torch.Tensor], chunks: list[torch.Tensor],
-             progress: bool = False) -> dict:
+             progress: bool | None = None) -> dict:
     """Compare program and ANN on every chunk (FidelityTally's figures). `ann` is the ANN, or
     its outputs for the chunks computed already (snncc.blockwise.ann_outputs, for a model run
     a block at a time)."""
     tally = FidelityTally(program.info.task == CAUSAL_LM)
-    for index, ids in enumerate(tqdm(chunks, desc="evaluating", disable=not progress, leave=False)):
+    for index, ids in enumerate(bar(chunks, desc="evaluating", progress=progress, unit="chunk")):
         with torch.no_grad():
             ref = (ann[index] if isinstance(ann, list) else ann(ids)).float()
         _check_finite(ref, "the ANN's outputs", ann if isinstance(ann, fx.GraphModule) else None, ids)

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from snncc.atomic import atomic_file
 from snncc.errors import InputError, NumericsError
+from snncc.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def probe_kl(student: fx.GraphModule, teacher: fx.GraphModule, batch: torch.Tens
 
 def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[torch.Tensor],
              tensors: dict[str, torch.Tensor], lambdas: set[str], config: FinetuneConfig,
-             checkpoint: Path | None = None, progress: bool = False) -> tuple[list[float], dict]:
+             checkpoint: Path | None = None, progress: bool | None = False) -> tuple[list[float], dict]:
     """Train `tensors` (name -> leaf tensor of `student`, updated in place) for config.steps
     steps over all but the last config.check `batches` in turn, then leave the state that did
     best on those; returns the loss of every step (resumed ones included) and a report of
@@ -126,7 +126,8 @@ def finetune(student: fx.GraphModule, teacher: fx.GraphModule, batches: list[tor
         checks = [(start, kept.loss)]
     for t in tensors.values():
         t.requires_grad_(True)
-    bar = tqdm(total=config.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress)
+    bar = progress_bar(total=config.steps, initial=start, desc="fine-tuning", progress=progress, unit="step",
+                       leave=True)
     try:
         for step in range(start, config.steps):
             batch = train[step % len(train)]
@@ -211,10 +212,10 @@ def _resume(path: Path, tensors, optimizer, config: FinetuneConfig
                          "delete it to start over") from None
     if not fits:
         raise InputError(f"fine-tuning checkpoint '{path}' was written for another model, pipeline or "
-                         "mode; delete it or give another --checkpoint path")
+                         "mode; delete it or give another checkpoint path")
     if state["config"]["mode"] != config.mode:
         raise InputError(f"checkpoint '{path}' is a '{state['config']['mode']}' run; this one is "
-                         f"'{config.mode}': give another --checkpoint path")
+                         f"'{config.mode}': give another checkpoint path")
     with torch.no_grad():
         for name, t in tensors.items():
             t.copy_(saved[name])

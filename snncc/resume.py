@@ -132,16 +132,16 @@ RUN_THE_ANN = frozenset({"qcfs", "calibrate"})
 def split(pipeline: Pipeline, start_after: str | None, stop_after: str | None) -> tuple[int, int]:
     """The slice of `pipeline`'s passes a compile runs: those after `start_after` (a program
     saved part-way continued) up to and including `stop_after`; checked before any work."""
-    start = pipeline.after(start_after, "--start-after")
-    stop = pipeline.after(stop_after, "--stop-after") if stop_after else len(pipeline.passes)
+    start = pipeline.after(start_after, "start after")
+    stop = pipeline.after(stop_after, "stop after") if stop_after else len(pipeline.passes)
     if start and stop <= start:
-        raise PipelineError(f"--stop-after {stop_after} must come after --start-after {start_after} in "
-                            f"'{pipeline.spec}'" if stop_after else
-                            f"--start-after {start_after}: no pass of '{pipeline.spec}' comes after it")
+        raise PipelineError(f"cannot stop after {stop_after}: it must come after {start_after}, where the compile "
+                            f"starts, in '{pipeline.spec}'" if stop_after else
+                            f"cannot start after {start_after}: no pass of '{pipeline.spec}' comes after it")
     later = pipeline.passes[start:] if start else pipeline.passes[stop:]
     teacher = next((p.name for p in later if p.name in RUN_THE_ANN), None)
     if teacher:
-        where = f"--stop-after {stop_after}" if not start else f"--start-after {start_after}"
+        where = f"cannot stop after {stop_after}" if not start else f"cannot start after {start_after}"
         raise PipelineError(f"{where}: '{teacher}' runs after it, and it runs the ANN itself (as a teacher), which "
                             f"a program saved part-way does not hold: split '{pipeline.spec}' after {teacher}")
     return start, stop
@@ -167,23 +167,24 @@ def check_resumable(info: ProgramInfo, state: ResumeState | None, pipeline: Pipe
     `pipeline` up to and including `start_after` must be the program's, with the same options."""
     if state is None:
         raise PipelineError(f"this program of {info.model} is complete ('{info.pipeline}' ran to the end): only a "
-                            "program compiled with --stop-after (stop_after) can be continued")
+                            "program compiled to stop after a pass (stop_after) can be continued")
     ran = [(r.get("name"), _plain(r.get("options", {}))) for r in info.passes]
     wanted = [(p.name, _plain(p.options())) for p in pipeline.passes[:start]]
     ran_names, names = [name for name, _ in ran], [p.name for p in pipeline.passes]
     if ran_names != names[:start]:
-        hint = f"give --start-after {ran_names[-1]}" if ran_names == names[:len(ran_names)] else \
+        hint = f"start after {ran_names[-1]}" if ran_names == names[:len(ran_names)] else \
             f"'{pipeline.spec}' does not begin with them: continue the pipeline it was compiled with, '{info.pipeline}'"
-        raise PipelineError(f"--start-after {start_after}: the program ran {', '.join(map(str, ran_names))}; {hint}")
+        raise PipelineError(f"cannot start after {start_after}: the program ran "
+                            f"{', '.join(map(str, ran_names))}; {hint}")
     for (name, had), (_, want) in zip(ran, wanted, strict=True):
         for key in sorted(set(had) | set(want)):
             if had.get(key) != want.get(key):
-                raise PipelineError(f"--start-after {start_after}: pass '{name}' ran with {key}={had.get(key)}, but "
-                                    f"'{pipeline.spec}' gives it {key}={want.get(key)}: continue with the options "
-                                    "(and -T) the program was compiled with")
+                raise PipelineError(f"cannot start after {start_after}: pass '{name}' ran with "
+                                    f"{key}={had.get(key)}, but '{pipeline.spec}' gives it {key}={want.get(key)}: "
+                                    "continue with the options (and T) the program was compiled with")
 
 
-def restore(gm: fx.GraphModule, state: ResumeState, source: str, progress: bool = False
+def restore(gm: fx.GraphModule, state: ResumeState, source: str, progress: bool | None = False
             ) -> tuple[fx.GraphModule, CalibrationContext]:
     """A copy of a saved program's graph as the passes after its stop would have found it, and
     the calibration context they would have had."""

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from tqdm import tqdm
 
 from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import MATMUL_TARGETS, data_dependent_nodes, matmul_operands, weight_linear
@@ -35,6 +34,7 @@ from snncc.ir.encoders import calib_name, channel_range
 from snncc.ir.match import function_regions, is_probability, synapse_operands, through_identity
 from snncc.ir.ops import mr_encode, mr_quantize
 from snncc.ir.rewrite import copy_graph_module
+from snncc.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _objective(output: torch.Tensor, causal: bool, generator: torch.Generator) -
 
 
 def measure(ann: fx.GraphModule, ctx: CalibrationContext, batches: list[torch.Tensor], T: int, G: int,
-            causal: bool = True, progress: bool = False, headroom: float = 1.0, seed: int = 0) -> Sensitivity:
+            causal: bool = True, progress: bool | None = False, headroom: float = 1.0, seed: int = 0) -> Sensitivity:
     """Sensitivity of every synapse site of `ann` (fold applied: the graph las encodes) on
     `batches`, at T steps with G outlier ranges above ranges `headroom` x the calibrated max
     (`outlier`'s options; module docstring)."""
@@ -158,7 +158,7 @@ def measure(ann: fx.GraphModule, ctx: CalibrationContext, batches: list[torch.Te
     generator = torch.Generator().manual_seed(seed)
     macs = 0
     site_names, readers = {name for name, _ in sites}, _readers(sites)
-    for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress, leave=False):
+    for batch in bar(batches, desc="sensitivity", progress=progress, unit="batch"):
         runner = _Perturbed(gm, site_names, readers)
         with torch.enable_grad():
             output = runner.run(batch)

@@ -76,3 +76,15 @@ def heldout_ids(name: str, tokens: int = 512, calib_tokens: int = 1024) -> torch
 @pytest.fixture(params=TINY_MODELS)
 def tiny_name(request) -> str:
     return request.param
+
+
+def byte_level_hf_tokenizer():
+    """A transformers tokenizer object for the tiny models' 256 ids, built offline: what a
+    user hands over with a model of their own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(0x100 + i): i for i in range(256)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=chr(0x100)))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend)

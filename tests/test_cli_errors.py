@@ -9,6 +9,7 @@ A valid artifact of the tiny random-weight model is compiled once per module and
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,9 @@ def listing(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
+HELP_HINT = re.compile(r"Try 'snncc( [a-z]+)? -h' for help\.")
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *words: str,
                        folder: Path | None = None, before: set[str] | None = None) -> str:
     """Non-zero exit, one `snncc: error:` line naming the problem, no traceback, no new files."""
@@ -39,6 +43,8 @@ def assert_clean_error(result: subprocess.CompletedProcess, *words: str,
     assert result.returncode != 0, f"expected a failure\n{shown}"
     assert "Traceback" not in result.stderr, f"traceback on stderr\n{shown}"
     lines = result.stderr.splitlines()
+    if len(lines) == 2 and HELP_HINT.fullmatch(lines[1]):  # a usage error: click's hint where to read the help
+        lines = lines[:1]
     assert len(lines) == 1, f"stderr must be exactly one line, got {len(lines)}\n{shown}"
     line = lines[0]
     assert line.startswith(PREFIX), f"stderr must start with {PREFIX!r}\n{shown}"
@@ -179,6 +185,12 @@ def test_missing_artifact(tmp_path):
     assert_clean_error(result, "missing.snn", "does not exist", folder=tmp_path)
 
 
+def test_a_usage_error_ends_with_clicks_hint_and_exits_2(tmp_path):
+    result = run_snncc(tmp_path, "compile", "tiny-llama", "--no-such-option")
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == "Try 'snncc compile -h' for help."
+    assert_clean_error(result, "--no-such-option", folder=tmp_path)
+
+
 def test_compile_with_the_event_backend_is_refused_before_loading(tmp_path):
     result = run_snncc(tmp_path, "run", "missing.snn", "--prompt", "hi", "--compile", "--backend", "event")
     assert_clean_error(result, "--compile runs the reference backend", folder=tmp_path)
@@ -260,7 +272,7 @@ def test_bad_pass_option_value(tmp_path):
 def test_export_refusals_leave_nothing_behind(tmp_path, good_artifact):
     before = listing(tmp_path)
     result = run_snncc(tmp_path, "export", str(good_artifact), "--format", "nir", "-o", "m.nir")
-    assert_clean_error(result, "NIR", "--passes fas", folder=tmp_path, before=before)
+    assert_clean_error(result, "NIR", "compile with the pipeline", folder=tmp_path, before=before)
     result = run_snncc(tmp_path, "export", str(good_artifact), "--format", "tflite", "-o", "m.onnx")
     assert_clean_error(result, "tflite", folder=tmp_path, before=before)
     result = run_snncc(tmp_path, "export", "tiny-llama", "-T", "24", "--calib-tokens", "256", "-o", "m.onnx")

@@ -11,7 +11,7 @@ import torch
 import snncc
 from snncc.api import compile_graph
 from snncc.errors import InputError
-from tests.conftest import heldout_ids, prepared
+from tests.conftest import byte_level_hf_tokenizer, heldout_ids, prepared
 
 CAUSAL = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-opt"]
 
@@ -66,7 +66,7 @@ def test_padded_batches_generate_as_each_row_alone_and_as_transformers(name):
     rows = [heldout_ids(name)[0, :12], heldout_ids(name)[1, :7], heldout_ids(name)[2, :12]]
     ids, mask = _left_padded(rows, pad=0)
     batched = program.generate(ids, max_new_tokens=10, attention_mask=mask)
-    for row, prompt in zip(batched, rows):
+    for row, prompt in zip(batched, rows, strict=True):
         alone = program.generate(prompt, max_new_tokens=10)[0]
         assert torch.equal(row[ids.shape[1] - len(prompt):], alone)
     assert torch.equal(batched, _transformers_greedy(name, ids, 10, attention_mask=mask))
@@ -108,20 +108,9 @@ def test_bad_generation_inputs_are_refused_in_words():
         program.generate(ids, max_new_tokens=4, attention_mask=torch.zeros_like(ids))
 
 
-def _byte_level_hf_tokenizer():
-    """A transformers tokenizer object for the tiny models' 256 ids, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(0x100 + i): i for i in range(256)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=chr(0x100)))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
-
-
 def test_a_transformers_tokenizer_object_is_accepted_and_saved(tmp_path):
     model = prepared("tiny-llama")[0].module.model
-    hf_tokenizer = _byte_level_hf_tokenizer()
+    hf_tokenizer = byte_level_hf_tokenizer()
     program = snncc.compile(model, passes="none", tokenizer=hf_tokenizer, calib_tokens=64)
     program.save(tmp_path / "p.snn")
     loaded = snncc.load(tmp_path / "p.snn")

@@ -9,7 +9,7 @@ import torch
 
 import snncc
 from snncc.blockwise import load_all_weights
-from snncc.errors import InputError, ModelError
+from snncc.errors import InputError, ModelError, ModelNotFoundError
 from snncc.frontend import trace
 from snncc.models import load_model
 
@@ -48,7 +48,7 @@ def test_directory_without_tokenizer_is_refused_in_one_clear_message(tmp_path):
 
 @pytest.mark.parametrize("name", ["no-such-model", "a/b/c"])
 def test_unknown_names_list_the_builtins(name):
-    with pytest.raises(ModelError, match="tiny-llama"):
+    with pytest.raises(ModelNotFoundError, match="tiny-llama"):  # a FileNotFoundError
         load_model(name)
 
 
@@ -90,7 +90,7 @@ def test_hf_module_with_sdpa_attention_compiles_spike_driven_and_is_left_unchang
 
 
 def test_hf_module_without_tokenizer_needs_a_byte_vocabulary():
-    with pytest.raises(InputError, match="pass tokenizer="):
+    with pytest.raises(InputError, match="pass its tokenizer"):
         load_model(_tiny_hf_llama("eager", vocab_size=1000))
 
 

@@ -33,7 +33,7 @@ def test_pipeline_names_and_pass_lists_parse():
     ("encode{headroom=abc}", "must be of type float"),
     ("encode{T=0}", "bad T=0"),
     ("encode{T", "cannot parse"),
-    ("", "empty --passes"),
+    ("", "empty pipeline"),
 ])
 def test_bad_specs_are_refused_with_a_clear_message(spec, message):
     with pytest.raises(PipelineError, match=message):

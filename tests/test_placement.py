@@ -130,9 +130,9 @@ def test_greedy_generation_under_a_map_equals_the_plain_programs(tmp_path):
     program = _program()
     placed = SpikingProgram(program.graph_module, program.info, program.tokenizer, device_map="auto",
                             max_memory={"cpu": _disk_budget(program.graph_module)}, offload_folder=tmp_path)
-    assert not hasattr(placed.executor, "step")  # greedy_tokens re-runs the sequence, uncached
+    assert not hasattr(placed.executor, "step")  # generate re-runs the sequence, uncached
     prompt = _ids()[:1, :12]
-    assert torch.equal(placed.greedy_tokens(prompt, 6), program.greedy_tokens(prompt, 6))
+    assert torch.equal(placed.generate(prompt, 6), program.generate(prompt, 6))
 
 
 def test_to_drops_the_map_and_place_sets_one(tmp_path):
@@ -148,7 +148,7 @@ def test_to_drops_the_map_and_place_sets_one(tmp_path):
 
 def test_disk_without_an_offload_folder_is_refused():
     gm = _program().graph_module
-    with pytest.raises(InputError, match="offload folder: give --offload-folder"):
+    with pytest.raises(InputError, match="offload folder: give one"):
         create_executor(gm, device_map={"": "cpu", "stages.2": "disk"})
     with pytest.raises(InputError, match="offload folder"):
         create_executor(gm, device_map="auto", max_memory={"cpu": _disk_budget(gm)})
@@ -199,7 +199,7 @@ def test_max_memory_text_parses_to_accelerates_dict():
 @pytest.mark.parametrize("text", ["cpu", "cpu=", "=1GiB", "cpu=lots", "gpu=1GiB", "cpu=1GiB,cpu=2GiB", "cpu=-1GiB",
                                   "cpu=infGiB", ""])
 def test_bad_max_memory_text_is_refused_on_one_line(text):
-    with pytest.raises(InputError, match="--max-memory") as raised:
+    with pytest.raises(InputError, match="max memory") as raised:
         parse_max_memory(text)
     assert "\n" not in str(raised.value)
 
@@ -290,10 +290,10 @@ def test_snncc_profile_placed_prints_what_it_prints_unplaced(bf16_artifact, tmp_
 
 
 @pytest.mark.parametrize("options, words", [
-    (["--device-map", "auto", "--max-memory", "cpu=lots"], ["--max-memory", "cpu=lots"]),
+    (["--device-map", "auto", "--max-memory", "cpu=lots"], ["max memory", "cpu=lots"]),
     pytest.param(["--device-map", "auto", "--max-memory", "cpu=1GiB,0=1GiB"], ["CUDA"], marks=no_cuda),
     (["--max-memory", "cpu=1GiB"], ["--device-map"]),
-    (["--device-map", "nowhere.json"], ["--device-map", "nowhere.json"]),
+    (["--device-map", "nowhere.json"], ["device map", "nowhere.json"]),
     (["--device-map", "disk.json"], ["--offload-folder"]),
     (["--device-map", "auto", "--backend", "event"], ["--device-map", "event"]),
 ])

@@ -183,7 +183,7 @@ def test_smollm2_las_onnx_export_runs_as_the_reference(tmp_path):
     program = _smollm2_las()
     report = export_onnx(program, tmp_path / "smollm2.onnx", "onnx-snn")
     check_onnx(report.path)
-    assert verify_onnx(program, report.path, heldout_ids("smollm2-135m", 256, CALIB_TOKENS)[:1, :64]) <= 1e-4
+    assert verify_onnx(program, report.path, heldout_ids("smollm2-135m", 256, CALIB_TOKENS)[:1, :64]).passed
 
 
 @pytest.mark.xdist_group("minilm")
@@ -195,4 +195,4 @@ def test_minilm_onnx_export_runs_as_the_reference(tmp_path, spec, fmt):
     path = tmp_path / "minilm.onnx"
     export_onnx(program, path, fmt)
     check_onnx(path)
-    assert verify_onnx(program, path, heldout_ids("minilm-l6", 256, CALIB_TOKENS)[:2, :48]) <= 1e-4
+    assert verify_onnx(program, path, heldout_ids("minilm-l6", 256, CALIB_TOKENS)[:2, :48]).passed

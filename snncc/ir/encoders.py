@@ -41,7 +41,7 @@ def calibrated_absmax(ctx: CalibrationContext, node: fx.Node) -> torch.Tensor:
         kind = "NaN" if bool(torch.isnan(stats.absmax).any()) else "inf"
         raise PipelineError(f"the calibration range of '{node.name}' is {kind}: the model computes {kind} there on "
                             "the calibration text (an overflow or a broken weight upstream); fix the model or "
-                            "give other --calib text")
+                            "give other calibration text")
     factor = ctx.range_factors.get(calib_name(through_identity(node)))
     return stats.absmax if factor is None else stats.absmax * factor
 

@@ -116,7 +116,7 @@ def _row_roles(graph: fx.Graph, axes: dict[fx.Node, tuple[int, ...]],
         scored = [arg for arg in node.all_input_nodes if len(roles.get(arg, {})) == 2]
         if len(seq) != 2 or not scored:
             raise CacheError(f"the KV cache cannot tell query from key positions at node '{node.name}' "
-                             f"({node.target}): generate with cache=False (--no-cache)")
+                             f"({node.target}): generate without the KV cache (cache=False)")
         roles[node] = _right_aligned(roles[scored[0]], len(shape_of(scored[0])), rank)
     return roles
 
@@ -145,7 +145,7 @@ def _refuse_mixing_rows(node: fx.Node, roles: dict[fx.Node, dict[int, str]]) -> 
     source = node.args[0] if node.args else None
     if source in roles and any(roles[source].get(axis) == NEW_ROWS for axis in _reduced_axes(node)):
         raise CacheError(f"node '{node.name}' ({node.target}) combines values across positions: the KV cache "
-                         "cannot split it by token (generate with cache=False, --no-cache)")
+                         "cannot split it by token (generate without it, cache=False)")
 
 
 def _insert_cache(graph: fx.Graph, axes, roles, dependent, past_length: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
@@ -162,7 +162,7 @@ def _insert_cache(graph: fx.Graph, axes, roles, dependent, past_length: fx.Node)
             continue
         if len(axes[right]) != 1:
             raise CacheError(f"attention operand '{right.name}' has {len(axes[right])} sequence axes: "
-                             "the KV cache needs one (generate with cache=False, --no-cache)")
+                             "the KV cache needs one (generate without it, cache=False)")
         with graph.inserting_after(last_placeholder):
             past = last_placeholder = graph.placeholder(f"past_{right.name}")
         with graph.inserting_after(right):
@@ -170,7 +170,8 @@ def _insert_cache(graph: fx.Graph, axes, roles, dependent, past_length: fx.Node)
         node.replace_input_with(right, extended)
         cached.append((right, extended))
     if not cached:
-        raise CacheError("the program has no attention over positions to cache: generate with cache=False")
+        raise CacheError("the program has no attention over positions to cache: generate without the KV cache "
+                         "(cache=False)")
     return cached
 
 
@@ -190,7 +191,7 @@ def _read_tables_at_new_rows(graph: fx.Graph, axes, roles, dependent, past_lengt
                 role = roles[node].get(out_axis)
                 if role is None:
                     raise CacheError(f"node '{node.name}' ({node.target}) reads the position table "
-                                     f"'{table.name}' across positions: generate with cache=False (--no-cache)")
+                                     f"'{table.name}' across positions: generate without the KV cache (cache=False)")
                 if role == NEW_ROWS:
                     key = (table, table_axis)
                     if key not in slices:

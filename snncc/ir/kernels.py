@@ -6,8 +6,9 @@ costs more than the matmuls around it. kernels.cpp runs each chain as one loop. 
 chains in snncc.ir.ops stay the definition: the kernels equal them bit for bit (tested) and
 they remain the path on CUDA, for float64, and wherever the kernels cannot be built.
 
-Built on first use by torch.utils.cpp_extension (a C++ compiler and ninja: about a minute
-once, then cached by torch). SNNCC_KERNELS=0 switches them off.
+Built on first use by torch.utils.cpp_extension (a C++ compiler and ninja, the `kernels`
+extra: about a minute once, then cached by torch; torch runs ninja on every load, so without
+it even a cached build is not used). SNNCC_KERNELS=0 switches them off.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _compiled() -> ModuleType | None:
                     extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch path stays
         log.warning("snncc's C++ kernels could not be built (%s); the fused executor takes its slower "
-                    "PyTorch path (install g++ and ninja to build them)", first_line(exc))
+                    "PyTorch path (a C++ compiler and ninja build them: pip install 'snncc[kernels]')",
+                    first_line(exc))
         return None
 
 

@@ -4,18 +4,30 @@ expressible is refused."""
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+
 import nir
 import numpy as np
 import pytest
 import torch
 
 from snncc.api import compile_graph
-from snncc.backends.nir import _if_population, _synapse, run_synapse, to_nir, verify_nir, write_nir
+from snncc.backends.nir import _if_population, _synapse, refusal, run_synapse, to_nir, verify_nir, write_nir
 from snncc.errors import ExportError
-from tests.conftest import heldout_ids, prepared
+from snncc.pipeline import Pipeline
+from tests.conftest import compiled, heldout_ids, prepared
 
 # FAS's setting: every synapse input on plain IF neurons (at T = 8 no bursts), what NIR holds
-_FAS_QUICK = "fas,qcfs{L=8,multirange=0},calibrate{layer_steps=3,neuron_steps=3,batches=1}"
+_QUICK_CALIBRATION = "calibrate{layer_steps=3,neuron_steps=3,batches=1}"
+_FAS_QUICK = f"fas,qcfs{{L=8,multirange=0}},{_QUICK_CALIBRATION}"
+
+
+@functools.cache
+def _fas_quick():
+    loaded, ann, ctx = prepared("tiny-llama")
+    return compile_graph(loaded, ann, ctx, _FAS_QUICK)
 
 
 def test_nir_if_population_spikes_as_the_signed_if_neuron():
@@ -33,8 +45,7 @@ def test_nir_if_population_spikes_as_the_signed_if_neuron():
 
 
 def test_fas_program_round_trips_and_runs_in_nirtorch(tmp_path):
-    loaded, ann, ctx = prepared("tiny-llama")
-    program = compile_graph(loaded, ann, ctx, _FAS_QUICK)
+    program = _fas_quick()
     export = to_nir(program)
     path = tmp_path / "fas.nir"
     write_nir(export, path)
@@ -43,8 +54,12 @@ def test_fas_program_round_trips_and_runs_in_nirtorch(tmp_path):
     assert len(export.synapses) == len(linears)
     assert export.left_out and "spike x spike" in export.summary()
     assert 0.0 < export.exported_macs < export.spiking_macs
-    assert verify_nir(program, export, path, heldout_ids("tiny-llama")[:1, :24]) <= 1e-6
-    assert nir.read(str(path)).metadata["snncc.pipeline"] == program.info.pipeline
+    check = verify_nir(program, export, path, heldout_ids("tiny-llama")[:1, :24])
+    assert check.passed and check.max_relative_error <= 1e-6
+    metadata = nir.read(str(path)).metadata
+    assert metadata["snncc.pipeline"] == program.info.pipeline and metadata["snncc.T"] == "8"
+    assert all(type(value) is str for value in metadata.values()), metadata  # no numpy scalars read back
+    assert json.loads(metadata["snncc.left_out"]) == dict(export.left_out)
 
 
 def test_burst_populations_are_left_out_by_name():
@@ -58,8 +73,13 @@ def test_burst_populations_are_left_out_by_name():
     assert to_nir(plain).populations
 
 
-def test_las_program_has_nothing_nir_can_express():
-    loaded, ann, ctx = prepared("tiny-llama")
-    program = compile_graph(loaded, ann, ctx, "las", 8)
-    with pytest.raises(ExportError, match="nothing in this program can be expressed in NIR"):
+def test_las_program_has_nothing_nir_can_express_and_the_refusal_names_a_pipeline_that_exports():
+    """The pipeline the refusal names exports at once (its calibration here quicker, which
+    changes no neuron's kind), and the check made before a compile agrees with both."""
+    program = compiled("tiny-llama", "las")
+    with pytest.raises(ExportError, match="nothing in this program can be expressed in NIR") as refused:
         to_nir(program)
+    (spec,) = re.findall(r'the pipeline "([^"]+)"', str(refused.value))
+    assert refusal(Pipeline.parse("las")) is not None and refusal(Pipeline.parse(spec)) is None
+    assert f"{spec},{_QUICK_CALIBRATION}" == _FAS_QUICK
+    assert to_nir(_fas_quick()).populations

@@ -154,8 +154,8 @@ def test_onnxruntime_runs_the_export_as_the_reference_does(exported, name, pipel
                                                                            if n.domain == DOMAIN}
     assert report.bytes == path.stat().st_size and report.external_data is None
     ids = heldout_ids(name)[:2, :40]  # a length the export never saw: the sequence axis is dynamic
-    assert verify_onnx(program, path, ids) <= 1e-4
-    assert verify_onnx(program, path, ids[:1, :7]) <= 1e-4
+    assert verify_onnx(program, path, ids).passed
+    assert verify_onnx(program, path, ids[:1, :7]).passed
 
 
 def test_export_metadata_names_and_time_axis(exported):
@@ -180,7 +180,7 @@ def test_external_data_is_written_beside_the_model(tmp_path):
     assert report.external_data == tmp_path / "ext.onnx.data" and report.external_data.stat().st_size > 0
     check_onnx(path)
     ids = heldout_ids("tiny-qwen2")[:1, :20]
-    assert verify_onnx(program, path, ids) <= 1e-4
+    assert verify_onnx(program, path, ids).passed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]  # no scratch left
 
 

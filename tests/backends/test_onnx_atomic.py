@@ -34,7 +34,7 @@ def _tiny_model():
 
 @pytest.fixture(autouse=True)
 def tiny_translation(monkeypatch):
-    monkeypatch.setattr(onnx_backend, "to_onnx", lambda program, fmt="onnx": _tiny_model())
+    monkeypatch.setattr(onnx_backend, "to_onnx", lambda program, fmt="onnx", progress=False: _tiny_model())
 
 
 def _weight(path: Path) -> np.ndarray:
