@@ -63,7 +63,8 @@ def export_bundle(program, path: str | Path, fmt: str = "onnx", external_data: b
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     with scratch_dir(path) as scratch:
-        report = export_onnx(program, scratch / path.name, fmt, external_data, progress)
+        (scratch / "model").mkdir()  # each part in its own folder: no name of the user's can clash there
+        report = export_onnx(program, scratch / "model" / path.name, fmt, external_data, progress)
         check_onnx(report.path, progress)
         verification = None if input_ids is None else verify_onnx(program, report.path, input_ids, atol, rtol,
                                                                   progress)
@@ -78,8 +79,7 @@ def export_bundle(program, path: str | Path, fmt: str = "onnx", external_data: b
         if readme_kept is None:
             sidecars[README] = scratch / README
             sidecars[README].write_text(readme(meta))
-        model_files = [report.path.parent / report.external_data.name] if report.external_data else []
-        model_files.append(report.path)
+        model_files = [report.external_data, report.path] if report.external_data else [report.path]
         _check_names(folder, list(sidecars), [file.name for file in model_files])
         moves = [(file, folder / name) for name, file in sidecars.items()]
         moves += [(file, folder / file.name) for file in model_files]
@@ -157,7 +157,7 @@ def readme(meta: dict) -> str:
     data = f"\n- `{meta['files']['external_data']}`: its weights (keep it beside the model)" \
         if meta["files"]["external_data"] else ""
     check = meta["verification"]
-    checked = "not verified at export (--verify-tokens 0)" if check is None else (
+    checked = "not run at export" if check is None else (
         f"{'passed' if check['passed'] else 'FAILED'}: onnxruntime against snncc's reference executor on "
         f"{check['tokens']} held-out tokens, max abs error {_number(check['max_abs_error'])}, tolerance atol "
         f"{check['atol']:g} + rtol {check['rtol']:g} x |reference|")

@@ -17,6 +17,7 @@ A reader that leaves early (`snncc inspect MODEL | head`) ends the command quiet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -729,7 +730,7 @@ def _program_and_ann(model, pipeline, calib, calib_tokens, device, budget=None, 
               help="write each changed graph as NN_pass.txt and a passes.jsonl here")
 @click.option("--text", type=click.Path(dir_okay=False), default=None, help=HELDOUT_HELP)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="also draw error, agreement and coverage per pass into this PNG")
+              help="also draw error vs the ANN, agreement and coverage after each pass into this PNG")
 @_json_option
 @_fail_cleanly
 def debug_cmd(model, passes, T, calib, calib_tokens, device, dump, text, plot, as_json):
@@ -803,7 +804,7 @@ def inspect_cmd(model, wide, as_json):
               help="stop after this many new tokens, or where the model ends its text")
 @_model_options
 @click.option("--backend", type=click.Choice(["reference", "event"]), default="reference", show_default=True,
-              help="dense reference executor, or event-driven execution (CPU) with a progress bar over time steps")
+              help="dense reference executor, or event-driven execution (CPU): spikes as events, every one counted")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="reference backend: run each new token against cached attention keys and values "
                    "(the same tokens as --no-cache, which re-runs the whole sequence per token; a program "
@@ -877,7 +878,7 @@ def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pip
 @click.option("--prompt", required=True, help="text to run the program on")
 @click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="also draw firing rate and SOPs per layer and per step into this PNG")
+              help="also draw the firing rate per site and per step and the energy by role into this PNG")
 @click.option("--energy", type=click.Choice(sorted(ENERGY_TABLES)), default="45nm", show_default=True,
               help="energy per operation: " + "; ".join(f"{t.name}: MAC {t.e_mac_pj} pJ, AC {t.e_ac_pj} pJ "
                                                        f"({t.source})" for t in ENERGY_TABLES.values())
@@ -939,8 +940,10 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 @click.option("--rtol", type=float, default=None,
               help="relative tolerance of the verification (see --atol) [default: "
                    + ", ".join(f"{f.upper()} {r:g}" for f, (_, r) in EXPORT_TOLERANCES.items()) + "]")
+@_json_option
 @_fail_cleanly
-def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, external_data, verify_tokens, atol, rtol):
+def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, external_data, verify_tokens, atol, rtol,
+               as_json):
     """Export an .snn artifact (or MODEL compiled with --passes) to ONNX or NIR."""
     from snncc.errors import ExportError
 
@@ -963,11 +966,19 @@ def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, exter
                           program.info.max_positions)[0] if verify_tokens else None
     default_atol, default_rtol = EXPORT_TOLERANCES["nir" if fmt == "nir" else "onnx"]
     atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+    say = functools.partial(click.echo, err=as_json)  # with --json, the JSON alone is on stdout
     if fmt == "nir":
-        check, runtime, written = _export_nir(program, out_path, sample, atol, rtol), "nirtorch", f"{out_path} stays"
+        check, runtime, written = _export_nir(program, out_path, sample, atol, rtol, say), "nirtorch", \
+            f"{out_path} stays"
     else:
-        check = _export_onnx(program, out_path, fmt, external_data, sample, atol, rtol)
+        check = _export_onnx(program, out_path, fmt, external_data, sample, atol, rtol, say)
         runtime, written = "onnxruntime", f"{out_path} and the files beside it stay"
+    if as_json:
+        click.echo(json.dumps({"format": fmt, "path": str(out_path), "bytes": out_path.stat().st_size,
+                               "model": program.info.model, "pipeline": program.info.pipeline, "T": program.T,
+                               "verification": None if check is None else {**dataclasses.asdict(check),
+                                                                           "runtime": runtime,
+                                                                           "passed": check.passed}}, indent=1))
     if check is not None and not check.passed:
         raise ExportError(f"verification failed: {runtime} differs from the reference executor by up to "
                           f"{check.max_abs_error:.2e} (max abs error; {check.mismatched} of {check.values} values "
@@ -985,23 +996,23 @@ def _check_export_packages(fmt: str, verify: bool) -> None:
         require(module, "export's check of the file (--verify-tokens 0 skips it)")
 
 
-def _export_nir(program, out_path, sample, atol, rtol):
+def _export_nir(program, out_path, sample, atol, rtol, say):
     """Write the NIR file; its verification (a Comparison), or None."""
     from snncc.backends.nir import to_nir, verify_nir, write_nir
 
     export = to_nir(program)
     write_nir(export, out_path)
     click.echo(f"snncc: warning: {export.summary()}", err=True)
-    click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {len(export.graph.nodes)} NIR nodes)")
+    say(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {len(export.graph.nodes)} NIR nodes)")
     if sample is None:
         return None
     check = verify_nir(program, export, out_path, sample, atol, rtol)
-    click.echo(f"read back with nir; nirtorch vs the reference executor at the {len(export.synapses)} synapse "
+    say(f"read back with nir; nirtorch vs the reference executor at the {len(export.synapses)} synapse "
                f"outputs on {sample.shape[-1]} held-out tokens: {check.summary()}")
     return check
 
 
-def _export_onnx(program, out_path, fmt, external_data, sample, atol, rtol):
+def _export_onnx(program, out_path, fmt, external_data, sample, atol, rtol, say):
     """Write the ONNX bundle (snncc.backends.bundle); its verification (a Comparison), or None."""
     from snncc.backends.bundle import export_bundle
 
@@ -1009,14 +1020,14 @@ def _export_onnx(program, out_path, fmt, external_data, sample, atol, rtol):
     bundle = export_bundle(program, out_path, fmt, external, sample, atol, rtol)
     report = bundle.report
     data = f" + {report.external_data.name}" if report.external_data else ""
-    click.echo(f"wrote {out_path}{data} ({report.bytes / 2**20:.1f} MiB, {report.nodes} nodes, "
-               f"{report.seconds:.1f} s); onnx.checker passed")
-    click.echo(f"beside it: {', '.join(f.name for f in bundle.files if f not in (report.path, report.external_data))}")
+    say(f"wrote {out_path}{data} ({report.bytes / 2**20:.1f} MiB, {report.nodes} nodes, "
+        f"{report.seconds:.1f} s); onnx.checker passed")
+    say(f"beside it: {', '.join(f.name for f in bundle.files if f not in (report.path, report.external_data))}")
     if bundle.readme_kept is not None:
         click.echo(f"snncc: warning: kept {bundle.readme_kept}, which snncc did not write: the export's README is "
                    "not written", err=True)
     if bundle.verification is not None:
-        click.echo(f"onnxruntime vs the reference executor on {sample.shape[-1]} held-out tokens: "
+        say(f"onnxruntime vs the reference executor on {sample.shape[-1]} held-out tokens: "
                    f"{bundle.verification.summary()}")
     return bundle.verification
 

@@ -12,7 +12,7 @@ import torch
 # The default tolerance (atol, rtol) of each export's check, |output - reference| <= atol + rtol
 # |reference| (compare): from the errors measured on the tiny models and SmolLM2, with a margin
 # (docs/export.md). Here, not in the backends, so the CLI's help can say them without importing one.
-EXPORT_TOLERANCES = {"onnx": (1e-4, 1e-4), "nir": (1e-5, 1e-5)}
+EXPORT_TOLERANCES = {"onnx": (1e-3, 1e-4), "nir": (1e-5, 1e-5)}
 
 
 def max_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -53,10 +53,11 @@ class Comparison:
 def compare(output: torch.Tensor, reference: torch.Tensor, atol: float, rtol: float) -> Comparison:
     """`output` against `reference` within atol + rtol |reference| (Comparison), in float64."""
     output, reference = output.double(), reference.double()
-    difference = torch.where(output == reference, 0.0, (output - reference).abs())  # equal infinities agree
+    equal = output == reference  # equal infinities too, whose difference is NaN
+    difference = torch.where(equal, 0.0, (output - reference).abs())
     if not difference.numel():
         return Comparison(0.0, 0.0, atol, rtol, 0, 0)
-    mismatched = int((~(difference <= atol + rtol * reference.abs())).sum())  # NaN is never within
+    mismatched = int((~(equal | (difference <= atol + rtol * reference.abs()))).sum())  # NaN is never within
     return Comparison(float(difference.max()), max_relative_error(output, reference), atol, rtol, mismatched,
                       difference.numel())
 

@@ -10,6 +10,7 @@ elapsed time while it runs and leaves one line saying how long it took (`phase`)
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ def bar(iterable: Iterable | None = None, desc: str = "", progress: bool | None 
         unit: str = "it", leave: bool = False, **kwargs) -> tqdm:
     """A tqdm bar on stderr, shown where `enabled(progress)`."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=not enabled(progress),
-                file=sys.stderr, **kwargs)
+                file=sys.stderr, **_unsized(), **kwargs)
 
 
 @contextlib.contextmanager
@@ -45,7 +46,8 @@ def phase(label: str, progress: bool | None, done: str | None = None) -> Iterato
         yield
         return
     start = time.perf_counter()
-    status = tqdm(total=None, desc=f"{label}…", bar_format="{desc} {elapsed}", leave=False, file=sys.stderr)
+    status = tqdm(total=None, desc=f"{label}…", bar_format="{desc} {elapsed}", leave=False, file=sys.stderr,
+                  **_unsized())
     stop = threading.Event()
     # A thread redraws the elapsed time: tqdm redraws only when a bar advances, and a phase has no steps.
     ticker = threading.Thread(target=_tick, args=(status, stop), daemon=True)
@@ -57,6 +59,17 @@ def phase(label: str, progress: bool | None, done: str | None = None) -> Iterato
         ticker.join()
         status.close()
     tqdm.write(f"{done or label + ' done'} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _unsized() -> dict:
+    """No options (tqdm fits the terminal) unless stderr is a terminal that reports no size, as
+    a pseudo-terminal never sized does (`script` in the background): tqdm would draw nothing
+    in 0 columns and 0 rows, so it gets a size."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # not a terminal, or no file descriptor
+        return {}
+    return {} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
 
 
 def _tick(status: tqdm, stop: threading.Event) -> None:

@@ -28,24 +28,24 @@ def _invoke(*args: str):
 
 def test_a_verification_beyond_the_tolerance_fails_in_one_line_and_the_bundle_stays(tmp_path, monkeypatch):
     """tiny-bert's ANN: an encoder, whose ONNX import finds no tokenizer unless one is beside it.
-    onnxruntime's output is moved by 1e-3, beyond the default tolerance wherever |reference| < 4."""
+    onnxruntime's output is moved by 1e-2, beyond the default tolerance wherever |reference| < 90."""
     monkeypatch.setattr(cli, "_program", lambda *args, **kwargs: compiled("tiny-bert", "none"))
     run = onnx_backend.OnnxRuntimeExecutor.__call__
-    monkeypatch.setattr(onnx_backend.OnnxRuntimeExecutor, "__call__", lambda self, ids: run(self, ids) + 1e-3)
+    monkeypatch.setattr(onnx_backend.OnnxRuntimeExecutor, "__call__", lambda self, ids: run(self, ids) + 1e-2)
     out = tmp_path / "bundle" / "model.onnx"
     result = _invoke("export", "tiny-bert", "--passes", "none", "--verify-tokens", "8", "-o", str(out))
     assert result.exit_code == 1, result.output
     (line,) = result.stderr.splitlines()
     atol, rtol = EXPORT_TOLERANCES["onnx"]
     assert line.startswith("snncc: error: verification failed: onnxruntime")
-    assert "by up to 1.00e-03 (max abs error" in line, line
+    assert "by up to 1.00e-02 (max abs error" in line, line
     assert f"--atol {atol:g} + --rtol {rtol:g}" in line and "relax --atol/--rtol" in line and "stay" in line
     assert sorted(p.name for p in out.parent.iterdir()) == ["README.md", "model.onnx", "model.snncc.json",
                                                             "snncc_tokenizer.json"]
     meta = json.loads((out.parent / "model.snncc.json").read_text())
     check = meta["verification"]
     assert check["passed"] is False and check["mismatched"] > 0 and check["tokens"] == 8
-    assert (check["atol"], check["rtol"]) == (atol, rtol) and 1e-3 <= check["max_abs_error"] < 1.1e-3
+    assert (check["atol"], check["rtol"]) == (atol, rtol) and 0.99e-2 < check["max_abs_error"] < 1.01e-2
     assert meta["inputs"][0]["name"] == "input_ids" and meta["outputs"][0]["shape"][-1] == 64
     assert load_onnx(out).task == "encoder"  # the round trip: `compile` and `inspect` read the tokenizer beside it
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 import snncc
 from snncc.api import compile_graph, prepare
 from snncc.backends.event import EventBackend, EventExecutor
-from snncc.progress import enabled, phase
+from snncc.progress import bar, enabled, phase
 from tests.conftest import compiled, heldout_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,17 @@ def test_phase_shows_its_label_and_how_long_it_took(capsys):
     assert "loading a thing…" in err
     assert "loaded a thing in " in err
     assert "quiet" not in err
+
+
+def test_a_terminal_that_reports_no_size_still_gets_the_bar(monkeypatch):
+    """A pseudo-terminal never sized (0 x 0: `script` in the background) would get nothing from tqdm."""
+    terminal = _Terminal()
+    terminal.fileno = lambda: 2
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr("snncc.progress.os.get_terminal_size", lambda fd: os.terminal_size((0, 0)))
+    for _ in bar(range(3), desc="counting", leave=True):
+        pass
+    assert "counting: 100%" in terminal.getvalue()
 
 
 def test_phase_that_fails_leaves_no_closing_line(capsys):

@@ -38,10 +38,27 @@ def _program(name: str, spec: str, T: int | None = None):
 _MINILM_FAS = "fas,calibrate{layer_steps=3,neuron_steps=3,batches=1}"
 
 
+@pytest.mark.xdist_group("smollm2-none")
 def test_smollm2_none_is_the_ann():
     loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
     result = evaluate(compile_graph(loaded, ann, ctx, "none", 16), loaded.module, _chunks("smollm2-135m", 256))
     assert result["ppl_ratio"] == 1.0 and result["top1_agreement"] == 1.0
+
+
+@pytest.mark.xdist_group("smollm2-none")
+def test_smollm2_none_generates_as_transformers_greedy_generate_batched_and_padded():
+    """Token for token, with SmolLM2's own tokenizer padding a batch on the left."""
+    loaded, ann, ctx = prepared("smollm2-135m", CALIB_TOKENS)
+    program = compile_graph(loaded, ann, ctx, "none")
+    tokenizer = loaded.tokenizer.hf
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["The capital of France is", "def fibonacci(n):", "Water boils at"], return_tensors="pt",
+                      padding=True)
+    with torch.no_grad():
+        expected = loaded.module.model.generate(**batch, max_new_tokens=16, do_sample=False)
+    assert torch.equal(program.generate(**batch, max_new_tokens=16), expected)
+    alone = program.generate(tokenizer("Water boils at", return_tensors="pt").input_ids, max_new_tokens=16)
+    assert torch.equal(alone[0], expected[2, -alone.shape[1]:])
 
 
 @pytest.mark.xdist_group("smollm2-encode")

@@ -57,7 +57,7 @@ def test_the_bundle_lands_beside_the_model_with_its_metadata(tmp_path):
     assert meta["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 64], "meaning": ""}]
     assert meta["files"] == {"model": "model.onnx", "external_data": None, "metadata": "model.snncc.json"}
     readme = (folder / "README.md").read_text()
-    assert readme.startswith(README_MARK) and "model.onnx" in readme and "not verified" in readme
+    assert readme.startswith(README_MARK) and "model.onnx" in readme and "not run at export" in readme
 
 
 def test_a_hugging_face_tokenizer_is_found_where_the_onnx_frontend_reads_it(tmp_path):
