@@ -23,7 +23,7 @@ from snncc.ir.storage import STORAGE_DTYPES, store_weights
 from snncc.ir.verify import coverage_report, verify
 from snncc.models import CAUSAL_LM, LoadedModel, load_model
 from snncc.parts import CompileParts, compile_key, parts_folder
-from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, Pipeline
+from snncc.pipeline import DEFAULT_PIPELINE, Instrument, PassManager, Pipeline, check_T_given_once
 from snncc.program import ProgramInfo, SpikingProgram
 from snncc.progress import phase
 from snncc.resume import capture, check_resumable, restore, split
@@ -258,6 +258,7 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
         program = model if isinstance(model, SpikingProgram) else load(model, progress=progress)
         program = resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
         return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
+    check_T_given_once(passes, T)
     pipeline = Pipeline.parse(passes, BUDGET_T if budget and T is None else T)
     split(pipeline, None, stop_after)  # refused before the model loads
     if budget:

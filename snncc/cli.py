@@ -32,7 +32,7 @@ import click
 
 from snncc.errors import InputError, SnnccError, first_line, require
 from snncc.numerics import EXPORT_TOLERANCES
-from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, PIPELINE_OPTIONS, STANDARD_T, Pipeline
+from snncc.pipeline import DEFAULT_PIPELINE, DEFAULT_T, PIPELINE_OPTIONS, STANDARD_T, Pipeline, check_T_given_once
 from snncc.profile import ENERGY_TABLES, MEMORY_SOURCE
 
 HELDOUT_HELP = "held-out text (default: snncc's packaged heldout.txt, never used for calibration)"
@@ -180,6 +180,7 @@ def _check_model_options(passes: str, T: int | None, calib: str | None, calib_to
                          device: str = "cpu") -> Pipeline:
     """The pipeline spec, calibration text and device of _model_options, checked in seconds;
     the spec parsed (once: the API takes the Pipeline)."""
+    check_T_given_once(passes, T if _given("T") else None)
     pipeline = Pipeline.parse(passes, T)
     _check_at_least("--calib-tokens", calib_tokens, 2)
     if calib:
@@ -328,7 +329,11 @@ def _usage_error(exc: click.UsageError) -> None:
     """A usage error on one line, then click's hint where to read the command's help."""
     click.echo(f"snncc: error: {' '.join(exc.format_message().split())}", err=True)
     if exc.ctx is not None:
-        click.echo(f"Try '{exc.ctx.command_path} {exc.ctx.help_option_names[0]}' for help.", err=True)
+        names, ctx = [], exc.ctx
+        while ctx.parent is not None:  # the subcommands, under whatever name the program was started by
+            names.append(ctx.info_name)
+            ctx = ctx.parent
+        click.echo(f"Try '{' '.join(['snncc', *reversed(names)])} -h' for help.", err=True)
     sys.exit(exc.exit_code)
 
 

@@ -227,9 +227,7 @@ def default_T(spec: str) -> int:
 
 def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
     """Turn `las`, `none` or `encode{T=8},...` into pass instances, checking names and order.
-    T None means the pipeline's default (default_T); a T given and a pass's own T= that
-    differs are refused (which one was meant?)."""
-    given_T = T
+    T None means the pipeline's default (default_T); a pass's own T= wins over it."""
     T = default_T(spec) if T is None else T
     validate_T(T)
     if not spec or not spec.strip():
@@ -246,9 +244,6 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
             raise PipelineError(f"options of '{name}' must be key=value pairs, got {{{opts}}}")
         if name in PASSES:
             options = {k.strip(): v.strip() for k, v in options.items()}
-            if given_T is not None and "T" in options and options["T"] != str(given_T):
-                raise PipelineError(f"T={given_T} was given and pass '{name}' sets its own T={options['T']}: "
-                                    "give one of them")
             from_pipeline = [i for i, p in enumerate(passes) if p.name == name and i in pipeline_members]
             if from_pipeline:  # `fas,qcfs{steps=600}`: set options of a pass the pipeline brought
                 i = from_pipeline[0]
@@ -268,6 +263,21 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
                 f"passes: {', '.join(sorted(PASSES))}")
     _check_order(passes)
     return passes
+
+
+def check_T_given_once(spec: str, T: int | None) -> None:
+    """A user's T and a pass's own T= in their spec that differ: which did they mean? Refused
+    rather than the pass's silently winning."""
+    if T is None:
+        return
+    for item in _split_items(spec):
+        match = _ITEM.match(item)
+        options = match.group(2) if match else None
+        for option in (options or "").split(","):
+            key, _, value = option.partition("=")
+            if key.strip() == "T" and value.strip() != str(T):
+                raise PipelineError(f"T={T} was given and pass '{match.group(1)}' sets its own T={value.strip()}: "
+                                    "give one of them")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 TIMEOUT = 300
+HELP_HINT = re.compile(r"Try 'snncc( [a-z]+)? -h' for help\.")  # click's hint, under a usage error's line
 _PRELOAD = ["snncc.cli", "snncc.api", "transformers"]
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(_PRELOAD)

@@ -17,11 +17,24 @@ def _run(*args: str):
     return result.stdout
 
 
-def test_inspect_lists_ops_sources_and_what_no_pass_lowers():
+def test_inspect_lists_ops_sources_and_what_no_pass_lowers_in_100_columns():
     out = _run("inspect", "tiny-llama")
-    assert "aten.linear" in out and "model.layers.*.mlp.down_proj" in out
-    assert "lowered" in out and "ANALOG" in out
+    assert "aten.linear" in out and "lowered" in out and "ANALOG" in out
     assert "aten.neg: model.layers.*.self_attn" in out  # RoPE's rotation: reported with its source module
+    assert max(len(line) for line in out.splitlines()) <= 100
+    wide = _run("inspect", "tiny-llama", "--wide")
+    assert "model.layers.*.mlp.down_proj" in wide and "nonlinear" in wide.splitlines()[1]  # every pass's column
+    assert max(len(line) for line in wide.splitlines()) > 100
+
+
+def test_inspect_of_an_artifact_shows_its_manifest(tmp_path):
+    _run("compile", "tiny-gpt2", "--passes", "encode", "-T", "6", "--eval-tokens", "0", "--calib-tokens", "256",
+         "-o", str(tmp_path / "p.snn"))
+    out = _run("inspect", str(tmp_path / "p.snn"))
+    for fact in ("model:", "tiny-gpt2", "pipeline:    'encode', T=6", "coverage:    100.00%", "passes:      encode",
+                 "written by:  snncc", "artifact format"):
+        assert fact in out
+    assert max(len(line) for line in out.splitlines()) <= 100
 
 
 def test_inspect_json_reports_every_arithmetic_op():

@@ -9,7 +9,6 @@ A valid artifact of the tiny random-weight model is compiled once per module and
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.snncc_process import TIMEOUT, run_fresh_snncc, run_snncc, snncc_env
+from tests.snncc_process import HELP_HINT, TIMEOUT, run_fresh_snncc, run_snncc, snncc_env
 
 PREFIX = "snncc: error:"
 
@@ -31,9 +30,6 @@ def run_python(cwd: Path, code: str) -> subprocess.CompletedProcess:
 def listing(folder: Path) -> set[str]:
     """Every entry of `folder`, hidden temp files included."""
     return {p.name for p in folder.iterdir()}
-
-
-HELP_HINT = re.compile(r"Try 'snncc( [a-z]+)? -h' for help\.")
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *words: str,
@@ -160,7 +156,8 @@ def test_unknown_pass(tmp_path):
     (("-T", "four"), "four"),
     (("--passes", "encode{T=2.5}"), "2.5"),
     (("-T", "1000"), "T=1000"),
-], ids=["zero", "negative", "not-integer", "not-a-number", "not-integer-pass-option", "too-large"])
+    (("--passes", "encode{T=8}", "-T", "12"), "give one of them"),
+], ids=["zero", "negative", "not-integer", "not-a-number", "not-integer-pass-option", "too-large", "twice"])
 def test_bad_T(tmp_path, args, word):
     result = run_snncc(tmp_path, "compile", "tiny-llama", *args, "-o", "out.snn")
     assert_clean_error(result, word, folder=tmp_path)

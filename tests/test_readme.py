@@ -65,22 +65,24 @@ COMMANDS = {
     "snncc compile MODEL [--passes P] [-T N] [-o out.snn] [--dtype auto|float32|bfloat16]":
         "compile tiny-gpt2 --passes las -T 12 -o {tmp}/c.snn --dtype float32",
     "snncc eval MODEL_OR_ARTIFACT [--passes P] [-T N]": "eval {artifact} --max-tokens 128",
-    "snncc finetune MODEL --checkpoint F [--steps N] [--mode full|lambda]": None,  # slow: FAS training
-    "snncc compile MODEL --passes las --stop-after PASS -o part.snn": None,  # slow: tests/test_cli.py has it
-    "snncc compile part.snn --passes las --start-after PASS -o full.snn": None,
+    "snncc finetune MODEL --checkpoint F [--steps N] [--mode full|lambda]":
+        "finetune tiny-llama --checkpoint {tmp}/q.pt --steps 2 --mode lambda",
+    "snncc compile MODEL --passes las --stop-after PASS -o part.snn":
+        "compile tiny-gpt2 --passes las --stop-after attention -o {tmp}/part.snn",
+    "snncc compile part.snn --passes las --start-after PASS -o full.snn":
+        "compile {tmp}/part.snn --passes las --start-after attention -o {tmp}/full.snn",
     "snncc debug MODEL --passes P [--dump DIR] [--plot F.png]": "debug tiny-gpt2 --passes las --dump {tmp}/dump",
     "snncc inspect MODEL_OR_ARTIFACT [--wide]": "inspect {artifact}",
     "snncc run MODEL_OR_ARTIFACT --prompt TEXT [--backend event] [--no-cache] [--compile]":
         "run {artifact} --prompt 'The cat' --no-cache",
-    "snncc compile MODEL --budget top1=0.995,ppl=1.005": None,  # slow: tests/test_budget.py compiles budgets
+    "snncc compile MODEL --budget top1=0.995,ppl=1.005": "compile tiny-gpt2 --budget top1=0.995,ppl=1.005",
     "snncc profile MODEL_OR_ARTIFACT --prompt TEXT [--plot F.png] [--energy 45nm]":
         "profile {artifact} --prompt 'The cat' --energy 45nm",
-    "snncc export MODEL_OR_ARTIFACT --format onnx|onnx-snn|nir -o FILE":
-        "export {artifact} --format onnx -o {tmp}/m.onnx --verify-tokens 8",
+    "snncc export MODEL_OR_ARTIFACT --format onnx|onnx-snn|nir -o dir/model.onnx":
+        "export {artifact} --format onnx -o {tmp}/dir/model.onnx --verify-tokens 8",
 }
-COMPILING = ("compile", "eval", "debug")  # commands that calibrate: on fewer tokens here
-SPEED = {"compile": ["--calib-tokens", str(FAST_CALIB), "--eval-tokens", "64"],
-         "debug": ["--calib-tokens", str(FAST_CALIB)]}
+SPEED = {"compile": ["--calib-tokens", str(FAST_CALIB), "--eval-tokens", "64"],  # calibrate on fewer tokens
+         "debug": ["--calib-tokens", str(FAST_CALIB)], "finetune": ["--calib-tokens", str(FAST_CALIB)]}
 
 
 def _readme_commands() -> set[str]:
@@ -107,13 +109,23 @@ def _invoke(arguments: list[str]):
     return result
 
 
-@pytest.mark.parametrize("command", [c for c, line in COMMANDS.items() if line])
+def _run_readme_command(command: str, folder: Path, artifact: str):
+    arguments = shlex.split(COMMANDS[command].format(tmp=folder, artifact=artifact))
+    if "--start-after" in arguments:  # it continues the part-way program of the command before it
+        _run_readme_command("snncc compile MODEL --passes las --stop-after PASS -o part.snn", folder, artifact)
+    arguments += [] if "--start-after" in arguments else SPEED.get(arguments[0], [])
+    return arguments, _invoke(arguments)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_each_command_runs_as_the_readme_shows(command, tmp_path_factory):
     folder = tmp_path_factory.mktemp("readme")
-    line = COMMANDS[command].format(tmp=folder, artifact=_artifact(str(tmp_path_factory.getbasetemp())))
-    arguments = shlex.split(line)
-    result = _invoke(arguments + SPEED.get(arguments[0], []))
+    artifact = _artifact(str(tmp_path_factory.getbasetemp()))
+    arguments, result = _run_readme_command(command, folder, artifact)
     assert result.output.strip()
+    if arguments[0] == "export":  # the bundle the README promises
+        assert {"model.onnx", "model.snncc.json", "README.md", "snncc_tokenizer.json"} <= set(
+            path.name for path in (folder / "dir").iterdir())
     if "--json" not in arguments and arguments[0] in ("inspect", "profile", "eval", "run", "debug"):
-        as_json = _invoke(arguments + SPEED.get(arguments[0], []) + ["--json"])
+        as_json = _invoke(arguments + ["--json"])
         assert isinstance(json.loads(as_json.stdout), dict)
