@@ -354,6 +354,7 @@ def _replaced(value, path, new):
     return copy
 
 
+@pytest.mark.slow  # 16 s of generated cases: the hand-written mutations above stay in the fast tier
 @FEW
 @given(data=st.data())
 def test_generated_manifest_mutations(tmp_path_factory, data):

@@ -173,6 +173,7 @@ def test_export_metadata_names_and_time_axis(exported):
     assert encoders and all(a.i == program.T for n in encoders for a in n.attribute if a.name == "T")
 
 
+@pytest.mark.slow  # an export of its own (11 s)
 def test_external_data_is_written_beside_the_model(tmp_path):
     program = _program("tiny-qwen2", "las")
     path = tmp_path / "ext.onnx"
