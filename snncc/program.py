@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
-from tqdm import tqdm
 
 from snncc.backends import create_executor
 from snncc.errors import InputError
 from snncc.ir.verify import format_coverage
 from snncc.models import CAUSAL_LM
 from snncc.profile import Profile, profile_graph
-from snncc.progress import enabled
+from snncc.progress import bar, enabled
 from snncc.tokenizer import Tokenizer, as_tokenizer
 
 if TYPE_CHECKING:
@@ -238,7 +237,7 @@ class SpikingProgram(torch.nn.Module):
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool)
         eos_ids = torch.tensor(eos, dtype=torch.long)
         new, past, step_input = [], None, tokens
-        for _ in tqdm(range(max_new_tokens), desc="generating", unit="token", disable=not progress, leave=False):
+        for _ in bar(range(max_new_tokens), "generating", progress, unit="token"):
             if cache:
                 logits, past = self.executor.step(step_input, past, tokens.shape[1] - step_input.shape[1])
             else:
