@@ -606,8 +606,9 @@ _FAS_QCFS = PIPELINE_OPTIONS["fas"]["qcfs"]  # what `fas` compiles with, so a ch
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help="text to fine-tune on (default: snncc's packaged dev text)")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="tokens of that text to use")
+@_json_option
 @_fail_cleanly
-def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib, calib_tokens):
+def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib, calib_tokens, as_json):
     """Fine-tune MODEL with QCFS activations by distillation from itself (FAS stage 1)."""
     from snncc.api import compile_graph
 
@@ -625,13 +626,17 @@ def finetune_cmd(model, checkpoint, steps, mode, lr, L, multirange, plot, calib,
         require("matplotlib", "--plot")  # a missing package is no usage error (exit 1), but say so before the work
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
     program = compile_graph(loaded, ann, ctx, pipeline)
-    _print_reports(program.info.passes)
+    report = next(r["report"] for r in program.info.passes if r["name"] == "qcfs")
+    if not as_json:
+        _print_reports(program.info.passes)
     if plot:
         from snncc.plots import plot_finetune
 
-        report = next(r["report"] for r in program.info.passes if r["name"] == "qcfs")
-        click.echo(f"wrote {plot_finetune(report['finetune'], Path(plot))}")
-    click.echo(f"checkpoint {checkpoint}; compile with it: snncc compile {model} --passes 'fas,{qcfs}'")
+        click.echo(f"wrote {plot_finetune(report['finetune'], Path(plot))}", err=as_json)
+    if as_json:
+        click.echo(json.dumps({"checkpoint": checkpoint, "passes": f"fas,{qcfs}", "report": report}, indent=1))
+    else:
+        click.echo(f"checkpoint {checkpoint}; compile with it: snncc compile {model} --passes 'fas,{qcfs}'")
 
 
 def _check_spec_paths(**paths: str | None) -> None:
@@ -879,9 +884,9 @@ def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pip
 
 @main.command("profile")
 @click.argument("model")
-@_model_options
 @click.option("--prompt", required=True, help="text to run the program on")
-@click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+@_model_options
+@_json_option
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="also draw the firing rate per site and per step and the energy by role into this PNG")
 @click.option("--energy", type=click.Choice(sorted(ENERGY_TABLES)), default="45nm", show_default=True,
@@ -924,7 +929,6 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 
 @main.command("export")
 @click.argument("model")
-@_model_options
 @click.option("--format", "fmt", type=click.Choice(["onnx", "onnx-snn", "nir"]), default="onnx", show_default=True,
               help="onnx: standard opset only (neurons as Loops over time); onnx-snn: spiking ops as 'snn' domain "
                    "nodes with the function library that defines them; nir: the IF neurons and the synapses they "
@@ -932,6 +936,7 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 @click.option("-o", "--output", required=True,
               help="file to write, e.g. dir/model.onnx; ONNX writes beside it the tokenizer, a README.md and "
                    "model.snncc.json (metadata)")
+@_model_options
 @click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="weights in OUTPUT.data beside the model (auto: when the model would pass protobuf's 2 GB)")
 @click.option("--verify-tokens", type=int, default=16, show_default=True,

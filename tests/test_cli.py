@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -159,3 +160,13 @@ def test_finetune_writes_a_checkpoint_and_prints_the_spec_that_compiles_with_it(
     assert spec.startswith("fas,qcfs{L=16,multirange=2,steps=2,")
     compiled = _run("compile", "tiny-llama", "--passes", spec, "--calib-tokens", "512", "-o", str(tmp_path / "a.snn"))
     assert "coverage" in compiled and (tmp_path / "a.snn").exists()
+
+
+def test_every_command_takes_h_and_json_and_lists_its_main_options_first():
+    assert "Usage: main [OPTIONS] COMMAND" in CliRunner().invoke(main, ["-h"]).output
+    for name, command in main.commands.items():
+        result = CliRunner().invoke(main, [name, "-h"])
+        assert result.exit_code == 0 and f"Usage: main {name}" in result.output, name
+        assert any("--json" in param.opts for param in command.params), f"{name} has no --json"
+    options = [param.opts[0] for param in main.commands["compile"].params if isinstance(param, click.Option)]
+    assert options[:3] == ["-o", "--passes", "-T"]  # click lists them as written
