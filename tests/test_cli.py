@@ -151,6 +151,7 @@ def test_export_onnx_and_nir_from_an_artifact(tmp_path):
     assert "read back with nir" in result.stdout and (tmp_path / "m.nir").is_file()
 
 
+@pytest.mark.slow  # 9 s; the fast tier runs finetune through the README's command line (tests/test_readme.py)
 def test_finetune_writes_a_checkpoint_and_prints_the_spec_that_compiles_with_it(tmp_path):
     checkpoint = tmp_path / "ft.pt"
     out = _run("finetune", "tiny-llama", "--checkpoint", str(checkpoint), "--steps", "2", "-L", "16",

@@ -79,7 +79,7 @@ COMMANDS = {
     "snncc profile MODEL_OR_ARTIFACT --prompt TEXT [--plot F.png] [--energy 45nm]":
         "profile {artifact} --prompt 'The cat' --energy 45nm",
     "snncc export MODEL_OR_ARTIFACT --format onnx|onnx-snn|nir -o dir/model.onnx":
-        "export {artifact} --format onnx -o {tmp}/dir/model.onnx --verify-tokens 8",
+        "export {artifact} --format onnx-snn -o {tmp}/dir/model.onnx --verify-tokens 8",
 }
 SPEED = {"compile": ["--calib-tokens", str(FAST_CALIB), "--eval-tokens", "64"],  # calibrate on fewer tokens
          "debug": ["--calib-tokens", str(FAST_CALIB)], "finetune": ["--calib-tokens", str(FAST_CALIB)]}
