@@ -17,7 +17,6 @@ A reader that leaves early (`snncc inspect MODEL | head`) ends the command quiet
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -551,8 +550,8 @@ def _fidelity(program, prepared, eval_tokens: int, as_json: bool) -> dict:
     chunks = _eval_chunks(program.tokenizer, None, eval_tokens, 128, program.info.max_positions)
     report = {}
     if prepared is None:
-        click.echo("(no fidelity check: a continued compile does not load the ANN; `snncc eval` compiles and "
-                   "checks in one go)", err=as_json)
+        click.echo("(no fidelity check: a continued compile does not load the ANN; `snncc eval` of the artifact "
+                   "compares it with its model)", err=as_json)
     else:
         loaded, ann, _ = prepared
         report["fidelity"] = evaluate(program, ann_outputs(loaded, ann, chunks, _progress()), chunks,
@@ -658,7 +657,7 @@ def _check_spec_paths(**paths: str | None) -> None:
                    "documentation, each scored apart; none is used for calibration)")
 @click.option("--max-tokens", type=int, default=2048, show_default=True, help="tokens of text to score (per text)")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="tokens per evaluated sequence")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@_json_option
 @_budget_option
 @_dtype_option
 @_placement_options
@@ -720,7 +719,7 @@ def _program_and_ann(model, pipeline, calib, calib_tokens, device, budget=None, 
         click.echo(f"comparing with {program.info.model}, the model '{model}' names as its source", err=True)
         try:
             loaded = load_model(program.info.model)
-        except ModelError as exc:
+        except SnnccError as exc:  # not found, or not loadable (a Python module's class name, say)
             raise ModelError(f"'{model}' was compiled from '{program.info.model}', which cannot be loaded here to "
                              f"compare with ({exc}): evaluate the model itself with --passes") from None
         return loaded, trace(loaded), program
@@ -986,9 +985,8 @@ def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, exter
     if as_json:
         click.echo(json.dumps({"format": fmt, "path": str(out_path), "bytes": out_path.stat().st_size,
                                "model": program.info.model, "pipeline": program.info.pipeline, "T": program.T,
-                               "verification": None if check is None else {**dataclasses.asdict(check),
-                                                                           "runtime": runtime,
-                                                                           "passed": check.passed}}, indent=1))
+                               "verification": None if check is None else {**check.to_dict(), "runtime": runtime}},
+                              indent=1))
     if check is not None and not check.passed:
         raise ExportError(f"verification failed: {runtime} differs from the reference executor by up to "
                           f"{check.max_abs_error:.2e} (max abs error; {check.mismatched} of {check.values} values "
