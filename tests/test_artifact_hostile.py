@@ -212,6 +212,11 @@ def test_compressed_bombs_are_refused_before_reading(tmp_path, valid):
     lambda m: m["weights"]["weight_map"].popitem(), lambda m: m.pop("weights"),
     lambda m: m["info"].update(dtype="int8"),
     lambda m: m["info"]["coverage"].update(analog_sites=[{"name": "made_up"}]),
+    lambda m: m["info"].update(generation={"eos_token_id": [10**9], "pad_token_id": None}),
+    lambda m: m["info"].update(generation={"eos_token_id": list(range(10**4)), "pad_token_id": 0}),
+    lambda m: m["info"].update(generation={"eos_token_id": 2, "pad_token_id": 0}),
+    lambda m: m["info"].update(generation={"eos_token_id": [2], "pad_token_id": True}),
+    lambda m: m["info"].update(generation={"eos_token_id": [2], "pad_token_id": 0, "run": "x"}),
 ])
 def test_malformed_manifest_fields_are_one_error(tmp_path, valid, edit):
     assert attempt(write(tmp_path / "a.snn", with_manifest(valid, edit)), "manifest field") == "clean error"
