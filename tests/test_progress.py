@@ -15,6 +15,7 @@ from snncc.api import compile_graph, prepare
 from snncc.backends.event import EventBackend, EventExecutor
 from snncc.progress import bar, enabled, phase
 from tests.conftest import compiled, heldout_ids
+from tests.snncc_process import run_snncc
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a progress display draws (tqdm's bar, a phase's ellipsis), never in a quiet run's stderr.
@@ -120,3 +121,11 @@ def test_event_backend_counts_each_spiking_op_once_per_run_and_keeps_quiet_while
     event.generate_text("ab", 2, progress=True)
     err = capfd.readouterr().err
     assert "generating" in err and "event-driven run" not in err  # one bar for the loop, none per token
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
+def test_a_piped_command_prints_nothing_on_stderr(tmp_path, model):
+    """No bar, status line or library warning when stderr is no terminal: transformers' own bars
+    while it loads (GGUF conversion, weights) and the tiny models' config warnings included."""
+    result = run_snncc(tmp_path, "inspect", model)
+    assert result.returncode == 0 and result.stderr == ""
