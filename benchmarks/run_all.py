@@ -82,6 +82,9 @@ COMMANDS = {
                                          "--format onnx-snn --out benchmarks/results/onnx_export_smollm2-135m_las.json",
     "onnx_export_smollm2-135m_none.json": "python benchmarks/onnx_export.py --model smollm2-135m --passes none "
                                           "--format onnx --out benchmarks/results/onnx_export_smollm2-135m_none.json",
+    "onnx_export_smollm2-135m_las_onnx.json": "python benchmarks/onnx_export.py --model smollm2-135m --passes las "
+                                              "--format onnx --out "
+                                              "benchmarks/results/onnx_export_smollm2-135m_las_onnx.json",
     "energy_frontier_smollm2-135m.json": "python benchmarks/energy_frontier.py --model smollm2-135m",
     "greedy_smollm2-135m_las_budget.json": "python benchmarks/greedy_agreement.py --passes las "
                                            "--budget top1=0.995,ppl=1.005 kl=1e-4",
@@ -486,7 +489,8 @@ def hot_paths_section(name: str) -> list[str]:
             f"{data['device']}; self time, profiler overhead included:", "", *hot_paths_table(data)]
 
 
-ONNX_EXPORTS = ["onnx_export_smollm2-135m_las.json", "onnx_export_smollm2-135m_none.json"]
+ONNX_EXPORTS = ["onnx_export_smollm2-135m_las.json", "onnx_export_smollm2-135m_las_onnx.json",
+                "onnx_export_smollm2-135m_none.json"]
 
 
 def onnx_section(_: str) -> list[str]:
@@ -497,7 +501,7 @@ def onnx_section(_: str) -> list[str]:
               "reference_exact_forward_s", "max_rel_error_vs_exact", "max_rel_error_vs_fused", "fused_vs_exact",
               "top1_agreement_vs_exact", "top1_agreement_vs_fused", "machine", "snncc"]
     lines = [line for name, _ in runs for line in provenance(name)]
-    return [*lines, "", *_table(["field"] + [data["pipeline"] for _, data in runs],
+    return [*lines, "", *_table(["field"] + [f"{data['pipeline']}, {data['format']}" for _, data in runs],
                                 [[f"`{f}`"] + [f"{data.get(f):.3g}" if isinstance(data.get(f), float) else data.get(f)
                                                for _, data in runs] for f in fields])]
 
