@@ -45,13 +45,10 @@ def _vocab_size(ann: fx.GraphModule, model: LoadedModel) -> int:
     return 2**31 - 1
 
 
-def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None = None,
-            calib_tokens: int = CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN,
-            tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM,
-            progress: bool | None = None) -> tuple[LoadedModel, fx.GraphModule, CalibrationContext]:
-    """Load and trace the model and set up calibration: what every pipeline starts from.
-    Passes record the ANN tensors they need through the context, each tensor once.
-    `progress` (snncc.progress; None: on a terminal) is the compile's: the context carries it."""
+def load_and_trace(model: str | torch.nn.Module | LoadedModel, tokenizer: Tokenizer | None = None,
+                   task: str = CAUSAL_LM, progress: bool | None = None) -> tuple[LoadedModel, fx.GraphModule]:
+    """The model loaded (unless it is already) and its ANN graph, each step shown as a phase
+    (snncc.progress; None: on a terminal)."""
     if isinstance(model, LoadedModel):
         loaded = model
     else:
@@ -59,7 +56,17 @@ def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None
         with phase(f"loading {name}", progress, f"loaded {name}"):
             loaded = load_model(model, tokenizer, task)
     with phase(f"tracing {loaded.name}", progress, f"traced {loaded.name}"):
-        ann = trace(loaded)
+        return loaded, trace(loaded)
+
+
+def prepare(model: str | torch.nn.Module | LoadedModel, calib: str | Path | None = None,
+            calib_tokens: int = CALIB_TOKENS, seq_len: int = CALIB_SEQ_LEN,
+            tokenizer: Tokenizer | None = None, task: str = CAUSAL_LM,
+            progress: bool | None = None) -> tuple[LoadedModel, fx.GraphModule, CalibrationContext]:
+    """Load and trace the model and set up calibration: what every pipeline starts from.
+    Passes record the ANN tensors they need through the context, each tensor once.
+    `progress` (snncc.progress; None: on a terminal) is the compile's: the context carries it."""
+    loaded, ann = load_and_trace(model, tokenizer, task, progress)
     verify(ann)
     ctx = make_context(loaded.tokenizer, calib, min(seq_len, loaded.max_positions), calib_tokens)
     ctx.attach(ann, progress=progress)

@@ -711,18 +711,17 @@ def _program_and_ann(model, pipeline, calib, calib_tokens, device, budget=None, 
     (`pipeline` None) with the model it was compiled from, loaded by the name it records."""
     if pipeline is None:
         import snncc
+        from snncc.api import load_and_trace
         from snncc.errors import ModelError
-        from snncc.frontend import trace
-        from snncc.models import load_model
 
         program = snncc.load(model, device=device, progress=_progress())
         click.echo(f"comparing with {program.info.model}, the model '{model}' names as its source", err=True)
         try:
-            loaded = load_model(program.info.model)
+            loaded, ann = load_and_trace(program.info.model, progress=_progress())
         except SnnccError as exc:  # not found, or not loadable (a Python module's class name, say)
             raise ModelError(f"'{model}' was compiled from '{program.info.model}', which cannot be loaded here to "
                              f"compare with ({exc}): evaluate the model itself with --passes") from None
-        return loaded, trace(loaded), program
+        return loaded, ann, program
     from snncc.api import compile_graph
 
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)

@@ -62,14 +62,10 @@ def graph_inventory(gm: fx.GraphModule) -> dict:
 def model_inventory(model: str, progress: bool | None = None) -> dict:
     """Trace `model` (no calibration) and inventory its ANN graph; `progress` (snncc.progress;
     None: on a terminal) shows the load and the trace on stderr."""
-    from snncc.frontend import trace
-    from snncc.models import load_model
-    from snncc.progress import phase
+    from snncc.api import load_and_trace
 
-    with phase(f"loading {model}", progress, f"loaded {model}"):
-        loaded = load_model(model)
-    with phase(f"tracing {loaded.name}", progress, f"traced {loaded.name}"):
-        inventory = graph_inventory(trace(loaded))
+    loaded, ann = load_and_trace(model, progress=progress)
+    inventory = graph_inventory(ann)
     inventory["model"] = loaded.name
     return inventory
 
