@@ -265,8 +265,8 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
         program = model if isinstance(model, SpikingProgram) else load(model, progress=progress)
         program = resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
         return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
-    check_T_given_once(passes, T)
     pipeline = Pipeline.parse(passes, BUDGET_T if budget and T is None else T)
+    check_T_given_once(pipeline, T)
     split(pipeline, None, stop_after)  # refused before the model loads
     if budget:
         Budget.parse(budget)  # refused before the model loads

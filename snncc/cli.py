@@ -179,8 +179,8 @@ def _check_model_options(passes: str, T: int | None, calib: str | None, calib_to
                          device: str = "cpu") -> Pipeline:
     """The pipeline spec, calibration text and device of _model_options, checked in seconds;
     the spec parsed (once: the API takes the Pipeline)."""
-    check_T_given_once(passes, T if _given("T") else None)
     pipeline = Pipeline.parse(passes, T)
+    check_T_given_once(pipeline, T if _given("T") else None)
     _check_at_least("--calib-tokens", calib_tokens, 2)
     if calib:
         _check_text_file(calib, calib_tokens)

@@ -265,19 +265,13 @@ def parse_pipeline(spec: str, T: int | None) -> list[Pass]:
     return passes
 
 
-def check_T_given_once(spec: str, T: int | None) -> None:
+def check_T_given_once(pipeline: Pipeline, T: int | None) -> None:
     """A user's T and a pass's own T= in their spec that differ: which did they mean? Refused
-    rather than the pass's silently winning."""
-    if T is None:
-        return
-    for item in _split_items(spec):
-        match = _ITEM.match(item)
-        options = match.group(2) if match else None
-        for option in (options or "").split(","):
-            key, _, value = option.partition("=")
-            if key.strip() == "T" and value.strip() != str(T):
-                raise PipelineError(f"T={T} was given and pass '{match.group(1)}' sets its own T={value.strip()}: "
-                                    "give one of them")
+    rather than the pass's silently winning (`pipeline` parsed at T: a pass with another T set
+    its own)."""
+    for p in pipeline.passes:
+        if T is not None and getattr(p, "T", T) != T:
+            raise PipelineError(f"T={T} was given and pass '{p.name}' sets its own T={p.T}: give one of them")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from snncc import passes  # noqa: F401
 from snncc.calibration import CalibrationContext
 from snncc.errors import PipelineError
 from snncc.ir.rewrite import copy_graph_module
-from snncc.pipeline import PASSES, Pass, PassManager, PassResult, parse_pipeline
+from snncc.pipeline import PASSES, Pass, PassManager, PassResult, Pipeline, check_T_given_once, parse_pipeline
 from tests.conftest import prepared
 
 aten = torch.ops.aten
@@ -255,3 +255,11 @@ def test_one_context_compiles_twice_as_two_fresh_ones_do():
     again = compile_graph(loaded, ann, ctx, "las", 8)
     with torch.no_grad(), execution_mode("exact"):
         assert torch.equal(again.graph_module(ids), fresh.graph_module(ids))
+
+
+def test_a_T_given_beside_a_pass_s_own_T_is_refused():
+    check_T_given_once(Pipeline.parse("las", 12), 12)  # a pipeline's passes take the T given
+    check_T_given_once(Pipeline.parse("encode{T=8}", 8), 8)  # the same T twice: no doubt
+    check_T_given_once(Pipeline.parse("encode{T=8}", None), None)  # no T given: the pass's own
+    with pytest.raises(PipelineError, match="T=12 was given and pass 'encode' sets its own T=8"):
+        check_T_given_once(Pipeline.parse("encode{T=8}", 12), 12)
