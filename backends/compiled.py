@@ -37,6 +37,10 @@ class TableNeuron(torch.nn.Module):
     def __init__(self, lookup: ops.TableLookup, T: int, power: float | None = None):
         super().__init__()
         self.T, self.power, self.channels = T, power, lookup.channels
+        direct = ops.direct_table(lookup, T) if power is None else None
+        self._direct_fields = None if direct is None else direct._replace(rows=None)
+        if direct is not None:
+            self.register_buffer("direct_rows", direct.rows)
         self.register_buffer("codes", lookup.codes)
         self.register_buffer("code_base", lookup.code_base)
         self._guide_type = type(lookup.guide)
@@ -53,6 +57,8 @@ class TableNeuron(torch.nn.Module):
         return ops.TableLookup(guide, self.codes, self.code_base, self.channels)
 
     def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        if self._direct_fields is not None and x.dtype == torch.float32:
+            return ops.direct_table_value(x, self._direct_fields._replace(rows=self.direct_rows))
         if self.power is None:
             return ops.table_neuron_value(x, self.lookup(), self.T)
         return ops.normalized(x, a, self.power, None, None, self.T, self.lookup())
@@ -96,11 +102,12 @@ def _table_neuron(gm: fx.GraphModule, node: fx.Node, bound: dict) -> TableNeuron
     if node.target == snn.fn_quantize.default:
         if bound["T"] + bound["G"] > ops.TABLE_MAX_BITS:
             return None
-        lookup = ops.table_lookup(thresholds, codes, get_tensor(gm, bound["bucket"]))
+        lookup = ops.table_lookup(thresholds, codes, get_tensor(gm, bound["bucket"]), generated=True)
         return None if lookup is None else TableNeuron(lookup, bound["T"])
     if bound["T"] > ops.TABLE_MAX_BITS:
         return None
-    lookup = ops.table_lookup(thresholds, codes, torch.zeros(1, dtype=torch.int64, device=codes.device))
+    lookup = ops.table_lookup(thresholds, codes, torch.zeros(1, dtype=torch.int64, device=codes.device),
+                              generated=True)
     return None if lookup is None else TableNeuron(lookup, bound["T"], bound["power"])
 
 
@@ -111,6 +118,9 @@ def inductor_options() -> dict:
     return {name: value for name, value in EAGER_NUMERICS.items() if name in config._config}
 
 
-def compile_graph_module(gm: fx.GraphModule, dynamic: bool | None = None) -> Callable:
-    """gm (a fused or unrolled graph) lowered and compiled by torch.compile (Inductor)."""
-    return torch.compile(compilable_graph(gm), dynamic=dynamic, options=inductor_options())
+def compile_graph_module(gm: fx.GraphModule, dynamic: bool | None = None, cuda_graphs: bool = False) -> Callable:
+    """gm (a fused or unrolled graph) lowered and compiled by torch.compile (Inductor);
+    cuda_graphs: its kernels recorded once per shape and replayed as a CUDA graph (what
+    mode="reduce-overhead" sets), for graphs whose shapes stay fixed from call to call."""
+    options = inductor_options() | ({"triton.cudagraphs": True} if cuda_graphs else {})
+    return torch.compile(compilable_graph(gm), dynamic=dynamic, options=options)

@@ -500,15 +500,18 @@ class TableLookup(NamedTuple):
     channels: int  # 1: one table for every channel, else the channels of the last dim
 
 
-def table_lookup(thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor) -> TableLookup | None:
+def table_lookup(thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
+                 generated: bool = False) -> TableLookup | None:
     """The lookup of the table(s) `bucket` selects (shared or one per channel), or None where
-    no guide fits (then only binary search resolves it)."""
+    no guide fits (then only binary search resolves it). generated: the guide suits code that
+    torch.compile generates (narrow buckets, whatever kernels this machine has)."""
+    widths = _GUIDE_WIDTHS if generated else None
     if bucket.numel() == 1:
         row = int(bucket)
-        guide = _guide_for(thresholds, row)
+        guide = _guide_for(thresholds, row, widths)
         base, codes, channels = torch.zeros(1, dtype=torch.int64, device=codes.device), codes[row], 1
     else:
-        guide = _guide_for(thresholds, bucket)
+        guide = _guide_for(thresholds, bucket, widths)
         base, codes, channels = bucket * codes.shape[1], codes.reshape(-1), bucket.numel()
     return None if guide is None else TableLookup(guide, codes, base.reshape(-1).long(), channels)
 
@@ -598,19 +601,22 @@ def _remembered(t: torch.Tensor) -> dict:
     return entry[1]
 
 
-def _guide_for(tables: torch.Tensor, row: int | torch.Tensor) -> _Guide | None:
+def _guide_for(tables: torch.Tensor, row: int | torch.Tensor, widths: tuple[int, ...] | None = None) -> _Guide | None:
     """The guide of tables[row], or of the per-channel tables tables[bucket] for a bucket
-    tensor: remembered with the table (or bucket) tensor while it lives, so a call costs a
-    dict lookup."""
+    tensor, its bucket widths tried in the order given (None: those that suit the kernels
+    tables' device has): remembered with the table (or bucket) tensor while it lives, so a
+    call costs a dict lookup."""
     single = isinstance(row, int)
+    widths = widths or (_GUIDE_WIDTHS if kernels_for(tables) is None else _COMPILED_GUIDE_WIDTHS)
     cache = _remembered(tables if single else row)
-    key = (row, tables._version) if single else (id(tables), tables._version, row._version)
+    key = (row, tables._version, widths) if single else (id(tables), tables._version, row._version, widths)
     hit = cache.get(key)
     if hit is None or hit[0]() is not tables:
+        digest = _digest(tables[row] if single else tables) + repr(widths).encode()
         if single:
-            guide = _shared(_digest(tables[row]), tables, lambda: _table_guide(tables[row]))
+            guide = _shared(digest, tables, lambda: _table_guide(tables[row], widths))
         else:  # the stack of all tables is shared; only its per-table fields are read per channel
-            stack = _shared(_digest(tables), tables, lambda: _stacked_guide(tables))
+            stack = _shared(digest, tables, lambda: _stacked_guide(tables, widths))
             guide = None if stack is None else stack._replace(**{name: getattr(stack, name)[row]
                                                                  for name in _PER_TABLE})
         hit = cache[key] = (weakref.ref(tables), guide)
@@ -637,9 +643,10 @@ def _squeezed_keys(x: torch.Tensor, floor: int | torch.Tensor) -> torch.Tensor:
     return magnitude.bitwise_xor_(sign).sub_(sign)
 
 
-def _table_guide(table: torch.Tensor) -> _Guide | None:
-    """A guide for one sorted table (finite, or finite then +inf padding), or None where no
-    narrow guide fits in _GUIDE_MAX_BUCKETS buckets (then binary search stays)."""
+def _table_guide(table: torch.Tensor, widths: tuple[int, ...] | None = None) -> _Guide | None:
+    """A guide for one sorted table (finite, or finite then +inf padding), its buckets as
+    narrow as `widths` allows in _GUIDE_MAX_BUCKETS buckets (None: the widths that suit the
+    kernels the table's device has), or None where none fits (then binary search stays)."""
     finite = int(torch.isfinite(table).sum())
     length = table.numel()
     table = table[:finite]
@@ -649,7 +656,7 @@ def _table_guide(table: torch.Tensor) -> _Guide | None:
     nonzero = magnitudes[magnitudes > 0]
     floor = int(nonzero.min().view(torch.int32)) if nonzero.numel() else 0
     keys = _squeezed_keys(table.contiguous(), floor).long()
-    for width in _GUIDE_WIDTHS if kernels_for(table) is None else _COMPILED_GUIDE_WIDTHS:
+    for width in widths or (_GUIDE_WIDTHS if kernels_for(table) is None else _COMPILED_GUIDE_WIDTHS):
         for shift in range(31, -1, -1):
             buckets = keys >> shift
             if int(torch.unique_consecutive(buckets, return_counts=True)[1].max()) <= width:
@@ -663,10 +670,10 @@ def _table_guide(table: torch.Tensor) -> _Guide | None:
     return None
 
 
-def _stacked_guide(tables: torch.Tensor) -> _Guide | None:
+def _stacked_guide(tables: torch.Tensor, widths: tuple[int, ...]) -> _Guide | None:
     """One guide over all rows of `tables`, its per-table fields (tables,) tensors, or None if
     a row has no guide."""
-    guides = [_guide_for(tables, row) for row in range(tables.shape[0])]
+    guides = [_guide_for(tables, row, widths) for row in range(tables.shape[0])]
     if any(guide is None for guide in guides):
         return None
     width = max(guide.width for guide in guides)
@@ -773,6 +780,57 @@ def table_neuron_value(x: torch.Tensor, lookup: TableLookup, T: int) -> torch.Te
     if x.dtype == torch.float32:
         return _fill_where(looked_up_codes(x, lookup, 2.0**-T), x, torch.isnan)
     return _fill_where(looked_up_codes(x, lookup).to(x.dtype).mul_(2.0**-T), x, torch.isnan)
+
+
+class DirectTable(NamedTuple):
+    """A shared table's width-1 guide laid out for generated code: each bucket's row holds
+    its threshold and the values below and at or above it, so a value costs one row read
+    where the guided lookup chases three tables (starts, thresholds, codes), one after the
+    other (benchmarks/table_lookup.py)."""
+
+    shift: int
+    first: int
+    floor: int
+    last: int
+    rows: torch.Tensor  # (buckets, 3) float32: threshold (NaN: none), value below it, value at or above it
+    posinf: float | None  # the value +inf takes where the table ends in +inf entries
+
+
+_DIRECT_MAX_BUCKETS = 1 << 18  # 3 MiB of rows: past that, cache misses cost more than the chase saves
+
+
+def direct_table(lookup: TableLookup, T: int) -> DirectTable | None:
+    """The DirectTable of a shared table's lookup (built with generated=True), or None where
+    its guide is not width 1 or has too many buckets."""
+    guide = lookup.guide
+    if lookup.channels != 1 or guide.width != 1 or guide.starts.numel() > _DIRECT_MAX_BUCKETS:
+        return None
+    cache = _remembered(guide.starts)  # blocks share a table's guide, and so its rows
+    key = (_digest(lookup.codes), T)
+    if key not in cache:
+        cache[key] = _direct_table(lookup, T)
+    return cache[key]
+
+
+def _direct_table(lookup: TableLookup, T: int) -> DirectTable:
+    guide = lookup.guide
+    values = lookup.codes.float().mul_(2.0**-T)  # exact: codes stay below 2^20
+    start = guide.starts.long()
+    above = (start + 1).clamp_(max=values.numel() - 1)  # past the last threshold: never taken (NaN)
+    rows = torch.stack([guide.padded[start], values[start], values[above]], dim=1).contiguous()
+    posinf = float(values[guide.length]) if guide.padded_table else None
+    return DirectTable(guide.shift, guide.first, guide.floor, guide.last, rows, posinf)
+
+
+def direct_table_value(x: torch.Tensor, table: DirectTable) -> torch.Tensor:
+    """table_neuron_value for float32 x through its DirectTable, bit for bit (the interval
+    found as _guided_interval finds it with one comparison)."""
+    bucket = (_squeezed_keys(x, table.floor) >> table.shift).sub_(table.first).clamp_(0, table.last).long()
+    threshold, below, above = (table.rows[:, column][bucket] for column in range(3))
+    value = torch.where(threshold <= x, above, below)
+    if table.posinf is not None:
+        value = value.masked_fill(torch.isposinf(x), table.posinf)
+    return value.masked_fill(torch.isnan(x), float("nan"))
 
 
 @fn_quantize.register_fake

@@ -49,8 +49,9 @@ def test_multi_range_quantizer_compiled_equals_eager(T, G, device):
 @pytest.mark.slow  # four compiles: about 20 s on two cores
 @pytest.mark.parametrize("device", DEVICES)
 def test_table_neurons_and_normalisers_compiled_equal_eager(device):
-    """Every table neuron (shared and per-channel tables) and normaliser of a `las` program,
-    lowered to a TableNeuron and compiled, equals its custom op on awkward inputs."""
+    """Every table neuron (shared and per-channel tables, direct and guided lookups) and
+    normaliser of a `las` program, lowered to a TableNeuron and compiled, equals its custom
+    op on awkward inputs."""
     loaded, ann, ctx = prepared("tiny-llama")
     gm = ReferenceExecutor(compile_graph(loaded, ann, ctx, "las", 14).graph_module, device)._runnable
     lowered = compilable_graph(gm)
@@ -61,7 +62,7 @@ def test_table_neurons_and_normalisers_compiled_equal_eager(device):
     checked = set()
     for name, node in originals.items():
         neuron: TableNeuron = neurons[f"neuron_{name}"]
-        key = (node.target, neuron.channels, neuron.power)
+        key = (node.target, neuron.channels, neuron.power, neuron._direct_fields is not None)
         if key in checked:  # one of each kind: each compile takes seconds
             continue
         checked.add(key)
@@ -74,7 +75,7 @@ def test_table_neurons_and_normalisers_compiled_equal_eager(device):
             x, a = awkward_values(8000)[:8000].view(-1, 8), awkward_values(1000, 100.0)[:1000].abs().view(-1, 1)
             x, a = x.to(device), a.to(device)
             assert same_bits(compiled(neuron)(x, a), snn.spike_normalize(x, a, *args[2:]))
-    assert len(checked) >= 2
+    assert len(checked) >= 3 and any(direct for *_, direct in checked)  # a direct table among them
 
 
 @pytest.mark.slow

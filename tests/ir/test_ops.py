@@ -151,3 +151,43 @@ def test_per_channel_tables_find_their_intervals_through_one_stacked_guide():
                             for c, b in enumerate(bucket.tolist())], dim=1)
     assert _guide_for(stack, bucket) is not None
     assert torch.equal(table_codes(x, stack, codes, bucket, 10), expected)
+
+
+@pytest.mark.parametrize("name", ["padded", "uniform", "exp"])
+def test_a_direct_table_gives_the_table_neurons_values_bit_for_bit(name):
+    """The row-per-bucket layout compiled code reads for shared tables (direct_table) gives
+    fn_quantize's values exactly: at every threshold and its neighbours, both zeros,
+    subnormals, infinities (a table ending in +inf entries included) and NaN."""
+    from snncc.ir.ops import direct_table, direct_table_value, table_lookup
+    from tests.ir.test_kernels import same_bits
+
+    uniform = _tables()["uniform"]
+    table = {"padded": torch.cat([uniform[::4], torch.full((500,), float("inf"))]), "uniform": uniform,
+             "exp": torch.log((torch.arange(1, 2**14) - 0.5) / 2**14)}[name]  # softmax's exp neuron
+    thresholds = table.unsqueeze(0)
+    codes = torch.sort(torch.randint(-(2**13), 2**13, (1, table.numel() + 1))).values
+    bucket = torch.zeros(1, dtype=torch.int64)
+    direct = direct_table(table_lookup(thresholds, codes, bucket, generated=True), 14)
+    assert direct is not None and (direct.posinf is not None) == (name == "padded")
+    x = torch.cat([_probe_points(table), torch.tensor([float("nan")])])
+    assert same_bits(direct_table_value(x, direct), torch.ops.snn.fn_quantize(x, thresholds, codes, bucket, 14))
+
+
+def test_no_direct_table_where_its_rows_would_not_stay_in_cache():
+    """Per-channel tables, guides wider than one threshold per bucket (repeated thresholds
+    need them) and guides of too many buckets keep the guided lookup."""
+    from snncc.ir.ops import _DIRECT_MAX_BUCKETS, direct_table, table_lookup
+
+    tables = _tables()
+    stack = torch.stack([tables["uniform"][:6000], tables["uniform"][6000:12000]])
+    codes = torch.zeros(2, 6001, dtype=torch.int64)
+    per_channel = table_lookup(stack, codes, torch.tensor([0, 1, 1]), generated=True)
+    assert per_channel is not None and direct_table(per_channel, 14) is None
+    shared = table_lookup(stack, codes, torch.zeros(1, dtype=torch.int64), generated=True)
+    assert direct_table(shared, 14) is not None
+    repeated = torch.sort(torch.cat([tables["uniform"], tables["uniform"][:100]])).values.unsqueeze(0)
+    wide = table_lookup(repeated, torch.zeros(1, repeated.numel() + 1, dtype=torch.int64),
+                        torch.zeros(1, dtype=torch.int64), generated=True)
+    assert wide.guide.width > 1 and direct_table(wide, 14) is None
+    many = shared._replace(guide=shared.guide._replace(starts=torch.zeros(_DIRECT_MAX_BUCKETS + 1, dtype=torch.int32)))
+    assert direct_table(many, 14) is None
