@@ -58,11 +58,18 @@ class SpikingProgram(torch.nn.Module):
         self.info = info
         self.tokenizer = as_tokenizer(tokenizer)
         self.backend = backend
-        self.executor = create_executor(graph_module, backend, device, mode, progress, device_map, max_memory,
-                                        offload_folder)
+        self._run_on(create_executor(graph_module, backend, device, mode, progress, device_map, max_memory,
+                                     offload_folder))
         # What the remaining passes need (snncc.resume), where a compile stopped part-way.
         self.resume: ResumeState | None = None
         self.eval()  # a program only infers
+
+    def _run_on(self, executor) -> None:
+        """Run on `executor`; static caches (compiled generation on CUDA) never outgrow the
+        model's positions (a learned position table has no rows past them)."""
+        if hasattr(executor, "max_cache_length"):
+            executor.max_cache_length = self.info.max_positions
+        self.executor = executor
 
     @property
     def T(self) -> int:
@@ -88,8 +95,8 @@ class SpikingProgram(torch.nn.Module):
         a compiled program stays compiled). Its weights keep their dtype: `.to(dtype)` is refused."""
         if isinstance(device, torch.dtype):
             raise InputError("a program keeps the weight dtype it was compiled with: compile with dtype=... instead")
-        self.executor = create_executor(self.graph_module, self.backend, device, self.executor.mode,
-                                        compiled=getattr(self.executor, "compiled", False))
+        self._run_on(create_executor(self.graph_module, self.backend, device, self.executor.mode,
+                                     compiled=getattr(self.executor, "compiled", False)))
         return self
 
     def cpu(self) -> SpikingProgram:
@@ -106,16 +113,16 @@ class SpikingProgram(torch.nn.Module):
         if getattr(executor, "device_map", None) is not None:
             raise InputError("this program is placed by a device map; torch.compile runs it on one device: "
                              "call .to(device) first")
-        self.executor = create_executor(self.graph_module, self.backend, executor.device, executor.mode,
-                                        compiled=True)
+        self._run_on(create_executor(self.graph_module, self.backend, executor.device, executor.mode,
+                                     compiled=True))
         return self
 
     def place(self, device_map: str | Mapping, max_memory: Mapping | None = None,
               offload_folder: str | Path | None = None) -> SpikingProgram:
         """Run with its stages where accelerate's `device_map` puts them ("auto", "balanced",
         "balanced_low_0", "sequential" or {"stages.N": device}; snncc.backends.placed)."""
-        self.executor = create_executor(self.graph_module, self.backend, "cpu", self.executor.mode,
-                                        device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+        self._run_on(create_executor(self.graph_module, self.backend, "cpu", self.executor.mode,
+                                     device_map=device_map, max_memory=max_memory, offload_folder=offload_folder))
         return self
 
     def check_input(self, input_ids: torch.Tensor) -> torch.Tensor:

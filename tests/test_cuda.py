@@ -66,11 +66,13 @@ def test_program_follows_the_device(name, mode):
 def test_the_compiled_executor_on_cuda_matches_the_cpu(name):
     """torch.compile on CUDA (Triton kernels for the neurons): the forward within the CPU's
     bounds (T = 22, the longest code the compiled neurons take; a flipped code is worth ~1e-6
-    of a range) and cached greedy generation token for token."""
+    of a range) and cached greedy generation token for token, its decoding steps CUDA graphs
+    replayed on static caches."""
     loaded, ann, ctx = prepared(name)
     program = compile_graph(loaded, ann, ctx, "las", 22)
     ids = heldout_ids(name)[:2, :40]
     cpu, cpu_tokens = program(ids), program.generate(ids[:, :24], 8)
     program.executor = create_executor(copy_graph_module(program.graph_module), "reference", "cuda", compiled=True)
+    assert program.executor.static_cache
     torch.testing.assert_close(program(ids).cpu(), cpu, rtol=1e-4, atol=1e-4)
     assert torch.equal(program.generate(ids[:, :24], 8), cpu_tokens)

@@ -55,6 +55,40 @@ def test_cached_steps_equal_the_full_forward_bit_for_bit_in_exact_mode(name):
     assert torch.equal(torch.cat([first, second, third], dim=1), full)
 
 
+def _decode(executor, prompt: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The logits of a prompt pass and `steps` greedy decoding steps, and the last caches."""
+    logits, past = executor.step(prompt, None, 0)
+    outputs = [logits]
+    for _ in range(steps):
+        token = outputs[-1][:, -1:].argmax(-1)
+        logits, past = executor.step(token, past, prompt.shape[1] + len(outputs) - 1)
+        outputs.append(logits)
+    return outputs, past
+
+
+@pytest.mark.parametrize(("pipeline", "mode"), [("las", "fused"), ("las", "unrolled"), ("none", "fused")])
+def test_decoding_on_static_caches_gives_the_growing_caches_logits(pipeline, mode):
+    """Preallocated caches (what CUDA graphs replay; eager here, compiled in
+    tests/backends/test_compiled.py): `las` logits bit for bit, through a growth of the cache
+    from 64 to 128 rows. The ANN's float softmax sums the extra (masked, zero) columns in
+    another order: equal to float32 rounding."""
+    from snncc.backends.reference import STATIC_CACHE_MIN_LENGTH, ReferenceExecutor
+
+    program = _program("tiny-llama", pipeline)
+    prompt = _prompt("tiny-llama", STATIC_CACHE_MIN_LENGTH - 3)
+    growing = ReferenceExecutor(program.graph_module, "cpu", mode)
+    static = ReferenceExecutor(program.graph_module, "cpu", mode, static_cache=True)
+    want, _ = _decode(growing, prompt, 5)
+    got, caches = _decode(static, prompt, 5)
+    grown = [cache.shape[axis] for cache, axis in zip(caches, static._cache_axes, strict=True)]
+    assert grown == [2 * STATIC_CACHE_MIN_LENGTH] * len(caches)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b) if pipeline == "las" else torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    static.max_cache_length = STATIC_CACHE_MIN_LENGTH + 9  # the model's positions cap the cache
+    assert all(cache.shape[axis] == STATIC_CACHE_MIN_LENGTH + 9
+               for cache, axis in zip(_decode(static, prompt, 5)[1], static._cache_axes, strict=True))
+
+
 def test_unrolled_mode_caches_spike_trains_and_fused_mode_their_values():
     program, prompt = _program("tiny-llama", "las"), _prompt("tiny-llama")
     trains = create_executor(program.graph_module, "reference", "cpu", "unrolled").step(prompt, None, 0)[1]

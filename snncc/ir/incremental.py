@@ -54,9 +54,32 @@ def extend_cache(past: torch.Tensor | None, new: torch.Tensor, axis: int) -> tor
     return new if past is None else torch.cat([past, new], dim=axis)
 
 
-def incremental_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
+def new_positions(input_ids: torch.Tensor, past_length: torch.Tensor) -> torch.Tensor:
+    """The positions of the new tokens, after past_length (a 0-d tensor) earlier ones."""
+    return past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
+
+
+def write_cache(cache: torch.Tensor, new: torch.Tensor, axis: int, input_ids: torch.Tensor,
+                past_length: torch.Tensor) -> torch.Tensor:
+    """The new rows written into a preallocated cache at their positions, in place: the cache
+    keeps its shape and address from token to token, which CUDA graphs need."""
+    return cache.index_copy_(axis, new_positions(input_ids, past_length), new)
+
+
+def read_new_rows(table: torch.Tensor, axis: int, input_ids: torch.Tensor, past_length: torch.Tensor) -> torch.Tensor:
+    """A position table's rows at the new tokens' positions."""
+    return table.index_select(axis, new_positions(input_ids, past_length))
+
+
+def incremental_graph(gm: fx.GraphModule, static: bool = False) -> tuple[fx.GraphModule, list[str]]:
     """The step graph of a causal program and the names of the tensors it caches (in the
-    order of `past`/`present`). Raises CacheError where positions mix outside attention."""
+    order of `past`/`present`). Raises CacheError where positions mix outside attention.
+
+    static: the caches are preallocated (`past` holds them, their length fixed, the rows
+    from past_length + the new tokens on unused) and past_length is a 0-d int64 tensor, so
+    a step's shapes stay the same from token to token: what CUDA graphs replay. Attention
+    spans the whole cache; the causal mask, built for the cache's length, hides the unused
+    rows (they must hold finite values: zeros)."""
     step = copy_graph_module(gm)
     graph = step.graph
     lengths = _sequence_axes(step)
@@ -66,13 +89,29 @@ def incremental_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     with graph.inserting_after(input_ids):
         past_length = graph.placeholder("past_length")
     cached = _insert_cache(graph, lengths, roles, dependent, past_length)
-    _read_tables_at_new_rows(graph, lengths, roles, dependent, past_length)
-    _size_tables_for_all_rows(graph, lengths, dependent, past_length)
+    if static:
+        _write_into_static_caches(graph, cached, input_ids, past_length)
+        first_past, axis = cached[0][1].args[0], cached[0][1].args[2]
+        with graph.inserting_after(cached[-1][1].args[0]):  # after the last placeholder
+            cache_length = graph.call_function(aten.sym_size.int, (first_past, axis))
+        read_rows = (read_new_rows, (input_ids, past_length))
+        _read_tables_at_new_rows(graph, lengths, roles, dependent, read_rows)
+        _size_tables_for_all_rows(graph, lengths, dependent, lambda size: cache_length)
+    else:
+        _read_tables_at_new_rows(graph, lengths, roles, dependent, (aten.slice.Tensor, (past_length,)))
+        _size_tables_for_all_rows(graph, lengths, dependent,
+                                  lambda size: graph.call_function(operator.add, (size, past_length)))
     output = graph.output_node()
     output.args = ((output.args[0], *(present for _, present in cached)),)
     graph.lint()
     step.recompile()
     return step, [node.name for node, _ in cached]
+
+
+def cache_axes(step: fx.GraphModule) -> list[int]:
+    """The sequence axis of each cached tensor of a step graph, in `past` order (that of
+    the outputs after the first: extend_cache or write_cache calls)."""
+    return [node.args[2] for node in step.graph.output_node().args[0][1:]]
 
 
 def _sequence_axes(gm: fx.GraphModule) -> dict[fx.Node, tuple[int, ...]]:
@@ -175,9 +214,18 @@ def _insert_cache(graph: fx.Graph, axes, roles, dependent, past_length: fx.Node)
     return cached
 
 
-def _read_tables_at_new_rows(graph: fx.Graph, axes, roles, dependent, past_length: fx.Node) -> None:
+def _write_into_static_caches(graph: fx.Graph, cached: list[tuple[fx.Node, fx.Node]], input_ids: fx.Node,
+                              past_length: fx.Node) -> None:
+    """Each extend_cache call becomes a write_cache into its preallocated cache."""
+    for _, extended in cached:
+        past, new, axis = extended.args
+        extended.target, extended.args = write_cache, (past, new, axis, input_ids, past_length)
+
+
+def _read_tables_at_new_rows(graph: fx.Graph, axes, roles, dependent, read_rows) -> None:
     """Where a token-dependent op reads a position table (RoPE angles, a mask, position
-    embeddings) on an axis that holds the new rows, read the table from `past_length` on."""
+    embeddings) on an axis that holds the new rows, read the table at the new rows:
+    read_rows is the (target, args) of the call that does, given (table, axis) before args."""
     slices: dict[tuple[fx.Node, int], fx.Node] = {}
     for node in list(graph.nodes):
         if node not in roles:
@@ -196,13 +244,15 @@ def _read_tables_at_new_rows(graph: fx.Graph, axes, roles, dependent, past_lengt
                     key = (table, table_axis)
                     if key not in slices:
                         with graph.inserting_after(table):
-                            slices[key] = graph.call_function(aten.slice.Tensor, (table, table_axis, past_length))
+                            target, args = read_rows
+                            slices[key] = graph.call_function(target, (table, table_axis, *args))
                     node.replace_input_with(table, slices[key])
 
 
-def _size_tables_for_all_rows(graph: fx.Graph, axes, dependent, past_length: fx.Node) -> None:
-    """Position tables are built for the whole length: the sequence sizes they read (taken
-    from the new tokens' tensors) get `past_length` added."""
+def _size_tables_for_all_rows(graph: fx.Graph, axes, dependent, all_rows) -> None:
+    """Position tables are built for the whole length: each sequence size they read (taken
+    from the new tokens' tensors) becomes all_rows(size): the node that counts every row
+    (past_length added to it, or the static cache's length), made before the first reader."""
     totals: dict[fx.Node, fx.Node] = {}
 
     def total(size: fx.Node, reader: fx.Node) -> fx.Node:
@@ -211,7 +261,7 @@ def _size_tables_for_all_rows(graph: fx.Graph, axes, dependent, past_length: fx.
             args = tuple(total(a, reader) if isinstance(a, fx.Node) and _is_size(a) else a for a in size.args)
             with graph.inserting_before(reader):
                 if size.target == aten.sym_size.int and size.args[1] in axes.get(size.args[0], ()):
-                    totals[size] = graph.call_function(operator.add, (size, past_length))
+                    totals[size] = all_rows(size)
                 elif size.target in _SYM_OPS and args != size.args:
                     totals[size] = graph.call_function(size.target, args)
                 else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import snncc.ir.ops as ops
 from snncc.api import compile_graph
@@ -98,6 +99,27 @@ def test_a_compiled_program_equals_the_eager_one(name):
         want, past = eager.step(token, past, length)
         got, fast_past = fast.step(token, fast_past, length)
         assert same_bits(got, want)
+
+
+@pytest.mark.slow  # one compile: about a minute on two cores
+def test_compiled_decoding_on_static_caches_equals_the_eager_steps():
+    """The decoding step on preallocated caches (which CUDA graphs replay on a GPU), compiled
+    with static shapes, gives the eager static step's logits and caches bit for bit."""
+    loaded, ann, ctx = prepared("tiny-gpt2")
+    program = compile_graph(loaded, ann, ctx, "las", 14)
+    eager = ReferenceExecutor(program.graph_module, "cpu", "fused", static_cache=True)
+    fast = ReferenceExecutor(program.graph_module, "cpu", "fused", compiled=True, static_cache=True)
+    ids = heldout_ids("tiny-gpt2")[:2, :40]
+    want, past = eager.step(ids, None, 0)
+    fast_past = [tensor.clone() for tensor in past]
+    counters.clear()
+    for length in (40, 41, 42):
+        token = want[:, -1:].argmax(-1)
+        want, past = eager.step(token, past, length)
+        got, fast_past = fast.step(token, fast_past, length)
+        assert same_bits(got, want)
+        assert all(same_bits(a, b) for a, b in zip(fast_past, past, strict=True))
+    assert counters["stats"]["unique_graphs"] == 1  # one cache length, one graph: no recompile per token
 
 
 def test_only_the_reference_backend_on_one_device_compiles():

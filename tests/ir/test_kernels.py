@@ -46,7 +46,8 @@ def _without_kernels(monkeypatch, fn):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_table_neurons_kernel(name, monkeypatch):
     """Every table neuron of a `las` program (shared and per-channel tables) and its
-    normalisers' mantissa tables give the same codes through the kernel and through PyTorch."""
+    normalisers' mantissa tables give the same codes through the kernel and through PyTorch
+    (but at NaN, which lies in no interval: its code is never sent, the train is poisoned)."""
     loaded, ann, ctx = prepared(name)
     gm = compile_graph(loaded, ann, ctx, "las", 16).graph_module
     tables = [n for n in gm.graph.nodes if n.target in (snn.fn_encode.default, snn.spike_normalize.default)]
@@ -59,11 +60,13 @@ def test_table_neurons_kernel(name, monkeypatch):
             x = torch.cat([awkward_values(4000 * channels, float(finite.abs().max())),
                            finite[torch.randint(0, finite.numel(), (4000 * channels,))]])
             x = x[: x.numel() // channels * channels].view(-1, channels)
+            x = x[~torch.isnan(x).any(-1)]
             run = lambda x=x, t=thresholds, c=codes, b=bucket: (ops.table_codes(x, t, c, b, 16),  # noqa: E731
                                                                 ops.table_codes(x, t, c, b, 16, scale=2.0**-16))
         else:
             thresholds, codes = (getattr(gm, a.target) for a in node.args[3:5])
             a = awkward_values(20_000, 100.0).abs()
+            a = a[~torch.isnan(a)]
             run = lambda a=a, t=thresholds, c=codes, p=node.args[2]: ops.normalizer_codes(a, p, t, c, 16)  # noqa: E731
         expected = _without_kernels(monkeypatch, run)
         assert all(torch.equal(got, want) for got, want in zip(_as_tuple(run()), _as_tuple(expected), strict=True))
