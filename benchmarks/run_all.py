@@ -34,7 +34,7 @@ RESULTS_MD = HERE / "RESULTS.md"
 SUITE = {
     "compile_time": ["--model", "smollm2-135m", "--passes", "las", "--paths", "block", "whole", "--repeats", "2"],
     "executor_speed": ["--model", "smollm2-135m", "--passes", "las", "-T", "14", "--tokens", "128", "512",
-                       "--modes", "fused", "compiled", "--compiled-ann"],
+                       "--modes", "fused", "compiled", "--compiled-ann", "--repeats", "5"],
     "executor_memory": ["--passes", "encode", "las", "--lengths", "128", "512", "1024", "--T", "8", "16", "32"],
     "generation": ["--model", "smollm2-135m", "--passes", "las", "-T", "14", "--modes", "fused", "compiled",
                    "--compiled-ann", "--batch", "1", "8"],
