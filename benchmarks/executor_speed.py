@@ -75,7 +75,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"executor_speed_{args.device}.json").write_text(json.dumps(
         {"model": args.model, "tokens": args.tokens, "T": args.T, "machine": machine,
-         "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+         "threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}, indent=1))
     head = {r["runner"]: r["x_ann"] for r in rows if r["tokens"] == args.tokens[0] and r["T"] in (None, args.T[0])}
     parts = [f"{p} " + ", ".join(f"{m} {head[f'{p} {m}']:.2f}x" for m in args.modes) for p in args.passes]
     print(f"summary: {args.model}, {args.tokens[0]} tokens, T={args.T[0]} on {machine}, wall time vs the ANN: "
