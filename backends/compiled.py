@@ -102,12 +102,12 @@ def _table_neuron(gm: fx.GraphModule, node: fx.Node, bound: dict) -> TableNeuron
     if node.target == snn.fn_quantize.default:
         if bound["T"] + bound["G"] > ops.TABLE_MAX_BITS:
             return None
-        lookup = ops.table_lookup(thresholds, codes, get_tensor(gm, bound["bucket"]), generated=True)
+        lookup = ops.table_lookup(thresholds, codes, get_tensor(gm, bound["bucket"]), ops.NARROW_GUIDE_WIDTHS)
         return None if lookup is None else TableNeuron(lookup, bound["T"])
     if bound["T"] > ops.TABLE_MAX_BITS:
         return None
     lookup = ops.table_lookup(thresholds, codes, torch.zeros(1, dtype=torch.int64, device=codes.device),
-                              generated=True)
+                              ops.NARROW_GUIDE_WIDTHS)
     return None if lookup is None else TableNeuron(lookup, bound["T"], bound["power"])
 
 

@@ -45,6 +45,7 @@ class ReferenceExecutor:
         # decoding steps on preallocated caches, so their shapes stay fixed: compiled on CUDA,
         # each cache length's step is a CUDA graph replayed token after token
         self.static_cache = compiled and self.device.type == "cuda" if static_cache is None else static_cache
+        self._cuda_graphs = self.static_cache and compiled and self.device.type == "cuda"
         self._runnable = fuse_for_execution(self.gm) if mode == "fused" else self.gm
         self._forward = compile_graph_module(self._runnable) if compiled else self._runnable
         self._step: fx.GraphModule | None = None  # built on the first cached step
@@ -73,7 +74,10 @@ class ReferenceExecutor:
             elif self.static_cache:
                 present = self._static_caches(past, past_length + input_ids.shape[1])
                 position = torch.tensor(past_length, device=self.device)
+                if self._cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
                 output = self._decode(input_ids, position, *present)[0]  # the caches are written in place
+                output = output.clone() if self._cuda_graphs else output  # a replay reuses its output memory
             else:
                 # torch.compile guards on strides: the eager prompt pass and the compiled steps lay
                 # their caches out differently, which would cost a second compile at the next token
@@ -89,8 +93,7 @@ class ReferenceExecutor:
         if self.static_cache:
             self._decode = incremental_graph(self._runnable, static=True)[0]
             if self.compiled:
-                self._decode = compile_graph_module(self._decode, dynamic=False,
-                                                    cuda_graphs=self.device.type == "cuda")
+                self._decode = compile_graph_module(self._decode, dynamic=False, cuda_graphs=self._cuda_graphs)
         else:
             self._decode = compile_graph_module(self._step, dynamic=True) if self.compiled else self._step
 
@@ -109,7 +112,7 @@ class ReferenceExecutor:
             shape[axis] = bucket
             cache = tensor.new_zeros(shape)
             cache.narrow(axis, 0, tensor.shape[axis]).copy_(tensor)
-            if self.compiled and self.device.type == "cuda":
+            if self._cuda_graphs:
                 torch._dynamo.mark_static_address(cache)  # a CUDA graph writes it in place
             caches.append(cache)
         return caches

@@ -5,7 +5,8 @@
     python benchmarks/executor_speed.py --passes las -T 14 --tokens 128 512 --modes fused compiled
 
 Modes: `fused` and `unrolled` (eager), `compiled` (fused, through torch.compile; its compile
-is the untimed warm-up). `--compiled-ann` also times the ANN compiled, as snncc's `none`
+is the untimed warm-up; its outputs are checked against fused mode's, bit for bit).
+`--compiled-ann` also times the ANN compiled, as snncc's `none`
 program through the same path, to compare like with like; ratios stay against the eager ANN.
 
 For each length, the ANN and every (pipeline, T, mode) run side by side in one process on the
@@ -66,6 +67,9 @@ def main() -> None:
                 seconds = best_of(args.repeats, lambda e=executor, x=ids: e(x))
                 rows.append({"runner": f"{passes} {mode}", "tokens": tokens, "T": T, "seconds": seconds,
                              "x_ann": seconds / ann_s})
+                fused = executors.get((passes, T, "fused"))
+                if mode == "compiled" and fused is not None:  # torch.compile must not change a bit
+                    rows[-1]["equals_fused"] = torch.equal(executor(ids), fused(ids))
                 print(json.dumps(rows[-1]), flush=True)
     print_table(["runner", "tokens", "T", "seconds", "x ANN", "x ANN / T"],
                 [[r["runner"], r["tokens"], r["T"] or "", f"{r['seconds']:.3f}", f"{r['x_ann']:.2f}",

@@ -86,6 +86,7 @@ COMMANDS = {
                                               "--format onnx --out "
                                               "benchmarks/results/onnx_export_smollm2-135m_las_onnx.json",
     "energy_frontier_smollm2-135m.json": "python benchmarks/energy_frontier.py --model smollm2-135m",
+    "table_lookup_smollm2-135m.json": "python benchmarks/table_lookup.py --model smollm2-135m -T 14 --tokens 512",
     "greedy_smollm2-135m_las_budget.json": "python benchmarks/greedy_agreement.py --passes las "
                                            "--budget top1=0.995,ppl=1.005 kl=1e-4",
     "scale.json": "python benchmarks/scale.py --folder /work/shaped --models smollm2-135m smollm2-360m smollm2-1.7b "
@@ -376,9 +377,12 @@ def profile_section(name: str) -> list[str]:
 
 
 def _speed_table(data: dict, digits: int) -> list[str]:
-    return _table(["runner", "tokens", "T", "seconds", "x ANN", "x ANN / T"],
+    checked = any("equals_fused" in r for r in data["rows"])
+    header = ["runner", "tokens", "T", "seconds", "x ANN", "x ANN / T"] + ["outputs = fused, bit for bit"] * checked
+    return _table(header,
                   [[r["runner"], r["tokens"], r["T"] or "", f"{r['seconds']:.{digits}f}", f"{r['x_ann']:.2f}",
-                    f"{r['x_ann'] / r['T']:.2f}" if r["T"] else ""] for r in data["rows"]])
+                    f"{r['x_ann'] / r['T']:.2f}" if r["T"] else ""] + [r.get("equals_fused", "")] * checked
+                   for r in data["rows"]])
 
 
 def speed_section(name: str) -> list[str]:
@@ -440,6 +444,17 @@ def generation_table(data: dict) -> list[str]:
             *_table(["runner", "batch", "seconds", "tokens/s", "x ANN cached (same batch)", "same tokens as the ANN"],
                     [[r["runner"], r.get("batch", 1), f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.2f}",
                       f"{r['x_ann_cached_speed']:.3f}", r["tokens_equal_ann"]] for r in data["rows"]])]
+
+
+def table_lookup_section(name: str) -> list[str]:
+    data = _load(name)
+    rows = data["rows"]
+    return [f"{data['model']} `las` T = {data['T']}, {data['tokens']} tokens, each variant compiled alone on "
+            f"{data['machine']} ({data['threads']} threads), best of {data['repeats']}; every variant's outputs "
+            "are checked against the first's:", "",
+            *_table(["table", "timed", "lookup", "buckets", "ms", "same bits"],
+                    [[r["table"], r["what"], r["lookup"], r["buckets"], f"{r['ms']:.2f}", r["same_bits"]]
+                     for r in rows])]
 
 
 def generation_section(name: str) -> list[str]:
@@ -596,6 +611,7 @@ SECTIONS = [
       for m in ("llama", "qwen2", "gpt2", "opt", "bert")],
     Section("Compile time", "compile_time_smollm2-135m_las.json", compile_section),
     Section("Executor speed (CPU)", "executor_speed_cpu.json", speed_section),
+    Section("Compiled table neurons: lookup layouts (CPU)", "table_lookup_smollm2-135m.json", table_lookup_section),
     Section("Where the time goes (CPU)", "hot_paths_smollm2-135m_las_cpu.json", hot_paths_section),
     Section("Where a generation step's time goes (CPU)", "hot_paths_smollm2-135m_las_cpu_step.json",
             hot_paths_section),

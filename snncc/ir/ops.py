@@ -501,11 +501,11 @@ class TableLookup(NamedTuple):
 
 
 def table_lookup(thresholds: torch.Tensor, codes: torch.Tensor, bucket: torch.Tensor,
-                 generated: bool = False) -> TableLookup | None:
+                 widths: tuple[int, ...] | None = None) -> TableLookup | None:
     """The lookup of the table(s) `bucket` selects (shared or one per channel), or None where
-    no guide fits (then only binary search resolves it). generated: the guide suits code that
-    torch.compile generates (narrow buckets, whatever kernels this machine has)."""
-    widths = _GUIDE_WIDTHS if generated else None
+    no guide fits (then only binary search resolves it). widths: the thresholds per guide
+    bucket to try, narrowest first (None: what suits the kernels the tables' device has;
+    code torch.compile generates takes NARROW_GUIDE_WIDTHS)."""
     if bucket.numel() == 1:
         row = int(bucket)
         guide = _guide_for(thresholds, row, widths)
@@ -574,8 +574,8 @@ class _Guide(NamedTuple):
 _PER_TABLE = _Guide._fields[:7]  # the fields a stacked guide holds per channel
 
 
-_GUIDE_WIDTHS = (1, 2, 4, 8)  # each width costs a gather pass in PyTorch: narrow first
-_COMPILED_GUIDE_WIDTHS = (8, 16)  # in the C++ kernel a bucket's thresholds share a cache line, so
+NARROW_GUIDE_WIDTHS = (1, 2, 4, 8)  # each width costs a gather pass in PyTorch: narrow first
+_KERNEL_GUIDE_WIDTHS = (8, 16)  # in the C++ kernel a bucket's thresholds share a cache line, so
 # fewer, wider buckets (a smaller `starts` that stays in cache) win: SmolLM2's SiLU tables 1.7 -> 0.9 ms
 _GUIDE_MAX_BUCKETS = 1 << 19
 _GUIDES_KEPT = 64  # distinct tables whose guides stay cached (a program shares a few dozen)
@@ -607,7 +607,7 @@ def _guide_for(tables: torch.Tensor, row: int | torch.Tensor, widths: tuple[int,
     tables' device has): remembered with the table (or bucket) tensor while it lives, so a
     call costs a dict lookup."""
     single = isinstance(row, int)
-    widths = widths or (_GUIDE_WIDTHS if kernels_for(tables) is None else _COMPILED_GUIDE_WIDTHS)
+    widths = widths or (NARROW_GUIDE_WIDTHS if kernels_for(tables) is None else _KERNEL_GUIDE_WIDTHS)
     cache = _remembered(tables if single else row)
     key = (row, tables._version, widths) if single else (id(tables), tables._version, row._version, widths)
     hit = cache.get(key)
@@ -656,7 +656,7 @@ def _table_guide(table: torch.Tensor, widths: tuple[int, ...] | None = None) -> 
     nonzero = magnitudes[magnitudes > 0]
     floor = int(nonzero.min().view(torch.int32)) if nonzero.numel() else 0
     keys = _squeezed_keys(table.contiguous(), floor).long()
-    for width in widths or (_GUIDE_WIDTHS if kernels_for(table) is None else _COMPILED_GUIDE_WIDTHS):
+    for width in widths or (NARROW_GUIDE_WIDTHS if kernels_for(table) is None else _KERNEL_GUIDE_WIDTHS):
         for shift in range(31, -1, -1):
             buckets = keys >> shift
             if int(torch.unique_consecutive(buckets, return_counts=True)[1].max()) <= width:
@@ -796,11 +796,11 @@ class DirectTable(NamedTuple):
     posinf: float | None  # the value +inf takes where the table ends in +inf entries
 
 
-_DIRECT_MAX_BUCKETS = 1 << 18  # 3 MiB of rows: past that, cache misses cost more than the chase saves
+_DIRECT_MAX_BUCKETS = 1 << 18  # bounds a table's rows to 3 MiB (softmax's exp at T = 14: 1.6 MiB)
 
 
 def direct_table(lookup: TableLookup, T: int) -> DirectTable | None:
-    """The DirectTable of a shared table's lookup (built with generated=True), or None where
+    """The DirectTable of a shared table's lookup (narrow widths), or None where
     its guide is not width 1 or has too many buckets."""
     guide = lookup.guide
     if lookup.channels != 1 or guide.width != 1 or guide.starts.numel() > _DIRECT_MAX_BUCKETS:

@@ -158,7 +158,7 @@ def test_a_direct_table_gives_the_table_neurons_values_bit_for_bit(name):
     """The row-per-bucket layout compiled code reads for shared tables (direct_table) gives
     fn_quantize's values exactly: at every threshold and its neighbours, both zeros,
     subnormals, infinities (a table ending in +inf entries included) and NaN."""
-    from snncc.ir.ops import direct_table, direct_table_value, table_lookup
+    from snncc.ir.ops import NARROW_GUIDE_WIDTHS, direct_table, direct_table_value, table_lookup
     from tests.ir.test_kernels import same_bits
 
     uniform = _tables()["uniform"]
@@ -167,7 +167,7 @@ def test_a_direct_table_gives_the_table_neurons_values_bit_for_bit(name):
     thresholds = table.unsqueeze(0)
     codes = torch.sort(torch.randint(-(2**13), 2**13, (1, table.numel() + 1))).values
     bucket = torch.zeros(1, dtype=torch.int64)
-    direct = direct_table(table_lookup(thresholds, codes, bucket, generated=True), 14)
+    direct = direct_table(table_lookup(thresholds, codes, bucket, widths=NARROW_GUIDE_WIDTHS), 14)
     assert direct is not None and (direct.posinf is not None) == (name == "padded")
     x = torch.cat([_probe_points(table), torch.tensor([float("nan")])])
     assert same_bits(direct_table_value(x, direct), torch.ops.snn.fn_quantize(x, thresholds, codes, bucket, 14))
@@ -176,18 +176,18 @@ def test_a_direct_table_gives_the_table_neurons_values_bit_for_bit(name):
 def test_no_direct_table_where_its_rows_would_not_stay_in_cache():
     """Per-channel tables, guides wider than one threshold per bucket (repeated thresholds
     need them) and guides of too many buckets keep the guided lookup."""
-    from snncc.ir.ops import _DIRECT_MAX_BUCKETS, direct_table, table_lookup
+    from snncc.ir.ops import _DIRECT_MAX_BUCKETS, NARROW_GUIDE_WIDTHS, direct_table, table_lookup
 
     tables = _tables()
     stack = torch.stack([tables["uniform"][:6000], tables["uniform"][6000:12000]])
     codes = torch.zeros(2, 6001, dtype=torch.int64)
-    per_channel = table_lookup(stack, codes, torch.tensor([0, 1, 1]), generated=True)
+    per_channel = table_lookup(stack, codes, torch.tensor([0, 1, 1]), widths=NARROW_GUIDE_WIDTHS)
     assert per_channel is not None and direct_table(per_channel, 14) is None
-    shared = table_lookup(stack, codes, torch.zeros(1, dtype=torch.int64), generated=True)
+    shared = table_lookup(stack, codes, torch.zeros(1, dtype=torch.int64), widths=NARROW_GUIDE_WIDTHS)
     assert direct_table(shared, 14) is not None
     repeated = torch.sort(torch.cat([tables["uniform"], tables["uniform"][:100]])).values.unsqueeze(0)
     wide = table_lookup(repeated, torch.zeros(1, repeated.numel() + 1, dtype=torch.int64),
-                        torch.zeros(1, dtype=torch.int64), generated=True)
+                        torch.zeros(1, dtype=torch.int64), widths=NARROW_GUIDE_WIDTHS)
     assert wide.guide.width > 1 and direct_table(wide, 14) is None
     many = shared._replace(guide=shared.guide._replace(starts=torch.zeros(_DIRECT_MAX_BUCKETS + 1, dtype=torch.int32)))
     assert direct_table(many, 14) is None
