@@ -32,12 +32,14 @@ EAGER_NUMERICS = {"eager_numerics.division_rounding": True, "eager_numerics.disa
 
 class TableNeuron(torch.nn.Module):
     """A table neuron (fn_quantize) or normaliser (spike_normalize) with its table lookup
-    prebuilt: the lookup's tensors are buffers, so they move with the module."""
+    prebuilt: the lookup's tensors are buffers, so they move with the module. A table
+    neuron reads direct rows where its table takes them (ops.direct_table; direct=False:
+    the guided lookup always, to compare)."""
 
-    def __init__(self, lookup: ops.TableLookup, T: int, power: float | None = None):
+    def __init__(self, lookup: ops.TableLookup, T: int, power: float | None = None, direct: bool = True):
         super().__init__()
         self.T, self.power, self.channels = T, power, lookup.channels
-        direct = ops.direct_table(lookup, T) if power is None else None
+        direct = ops.direct_table(lookup, T) if power is None and direct else None
         self._direct_fields = None if direct is None else direct._replace(rows=None)
         if direct is not None:
             self.register_buffer("direct_rows", direct.rows)

@@ -62,11 +62,8 @@ def variants(thresholds, codes, bucket, T) -> dict[str, TableNeuron]:
     for width in (16, 8, 4, 2, 1):
         lookup = ops.table_lookup(thresholds, codes, bucket, (width,))
         if lookup is not None and lookup.guide.width == width:
-            neuron = TableNeuron(lookup, T)
-            direct = neuron._direct_fields is not None
-            neuron._direct_fields = None  # the guided lookup first
-            found[f"guide width {width}"] = neuron
-            if direct:
+            found[f"guide width {width}"] = TableNeuron(lookup, T, direct=False)
+            if ops.direct_table(lookup, T) is not None:
                 found["direct rows"] = TableNeuron(lookup, T)
     return found
 
