@@ -601,13 +601,18 @@ def _remembered(t: torch.Tensor) -> dict:
     return entry[1]
 
 
+def _widths_for(tables: torch.Tensor) -> tuple[int, ...]:
+    """The guide widths that suit the kernels the tables' device has (narrow without them)."""
+    return NARROW_GUIDE_WIDTHS if kernels_for(tables) is None else _KERNEL_GUIDE_WIDTHS
+
+
 def _guide_for(tables: torch.Tensor, row: int | torch.Tensor, widths: tuple[int, ...] | None = None) -> _Guide | None:
     """The guide of tables[row], or of the per-channel tables tables[bucket] for a bucket
     tensor, its bucket widths tried in the order given (None: those that suit the kernels
     tables' device has): remembered with the table (or bucket) tensor while it lives, so a
     call costs a dict lookup."""
     single = isinstance(row, int)
-    widths = widths or (NARROW_GUIDE_WIDTHS if kernels_for(tables) is None else _KERNEL_GUIDE_WIDTHS)
+    widths = widths or _widths_for(tables)
     cache = _remembered(tables if single else row)
     key = (row, tables._version, widths) if single else (id(tables), tables._version, row._version, widths)
     hit = cache.get(key)
@@ -656,7 +661,7 @@ def _table_guide(table: torch.Tensor, widths: tuple[int, ...] | None = None) -> 
     nonzero = magnitudes[magnitudes > 0]
     floor = int(nonzero.min().view(torch.int32)) if nonzero.numel() else 0
     keys = _squeezed_keys(table.contiguous(), floor).long()
-    for width in widths or (NARROW_GUIDE_WIDTHS if kernels_for(table) is None else _KERNEL_GUIDE_WIDTHS):
+    for width in widths or _widths_for(table):
         for shift in range(31, -1, -1):
             buckets = keys >> shift
             if int(torch.unique_consecutive(buckets, return_counts=True)[1].max()) <= width:
