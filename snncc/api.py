@@ -14,7 +14,7 @@ import torch.fx as fx
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
 from snncc.artifact import ArtifactWriter
 from snncc.blockwise import compile_stages, load_all_weights, runs_by_block, stage_weights
-from snncc.budget import BUDGET_T, Budget, compile_within_budget
+from snncc.budget import BUDGET_T, DEFAULT, Budget, compile_within_budget, default_budget, takes_default
 from snncc.calibration import CalibrationContext, make_context
 from snncc.errors import PipelineError, SnnccError
 from snncc.frontend import trace
@@ -95,15 +95,24 @@ def compile_graph(loaded: LoadedModel, ann: fx.GraphModule, ctx: CalibrationCont
     calibration batches run on the GPU accelerate places the block on, and the program is
     returned placed by the same map. Only a block-by-block compile takes one.
     `budget` (snncc.budget): give each synapse input's channels the digits that meet it, at
-    most T (default BUDGET_T) each; the program is checked against it before it returns."""
+    most T (default BUDGET_T) each; the program is checked against it before it returns.
+    `budget=DEFAULT` ("default"): the default fidelity targets where the model allows a budget,
+    else the default pipeline at its default T (info.precision says which, and why)."""
+    precision = {}
+    if budget == DEFAULT:
+        budget, why = _default_budget(loaded, ctx)
+        precision = {"default": True, "why": why}
+        if budget is None:
+            passes, T = DEFAULT_PIPELINE, None  # uniform, at the pipeline's own T
     if budget is not None:
         return _compile_within_budget(loaded, ann, ctx, passes, T, budget, device, stop_after, dtype, save_to,
-                                      device_map, max_memory, offload_folder, debug or instrument is not None)
+                                      device_map, max_memory, offload_folder, debug or instrument is not None,
+                                      precision)
     pipeline = _pipeline(passes, T)
     _, stop = split(pipeline, None, stop_after)
     info = ProgramInfo(model=loaded.name, task=loaded.task, pipeline=pipeline.spec, T=pipeline.steps,
                        max_positions=loaded.max_positions, vocab_size=_vocab_size(ann, loaded),
-                       dtype=_storage_dtype(dtype, loaded), generation=loaded.generation)
+                       dtype=_storage_dtype(dtype, loaded), generation=loaded.generation, precision=precision)
     block_wise = (by_block and not debug and instrument is None and stop == len(pipeline.passes)
                   and runs_by_block(pipeline))
     devices = _calibration_devices(ann, pipeline, block_wise, device_map, max_memory)
@@ -121,8 +130,10 @@ def _compile_within_budget(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibr
                            passes: str | Pipeline, T: int | None, budget: str | Budget, device: str,
                            stop_after: str | None, dtype: str | None, save_to: str | Path | None,
                            device_map: str | dict | None, max_memory: dict | None,
-                           offload_folder: str | Path | None, instrumented: bool) -> SpikingProgram:
-    """compile_graph with a budget: the plan search compiles the program more than once."""
+                           offload_folder: str | Path | None, instrumented: bool,
+                           precision: dict) -> SpikingProgram:
+    """compile_graph with a budget: the plan search compiles the program more than once.
+    `precision`: what info.precision also records (why the budget was chosen)."""
     if stop_after or instrumented:
         raise PipelineError("a budget compiles the whole pipeline, more than once: it cannot stop part-way, dump "
                             "or debug the passes")
@@ -134,9 +145,18 @@ def _compile_within_budget(loaded: LoadedModel, ann: fx.GraphModule, ctx: Calibr
         return compile_graph(loaded, ann, plan_ctx, pipeline, device=device, dtype=dtype)
 
     program = compile_within_budget(ann, ctx, pipeline, budget, loaded.task, compile_with, ctx.progress)
+    program.info = dataclasses.replace(program.info, precision=precision | program.info.precision)
     if save_to:
         program.save(save_to, ctx.progress)
     return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
+
+
+def _default_budget(loaded: LoadedModel, ctx: CalibrationContext) -> tuple[Budget | None, str]:
+    """snncc.budget.default_budget for this model, its calibration and this machine's free memory."""
+    import psutil
+
+    parameters = sum(p.numel() for p in loaded.module.parameters())
+    return default_budget(loaded.task, parameters, len(ctx.batches), psutil.virtual_memory().available)
 
 
 def _calibration_devices(ann: fx.GraphModule, pipeline: Pipeline, block_wise: bool, device_map: str | dict | None,
@@ -259,16 +279,20 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
     compile goes (see compile_graph): the way to compile a model bigger than memory.
     `device_map`, `max_memory`, `offload_folder`: accelerate's placement for the calibration
     and the returned program (see compile_graph). `budget`: per-channel precision that meets
-    it, e.g. "top1=0.995,ppl=1.005" or "energy=0.5" (snncc.budget). `progress`: show each
-    phase (load, trace, calibration, passes, blocks, save) on stderr; None: on a terminal."""
+    it, e.g. "top1=0.995,ppl=1.005" or "energy=0.5" (snncc.budget); the plain default pipeline
+    without T or budget gets the default fidelity targets where the model allows (T=14 gives
+    uniform steps). `progress`: show each phase (load, trace, calibration, passes, blocks,
+    save) on stderr; None: on a terminal."""
     if start_after:
         program = model if isinstance(model, SpikingProgram) else load(model, progress=progress)
         program = resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
         return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
+    if budget is None and takes_default(passes, T) and not (stop_after or debug or instrument):
+        budget = DEFAULT
     pipeline = Pipeline.parse(passes, BUDGET_T if budget and T is None else T)
     check_T_given_once(pipeline, T)
     split(pipeline, None, stop_after)  # refused before the model loads
-    if budget:
+    if budget and budget != DEFAULT:
         Budget.parse(budget)  # refused before the model loads
     loaded, ann, ctx = prepare(model, calib, calib_tokens, tokenizer=tokenizer, task=task,
                                progress=progress)

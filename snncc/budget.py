@@ -6,6 +6,9 @@ most faithful one within an energy ratio, checked on calibration text the alloca
     --budget cosine=0.9999          encoders: mean-pooled embedding cosine at least
     --budget energy=0.5             energy ratio (45 nm convention) at most, fidelity maximised
 
+A plain `las` compile (no -T, no --budget) gets DEFAULT_TARGETS where the model allows a
+budget (default_budget), and uniform T steps where it does not, saying why.
+
 The calibration batches are split: the first FIT_SHARE measure the sensitivity
 (snncc.sensitivity) the allocation (snncc.allocation) works from; the rest are the check
 text. The search runs the ANN with each site's real code (snn.mr_quantize at the planned
@@ -33,8 +36,8 @@ from snncc.evaluate import FidelityTally
 from snncc.ir.encoders import channel_range
 from snncc.ir.ops import mr_quantize
 from snncc.ir.rewrite import contents_digest, copy_graph_module
-from snncc.models import CAUSAL_LM
-from snncc.pipeline import PASSES, Pass, Pipeline
+from snncc.models import CAUSAL_LM, ENCODER
+from snncc.pipeline import DEFAULT_PIPELINE, PASSES, Pass, Pipeline
 from snncc.profile import ENERGY_TABLES, profile_graph
 from snncc.program import SpikingProgram
 from snncc.progress import phase
@@ -47,6 +50,12 @@ BUDGET_T = 16  # steps of a budgeted program: the most digits any channel keeps
 # What a plan must beat a target by on the check text, so that it holds on unseen text
 # (confirmed on the packaged held-out texts: benchmarks/energy_frontier.py).
 MARGINS = {"top1": 0.001, "ppl": 0.001, "kl": 0.5, "cosine": 0.5}
+DEFAULT = "default"  # the budget of a plain `las` compile: DEFAULT_TARGETS where default_budget allows
+# What `las` promises without -T or --budget: the fidelity targets it was built to meet.
+DEFAULT_TARGETS = {CAUSAL_LM: "top1=0.995,ppl=1.005", ENCODER: "cosine=0.9999"}
+# Peak memory of a budgeted compile per model parameter: the float32 ANN, its folded copy
+# with gradients at every site, and the compiled programs (measured: benchmarks/RESULTS.md).
+BYTES_PER_PARAMETER = 24
 _SEARCH_STEPS = 6
 _TIGHTENINGS = 3
 # Where each budget key's figure is in a FidelityTally result.
@@ -99,6 +108,27 @@ class Budget:
         """Whether fidelity figures meet every fidelity target (with MARGINS when `margin`)."""
         return all(_meets(key, result[_FIGURES[key]], limit, MARGINS[key] if margin else 0.0)
                    for key, limit in self.limits.items() if key != "energy")
+
+
+def takes_default(passes: str | Pipeline, T: int | None) -> bool:
+    """Whether a compile of `passes` gets the default budget: the plain default pipeline, T not given."""
+    return T is None and isinstance(passes, str) and passes.strip() == DEFAULT_PIPELINE
+
+
+def default_budget(task: str, parameters: int, batches: int, available_bytes: int) -> tuple[Budget | None, str]:
+    """The budget a plain `las` compile gets, or None and why it compiles uniform T instead:
+    a budget needs fidelity targets for the task, the whole ANN in memory with gradients, and
+    two calibration batches (one to fit, one to check)."""
+    if task not in DEFAULT_TARGETS:
+        return None, f"no default fidelity targets for a {task} model"
+    needed = parameters * BYTES_PER_PARAMETER
+    if needed > available_bytes:
+        return None, (f"a budget runs the whole model with gradients (about {needed / 2**30:.1f} GiB for "
+                      f"{parameters / 1e9:.2f}B parameters; {available_bytes / 2**30:.1f} GiB available)")
+    if batches < 2:
+        return None, (f"a budget needs 2 calibration batches (one held out to check it), got {batches}: give "
+                      "more calibration tokens")
+    return Budget.parse(DEFAULT_TARGETS[task]), f"the default fidelity targets of a {task} model"
 
 
 def _meets(key: str, value: float, limit: float, margin: float) -> bool:

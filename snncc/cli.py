@@ -109,9 +109,10 @@ _model_options = _in_order(
                  help="pipeline name (las, fas, none) or comma list of passes, e.g. 'fold,encode{T=8}'; "
                       "'fas,qcfs{steps=250}' sets options of a pipeline's pass"),
     click.option("-T", "T", type=int, default=None,
-                 help="time steps per spike train [default: the pipeline's measured default, "
-                      + ", ".join(f"{k} {v}" for k, v in DEFAULT_T.items()) + f"; else {STANDARD_T}]; "
-                      "a pass's own T= in --passes cannot also be given"),
+                 help="time steps per spike train, the same at every site [default: plain las gets the default "
+                      "budget (per-channel digits, at most 16; docs/precision.md) where the model allows one, else "
+                      "the pipeline's measured default, " + ", ".join(f"{k} {v}" for k, v in DEFAULT_T.items())
+                      + f"; else {STANDARD_T}]; a pass's own T= in --passes cannot also be given"),
     click.option("--calib", type=click.Path(dir_okay=False), default=None,
                  help="calibration text file (default: snncc's packaged dev text)"),
     click.option("--calib-tokens", type=int, default=8192, show_default=True,
@@ -382,7 +383,18 @@ _budget_option = click.option(
     "--budget", metavar="TARGETS", default=None,
     help="give each synapse input's channels the fewest digits that keep these targets on held-out calibration "
          "text: top1=0.995,ppl=1.005 (or kl=..., cosine=... for encoders), or the most faithful program within "
-         "energy=R of the ANN's energy; -T is then the most digits a channel keeps (default 16)")
+         "energy=R of the ANN's energy; -T is then the most digits a channel keeps (default 16). Plain las "
+         "without -T gets top1=0.995,ppl=1.005 (encoders: cosine=0.9999) where the model allows a budget")
+
+
+def _budget_or_default(passes: str, T: int | None, budget: str | None, whole: bool = True) -> str | None:
+    """--budget as given; without it, the plain default pipeline without -T gets the default
+    budget (snncc.budget.DEFAULT), where the compile runs the whole pipeline (`whole`)."""
+    from snncc.budget import DEFAULT, takes_default
+
+    if budget is None and whole and takes_default(passes, T):
+        return DEFAULT
+    return budget
 
 
 def _budget_T(T: int | None, budget: str | None) -> int | None:
@@ -394,9 +406,9 @@ def _budget_T(T: int | None, budget: str | None) -> int | None:
 
 def _check_budget(budget: str | None, pipeline) -> None:
     """A budget that parses, for a pipeline with multi-range synapse neurons to allocate."""
-    from snncc.budget import Budget, multirange_neurons
+    from snncc.budget import DEFAULT, Budget, multirange_neurons
 
-    if budget:
+    if budget and budget != DEFAULT:
         Budget.parse(budget)
         multirange_neurons(pipeline)
 
@@ -436,10 +448,11 @@ def compile_cmd(model, output, passes, T, calib, calib_tokens, device, eval_toke
 
     with _arguments():
         _check_continued(model, start_after)
+        budget = _budget_or_default(passes, T, budget, whole=not (stop_after or start_after or dump))
         pipeline = _check_model_options(passes, _budget_T(T, budget), calib, calib_tokens, device)
         start, _ = split(pipeline, start_after, stop_after)
         _check_budget(budget, pipeline)
-        if budget:
+        if budget and _given("budget"):
             if stop_after or start_after or dump:
                 raise InputError("--budget compiles the whole pipeline, more than once: it cannot take --stop-after, "
                                  "--start-after or --dump")
@@ -672,8 +685,9 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
     from snncc.render import print_domains, print_eval
 
     with _arguments():
+        budget = _budget_or_default(passes, T, budget, whole=_source_kind(model) != ARTIFACT)
         pipeline = _check_program_options(model, passes, _budget_T(T, budget), calib, calib_tokens, device)
-        if pipeline is None and (budget or _given("dtype")):
+        if pipeline is None and (_given("budget") or _given("dtype")):
             raise InputError(f"'{model}' is compiled already: --budget and --dtype compile a model; drop them")
         if pipeline is not None:
             _check_budget(budget, pipeline)
@@ -833,9 +847,9 @@ def run_cmd(model, prompt, max_new_tokens, passes, T, calib, calib_tokens, devic
         if compiled and (backend != "reference" or device_map):
             raise InputError("--compile runs the reference backend on one device: drop --backend event "
                              "and --device-map, or --compile")
-        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
+        pipeline, budget = _check_model_or_program(model, passes, T, calib, calib_tokens, device)
         placement = _check_placement(device_map, max_memory, offload_folder, device, backend)
-    program = _program(model, pipeline, calib, calib_tokens, device, placement, backend)
+    program = _program(model, pipeline, calib, calib_tokens, device, placement, backend, budget)
     if compiled:
         program.compile()
     progress = _progress()  # the event backend's per-run bar keeps quiet while generating
@@ -847,9 +861,9 @@ def run_cmd(model, prompt, max_new_tokens, passes, T, calib, calib_tokens, devic
         click.echo(prompt + continuation)
 
 
-def _program(model, pipeline, calib, calib_tokens, device="cpu", placement=None, backend="reference"):
+def _program(model, pipeline, calib, calib_tokens, device="cpu", placement=None, backend="reference", budget=None):
     """The spiking program of an .snn artifact (`pipeline` None), or MODEL compiled with the
-    pipeline; placed by `placement` (_check_placement) where it has a device map."""
+    pipeline (within `budget`); placed by `placement` (_check_placement) where it has a device map."""
     if pipeline is None:
         import snncc
 
@@ -858,11 +872,17 @@ def _program(model, pipeline, calib, calib_tokens, device="cpu", placement=None,
     from snncc.program import SpikingProgram
 
     loaded, ann, ctx = _prepare(model, calib, calib_tokens)
-    program = compile_graph(loaded, ann, ctx, pipeline, device=device)
+    program = compile_graph(loaded, ann, ctx, pipeline, device=device, budget=budget)
     if backend != "reference":
         program = SpikingProgram(program.graph_module, program.info, program.tokenizer, backend=backend,
                                  progress=_progress())
     return program.place(**placement) if placement else program
+
+
+def _check_model_or_program(model, passes, T, calib, calib_tokens, device) -> tuple[Pipeline | None, str | None]:
+    """_check_program_options, and the budget a model compiled with the plain default pipeline gets."""
+    budget = _budget_or_default(passes, T, None, whole=_source_kind(model) != ARTIFACT)
+    return _check_program_options(model, passes, _budget_T(T, budget), calib, calib_tokens, device), budget
 
 
 def _check_program_options(model, passes, T, calib, calib_tokens, device) -> Pipeline | None:
@@ -900,13 +920,13 @@ def profile_cmd(model, passes, T, calib, calib_tokens, device, prompt, as_json, 
 
     with _arguments():
         _check_prompt(prompt)
-        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
+        pipeline, budget = _check_model_or_program(model, passes, T, calib, calib_tokens, device)
         placement = _check_placement(device_map, max_memory, offload_folder, device)
         if plot:
             _check_output_path(plot, "--plot")
     if plot:
         require("matplotlib", "--plot")
-    program = _program(model, pipeline, calib, calib_tokens, device, placement)
+    program = _program(model, pipeline, calib, calib_tokens, device, placement, budget=budget)
     ids = program.tokenizer.encode(prompt)
     if not ids:
         raise InputError("the prompt is empty: give some text")
@@ -960,7 +980,7 @@ def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, exter
         for option, value in (("--atol", atol), ("--rtol", rtol)):
             if value is not None and not 0 <= value < float("inf"):
                 raise InputError(f"{option} must be a number >= 0, got {value}")
-        pipeline = _check_program_options(model, passes, T, calib, calib_tokens, device)
+        pipeline, budget = _check_model_or_program(model, passes, T, calib, calib_tokens, device)
         if fmt == "nir" and pipeline is not None:
             from snncc.backends.nir import refusal
 
@@ -969,7 +989,7 @@ def export_cmd(model, passes, T, calib, calib_tokens, device, fmt, output, exter
                 raise InputError(refused)
         out_path = _check_output_path(output)
     _check_export_packages(fmt, verify_tokens > 0)
-    program = _program(model, pipeline, calib, calib_tokens, device)
+    program = _program(model, pipeline, calib, calib_tokens, device, budget=budget)
     sample = _eval_chunks(program.tokenizer, None, max(verify_tokens, 2), max(verify_tokens, 2),
                           program.info.max_positions)[0] if verify_tokens else None
     default_atol, default_rtol = EXPORT_TOLERANCES["nir" if fmt == "nir" else "onnx"]

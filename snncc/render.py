@@ -141,10 +141,15 @@ def _fitted(text: str, width: int | None) -> str:
 
 
 def print_precision(precision: dict) -> None:
-    """A budgeted compile's plan and how it did on the calibration text held out from it."""
+    """A budgeted compile's plan and how it did on the calibration text held out from it; for a
+    default compile that could not take a budget, why its steps are uniform."""
+    if "plan" not in precision:
+        click.echo(f"precision: uniform steps, not the default budget: {precision['why']}")
+        return
     plan, check = precision["plan"], precision["check"]
     met = "met" if precision["met_on_check"] else "NOT met"
-    click.echo(f"budget {precision['budget']}: {met} on {precision['check_tokens']} held-out calibration tokens "
+    default = " (the default: no -T or --budget given)" if precision.get("default") else ""
+    click.echo(f"budget {precision['budget']}{default}: {met} on {precision['check_tokens']} held-out calibration tokens "
                f"(margins {precision['margins'] or 'none'}); plan fitted on {precision['fit_tokens']} tokens")
     click.echo(f"  {plan['sites']} synapse inputs, {plan['mean_digits']:.2f} of {plan['T']} digits kept per channel "
                f"on average; predicted divergence {plan['predicted_divergence_per_token']:.3g} per token")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from snncc import allocation, sensitivity
-from snncc.budget import Budget, compile_within_budget, folded_ann, simulate
+from snncc.budget import Budget, compile_within_budget, default_budget, folded_ann, simulate, takes_default
 from snncc.errors import PipelineError
+from snncc.models import CAUSAL_LM, ENCODER
 from snncc.ir.match import through_identity
 from snncc.pipeline import Pipeline
 from snncc.profile import profile_graph
@@ -36,6 +37,26 @@ def _synthetic(seed: int = 0, sites: int = 4, channels: int = 8) -> sensitivity.
 def test_bad_budgets_are_refused_on_one_line(text, message):
     with pytest.raises(PipelineError, match=message):
         Budget.parse(text)
+
+
+def test_the_default_budget_is_the_fidelity_targets_where_the_model_allows_one():
+    free = 20 * 2**30
+    budget, why = default_budget(CAUSAL_LM, 135_000_000, 48, free)
+    assert budget.limits == {"top1": 0.995, "ppl": 1.005} and "default" in why
+    assert default_budget(ENCODER, 22_000_000, 48, free)[0].limits == {"cosine": 0.9999}
+    # A 7B model's whole-model backward does not fit; one batch leaves nothing to check on.
+    budget, why = default_budget(CAUSAL_LM, 6_700_000_000, 48, free)
+    assert budget is None and "7" in why and "20.0 GiB available" in why
+    budget, why = default_budget(CAUSAL_LM, 135_000_000, 1, free)
+    assert budget is None and "2 calibration batches" in why
+    assert default_budget("seq2seq", 135_000_000, 48, free)[0] is None
+
+
+def test_only_plain_las_without_T_takes_the_default_budget():
+    assert takes_default("las", None) and takes_default(" las ", None)
+    assert not takes_default("las", 14)  # -T asks for uniform steps
+    assert not takes_default("fas", None) and not takes_default("las,nonlinear{ranges=6}", None)
+    assert not takes_default(Pipeline.parse("las", None), None)  # parsed already: its T is set
 
 
 def test_budget_margins_are_applied_on_the_right_side():
@@ -140,3 +161,17 @@ def test_budget_compile_meets_a_divergence_budget_on_held_out_calibration_text()
                                     lambda c: compile_graph(loaded, ann, c, pipeline))
     assert cheaper.info.precision["check_energy_ratio"] < precision["check_energy_ratio"]
     assert ctx.range_factors == {}  # the plan does not stay on the caller's context
+
+
+def test_a_model_too_big_for_a_budget_compiles_uniform_and_says_why(monkeypatch):
+    import types
+
+    import psutil
+
+    from snncc.api import compile_graph
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**20))
+    loaded, ann, ctx = prepared("tiny-llama")
+    program = compile_graph(loaded, ann, ctx, "las", budget="default")
+    assert program.T == 14 and program.info.precision["default"]
+    assert "whole model with gradients" in program.info.precision["why"] and "plan" not in program.info.precision

@@ -74,6 +74,19 @@ def test_eval_encoder_reports_cosine():
     assert report["worst"]["cosine"]["value"] == min(r["cosine"] for r in report["domains"].values())
 
 
+def test_plain_las_compiles_to_the_default_budget_and_says_when_it_cannot():
+    report = json.loads(_run("compile", "tiny-llama", "--calib-tokens", "512", "--eval-tokens", "0", "--json"))
+    precision = report["precision"]
+    assert precision["default"] and precision["budget"] == "top1=0.995,ppl=1.005" and precision["met_on_check"]
+    assert report["compiled"]["T"] == 16  # the most digits a channel keeps
+    uniform = json.loads(_run("compile", "tiny-llama", "-T", "14", "--calib-tokens", "512", "--eval-tokens", "0",
+                              "--json"))
+    assert "precision" not in uniform and uniform["compiled"]["T"] == 14
+    fallback = _run("compile", "tiny-llama", "--calib-tokens", "100", "--eval-tokens", "0")
+    assert "(T=14)" in fallback
+    assert "uniform steps, not the default budget: a budget needs 2 calibration batches" in fallback
+
+
 @pytest.mark.slow  # a budget compiles more than once (about 20 s on 2 cores)
 def test_compile_to_a_budget_prints_the_check_and_saves_the_plan(tmp_path):
     out = _run("compile", "tiny-llama", "--budget", "kl=2e-3", "--calib-tokens", "1024", "--eval-tokens", "0",
