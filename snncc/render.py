@@ -149,8 +149,8 @@ def print_precision(precision: dict) -> None:
     plan, check = precision["plan"], precision["check"]
     met = "met" if precision["met_on_check"] else "NOT met"
     default = " (the default: no -T or --budget given)" if precision.get("default") else ""
-    click.echo(f"budget {precision['budget']}{default}: {met} on {precision['check_tokens']} held-out calibration tokens "
-               f"(margins {precision['margins'] or 'none'}); plan fitted on {precision['fit_tokens']} tokens")
+    click.echo(f"budget {precision['budget']}{default}: {met} on {precision['check_tokens']} held-out calibration "
+               f"tokens (margins {precision['margins'] or 'none'}); plan fitted on {precision['fit_tokens']} tokens")
     click.echo(f"  {plan['sites']} synapse inputs, {plan['mean_digits']:.2f} of {plan['T']} digits kept per channel "
                f"on average; predicted divergence {plan['predicted_divergence_per_token']:.3g} per token")
     figures = {key: check[key] for key in ("top1_agreement", "ppl_ratio", "kl_per_token", "cosine") if key in check}

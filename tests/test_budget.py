@@ -8,8 +8,8 @@ import torch
 from snncc import allocation, sensitivity
 from snncc.budget import Budget, compile_within_budget, default_budget, folded_ann, simulate, takes_default
 from snncc.errors import PipelineError
-from snncc.models import CAUSAL_LM, ENCODER
 from snncc.ir.match import through_identity
+from snncc.models import CAUSAL_LM, ENCODER
 from snncc.pipeline import Pipeline
 from snncc.profile import profile_graph
 from tests.conftest import heldout_ids, prepared
