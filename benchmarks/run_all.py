@@ -86,6 +86,7 @@ COMMANDS = {
                                               "--format onnx --out "
                                               "benchmarks/results/onnx_export_smollm2-135m_las_onnx.json",
     "energy_frontier_smollm2-135m.json": "python benchmarks/energy_frontier.py --model smollm2-135m",
+    "energy_frontier_minilm-l6.json": "python benchmarks/energy_frontier.py --model minilm-l6",
     "table_lookup_smollm2-135m.json": "python benchmarks/table_lookup.py --model smollm2-135m -T 14 --tokens 512",
     "greedy_smollm2-135m_las_budget.json": "python benchmarks/greedy_agreement.py --passes las "
                                            "--budget top1=0.995,ppl=1.005 kl=1e-4",
@@ -597,6 +598,7 @@ SECTIONS = [
     Section("las greedy continuations, budgeted", "greedy_smollm2-135m_las_budget.json", greedy_section),
     Section("Fidelity vs energy: uniform T, fas, budgets", "energy_frontier_smollm2-135m.json",
             energy_frontier_section),
+    Section("Fidelity vs energy: MiniLM", "energy_frontier_minilm-l6.json", energy_frontier_section),
     Section("Per-neuron error", "neuron_error.json", neuron_error_section),
     Section("fas at T = 8: accuracy and energy", None, fas_frontier_section),
     *[Section(f"fas variants before fine-tuning ({name.removesuffix('.json')})", name, fas_variants_section)

@@ -149,6 +149,13 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 }
 # Options a pipeline gives its passes; a spec's own options for the pass override them key by key.
 PIPELINE_OPTIONS: dict[str, dict[str, dict[str, str]]] = {
+    "las": {
+        # Table neurons send the ternary (non-adjacent form) digits of a multi-range code: within
+        # their range the same values as the plain MT code, at a third of the digits non-zero
+        # where binary digits are half (measured: MiniLM's GELU feeding its FFN, RESULTS.md).
+        # Values past the range go out at twice it rather than clipping.
+        "nonlinear": {"ranges": "1"},
+    },
     "fas": {
         # QCFS at L = 16 (burst neurons of 2 spikes at T = 8), the sites above half the median
         # site's sensitivity on multi-range neurons: a far smaller perplexity loss than FAS's

@@ -24,7 +24,7 @@ from tests.conftest import compiled
 from tests.snncc_process import TIMEOUT, snncc_env
 
 REPO = Path(__file__).resolve().parent.parent
-HARD = {"torch", "transformers", "accelerate", "safetensors", "click", "tqdm"}
+HARD = {"torch", "transformers", "accelerate", "psutil", "safetensors", "click", "tqdm"}
 EXTRAS = {"onnx", "nir", "plots", "gguf", "kernels"}
 
 

@@ -41,7 +41,7 @@ def bf16_dir(tmp_path_factory) -> Path:
 @functools.cache
 def _las(folder: Path, dtype: str | None = None):
     """The las program of a checkpoint folder, compiled once per session (tests only read it)."""
-    return snncc.compile(str(folder), passes="las", calib_tokens=512, dtype=dtype)
+    return snncc.compile(str(folder), passes="las", T=14, calib_tokens=512, dtype=dtype)
 
 
 def _ids() -> torch.Tensor:
@@ -76,7 +76,7 @@ def test_the_program_stores_weights_in_the_checkpoint_dtype_and_computes_in_floa
 def test_saved_while_compiling_it_equals_the_program_and_loads_mapped(bf16_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(snncc.shards, "SHARD_BYTES", 4096)  # many shards from a tiny model
     path = tmp_path / "out.snn"
-    program = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    program = snncc.compile(str(bf16_dir), passes="las", T=14, calib_tokens=512, save_to=path)
     assert not parts_folder(path).exists()  # the artifact moved out of it, then it was removed
     with zipfile.ZipFile(path) as archive:
         infos = [i for i in archive.infolist() if snncc.shards.SHARD_MEMBER.fullmatch(i.filename)]
@@ -110,10 +110,10 @@ def test_a_killed_compile_resumes_at_its_first_unfinished_block(bf16_dir, tmp_pa
     fresh = _las(bf16_dir)
     _count_passes(monkeypatch, fail_at=3, error=KeyboardInterrupt())  # killed while compiling block 1
     with pytest.raises(KeyboardInterrupt):
-        snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+        snncc.compile(str(bf16_dir), passes="las", T=14, calib_tokens=512, save_to=path)
     assert not path.exists() and parts_folder(path).exists()
     runs = _count_passes(monkeypatch)
-    resumed = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    resumed = snncc.compile(str(bf16_dir), passes="las", T=14, calib_tokens=512, save_to=path)
     assert len(runs) == 2  # block 1 and the epilogue: the prologue and block 0 were kept
     assert torch.equal(resumed(_ids()), fresh(_ids()))
     assert resumed.info.coverage == fresh.info.coverage
@@ -138,10 +138,10 @@ def test_a_compile_killed_while_writing_a_block_resumes_from_the_last_complete_o
 
     monkeypatch.setattr(snncc.parts, "write_shard", killed_on_the_third)
     with pytest.raises(KeyboardInterrupt):
-        snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+        snncc.compile(str(bf16_dir), passes="las", T=14, calib_tokens=512, save_to=path)
     monkeypatch.setattr(snncc.parts, "write_shard", original)
     runs = _count_passes(monkeypatch)
-    resumed = snncc.compile(str(bf16_dir), passes="las", calib_tokens=512, save_to=path)
+    resumed = snncc.compile(str(bf16_dir), passes="las", T=14, calib_tokens=512, save_to=path)
     assert len(runs) == 2  # block 1 and the epilogue
     assert torch.equal(snncc.load(path)(_ids()), _las(bf16_dir)(_ids()))
     assert torch.equal(resumed(_ids()), _las(bf16_dir)(_ids()))

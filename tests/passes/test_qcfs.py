@@ -50,7 +50,8 @@ def test_a_spec_overrides_the_options_a_pipeline_gives_key_by_key():
     assert (by_name["qcfs"].L, by_name["qcfs"].multirange) == (8, 0.5)
     by_name = {p.name: p for p in parse_pipeline("fas,nonlinear{headroom=4}", 12)}
     assert (by_name["nonlinear"].ranges, by_name["nonlinear"].headroom, by_name["nonlinear"].T) == (6, 4.0, 12)
-    assert parse_pipeline("las", None)[1].ranges == 0  # las's tables keep plain codes
+    assert parse_pipeline("las", None)[1].ranges == 1  # las's tables: ternary digits, one range above
+    assert parse_pipeline("las,nonlinear{ranges=0}", None)[1].ranges == 0
 
 
 def test_the_qcfs_model_nears_the_ann_as_L_grows():
