@@ -188,7 +188,7 @@ def _plot(rows: list[dict], path: Path, model: str) -> None:
             axis.semilogy(x, ys[key], marker, color=color, label=family)
             for index, r in enumerate(group):
                 tag = r["budget"] or (f"T={r['T']}" if family != "fas" else r["spec"].replace("fas,", ""))
-                tag += " (las default)" if _is_default(r) else ""
+                tag = "las default" if _is_default(r) else tag
                 # alternate above and below the point so neighbours' labels do not overlap
                 offset = (4, 5) if index % 2 == 0 else (4, -11)
                 axis.annotate(tag, (r["energy_ratio"], ys[key][index]), fontsize=7, color=color,
@@ -220,7 +220,7 @@ def _plot_encoder(rows: list[dict], path: Path, model: str, plt) -> None:
         x, y = [r["energy_ratio"] for r in group], [max(1 - r["worst_cosine"], 1e-7) for r in group]
         axis.semilogy(x, y, marker, color=color, label=family)
         for index, r in enumerate(group):
-            tag = (r["budget"] or f"T={r['T']}") + (" (las default)" if r["budget"] == DEFAULT_TARGETS[ENCODER] else "")
+            tag = "las default" if r["budget"] == DEFAULT_TARGETS[ENCODER] else r["budget"] or f"T={r['T']}"
             offset = (4, 5) if index % 2 == 0 else (4, -11)
             axis.annotate(tag, (x[index], y[index]), fontsize=7, color=color, xytext=offset, textcoords="offset points")
     axis.axhline(1e-4, color="grey", ls="--", lw=0.8)
