@@ -189,13 +189,7 @@ def _plot(rows: list[dict], path: Path, model: str) -> None:
               "ppl": [max(r["worst_ppl_ratio"] - 1, floor["ppl"]) for r in group]}
         for axis, key in ((left, "top1"), (right, "ppl")):
             axis.semilogy(x, ys[key], marker, color=color, label=family)
-            for index, r in enumerate(group):
-                tag = r["budget"] or (f"T={r['T']}" if family != "fas" else r["spec"].replace("fas,", ""))
-                tag = "las default" if _is_default(r) else tag
-                # alternate above and below the point so neighbours' labels do not overlap
-                offset = (4, 5) if index % 2 == 0 else (4, -11)
-                axis.annotate(tag, (r["energy_ratio"], ys[key][index]), fontsize=7, color=color,
-                              xytext=offset, textcoords="offset points")
+            _label_points(axis, x, ys[key], [_tag(r) for r in group], color)
     for axis, target, name in ((left, 0.005, "top-1 target 99.5%"), (right, 0.005, "ppl target 1.005")):
         axis.axhline(target, color="grey", ls="--", lw=0.8)
         axis.text(0.02, target * 1.1, name, fontsize=8, color="grey", transform=axis.get_yaxis_transform())
@@ -215,6 +209,20 @@ def _plot(rows: list[dict], path: Path, model: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _tag(row: dict) -> str:
+    """A point's label on the plot: its budget, T or fas variant; the default as such."""
+    if _is_default(row):
+        return "las default"
+    return row["budget"] or (f"T={row['T']}" if row["family"] != "fas" else row["spec"].replace("fas,", ""))
+
+
+def _label_points(axis, x: list[float], y: list[float], tags: list[str], color: str) -> None:
+    """Label each point, alternately above and below it, so neighbours' labels do not overlap."""
+    for index, tag in enumerate(tags):
+        offset = (4, 5) if index % 2 == 0 else (4, -11)
+        axis.annotate(tag, (x[index], y[index]), fontsize=7, color=color, xytext=offset, textcoords="offset points")
+
+
 def _plot_encoder(rows: list[dict], path: Path, model: str, plt) -> None:
     """1 - worst cosine vs energy: uniform T and budgets, with the 0.9999 target."""
     fig, axis = plt.subplots(figsize=(7.5, 5.2))
@@ -222,10 +230,7 @@ def _plot_encoder(rows: list[dict], path: Path, model: str, plt) -> None:
         group = sorted((r for r in rows if r["family"] == family), key=lambda r: r["energy_ratio"])
         x, y = [r["energy_ratio"] for r in group], [max(1 - r["worst_cosine"], 1e-7) for r in group]
         axis.semilogy(x, y, marker, color=color, label=family)
-        for index, r in enumerate(group):
-            tag = "las default" if _is_default(r) else r["budget"] or f"T={r['T']}"
-            offset = (4, 5) if index % 2 == 0 else (4, -11)
-            axis.annotate(tag, (x[index], y[index]), fontsize=7, color=color, xytext=offset, textcoords="offset points")
+        _label_points(axis, x, y, [_tag(r) for r in group], color)
     axis.axhline(1e-4, color="grey", ls="--", lw=0.8)
     axis.text(0.02, 1.1e-4, "target: cosine 0.9999", fontsize=8, color="grey", transform=axis.get_yaxis_transform())
     axis.axvline(0.6, color="grey", ls=":", lw=0.8)

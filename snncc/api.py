@@ -14,7 +14,7 @@ import torch.fx as fx
 from snncc import passes as _passes  # noqa: F401  (registers the passes)
 from snncc.artifact import ArtifactWriter
 from snncc.blockwise import compile_stages, load_all_weights, runs_by_block, stage_weights
-from snncc.budget import BUDGET_T, DEFAULT, Budget, compile_within_budget, default_budget, takes_default
+from snncc.budget import BUDGET_T, DEFAULT, Budget, budget_or_default, compile_within_budget, default_budget
 from snncc.calibration import CalibrationContext, make_context
 from snncc.errors import PipelineError, SnnccError
 from snncc.frontend import trace
@@ -287,8 +287,7 @@ def compile(model: str | torch.nn.Module | SpikingProgram, passes: str = DEFAULT
         program = model if isinstance(model, SpikingProgram) else load(model, progress=progress)
         program = resume(program, start_after, passes, T, stop_after, debug, instrument, device, progress)
         return program.place(device_map, max_memory, offload_folder) if device_map is not None else program
-    if budget is None and takes_default(passes, T) and not (stop_after or debug or instrument):
-        budget = DEFAULT
+    budget = budget_or_default(passes, T, budget, whole=not (stop_after or debug or instrument))
     pipeline = Pipeline.parse(passes, BUDGET_T if budget and T is None else T)
     check_T_given_once(pipeline, T)
     split(pipeline, None, stop_after)  # refused before the model loads

@@ -116,6 +116,12 @@ def takes_default(passes: str | Pipeline, T: int | None) -> bool:
     return T is None and isinstance(passes, str) and passes.strip() == DEFAULT_PIPELINE
 
 
+def budget_or_default(passes: str | Pipeline, T: int | None, budget: str | None, whole: bool = True) -> str | None:
+    """`budget` as given; without one, DEFAULT for the plain default pipeline without T, where
+    the compile runs the whole pipeline (`whole`: not stopped part-way, dumped or debugged)."""
+    return DEFAULT if budget is None and whole and takes_default(passes, T) else budget
+
+
 def default_budget(task: str, parameters: int, batches: int, available_bytes: int) -> tuple[Budget | None, str]:
     """The budget a plain `las` compile gets, or None and why it compiles uniform T instead:
     a budget needs fidelity targets for the task, the whole ANN in memory with gradients, and

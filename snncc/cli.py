@@ -387,14 +387,11 @@ _budget_option = click.option(
          "without -T gets top1=0.995,ppl=1.005 (encoders: cosine=0.9999) where the model allows a budget")
 
 
-def _budget_or_default(passes: str, T: int | None, budget: str | None, whole: bool = True) -> str | None:
-    """--budget as given; without it, the plain default pipeline without -T gets the default
-    budget (snncc.budget.DEFAULT), where the compile runs the whole pipeline (`whole`)."""
-    from snncc.budget import DEFAULT, takes_default
+def _default_or(passes: str, T: int | None, budget: str | None, whole: bool = True) -> str | None:
+    """snncc.budget.budget_or_default: --budget as given, else the default budget where it applies."""
+    from snncc.budget import budget_or_default
 
-    if budget is None and whole and takes_default(passes, T):
-        return DEFAULT
-    return budget
+    return budget_or_default(passes, T, budget, whole)
 
 
 def _budget_T(T: int | None, budget: str | None) -> int | None:
@@ -448,7 +445,7 @@ def compile_cmd(model, output, passes, T, calib, calib_tokens, device, eval_toke
 
     with _arguments():
         _check_continued(model, start_after)
-        budget = _budget_or_default(passes, T, budget, whole=not (stop_after or start_after or dump))
+        budget = _default_or(passes, T, budget, whole=not (stop_after or start_after or dump))
         pipeline = _check_model_options(passes, _budget_T(T, budget), calib, calib_tokens, device)
         start, _ = split(pipeline, start_after, stop_after)
         _check_budget(budget, pipeline)
@@ -685,7 +682,7 @@ def eval_cmd(model, passes, T, calib, calib_tokens, device, text, max_tokens, se
     from snncc.render import print_domains, print_eval
 
     with _arguments():
-        budget = _budget_or_default(passes, T, budget, whole=_source_kind(model) != ARTIFACT)
+        budget = _default_or(passes, T, budget, whole=_source_kind(model) != ARTIFACT)
         pipeline = _check_program_options(model, passes, _budget_T(T, budget), calib, calib_tokens, device)
         if pipeline is None and (_given("budget") or _given("dtype")):
             raise InputError(f"'{model}' is compiled already: --budget and --dtype compile a model; drop them")
@@ -881,7 +878,7 @@ def _program(model, pipeline, calib, calib_tokens, device="cpu", placement=None,
 
 def _check_model_or_program(model, passes, T, calib, calib_tokens, device) -> tuple[Pipeline | None, str | None]:
     """_check_program_options, and the budget a model compiled with the plain default pipeline gets."""
-    budget = _budget_or_default(passes, T, None, whole=_source_kind(model) != ARTIFACT)
+    budget = _default_or(passes, T, None, whole=_source_kind(model) != ARTIFACT)
     return _check_program_options(model, passes, _budget_T(T, budget), calib, calib_tokens, device), budget
 
 
