@@ -153,13 +153,17 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
         resumed = Resumed([], [], {}, {}, {})
     ctx.stats.update(resumed.stats)
     compiled, records, taken, values = resumed.stages, resumed.records, resumed.taken, resumed.values
+    # A context that holds every range already (one reused across compiles, as a budget's
+    # search does) runs no calibration batch: the passes read only ranges. A resumable
+    # compile keeps running them, to store what the next block reads.
+    calibrate = parts is not None or any(ctx.unrecorded(stage.graph_module) for stage in stages)
     with bar(total=len(stages), initial=len(compiled), desc="compiling", progress=progress, unit="block",
              leave=True) as shown:
         for index in range(len(compiled), len(stages)):
             stage = stages[index]
             shown.set_postfix_str(f"{stage.name}: loading weights")
             weights.load(stage)
-            batches = _stage_batches(stage, index, ctx.batches, values)
+            batches = _stage_batches(stage, index, ctx.batches, values) if calibrate else []
             device = devices[index] if devices else _CPU
             if device != _CPU:
                 _move_stage(stage, device)
@@ -170,7 +174,8 @@ def compile_stages(ann: fx.GraphModule, ctx: CalibrationContext, pipeline: Pipel
                                            range_factors=ctx.range_factors)
             stage_ctx.attach(stage.graph_module)
             shown.set_postfix_str(f"{stage.name}: recording calibration activations")
-            outputs = stage_ctx.record_all(keep_outputs=bool(stage.outputs))  # not the logits of the last
+            keep = bool(stage.outputs)  # not the logits of the last
+            outputs = stage_ctx.record_all(keep_outputs=keep) if calibrate else []
             if device != _CPU:  # outputs, ranges and the stage come back: the passes run on the CPU
                 outputs = _moved(outputs, _CPU)
                 for stats in ctx.stats.values():

@@ -256,14 +256,14 @@ class CalibrationContext:
             self.stats.pop(name, None)
         self.recorded_from_passes.clear()
 
+    def unrecorded(self, gm: fx.GraphModule) -> bool:
+        """Whether record_all on `gm` would record anything: a compile whose context holds
+        every range already need not run the calibration batches at all."""
+        return bool(_recordable_by_node(gm, recordable_statistics(gm) - set(self.stats)))
+
     def _record(self, gm: fx.GraphModule, names: set[str], keep_outputs: bool = False) -> list:
         nodes = {n.name: n for n in gm.graph.nodes}
-        dependent = data_dependent_nodes(gm.graph)
-        statistics: dict[str, list[str]] = {}
-        for name in sorted(names):
-            node = nodes.get(split_statistic(name)[0])
-            if node in dependent:
-                statistics.setdefault(node.name, []).append(name)
+        statistics = _recordable_by_node(gm, names)
         if not statistics and not keep_outputs:
             return []  # nothing to record, nothing wanted
         watched = {name: reduced_dims(nodes[name]) for name in statistics}
@@ -282,6 +282,18 @@ class CalibrationContext:
         """A JSON-able description, stored in artifacts."""
         return {"source": self.source, "tokens": self.tokens, "batches": len(self.batches),
                 "recorded_tensors": len(self.stats)}
+
+
+def _recordable_by_node(gm: fx.GraphModule, names: set[str]) -> dict[str, list[str]]:
+    """Node name -> the statistics of `names` it gives (only data-dependent nodes have any)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    dependent = data_dependent_nodes(gm.graph)
+    statistics: dict[str, list[str]] = {}
+    for name in sorted(names):
+        node = nodes.get(split_statistic(name)[0])
+        if node in dependent:
+            statistics.setdefault(node.name, []).append(name)
+    return statistics
 
 
 def make_context(tokenizer: Tokenizer, calib: str | Path | None, seq_len: int,

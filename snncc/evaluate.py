@@ -73,8 +73,9 @@ def _check_finite(values: torch.Tensor, what: str, gm: fx.GraphModule | None, in
                         "model's weights and calibration ranges (debugging the pipeline shows the error pass by pass)")
 
 
-def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits[0, :-1].double(), ids[0, 1:], reduction="sum"))
+def _nll_sum(log_probs: torch.Tensor, ids: torch.Tensor) -> float:
+    """Negative log-likelihood of each next token, summed (log_probs: the model's, float64)."""
+    return -float(log_probs[0, :-1].gather(-1, ids[0, 1:, None]).sum())
 
 
 def _mean_pool(hidden: torch.Tensor) -> torch.Tensor:
@@ -101,12 +102,12 @@ class FidelityTally:
         self.max_err = max(self.max_err, float(err.max()))
         self.values += err.numel()
         if self.causal:
-            self.nll_ann += _nll_sum(ref, ids)
-            self.nll_snn += _nll_sum(out, ids)
+            logp_ann, logp_snn = ref.double().log_softmax(-1), out.double().log_softmax(-1)
+            self.nll_ann += _nll_sum(logp_ann, ids)
+            self.nll_snn += _nll_sum(logp_snn, ids)
             self.scored += ids.shape[1] - 1
             self.agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
             self.predicted += ids.numel()
-            logp_ann, logp_snn = ref.double().log_softmax(-1), out.double().log_softmax(-1)
             self.kl += float((logp_ann.exp() * (logp_ann - logp_snn)).sum())
         else:
             self.cosines.append(float((_mean_pool(out) * _mean_pool(ref)).sum(-1).mean()))

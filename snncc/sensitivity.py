@@ -32,7 +32,7 @@ from snncc.calibration import CalibrationContext
 from snncc.ir.analysis import MATMUL_TARGETS, data_dependent_nodes, matmul_operands, weight_linear
 from snncc.ir.encoders import calib_name, channel_range
 from snncc.ir.match import function_regions, is_probability, synapse_operands, through_identity
-from snncc.ir.ops import mr_encode, mr_quantize
+from snncc.ir.ops import mr_quantize, mr_spike_counts
 from snncc.ir.rewrite import copy_graph_module
 from snncc.progress import bar
 
@@ -190,17 +190,9 @@ def _add_site_costs(x: torch.Tensor, fisher: torch.Tensor, r: torch.Tensor, fan_
         scale = r * 2.0**k
         error = mr_quantize(x, scale, T, G).mul_(scale).sub_(x)
         distortion[k] += 0.5 * _sum_to(fisher * error.square_(), r.shape).double()
-        spikes = _spikes_per_value(mr_encode(x, scale, T, G))
+        spikes = mr_spike_counts(x, scale, T, G)
         sops[k] += fan_out * _sum_to(spikes, r.shape).double()
     distortion[MAX_DROPPED + 1 :] = float("inf")  # not offered: too few digits left
-
-
-def _spikes_per_value(train: torch.Tensor) -> torch.Tensor:
-    """Non-zero steps per value of a (T, ...) train (a loop over steps: faster than count_nonzero)."""
-    count = train[0].ne(0).to(torch.int16)
-    for step in train[1:]:
-        count += step.ne(0)
-    return count
 
 
 def _sum_to(values: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -55,6 +55,28 @@ def test_block_by_block_is_the_whole_model_program_bit_for_bit(name, spec):
     assert [r["name"] for r in blocks.info.passes] == [r["name"] for r in whole.info.passes]
 
 
+def test_a_context_holding_every_range_compiles_without_running_the_batches(monkeypatch):
+    """A budget search compiles many times with one context: after the first compile the
+    blocks have every range they need, and compile to the same program without the batches."""
+    loaded, ann, ctx = prepared("tiny-llama")
+    reused = _fresh(ctx, ann)
+    first = compile_graph(loaded, ann, reused, "las")
+    assert not any(reused.unrecorded(stage.graph_module) for stage in split_stages(ann))
+    runs = []
+    original = CalibrationContext.record_all
+
+    def counted(self, *args, **kwargs):
+        runs.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CalibrationContext, "record_all", counted)
+    second = compile_graph(loaded, ann, reused, "las")
+    assert runs == []
+    x = heldout_ids("tiny-llama")
+    assert torch.equal(second(x), first(x))
+    assert _fresh(ctx, ann).unrecorded(split_stages(ann)[1].graph_module)  # a fresh context does run them
+
+
 def _fresh(ctx: CalibrationContext, ann) -> CalibrationContext:
     """A context with the same batches and nothing recorded yet."""
     fresh = CalibrationContext(ctx.batches, ctx.source)

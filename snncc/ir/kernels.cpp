@@ -140,6 +140,30 @@ torch::Tensor mr_encode(torch::Tensor u, int64_t T, int64_t G, int64_t limit_man
     });
 }
 
+// ops.mr_spike_counts: how many of the T steps of each value's mr_encode train are non-zero
+// (no train is built). Ternary digit s of code k is bit s+1 of 3k minus bit s+1 of k
+// (write_digits), so the non-zero digits are the set bits of (3k ^ k) >> 1 below bit T.
+// A NaN value counts 0 here; ops.mr_spike_counts counts its poison spike.
+torch::Tensor mr_spike_counts(torch::Tensor u, int64_t T, int64_t G, int64_t limit_mantissa, double top_code) {
+    TORCH_CHECK(u.scalar_type() == torch::kFloat32 && u.is_contiguous() && u.device().is_cpu() && T <= 22,
+                "mr_spike_counts kernel: contiguous float32 CPU input, T <= 22");
+    auto out = torch::empty(u.sizes(), u.options().dtype(torch::kInt8));
+    const float* in = u.data_ptr<float>();
+    int8_t* res = out.data_ptr<int8_t>();
+    const int32_t steps = static_cast<int32_t>(T), ranges = static_cast<int32_t>(G);
+    const int32_t limit = static_cast<int32_t>(limit_mantissa);
+    const float top = static_cast<float>(top_code);
+    const uint32_t digits = ((1u << steps) - 1u) << 1;
+    at::parallel_for(0, u.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const MultiRangeCode m = multi_range_code(in[i], steps, ranges, limit, top);
+            const uint32_t k = m.code != m.code ? 0u : static_cast<uint32_t>(m.code);
+            res[i] = static_cast<int8_t>(__builtin_popcount(((3u * k) ^ k) & digits));
+        }
+    });
+    return out;
+}
+
 // ops.signed_code_digits: the binary train (T, n) of signed integer codes (|code| < 2^T).
 torch::Tensor signed_digits(torch::Tensor codes, int64_t T) {
     TORCH_CHECK(codes.scalar_type() == torch::kInt64 && codes.is_contiguous() && codes.device().is_cpu() && T <= 29,
@@ -246,5 +270,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("mr_quantize", &mr_quantize, "multi-range quantizer, one pass");
     m.def("table_codes", &table_codes, "table neuron codes through a guide, one pass");
     m.def("mr_encode", &mr_encode, "multi-range neuron train, one pass");
+    m.def("mr_spike_counts", &mr_spike_counts, "non-zero steps of each multi-range train, one pass");
     m.def("signed_digits", &signed_digits, "binary train of signed codes, one pass");
 }

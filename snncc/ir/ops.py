@@ -191,6 +191,18 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
     return poisoned(out, bad).view(T, *x.shape)
 
 
+def mr_spike_counts(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
+    """How many steps of mr_encode(x, scale, T, G) are non-zero, per neuron (int8, x's shape),
+    without building the (T, ...) train: what a sensitivity scan counts at every precision."""
+    u = x / scale
+    compiled = kernels_for(u)
+    if compiled is None or T > 22:
+        return mr_encode(x, scale, T, G).ne(0).sum(0, dtype=torch.int8)
+    bad = uncodable(x, u)
+    counts = compiled.mr_spike_counts(u.contiguous(), T, G, _limit_mantissa(ternary_limit(T)), ternary_max_code(T))
+    return counts.masked_fill_(bad, 1) if bool(bad.any()) else counts
+
+
 def multi_range_code(u: torch.Tensor, T: int, G: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code magnitude, sign, range index j) of normalised inputs u for mr_encode.
 

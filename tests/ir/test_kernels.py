@@ -94,6 +94,18 @@ def test_mr_encode_kernel(T, G, monkeypatch):
     assert torch.equal(snn.mr_encode(x, scale, T, G), expected)
 
 
+@pytest.mark.parametrize("T", [4, 14, 16, 22])
+@pytest.mark.parametrize("G", [0, 3])
+def test_mr_spike_counts_kernel_counts_the_trains_non_zero_steps(T, G, monkeypatch):
+    x = awkward_values(19_985).view(-1, 10)
+    scale = torch.rand(10) + 0.1
+    counts = ops.mr_spike_counts(x, scale, T, G)
+    assert counts.dtype == torch.int8 and counts.shape == x.shape
+    assert torch.equal(counts, snn.mr_encode(x, scale, T, G).ne(0).sum(0, dtype=torch.int8))
+    assert torch.equal(_without_kernels(monkeypatch, lambda: ops.mr_spike_counts(x, scale, T, G)), counts)
+    assert int(counts.max()) > 1  # the random values do use several digits
+
+
 @pytest.mark.parametrize("T", [1, 8, 16, 29])
 def test_signed_digits_kernel(T, monkeypatch):
     k = torch.randint(-(2**T) + 1, 2**T, (5000,))
