@@ -153,8 +153,11 @@ def _observed_copy(ann: fx.GraphModule, watched: dict[str, tuple[int, ...]], sta
 def _recordable(gm: fx.GraphModule) -> list[fx.Node]:
     """Data-dependent floating-point tensors: what any pass may need a range of."""
     dependent = data_dependent_nodes(gm.graph)
-    return [n for n in gm.graph.nodes if n in dependent and n.op == "call_function"
-            and isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_floating_point()]
+    return [n for n in gm.graph.nodes if n in dependent and n.op == "call_function" and _floating(n)]
+
+
+def _floating(node: fx.Node) -> bool:
+    return isinstance(value := node.meta.get("val"), torch.Tensor) and value.is_floating_point()
 
 
 def recordable_statistics(gm: fx.GraphModule) -> set[str]:
@@ -257,9 +260,14 @@ class CalibrationContext:
         self.recorded_from_passes.clear()
 
     def unrecorded(self, gm: fx.GraphModule) -> bool:
-        """Whether record_all on `gm` would record anything: a compile whose context holds
-        every range already need not run the calibration batches at all."""
-        return bool(_recordable_by_node(gm, recordable_statistics(gm) - set(self.stats)))
+        """Whether a compile of `gm` may need a statistic this context lacks: one record_all
+        records, or one a pass records on demand (a block's input, centred for a LayerNorm).
+        Without any, the compile need not run the calibration batches at all."""
+        dependent = data_dependent_nodes(gm.graph)
+        inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n in dependent and _floating(n)}
+        centred = {n.args[0].name + CENTRED for n in gm.graph.nodes
+                   if n.target == torch.ops.aten.layer_norm.default and n.args[0] in dependent}
+        return bool((recordable_statistics(gm) | inputs | centred) - set(self.stats))
 
     def _record(self, gm: fx.GraphModule, names: set[str], keep_outputs: bool = False) -> list:
         nodes = {n.name: n for n in gm.graph.nodes}

@@ -77,6 +77,18 @@ def test_a_context_holding_every_range_compiles_without_running_the_batches(monk
     assert _fresh(ctx, ann).unrecorded(split_stages(ann)[1].graph_module)  # a fresh context does run them
 
 
+def test_a_context_lacking_a_range_a_pass_asks_for_runs_the_batches():
+    """GPT-2's LayerNorm tables ask, on demand, for their centred inputs, which an `encode`
+    compile never records: a `las` compile after it must still run the batches to get them."""
+    loaded, ann, ctx = prepared("tiny-gpt2")
+    reused = _fresh(ctx, ann)
+    compile_graph(loaded, ann, reused, "encode")
+    assert any(reused.unrecorded(stage.graph_module) for stage in split_stages(ann))
+    x = heldout_ids("tiny-gpt2")
+    after_encode = compile_graph(loaded, ann, reused, "las")
+    assert torch.equal(after_encode(x), compile_graph(loaded, ann, _fresh(ctx, ann), "las")(x))
+
+
 def _fresh(ctx: CalibrationContext, ann) -> CalibrationContext:
     """A context with the same batches and nothing recorded yet."""
     fresh = CalibrationContext(ctx.batches, ctx.source)
