@@ -55,6 +55,7 @@ _SPREAD_SPECS = " ".join(f'"fas,qcfs{{L={L},multirange={K}}},ifencode{{spread=tr
 # The command that wrote each result file (the JSON does not record it; load_time.py's does).
 COMMANDS = {
     "compile_time_smollm2-135m_las.json": suite_command("compile_time"),
+    "compile_time_smollm2-135m_budget.json": "python benchmarks/compile_time.py --model smollm2-135m --budget default",
     "executor_speed_cpu.json": suite_command("executor_speed"),
     "executor_memory_fused.json": suite_command("executor_memory"),
     "generation_smollm2-135m_las.json": suite_command("generation"),
@@ -477,6 +478,25 @@ def compile_section(name: str) -> list[str]:
             *_compile_paths(data)]
 
 
+def budget_compile_section(name: str) -> list[str]:
+    data = _load(name)
+    phases = data["phases_s"] or {}
+    check = data["precision"].get("check", {})
+    return [f"{data['model']} `{data['pipeline']}` to the budget `{data['budget']}` "
+            f"({data['precision'].get('budget', 'uniform steps')}), {data['calib_tokens']} calibration tokens, "
+            f"{data['machine']}, {data['threads']} threads; from load to written artifact, against the "
+            f"{data['target_s']} s target: **{'met' if data['met'] else 'missed'}**.", "",
+            *_table(["load", "trace", "sensitivity", "plan search", "programs compiled and checked", "total"],
+                    [[f"{data['load_s']:.0f} s", f"{data['trace_s']:.0f} s",
+                      *[f"{phases[k]:.0f} s" if k in phases else "" for k in ("sensitivity", "search")],
+                      f"{data['programs_compiled']}: {phases['compile_and_check']:.0f} s"
+                      if "compile_and_check" in phases else "", f"{data['total_s']:.0f} s"]]),
+            "", f"The program: top-1 {check.get('top1_agreement', float('nan')):.4f}, ppl ratio "
+                f"{check.get('ppl_ratio', float('nan')):.5f} and energy ratio "
+                f"{data['precision'].get('check_energy_ratio') or float('nan'):.3f} on the check text. The "
+                "rest of the compile time (tracing the blocks, writing the artifact) is total minus the phases."]
+
+
 def _compile_paths(data: dict) -> list[str]:
     """Block by block vs the whole model at once, where both were timed (same process, best of N)."""
     paths = data.get("calibration_and_passes_s_by_path")
@@ -612,6 +632,7 @@ SECTIONS = [
     *[Section(f"encode on tiny-{m} vs T", f"fidelity_vs_T_tiny-{m}_encode.json", fidelity_section)
       for m in ("llama", "qwen2", "gpt2", "opt", "bert")],
     Section("Compile time", "compile_time_smollm2-135m_las.json", compile_section),
+    Section("Compile time to the default budget", "compile_time_smollm2-135m_budget.json", budget_compile_section),
     Section("Executor speed (CPU)", "executor_speed_cpu.json", speed_section),
     Section("Compiled table neurons: lookup layouts (CPU)", "table_lookup_smollm2-135m.json", table_lookup_section),
     Section("Where the time goes (CPU)", "hot_paths_smollm2-135m_las_cpu.json", hot_paths_section),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -220,9 +221,13 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
                             "least 2 (one held out to check the plan): give more calibration tokens")
     folded = folded_ann(ann, ctx)
     key = f"site sensitivity {contents_digest(folded, fit[0])} {len(fit)} {pipeline.steps} {G} {headroom}"
-    if key not in ctx.memo:
+    seconds = {"sensitivity": 0.0, "search": 0.0, "compile_and_check": 0.0}  # where the compile's time went
+    start = time.perf_counter()
+    if key not in ctx.memo:  # measured once per context: a later budget reuses it (0 s)
         ctx.memo[key] = sensitivity.measure(folded, ctx, fit, pipeline.steps, G, causal, progress, headroom)
     measured: sensitivity.Sensitivity = ctx.memo[key]
+    seconds["sensitivity"] = time.perf_counter() - start
+    start = time.perf_counter()
     with torch.no_grad():
         references = [_output(folded, ids) for ids in check]
     if "energy" in budget.limits:
@@ -232,6 +237,8 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
     else:
         plan, simulated = _plan_for_fidelity(measured, folded, ctx, (G, headroom), budget, check, references,
                                              causal)
+    seconds["search"] = time.perf_counter() - start
+    start = time.perf_counter()
     saved = ctx.range_factors  # the context is the caller's: it compiles plain programs after
     try:
         for attempt in range(_TIGHTENINGS + 1):
@@ -259,12 +266,14 @@ def compile_within_budget(ann: fx.GraphModule, ctx: CalibrationContext, pipeline
                 plan = allocation.within_distortion(measured, plan.distortion / plan.tokens / max(gap * 1.25, 2.0))
     finally:
         ctx.range_factors = saved
+    seconds["compile_and_check"] = time.perf_counter() - start
     energy_met = "energy" not in budget.limits or (ratio is not None and ratio <= budget.limits["energy"])
     program.info = dataclasses.replace(program.info, precision={
         "budget": budget.spec, "margins": {k: MARGINS[k] for k in budget.limits if k in MARGINS},
         "met_on_check": budget.met(result) and energy_met,
         "fit_tokens": sum(b.numel() for b in fit), "check_tokens": sum(b.numel() for b in check),
-        "check": result, "check_energy_ratio": ratio, "plan": plan.summary()})
+        "check": result, "check_energy_ratio": ratio, "plan": plan.summary(),
+        "programs_compiled": attempt + 1, "seconds": {k: round(v, 1) for k, v in seconds.items()}})
     return program
 
 

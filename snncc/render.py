@@ -157,3 +157,8 @@ def print_precision(precision: dict) -> None:
     energy = precision["check_energy_ratio"]
     click.echo("  check: " + ", ".join(f"{key} {value:.6g}" for key, value in figures.items())
                + f", energy ratio {'unknown' if energy is None else f'{energy:.3f}'}")
+    if "seconds" in precision:  # artifacts written before it was recorded lack it
+        seconds = precision["seconds"]
+        click.echo(f"  time: sensitivity {seconds['sensitivity']:.0f} s, search {seconds['search']:.0f} s, "
+                   f"{precision['programs_compiled']} program(s) compiled and checked "
+                   f"{seconds['compile_and_check']:.0f} s")

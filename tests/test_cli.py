@@ -92,6 +92,7 @@ def test_compile_to_a_budget_prints_the_check_and_saves_the_plan(tmp_path):
     out = _run("compile", "tiny-llama", "--budget", "kl=2e-3", "--calib-tokens", "1024", "--eval-tokens", "0",
                "-o", str(tmp_path / "out.snn"))
     assert "budget kl=0.002: met on 256 held-out calibration tokens" in out and "digits kept" in out
+    assert "  time: sensitivity " in out and "compiled and checked" in out
     import snncc
 
     precision = snncc.load(tmp_path / "out.snn").info.precision
