@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from snncc.api import CALIB_TOKENS, compile_graph
-from snncc.calibration import make_context
+from snncc.calibration import CalibrationContext, make_context
 from snncc.frontend import trace
 from snncc.models import load_model
 
@@ -43,6 +43,31 @@ def clear_caches() -> None:
             cached.cache_clear()
 
 
+def load_and_trace(model: str) -> tuple:
+    """(loaded model, traced ANN, load seconds, trace seconds)."""
+    start = time.perf_counter()
+    loaded = load_model(model)
+    loaded_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ann = trace(loaded)
+    return loaded, ann, loaded_s, time.perf_counter() - start
+
+
+def fresh_context(loaded, ann) -> CalibrationContext:
+    """The calibration context `snncc compile` makes: the packaged text, nothing recorded."""
+    ctx = make_context(loaded.tokenizer, None, min(128, loaded.max_positions), CALIB_TOKENS)
+    ctx.attach(ann)
+    return ctx
+
+
+def write_result(result: dict, path: Path) -> None:
+    """Print the result with the machine it ran on, and write it as JSON to `path`."""
+    result.update(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    print(json.dumps(result))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -56,19 +81,13 @@ def main() -> None:
     if args.budget:
         return budget_compile(args)
 
-    start = time.perf_counter()
-    loaded = load_model(args.model)
-    loaded_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ann = trace(loaded)
-    trace_s = time.perf_counter() - start
+    loaded, ann, loaded_s, trace_s = load_and_trace(args.model)
     seconds = {path: [] for path in args.paths}
     for _ in range(args.repeats):
         for path in args.paths:
             clear_caches()
             start = time.perf_counter()
-            ctx = make_context(loaded.tokenizer, None, min(128, loaded.max_positions), CALIB_TOKENS)
-            ctx.attach(ann)
+            ctx = fresh_context(loaded, ann)
             program = compile_graph(loaded, ann, ctx, args.passes, args.T, by_block=path == "block")
             seconds[path].append(time.perf_counter() - start)
     passes_s = min(seconds[args.paths[0]])
@@ -77,11 +96,8 @@ def main() -> None:
               "calibration_and_passes_s_by_path": {path: min(times) for path, times in seconds.items()},
               "repeats": args.repeats,
               "per_pass_s": {r["name"]: r["seconds"] for r in program.info.passes},
-              "calib_tokens": ctx.tokens, "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads()}
-    print(json.dumps(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"compile_time_{args.model}_{args.passes}.json").write_text(json.dumps(result, indent=1))
+              "calib_tokens": ctx.tokens}
+    write_result(result, args.out / f"compile_time_{args.model}_{args.passes}.json")
     print(f"summary: {args.model} '{args.passes}' T={program.T}: compile {result['compile_s']:.1f} s after a "
           f"{loaded_s:.1f} s load (trace {trace_s:.1f} s, calibration + passes {passes_s:.1f} s)")
 
@@ -91,15 +107,9 @@ TARGET_S = 300  # a budgeted compile, load to written artifact, on 2 cores
 
 def budget_compile(args: argparse.Namespace) -> None:
     """Time a budgeted compile as `snncc compile MODEL -o FILE` runs it, phase by phase."""
+    loaded, ann, loaded_s, trace_s = load_and_trace(args.model)
     start = time.perf_counter()
-    loaded = load_model(args.model)
-    loaded_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ann = trace(loaded)
-    trace_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ctx = make_context(loaded.tokenizer, None, min(128, loaded.max_positions), CALIB_TOKENS)
-    ctx.attach(ann)
+    ctx = fresh_context(loaded, ann)
     with tempfile.TemporaryDirectory() as folder:
         program = compile_graph(loaded, ann, ctx, args.passes, args.T, budget=args.budget,
                                 save_to=Path(folder) / "program.snn")
@@ -110,11 +120,8 @@ def budget_compile(args: argparse.Namespace) -> None:
               "load_s": loaded_s, "trace_s": trace_s, "budget_compile_s": compile_s, "total_s": total_s,
               "target_s": TARGET_S, "met": total_s <= TARGET_S, "phases_s": precision.get("seconds"),
               "programs_compiled": precision.get("programs_compiled"), "precision": precision,
-              "calib_tokens": ctx.tokens, "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads()}
-    print(json.dumps(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"compile_time_{args.model}_budget.json").write_text(json.dumps(result, indent=1))
+              "calib_tokens": ctx.tokens}
+    write_result(result, args.out / f"compile_time_{args.model}_budget.json")
     print(f"summary: {args.model} budget {args.budget}: {total_s:.0f} s from load to written artifact "
           f"(target {TARGET_S} s: {'met' if result['met'] else 'MISSED'}); load {loaded_s:.0f} s, trace "
           f"{trace_s:.0f} s, compile {compile_s:.0f} s ({precision.get('seconds')}, "
