@@ -192,8 +192,9 @@ def mr_encode(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Ten
 
 
 def mr_spike_counts(x: torch.Tensor, scale: torch.Tensor, T: int, G: int) -> torch.Tensor:
-    """How many steps of mr_encode(x, scale, T, G) are non-zero, per neuron (int8, x's shape),
-    without building the (T, ...) train: what a sensitivity scan counts at every precision."""
+    """How many steps of mr_encode(x, scale, T, G) are non-zero, per neuron (int8, shaped as
+    x / scale), without building the (T, ...) train: what a sensitivity scan counts at every
+    precision."""
     u = x / scale
     compiled = kernels_for(u)
     if compiled is None or T > 22:
