@@ -97,16 +97,18 @@ def within_sops(sensitivity: Sensitivity, sops: float, per_channel: bool = True)
 def _totals(sensitivity: Sensitivity, per_channel: bool) -> Callable[[float], tuple[float, float]]:
     """lambda -> (sops, distortion) of allocate's plan, for the bisections: per channel, every
     site's channels side by side so one argmin serves them all (one per site is 200 small ones)."""
-    if not per_channel:
-        return lambda lam: (lambda plan: (plan.sops, plan.distortion))(allocate(sensitivity, lam, False))
     sops = torch.cat([site.sops.flatten(1) for site in sensitivity.sites], 1)
     distortion = torch.cat([site.distortion.flatten(1) for site in sensitivity.sites], 1)
 
-    def totals(lam: float) -> tuple[float, float]:
+    def per_channel_totals(lam: float) -> tuple[float, float]:
         k = (sops + lam * distortion).argmin(0, keepdim=True)
         return float(sops.gather(0, k).sum()), float(distortion.gather(0, k).sum())
 
-    return totals
+    def per_site_totals(lam: float) -> tuple[float, float]:
+        plan = allocate(sensitivity, lam, per_channel=False)
+        return plan.sops, plan.distortion
+
+    return per_channel_totals if per_channel else per_site_totals
 
 
 def uniform(sensitivity: Sensitivity, digits: int) -> Plan:
